@@ -1,0 +1,1 @@
+"""Kowalski agent: the daemon that runs sandboxed code jobs on every exo node."""

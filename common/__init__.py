@@ -1,0 +1,1 @@
+"""What the Kowalski agent and controller share: config, wire messages, errors."""

@@ -1,0 +1,254 @@
+"""The one TOML config file, decoded into frozen structs; every default lives here."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from kowalski.common.errors import ConfigError
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, Meta(gt=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+
+SECRET_ENV = "KOWALSKI_SECRET"
+SECRET_FILE_ENV = "KOWALSKI_SECRET_FILE"
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class AgentConfig(_Section, frozen=True):
+    host: str = "0.0.0.0"
+    port: Port = 7070
+    # Name advertised over mDNS and shown in the device table; empty means the host name.
+    name: str = ""
+    advertise_mdns: bool = True
+    # Address put in the mDNS record; empty means every non-loopback address of the host.
+    advertise_address: str = ""
+    work_dir: str = "/var/lib/kowalski/jobs"
+    max_concurrent_jobs: PositiveInt = 4
+    # Jobs waiting for a slot beyond this are refused with 503 + Retry-After.
+    max_queued_jobs: Annotated[int, Meta(ge=0)] = 64
+    max_sessions: PositiveInt = 16
+    session_idle_timeout_s: PositiveFloat = 900.0
+    # Results kept for idempotent job ids (a repeated id returns the first result).
+    result_cache_size: PositiveInt = 4096
+    max_body_bytes: PositiveInt = 64 * 1024 * 1024
+    max_code_bytes: PositiveInt = 1024 * 1024
+    shutdown_timeout_s: PositiveFloat = 10.0
+
+
+class ControllerConfig(_Section, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 7080
+    discover_mdns: bool = True
+    # Agents reached without multicast, as "host:port" or "http(s)://host:port".
+    static_agents: list[str] = msgspec.field(default_factory=list)
+    heartbeat_interval_s: PositiveFloat = 1.0
+    # An agent is unhealthy after this long without a good heartbeat.
+    failure_timeout_s: PositiveFloat = 3.0
+    heartbeat_timeout_s: PositiveFloat = 1.0
+    retry_max_attempts: PositiveInt = 4
+    retry_base_delay_ms: PositiveInt = 100
+    retry_max_delay_ms: PositiveInt = 5000
+    circuit_failure_threshold: PositiveInt = 3
+    circuit_reset_s: PositiveFloat = 10.0
+    # Penalty per in-flight job, subtracted from a device's score so work spreads.
+    load_penalty: NonNegativeFloat = 0.05
+    state_dir: str = "~/.local/state/kowalski"
+    max_body_bytes: PositiveInt = 64 * 1024 * 1024
+
+
+class ExoConfig(_Section, frozen=True):
+    # exo API base URLs; empty starts the embedded local model instead.
+    endpoints: list[str] = msgspec.field(default_factory=list)
+    default_model: str = ""
+    request_timeout_s: PositiveFloat = 300.0
+    connect_timeout_s: PositiveFloat = 5.0
+    poll_interval_s: PositiveFloat = 2.0
+    # Place an instance of a model that has none (exo v1 only).
+    place_instances: bool = False
+    max_concurrency: PositiveInt = 16
+    cache_ttl_s: NonNegativeFloat = 600.0
+    cache_max_entries: Annotated[int, Meta(ge=0)] = 1024
+    embedded_threads: PositiveInt = 2
+    embedded_context_tokens: PositiveInt = 8192
+    embedded_startup_timeout_s: PositiveFloat = 120.0
+
+
+SandboxMode = Literal["bwrap", "rlimit", "none"]
+
+
+class SandboxConfig(_Section, frozen=True):
+    # bwrap: bubblewrap + cgroup + rlimits; rlimit: rlimits and process groups only;
+    # none: no isolation at all (only when set explicitly).
+    mode: SandboxMode = "bwrap"
+    memory_limit_mb: PositiveInt = 1024
+    pids_limit: PositiveInt = 256
+    cpu_time_limit_s: PositiveInt = 300
+    file_size_limit_mb: PositiveInt = 64
+    open_files_limit: PositiveInt = 256
+    tmpfs_size_mb: PositiveInt = 64
+    max_output_bytes: PositiveInt = 1024 * 1024
+    unprivileged_uid: Annotated[int, Meta(ge=1)] = 65534
+    unprivileged_gid: Annotated[int, Meta(ge=1)] = 65534
+    timeout_ms_python: PositiveInt = 30_000
+    timeout_ms_bash: PositiveInt = 30_000
+    timeout_ms_javascript: PositiveInt = 30_000
+    timeout_ms_rust: PositiveInt = 120_000
+    timeout_ms_java: PositiveInt = 120_000
+    # Interpreter overrides; empty means found on PATH at start-up.
+    python_path: str = ""
+    node_path: str = ""
+    rustc_path: str = ""
+    java_path: str = ""
+    bash_path: str = ""
+
+
+class RlmConfig(_Section, frozen=True):
+    max_iterations: PositiveInt = 20
+    # Sub-calls at this depth are plain LLM calls.
+    max_depth: Annotated[int, Meta(ge=0)] = 1
+    max_context_length: PositiveInt = 200_000_000
+    run_timeout_s: PositiveFloat = 1800.0
+    token_budget: PositiveInt = 1_000_000
+    # Code output shown back to the model is cut at this many characters.
+    max_output_chars: PositiveInt = 20_000
+    sub_call_concurrency: PositiveInt = 8
+    # The model's window; folding starts at fold_threshold of it.
+    context_window_tokens: PositiveInt = 8192
+    fold_threshold: Fraction = 0.8
+    keep_last_turns: Annotated[int, Meta(ge=1)] = 4
+    trajectory_dir: str = "~/.local/state/kowalski/runs"
+
+
+class SecurityConfig(_Section, frozen=True):
+    # Shared HMAC secret; the environment's KOWALSKI_SECRET / KOWALSKI_SECRET_FILE win.
+    secret_file: str = ""
+    # Accept unsigned requests (a single trusted host only).
+    allow_unsigned: bool = False
+    clock_skew_s: PositiveFloat = 30.0
+    # Bearer token file for writes to the controller's own API; empty leaves it open.
+    api_token_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    # Requests per second and burst per client on job submission and chat.
+    rate_limit_per_s: PositiveFloat = 50.0
+    rate_limit_burst: PositiveInt = 100
+
+
+class Config(_Section, frozen=True):
+    agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+    controller: ControllerConfig = msgspec.field(default_factory=ControllerConfig)
+    exo: ExoConfig = msgspec.field(default_factory=ExoConfig)
+    sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
+    rlm: RlmConfig = msgspec.field(default_factory=RlmConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+
+
+_PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def _explain(exc: msgspec.MsgspecError, source: str) -> ConfigError:
+    text = str(exc)
+    match = _PATH_RE.search(text)
+    if match is None:
+        return ConfigError(text, path=source)
+    key = match.group("path").replace("[", ".").replace("]", "")
+    return ConfigError(text[: match.start()], path=source, key=key)
+
+
+def _check(config: Config, source: str) -> Config:
+    """Rules that span fields, which struct types cannot state."""
+    controller = config.controller
+    if controller.failure_timeout_s < controller.heartbeat_interval_s:
+        raise ConfigError(
+            "must be at least controller.heartbeat_interval_s", path=source,
+            key="controller.failure_timeout_s",
+        )
+    if controller.retry_max_delay_ms < controller.retry_base_delay_ms:
+        raise ConfigError(
+            "must be at least controller.retry_base_delay_ms", path=source,
+            key="controller.retry_max_delay_ms",
+        )
+    for index, url in enumerate(config.exo.endpoints):
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"expected an http:// or https:// URL, got {url!r}", path=source,
+                key=f"exo.endpoints.{index}",
+            )
+    tls = config.security
+    if bool(tls.tls_cert_file) != bool(tls.tls_key_file):
+        raise ConfigError(
+            "tls_cert_file and tls_key_file go together", path=source, key="security",
+        )
+    return config
+
+
+def loads(data: str | bytes, *, source: str = "<string>") -> Config:
+    """Decode and check TOML text."""
+    try:
+        config = msgspec.toml.decode(data, type=Config)
+    except msgspec.MsgspecError as exc:
+        raise _explain(exc, source) from None
+    return _check(config, source)
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Load a config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    file = Path(path)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror}", path=str(file)) from None
+    return loads(data, source=str(file))
+
+
+def dumps(config: Config) -> str:
+    """Encode a config as TOML (tomli-w writes the values)."""
+    return msgspec.toml.encode(config).decode()
+
+
+def read_secret(security: SecurityConfig) -> bytes | None:
+    """The shared secret from the environment, a systemd credential or the configured file."""
+    value = os.environ.get(SECRET_ENV)
+    if value:
+        return value.encode()
+    candidates = [os.environ.get(SECRET_FILE_ENV, "")]
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        candidates.append(os.path.join(credentials, "kowalski-secret"))
+    candidates.append(security.secret_file)
+    for candidate in filter(None, candidates):
+        return _read_secret_file(Path(candidate).expanduser())
+    return None
+
+
+def _read_secret_file(path: Path) -> bytes:
+    try:
+        info = path.stat()
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret file: {exc.strerror}", path=str(path)) from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"secret file is readable by others (mode {stat.filemode(info.st_mode)}); "
+            "run chmod 600 on it",
+            path=str(path),
+        )
+    if len(secret) < 16:
+        raise ConfigError("secret is shorter than 16 bytes", path=str(path))
+    return secret

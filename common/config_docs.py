@@ -1,0 +1,118 @@
+"""What each config key means, and the commented default file made from it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import tomli_w
+
+from kowalski.common.config import Config
+
+SECTIONS: dict[str, str] = {
+    "agent": "The daemon on every exo node (kowalski-agent).",
+    "controller": "The controller (kowalski-ctl): discovery, health, routing, its HTTP API.",
+    "exo": "exo endpoints; with none, the controller starts the embedded local model.",
+    "sandbox": "How the agent isolates code jobs.",
+    "rlm": "The Recursive Language Model loop.",
+    "security": "Request signing, tokens, TLS and rate limits.",
+}
+
+KEYS: dict[str, str] = {
+    "agent.host": "Address the agent's HTTP API listens on.",
+    "agent.port": "Port of the agent's HTTP API (0 picks a free one).",
+    "agent.name": "Name shown in the device table; empty means the host name.",
+    "agent.advertise_mdns": "Advertise the agent as _kowalski._tcp over mDNS.",
+    "agent.advertise_address": "Address put in the mDNS record; empty means the host's addresses.",
+    "agent.work_dir": "Where per-job directories are made.",
+    "agent.max_concurrent_jobs": "Jobs run at once; more wait in the queue.",
+    "agent.max_queued_jobs": "Jobs waiting beyond this are refused with 503 and Retry-After.",
+    "agent.max_sessions": "Persistent Python sessions alive at once.",
+    "agent.session_idle_timeout_s": "A session unused this long is ended.",
+    "agent.result_cache_size": "Finished job results kept so a repeated job id is not run twice.",
+    "agent.max_body_bytes": "Largest request body accepted (contexts travel in bodies).",
+    "agent.max_code_bytes": "Largest code in one job or cell.",
+    "agent.shutdown_timeout_s": "How long a stop waits for running jobs.",
+    "controller.host": "Address the controller's HTTP API and dashboard listen on.",
+    "controller.port": "Port of the controller's HTTP API and dashboard.",
+    "controller.discover_mdns": "Find agents over mDNS.",
+    "controller.static_agents": 'Agents reached without multicast: ["host:port", ...].',
+    "controller.heartbeat_interval_s": "How often each agent is asked for its heartbeat.",
+    "controller.failure_timeout_s": "An agent is unhealthy after this long with no heartbeat.",
+    "controller.heartbeat_timeout_s": "How long one heartbeat request may take.",
+    "controller.retry_max_attempts": "Attempts for a job or call before its error is final.",
+    "controller.retry_base_delay_ms": "First retry delay; it doubles per attempt, with jitter.",
+    "controller.retry_max_delay_ms": "Cap on one retry delay.",
+    "controller.circuit_failure_threshold": "Failures in a row that open a device's circuit.",
+    "controller.circuit_reset_s": "How long a circuit stays open before one probe is let through.",
+    "controller.load_penalty": "Score taken off a device per job in flight, so work spreads.",
+    "controller.state_dir": "Where the controller keeps journals and run logs.",
+    "controller.max_body_bytes": "Largest request body the controller's API accepts.",
+    "exo.endpoints": 'exo API base URLs, e.g. ["http://10.0.0.5:52415"].',
+    "exo.default_model": "Model used when a request names none; empty picks a ready one.",
+    "exo.request_timeout_s": "Total time one model call may take.",
+    "exo.connect_timeout_s": "Time to connect to an exo endpoint.",
+    "exo.poll_interval_s": "How often exo's /state (or /v1/topology) is read.",
+    "exo.place_instances": "Place an instance of a model that has none (exo v1).",
+    "exo.max_concurrency": "Model calls in flight at once, over all endpoints.",
+    "exo.cache_ttl_s": "How long an identical call's result is reused (0 disables).",
+    "exo.cache_max_entries": "Results kept in the call cache (0 disables).",
+    "exo.embedded_threads": "CPU threads for the embedded model.",
+    "exo.embedded_context_tokens": "Context window of the embedded model.",
+    "exo.embedded_startup_timeout_s": "How long the embedded model may take to start.",
+    "sandbox.mode": '"bwrap" (bubblewrap + cgroup + rlimits), "rlimit", or "none".',
+    "sandbox.memory_limit_mb": "Memory of one job or session (cgroup).",
+    "sandbox.pids_limit": "Processes and threads of one job or session (cgroup).",
+    "sandbox.cpu_time_limit_s": "CPU seconds of one process (RLIMIT_CPU).",
+    "sandbox.file_size_limit_mb": "Largest file a job may write (RLIMIT_FSIZE).",
+    "sandbox.open_files_limit": "Open files of one process (RLIMIT_NOFILE).",
+    "sandbox.tmpfs_size_mb": "Size of the job's private /tmp.",
+    "sandbox.max_output_bytes": "stdout and stderr kept per job; more is cut and flagged.",
+    "sandbox.unprivileged_uid": "User id jobs run as inside the sandbox.",
+    "sandbox.unprivileged_gid": "Group id jobs run as inside the sandbox.",
+    "sandbox.timeout_ms_python": "Default time limit of a Python job.",
+    "sandbox.timeout_ms_bash": "Default time limit of a bash job.",
+    "sandbox.timeout_ms_javascript": "Default time limit of a JavaScript job.",
+    "sandbox.timeout_ms_rust": "Default time limit of a Rust job, compile included.",
+    "sandbox.timeout_ms_java": "Default time limit of a Java job, compile included.",
+    "sandbox.python_path": "Python for jobs; empty finds python3 on the system PATH.",
+    "sandbox.node_path": "Node.js for JavaScript jobs; empty finds node.",
+    "sandbox.rustc_path": "rustc for Rust jobs; empty finds rustc.",
+    "sandbox.java_path": "java for Java jobs; empty finds java.",
+    "sandbox.bash_path": "bash for shell jobs; empty finds bash.",
+    "rlm.max_iterations": "Model turns before the loop asks for a final answer.",
+    "rlm.max_depth": "Nesting of llm_query sub-calls; at this depth they are plain calls.",
+    "rlm.max_context_length": "Largest context, in characters.",
+    "rlm.run_timeout_s": "Wall-clock limit of one run; it stops with its partial answer.",
+    "rlm.token_budget": "Tokens one run may use, sub-calls included.",
+    "rlm.max_output_chars": "Code output shown back to the model is cut here, with a marker.",
+    "rlm.sub_call_concurrency": "llm_query_batched prompts in flight at once.",
+    "rlm.context_window_tokens": "The model's window, used to decide when to fold.",
+    "rlm.fold_threshold": "Fraction of the window at which older turns are folded.",
+    "rlm.keep_last_turns": "Recent turns never folded.",
+    "rlm.trajectory_dir": "Where each run's JSONL trajectory is written.",
+    "security.secret_file": "Shared HMAC secret (chmod 600); KOWALSKI_SECRET(_FILE) win.",
+    "security.allow_unsigned": "Accept unsigned requests: only for a single trusted host.",
+    "security.clock_skew_s": "How far a signed request's clock may be off.",
+    "security.api_token_file": "Bearer token for writes to the controller API; empty: open.",
+    "security.tls_cert_file": "TLS certificate (PEM) for the HTTP API; empty: plain HTTP.",
+    "security.tls_key_file": "TLS private key (PEM).",
+    "security.tls_ca_file": "CA bundle to verify agents' certificates.",
+    "security.rate_limit_per_s": "Requests per second per client on jobs and chat.",
+    "security.rate_limit_burst": "Burst allowed above that rate.",
+}
+
+
+def render_commented(config: Config | None = None) -> str:
+    """The config as TOML, each section and key with its description as a comment."""
+    config = config or Config()
+    builtins: dict[str, Any] = msgspec.to_builtins(config)
+    lines = ["# Kowalski configuration. Every key is optional; shown with its default.", ""]
+    for section, values in builtins.items():
+        lines.append(f"# {SECTIONS[section]}")
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"# {KEYS[f'{section}.{key}']}")
+            lines.append(tomli_w.dumps({key: value}).rstrip("\n"))
+        lines.append("")
+    return "\n".join(lines)

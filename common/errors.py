@@ -1,0 +1,208 @@
+"""One error tree for agent and controller; errors that cross the wire are data."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class KowalskiError(Exception):
+    """Base of every error Kowalski raises on purpose."""
+
+    code: ClassVar[str] = "internal"
+    # Whether trying again (elsewhere, later) can help.
+    is_recoverable: ClassVar[bool] = False
+    hint: ClassVar[str] = ""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def user_message(self) -> str:
+        """The message plus what a person can do about it."""
+        return f"{self.message}. {self.hint}" if self.hint else self.message
+
+
+class ConfigError(KowalskiError, ValueError):
+    code = "config_invalid"
+    hint = "Fix the file and check it with `kowalski-ctl config validate PATH`"
+
+    def __init__(self, message: str, *, path: str = "", key: str = "") -> None:
+        where = ":".join(part for part in (path, key) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.path = path
+        self.key = key
+
+
+class ParseError(KowalskiError, ValueError):
+    code = "parse_error"
+    hint = "Check the input's format"
+
+
+class UnsupportedLanguageError(KowalskiError, ValueError):
+    code = "unsupported_language"
+    hint = "Use one of the languages the agent advertises"
+
+    def __init__(self, language: str, available: list[str] | tuple[str, ...] = ()) -> None:
+        names = ", ".join(sorted(available)) or "none"
+        super().__init__(f"language {language!r} is not supported here (available: {names})")
+        self.language = language
+        self.available = tuple(available)
+
+
+class ExecutionError(KowalskiError):
+    """A job could not be run (sandbox set-up, spawn failure, agent fault)."""
+
+    code = "execution_failed"
+    is_recoverable = True
+    hint = "The job may succeed on another agent; see the agent's log for the cause"
+
+
+class ReplTimeoutError(ExecutionError, TimeoutError):
+    code = "repl_timeout"
+    is_recoverable = False
+    hint = "Raise timeout_ms or make the code do less per call"
+
+    def __init__(self, language: str, timeout_ms: int) -> None:
+        KowalskiError.__init__(self, f"{language} code ran past its {timeout_ms} ms limit")
+        self.language = language
+        self.timeout_ms = timeout_ms
+
+
+class ReplError(ExecutionError):
+    """The code ran and failed: a non-zero exit or an exception in the REPL."""
+
+    code = "repl_error"
+    is_recoverable = False
+    hint = "Read stderr: the error is in the code, not in Kowalski"
+
+    def __init__(self, language: str, stderr: str, exit_code: int | None) -> None:
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else "no stderr"
+        KowalskiError.__init__(self, f"{language} code failed (exit {exit_code}): {tail}")
+        self.language = language
+        self.stderr = stderr
+        self.exit_code = exit_code
+
+
+class ContextSizeExceededError(KowalskiError, ValueError):
+    code = "context_too_large"
+    hint = "Split the input or raise rlm.max_context_length"
+
+    def __init__(self, actual: int, maximum: int, what: str = "context") -> None:
+        super().__init__(f"{what} is {actual} characters, over the limit of {maximum}")
+        self.actual = actual
+        self.maximum = maximum
+
+
+class NoDevicesAvailableError(KowalskiError):
+    code = "no_devices"
+    is_recoverable = True
+    hint = "Start kowalski-agent on a node, or list agents under controller.static_agents"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"no devices available: {reason}")
+        self.reason = reason
+
+
+class DeviceNotFoundError(KowalskiError, KeyError):
+    code = "device_not_found"
+    hint = "List devices with `kowalski-ctl devices`"
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id!r} is not in the device table")
+        self.device_id = device_id
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SessionNotFoundError(KowalskiError, KeyError):
+    code = "session_not_found"
+    hint = "Create the session first; sessions end when idle or when their agent restarts"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} does not exist on this agent")
+        self.session_id = session_id
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SessionLostError(KowalskiError):
+    """The session's process died (killed at a limit, agent lost); its variables are gone."""
+
+    code = "session_lost"
+    is_recoverable = True
+    hint = "Start a new session; the controller rebuilds RLM sessions by replaying their cells"
+
+
+class NetworkError(KowalskiError, ConnectionError):
+    code = "network"
+    is_recoverable = True
+    hint = "Check that the peer is running and reachable"
+
+
+class ExoApiError(KowalskiError):
+    code = "exo_api"
+    hint = "Check the exo node's log and that the model has a Ready instance"
+
+    def __init__(self, status: int, body: str, *, url: str = "") -> None:
+        where = f" from {url}" if url else ""
+        super().__init__(f"exo answered HTTP {status}{where}: {body[:500]}")
+        self.status = status
+        self.body = body
+        self.url = url
+
+    @property
+    def is_recoverable(self) -> bool:  # type: ignore[override]
+        # Server-side and overload failures may pass; a bad request will not.
+        return self.status >= 500 or self.status in (408, 429)
+
+
+class AuthError(KowalskiError, PermissionError):
+    code = "unauthorized"
+    hint = "Give controller and agents the same secret (security.secret_file)"
+
+
+class RateLimitedError(KowalskiError):
+    code = "rate_limited"
+    is_recoverable = True
+    hint = "Slow down and retry after the time given"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BudgetExceededError(KowalskiError):
+    code = "budget_exceeded"
+    hint = "Raise rlm.token_budget or rlm.run_timeout_s, or ask a narrower question"
+
+
+class CancelledJobError(KowalskiError):
+    code = "cancelled"
+    hint = "The job was cancelled before it finished"
+
+
+_BY_CODE: dict[str, type[KowalskiError]] = {
+    cls.code: cls
+    for cls in (
+        KowalskiError,
+        ConfigError,
+        ParseError,
+        ExecutionError,
+        NoDevicesAvailableError,
+        NetworkError,
+        AuthError,
+        BudgetExceededError,
+        CancelledJobError,
+    )
+}
+
+
+def error_from_wire(code: str, message: str, retryable: bool) -> KowalskiError:
+    """Rebuild an error received as data; unknown codes keep their message."""
+    cls = _BY_CODE.get(code)
+    if cls is not None and cls.__init__ is KowalskiError.__init__:
+        return cls(message)
+    error = ExecutionError(message) if retryable else KowalskiError(message)
+    return error

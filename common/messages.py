@@ -1,0 +1,189 @@
+"""Wire messages between controller and agents, one encoder/decoder per family."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, NewType, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+JobId = NewType("JobId", str)
+SessionId = NewType("SessionId", str)
+DeviceId = NewType("DeviceId", str)
+
+# Ids travel in URLs and file names: keep them to a safe alphabet.
+Identifier = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Language = Literal["python", "bash", "javascript", "rust", "java"]
+LANGUAGES: tuple[Language, ...] = ("python", "bash", "javascript", "rust", "java")
+
+T = TypeVar("T")
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class WireError(Message, frozen=True):
+    """An error as data: a stable code, a message for people, and whether to retry."""
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class ErrorBody(Message, frozen=True):
+    error: WireError
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+JobStatus = Literal["ok", "error", "timeout", "killed", "failed"]
+
+
+class JobRequest(Message, frozen=True):
+    job_id: Identifier
+    language: Language
+    code: str
+    # None means the agent's default for the language.
+    timeout_ms: Annotated[int, Meta(gt=0, le=24 * 3600 * 1000)] | None = None
+    max_output_bytes: Annotated[int, Meta(gt=0)] | None = None
+    stdin: str = ""
+
+
+class JobResult(Message, frozen=True):
+    job_id: str
+    # ok: exit 0; error: non-zero exit; timeout: killed at the limit;
+    # killed: stopped by a resource limit; failed: could not be run at all.
+    status: JobStatus
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    wall_time_ms: float = 0.0
+    agent_id: str = ""
+    error: WireError | None = None
+
+
+# --- persistent Python sessions ---------------------------------------------------------
+
+
+class LlmCallback(Message, frozen=True):
+    """Where a session's llm_query() calls go: the controller that owns the run."""
+
+    url: str
+    token: str
+    depth: int = 0
+
+
+class SessionCreate(Message, frozen=True):
+    session_id: Identifier
+    # Loaded as the variable `context` before the first cell.
+    context: Any = None
+    llm_callback: LlmCallback | None = None
+
+
+class SessionInfo(Message, frozen=True):
+    session_id: str
+    agent_id: str
+    cells_run: int
+    created_at: float
+
+
+class CellRequest(Message, frozen=True):
+    # Cells are idempotent by id, like jobs.
+    cell_id: Identifier
+    code: str
+    timeout_ms: Annotated[int, Meta(gt=0, le=24 * 3600 * 1000)] | None = None
+    max_output_bytes: Annotated[int, Meta(gt=0)] | None = None
+
+
+class CellResult(Message, frozen=True):
+    cell_id: str
+    session_id: str
+    status: JobStatus
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    wall_time_ms: float = 0.0
+    agent_id: str = ""
+    error: WireError | None = None
+
+
+class VariableValue(Message, frozen=True):
+    name: str
+    found: bool
+    # str() of the value, cut at the request's limit.
+    value: str = ""
+    truncated: bool = False
+
+
+# --- heartbeats -------------------------------------------------------------------------
+
+
+class Metrics(Message, frozen=True):
+    memory_total_bytes: int
+    memory_available_bytes: int
+    cpu_percent: float
+    cpu_count: int
+    load_1m: float
+    load_5m: float
+    load_15m: float
+
+
+class Heartbeat(Message, frozen=True):
+    agent_id: str
+    name: str
+    version: str
+    started_at: float
+    sent_at: float
+    seq: int
+    sandbox_mode: str
+    languages: list[str]
+    metrics: Metrics
+    jobs_running: int
+    jobs_queued: int
+    sessions: int
+    # Job ids running now, so a controller can tell which of its jobs are alive.
+    running_job_ids: list[str] = msgspec.field(default_factory=list)
+
+
+# --- llm sub-calls from a session to the controller ---------------------------------------
+
+
+class LlmQuery(Message, frozen=True):
+    token: str
+    prompts: list[str]
+    model: str = ""
+
+
+class LlmAnswer(Message, frozen=True):
+    answers: list[str]
+    error: WireError | None = None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: Any) -> bytes:
+    """Encode any wire message as JSON."""
+    return _encoder.encode(message)
+
+
+class Decoders:
+    """One cached decoder per message type."""
+
+    _cache: ClassVar[dict[type[Any], msgspec.json.Decoder[Any]]] = {}
+
+    @classmethod
+    def get(cls, kind: type[T]) -> msgspec.json.Decoder[T]:
+        decoder = cls._cache.get(kind)
+        if decoder is None:
+            decoder = cls._cache[kind] = msgspec.json.Decoder(kind)
+        return decoder
+
+
+def decode(data: bytes | str, kind: type[T]) -> T:
+    """Decode JSON into a message type; raises msgspec.ValidationError/DecodeError."""
+    return Decoders.get(kind).decode(data)

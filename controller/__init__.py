@@ -1,0 +1,1 @@
+"""Kowalski controller: discovery, routing, the RLM loop, batches and the dashboard."""

@@ -1,0 +1,3 @@
+from kowalski.controller.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Errors carry structured fields and advice; wire messages refuse what they do not know."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from kowalski.common import errors, messages
+
+
+def test_each_error_says_whether_a_retry_helps() -> None:
+    assert errors.NetworkError("refused").is_recoverable
+    assert errors.NoDevicesAvailableError("none discovered").is_recoverable
+    assert not errors.ReplError("python", "ZeroDivisionError: x", 1).is_recoverable
+    assert not errors.ContextSizeExceededError(10, 5).is_recoverable
+    assert errors.ExoApiError(503, "busy").is_recoverable
+    assert not errors.ExoApiError(404, "No instance found for model x").is_recoverable
+
+
+def test_errors_keep_structured_fields() -> None:
+    timeout = errors.ReplTimeoutError("python", 1500)
+    assert (timeout.language, timeout.timeout_ms) == ("python", 1500)
+    assert isinstance(timeout, TimeoutError)
+    repl = errors.ReplError("bash", "line 1\nboom: not found\n", 127)
+    assert repl.exit_code == 127
+    assert "boom: not found" in str(repl)
+    size = errors.ContextSizeExceededError(200, 100)
+    assert (size.actual, size.maximum) == (200, 100)
+    exo = errors.ExoApiError(500, "x" * 2000, url="http://e:52415/v1/chat/completions")
+    assert exo.body == "x" * 2000
+    assert len(str(exo)) < 700
+
+
+def test_user_message_tells_what_to_do() -> None:
+    message = errors.NoDevicesAvailableError("none discovered").user_message()
+    assert "none discovered" in message
+    assert "kowalski-agent" in message
+    assert "timeout_ms" in errors.ReplTimeoutError("python", 10).user_message()
+    unsupported = errors.UnsupportedLanguageError("cobol", ["python", "bash"])
+    assert "bash, python" in unsupported.user_message()
+
+
+def test_errors_subclass_the_builtin_they_resemble() -> None:
+    assert isinstance(errors.NetworkError("x"), ConnectionError)
+    assert isinstance(errors.DeviceNotFoundError("d"), KeyError)
+    assert str(errors.DeviceNotFoundError("d")) == "device 'd' is not in the device table"
+    assert isinstance(errors.ConfigError("x"), ValueError)
+
+
+def test_wire_error_round_trip_rebuilds_the_class() -> None:
+    error = errors.NetworkError("agent unreachable")
+    wire = messages.WireError(code=error.code, message=error.message, retryable=True)
+    decoded = messages.decode(messages.encode(wire), messages.WireError)
+    rebuilt = errors.error_from_wire(decoded.code, decoded.message, decoded.retryable)
+    assert isinstance(rebuilt, errors.NetworkError)
+    assert rebuilt.message == "agent unreachable"
+    unknown = errors.error_from_wire("from_the_future", "new", True)
+    assert unknown.is_recoverable
+
+
+def test_job_request_refuses_unknown_fields_and_bad_ids() -> None:
+    good = b'{"job_id": "j-1", "language": "python", "code": "print(1)"}'
+    assert messages.decode(good, messages.JobRequest).timeout_ms is None
+    with pytest.raises(msgspec.ValidationError, match="unknown field `env`"):
+        messages.decode(good[:-1] + b', "env": {}}', messages.JobRequest)
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.job_id"):
+        messages.decode(b'{"job_id": "../x", "language": "python", "code": ""}',
+                        messages.JobRequest)
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.language"):
+        messages.decode(b'{"job_id": "a", "language": "cobol", "code": ""}',
+                        messages.JobRequest)
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.timeout_ms"):
+        messages.decode(b'{"job_id": "a", "language": "bash", "code": "", "timeout_ms": 0}',
+                        messages.JobRequest)
+
+
+def test_heartbeat_round_trips() -> None:
+    metrics = messages.Metrics(
+        memory_total_bytes=8, memory_available_bytes=4, cpu_percent=1.5, cpu_count=2,
+        load_1m=0.1, load_5m=0.2, load_15m=0.3,
+    )
+    beat = messages.Heartbeat(
+        agent_id="a", name="n", version="0.1.0", started_at=1.0, sent_at=2.0, seq=3,
+        sandbox_mode="bwrap", languages=["python"], metrics=metrics, jobs_running=0,
+        jobs_queued=0, sessions=0,
+    )
+    assert messages.decode(messages.encode(beat), messages.Heartbeat) == beat
