@@ -158,6 +158,13 @@ class ExoApiError(KowalskiError):
         return self.status >= 500 or self.status in (408, 429)
 
 
+class EmbeddedModelError(KowalskiError, RuntimeError):
+    """The local model server (used when no exo endpoint is set) could not start or run."""
+
+    code = "embedded_model"
+    hint = "Install what the message names, or set exo.endpoints to use an exo cluster"
+
+
 class AuthError(KowalskiError, PermissionError):
     code = "unauthorized"
     hint = "Give controller and agents the same secret (security.secret_file)"
@@ -171,6 +178,23 @@ class RateLimitedError(KowalskiError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class BusyError(KowalskiError):
+    """The server is at its limit of concurrent work; come back later."""
+
+    code = "busy"
+    is_recoverable = True
+    hint = "Retry after the time given, or send the work to another agent"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ConflictError(KowalskiError, ValueError):
+    code = "conflict"
+    hint = "Use a new id for new work; ids are idempotency keys"
 
 
 class BudgetExceededError(KowalskiError):
@@ -193,6 +217,7 @@ _BY_CODE: dict[str, type[KowalskiError]] = {
         NoDevicesAvailableError,
         NetworkError,
         AuthError,
+        ConflictError,
         BudgetExceededError,
         CancelledJobError,
     )
