@@ -1,0 +1,379 @@
+"""Many chat requests with bounded concurrency: results in input order, errors per item.
+
+Input and output are JSONL (docs/BATCH.md). Each finished item goes to a journal beside
+the output file as soon as it lands, so a batch that was killed resumes without asking
+again; the output file itself is written whole, in input order, at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TextIO
+
+import msgspec
+
+from kowalski.common import config as config_module
+from kowalski.common.errors import KowalskiError
+from kowalski.controller.batch_files import (
+    BatchItem,
+    InOrderWriter,
+    ItemError,
+    ItemFailure,
+    ItemId,
+    ItemResult,
+    ItemSuccess,
+    Journal,
+    decode_result,
+    encode_result,
+    journal_path,
+    load_finished,
+    parse_batch_line,
+    read_batch,
+    read_input,
+    write_atomically,
+)
+from kowalski.controller.cache import CachedBackend, CacheOutcome, ResultCache
+from kowalski.controller.chat_types import ChatRequest, ChatResult
+from kowalski.controller.exo_client import ExoClient
+from kowalski.controller.progress import Progress, ProgressBar, format_duration
+from kowalski.controller.retry import RetryPolicy, retry
+
+__all__ = [
+    "BatchItem",
+    "BatchRun",
+    "BatchSummary",
+    "ChatBackend",
+    "ExoClientBackend",
+    "ItemError",
+    "ItemFailure",
+    "ItemId",
+    "ItemResult",
+    "ItemSuccess",
+    "decode_result",
+    "encode_result",
+    "journal_path",
+    "load_finished",
+    "main",
+    "parse_batch_line",
+    "read_batch",
+    "run_batch",
+    "run_batch_file",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPERATION = "llm_inference"
+
+
+class ChatBackend(Protocol):
+    async def chat(
+        self, request: ChatRequest, *, operation: str = DEFAULT_OPERATION,
+    ) -> ChatResult:
+        """One completion; failures raise KowalskiError subclasses."""
+        ...
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+class BatchSummary(msgspec.Struct, frozen=True, kw_only=True):
+    total: int
+    ok: int
+    failed: int
+    cached: int
+    resumed: int
+    retries: int
+    # Tokens spent by this run: cached and resumed answers cost nothing now.
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    wall_s: float
+    items_per_s: float
+    completion_tokens_per_s: float
+
+    def describe(self) -> str:
+        """A line for people: counts, tokens, time and throughput."""
+        parts = [f"{self.total} items: {self.ok} ok, {self.failed} failed, {self.cached} cached"]
+        if self.resumed:
+            parts.append(f"{self.resumed} resumed")
+        if self.retries:
+            parts.append(f"{self.retries} retries")
+        parts.append(f"{self.prompt_tokens} prompt + {self.completion_tokens} completion tokens")
+        parts.append(f"in {format_duration(self.wall_s)} ({self.wall_s:.2f} s)")
+        parts.append(f"{self.items_per_s:.2f} items/s, {self.completion_tokens_per_s:.1f} tok/s")
+        return ", ".join(parts)
+
+
+class BatchRun(msgspec.Struct, frozen=True, kw_only=True):
+    # One per item, in input order.
+    results: list[ItemResult]
+    summary: BatchSummary
+
+
+@dataclass
+class _Tally:
+    total: int
+    done: int = 0
+    ok: int = 0
+    failed: int = 0
+    cached: int = 0
+    resumed: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, result: ItemResult, *, resumed: bool = False) -> None:
+        self.done += 1
+        self.resumed += resumed
+        if isinstance(result, ItemFailure):
+            self.failed += 1
+            return
+        self.ok += 1
+        self.cached += result.cached
+        if result.usage is not None and not (result.cached or resumed):
+            self.prompt_tokens += result.usage.prompt_tokens
+            self.completion_tokens += result.usage.completion_tokens
+
+    def progress(self, elapsed_s: float) -> Progress:
+        return Progress(
+            total=self.total, done=self.done, ok=self.ok, failed=self.failed, cached=self.cached,
+            resumed=self.resumed, retries=self.retries,
+            completion_tokens=self.completion_tokens, elapsed_s=elapsed_s,
+        )
+
+    def summary(self, wall_s: float) -> BatchSummary:
+        per_s = 1 / wall_s if wall_s > 0 else 0.0
+        return BatchSummary(
+            total=self.total, ok=self.ok, failed=self.failed, cached=self.cached,
+            resumed=self.resumed, retries=self.retries, prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens, wall_s=wall_s,
+            items_per_s=(self.done - self.resumed) * per_s,
+            completion_tokens_per_s=self.completion_tokens * per_s,
+        )
+
+
+async def _run_item(
+    item: BatchItem, backend: ChatBackend, policy: RetryPolicy, operation: str, tally: _Tally,
+) -> ItemResult:
+    attempts = 0
+    started = time.monotonic()
+
+    async def attempt() -> CacheOutcome:
+        nonlocal attempts
+        attempts += 1
+        if isinstance(backend, CachedBackend):
+            return await backend.chat_outcome(item.request, operation=operation)
+        return CacheOutcome(await backend.chat(item.request, operation=operation), False)
+
+    def retried(attempt_number: int, error: Exception, delay_ms: float) -> None:
+        tally.retries += 1
+        log.info("item %r attempt %d failed (%s); retrying in %.0f ms",
+                 item.id, attempt_number, error, delay_ms)
+
+    try:
+        result, cached = await retry(attempt, policy, on_retry=retried)
+    except Exception as error:
+        if not isinstance(error, KowalskiError):
+            log.error("item %r failed unexpectedly", item.id, exc_info=error)
+        return ItemFailure(
+            id=item.id, index=item.index, line=item.line, error=ItemError.of(error),
+            attempts=attempts,
+        )
+    return ItemSuccess(
+        id=item.id, index=item.index, line=item.line, text=result.text,
+        finish_reason=result.finish_reason, usage=result.usage,
+        latency_ms=(time.monotonic() - started) * 1000 if cached else result.latency_ms,
+        endpoint=result.endpoint, cached=cached, attempts=attempts,
+    )
+
+
+async def run_batch(
+    items: Sequence[BatchItem | ItemFailure],
+    backend: ChatBackend,
+    *,
+    concurrency: int,
+    policy: RetryPolicy | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_result: Callable[[ItemResult], None] | None = None,
+    finished: Sequence[ItemResult] = (),
+    operation: str = DEFAULT_OPERATION,
+) -> BatchRun:
+    """Ask for every item, at most ``concurrency`` at a time; failed items do not stop the rest.
+
+    ``finished`` holds results of an earlier run, kept as they are. ``on_result`` sees each
+    new result as it lands (failed lines first), ``on_progress`` the counts after each one.
+    Recoverable errors are retried per ``policy`` (the controller's retry settings if None).
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    policy = policy or RetryPolicy.from_config(config_module.ControllerConfig())
+    started = time.monotonic()
+    tally = _Tally(total=len(items) + len(finished))
+    results: dict[int, ItemResult] = {}
+    for result in finished:
+        results[result.index] = result
+        tally.add(result, resumed=True)
+
+    def land(result: ItemResult) -> None:
+        results[result.index] = result
+        tally.add(result)
+        if on_result is not None:
+            on_result(result)
+        if on_progress is not None:
+            on_progress(tally.progress(time.monotonic() - started))
+
+    if on_progress is not None:
+        on_progress(tally.progress(0.0))
+    pending: deque[BatchItem] = deque()
+    for item in items:
+        if isinstance(item, ItemFailure):
+            land(item)
+        else:
+            pending.append(item)
+
+    async def worker() -> None:
+        while pending:
+            land(await _run_item(pending.popleft(), backend, policy, operation, tally))
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(min(concurrency, len(pending))):
+            group.create_task(worker())
+    ordered = [results[index] for index in sorted(results)]
+    return BatchRun(results=ordered, summary=tally.summary(time.monotonic() - started))
+
+
+async def run_batch_file(
+    input_path: str | Path,
+    output_path: str | Path,
+    backend: ChatBackend,
+    *,
+    concurrency: int,
+    default_model: str,
+    resume: bool = False,
+    show_progress: bool = False,
+    policy: RetryPolicy | None = None,
+    progress_stream: TextIO | None = None,
+    operation: str = DEFAULT_OPERATION,
+) -> BatchSummary:
+    """Run a JSONL file into a JSONL file; "-" is stdin or stdout (in order, no resume).
+
+    With ``resume``, items the output file or its journal already hold are not asked
+    again. Without it, any earlier journal is discarded. Unreadable input or an
+    unwritable output raises OSError.
+    """
+    if resume and str(output_path) == "-":
+        raise ValueError("resuming needs an output file")
+    items = read_batch(await asyncio.to_thread(read_input, str(input_path)),
+                       default_model=default_model)
+    bar = ProgressBar(progress_stream or sys.stderr) if show_progress else None
+
+    async def run(
+        todo: Sequence[BatchItem | ItemFailure], on_result: Callable[[ItemResult], None],
+        finished: Sequence[ItemResult] = (),
+    ) -> BatchRun:
+        return await run_batch(
+            todo, backend, concurrency=concurrency, policy=policy, operation=operation,
+            on_progress=bar.update if bar else None, on_result=on_result, finished=finished,
+        )
+
+    try:
+        if str(output_path) == "-":
+            return (await run(items, InOrderWriter(sys.stdout.buffer).write)).summary
+        output = Path(output_path)
+        finished = await asyncio.to_thread(load_finished, output, items) if resume else []
+        done = {result.index for result in finished}
+        journal = await asyncio.to_thread(Journal, journal_path(output), finished)
+        try:
+            outcome = await run(
+                [item for item in items if item.index not in done], journal.write, finished,
+            )
+        finally:
+            journal.close()
+        await asyncio.to_thread(write_atomically, output, outcome.results)
+        journal.path.unlink(missing_ok=True)
+        return outcome.summary
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# --- a stand-alone entry: one exo endpoint, no routing ---------------------------------------
+
+
+class ExoClientBackend:
+    """One ExoClient as a chat backend, without routing or failover."""
+
+    def __init__(self, client: ExoClient) -> None:
+        self.client = client
+
+    async def chat(
+        self, request: ChatRequest, *, operation: str = DEFAULT_OPERATION,
+    ) -> ChatResult:
+        """One completion from the client's endpoint."""
+        return await self.client.chat(request)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kowalski.controller.batch",
+        description="Run a JSONL batch of chat requests against one exo endpoint.",
+    )
+    parser.add_argument("--config", help="config file (TOML); [exo] and [controller] apply")
+    parser.add_argument("--endpoint", required=True, help="exo or OpenAI-compatible base URL")
+    parser.add_argument("--input", required=True, help='JSONL requests ("-": stdin)')
+    parser.add_argument("--output", default="-", help='JSONL results ("-": stdout)')
+    parser.add_argument("--model", default="", help="model for lines that name none")
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="requests at a time (default: exo.max_concurrency)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep what an earlier run of this batch finished")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+async def _run_main(args: argparse.Namespace, config: config_module.Config) -> BatchSummary:
+    exo = config.exo
+    async with ExoClient.from_config(args.endpoint, exo) as client:
+        backend = CachedBackend(ExoClientBackend(client), ResultCache.from_config(exo))
+        return await run_batch_file(
+            args.input, args.output, backend,
+            concurrency=args.concurrency or exo.max_concurrency,
+            default_model=args.model or exo.default_model, resume=args.resume,
+            show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller),
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when every item succeeded, 1 when some failed or the batch could not run, 130 on ^C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume and args.output == "-":
+        parser.error("--resume needs --output FILE")
+    if args.concurrency < 0:
+        parser.error("--concurrency must be positive")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = asyncio.run(_run_main(args, config_module.load(args.config)))
+    except KowalskiError as exc:
+        print(f"batch: {exc.user_message()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"batch: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(summary.describe(), file=sys.stderr)
+    return 0 if summary.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
