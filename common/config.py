@@ -81,6 +81,8 @@ class ExoConfig(_Section, frozen=True):
     max_concurrency: PositiveInt = 16
     cache_ttl_s: NonNegativeFloat = 600.0
     cache_max_entries: Annotated[int, Meta(ge=0)] = 1024
+    # With no endpoints, start the embedded local model (false: run without a model).
+    embedded: bool = True
     embedded_threads: PositiveInt = 2
     embedded_context_tokens: PositiveInt = 8192
     embedded_startup_timeout_s: PositiveFloat = 120.0

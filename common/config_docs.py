@@ -57,6 +57,7 @@ KEYS: dict[str, str] = {
     "exo.max_concurrency": "Model calls in flight at once, over all endpoints.",
     "exo.cache_ttl_s": "How long an identical call's result is reused (0 disables).",
     "exo.cache_max_entries": "Results kept in the call cache (0 disables).",
+    "exo.embedded": "With no endpoints, start the embedded local model (SmolLM2-135M).",
     "exo.embedded_threads": "CPU threads for the embedded model.",
     "exo.embedded_context_tokens": "Context window of the embedded model.",
     "exo.embedded_startup_timeout_s": "How long the embedded model may take to start.",

@@ -1,0 +1,3 @@
+from kowalski.agent.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The agent's HTTP API: jobs, sessions, heartbeats and metrics under /v1."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+from aiohttp import web
+
+from kowalski.agent.jobs import JobRunner
+from kowalski.agent.metrics import MetricsSampler
+from kowalski.agent.sandbox import Sandbox
+from kowalski.agent.sessions import SessionManager
+from kowalski.common.errors import ParseError
+from kowalski.common.http import (
+    errors_middleware,
+    json_response,
+    read_body,
+    signature_middleware,
+)
+from kowalski.common.messages import CellRequest, Heartbeat, JobRequest, SessionCreate
+from kowalski.common.signing import Verifier
+
+VERSION = "0.1.0"
+# Liveness for process supervisors and load balancers; carries nothing secret.
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+@dataclass
+class AgentState:
+    """What the handlers reach: the components and the agent's identity."""
+
+    agent_id: str
+    name: str
+    sandbox: Sandbox
+    jobs: JobRunner
+    sessions: SessionManager
+    metrics: MetricsSampler
+    max_code_bytes: int
+    started_at: float = field(default_factory=time.time)
+    seq: itertools.count[int] = field(default_factory=itertools.count)
+
+
+STATE = web.AppKey("state", AgentState)
+
+
+def _check_code_size(state: AgentState, code: str) -> None:
+    size = len(code.encode())
+    if size > state.max_code_bytes:
+        raise ParseError(f"code is {size} bytes, over the limit of {state.max_code_bytes}")
+
+
+def heartbeat(state: AgentState) -> Heartbeat:
+    return Heartbeat(
+        agent_id=state.agent_id,
+        name=state.name,
+        version=VERSION,
+        started_at=state.started_at,
+        sent_at=time.time(),
+        seq=next(state.seq),
+        sandbox_mode=state.sandbox.mode,
+        languages=list(state.sandbox.languages),
+        metrics=state.metrics.sample(),
+        jobs_running=len(state.jobs.running_ids),
+        jobs_queued=state.jobs.queued,
+        sessions=len(state.sessions),
+        running_job_ids=state.jobs.running_ids,
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def get_heartbeat(request: web.Request) -> web.Response:
+    return json_response(heartbeat(request.app[STATE]))
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    return json_response(request.app[STATE].metrics.sample())
+
+
+async def post_job(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    job = await read_body(request, JobRequest)
+    _check_code_size(state, job.code)
+    return json_response(await state.jobs.submit(job))
+
+
+async def post_session(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    create = await read_body(request, SessionCreate)
+    info = await state.sessions.create(create)
+    return json_response(msgspec.structs.replace(info, agent_id=state.agent_id), status=201)
+
+
+async def post_cell(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    cell = await read_body(request, CellRequest)
+    _check_code_size(state, cell.code)
+    result = await state.sessions.execute(request.match_info["session_id"], cell)
+    return json_response(msgspec.structs.replace(result, agent_id=state.agent_id))
+
+
+async def get_variable(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        max_chars = int(request.query.get("max_chars", "100000"))
+    except ValueError:
+        raise ParseError("max_chars must be a whole number") from None
+    value = await state.sessions.get_variable(
+        request.match_info["session_id"], request.match_info["name"], max_chars
+    )
+    return json_response(value)
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    deleted = await request.app[STATE].sessions.delete(request.match_info["session_id"])
+    return web.json_response({"deleted": deleted})
+
+
+def make_app(state: AgentState, *, verifier: Verifier | None, max_body_bytes: int
+             ) -> web.Application:
+    app = web.Application(
+        client_max_size=max_body_bytes,
+        middlewares=[errors_middleware, signature_middleware(verifier, open_paths=OPEN_PATHS)],
+    )
+    app[STATE] = state
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/heartbeat", get_heartbeat)
+    app.router.add_get("/v1/metrics", get_metrics)
+    app.router.add_post("/v1/jobs", post_job)
+    app.router.add_post("/v1/sessions", post_session)
+    app.router.add_post("/v1/sessions/{session_id}/exec", post_cell)
+    app.router.add_get("/v1/sessions/{session_id}/vars/{name}", get_variable)
+    app.router.add_delete("/v1/sessions/{session_id}", delete_session)
+    return app

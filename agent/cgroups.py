@@ -1,0 +1,331 @@
+"""Per-job control groups: cgroup v2 where memory and pids are available, else v1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("kowalski.agent.cgroups")
+
+# Names of the per-agent parent cgroups; the pid lets a new agent clear a dead one's leftovers.
+BASE_PREFIX = "kowalski-"
+CONTROLLERS = ("memory", "pids")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One cgroup file system from /proc/self/mountinfo."""
+
+    root: str
+    mount_point: str
+    version: int
+    # v1 only: the controllers this hierarchy carries.
+    controllers: frozenset[str]
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The cgroup and cgroup2 mounts in a mountinfo text."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        before, after = line.split(" - ", 1)
+        fs_type, _source, *rest = after.split()
+        options = rest[0].split(",") if rest else []
+        root, mount_point = before.split()[3], before.split()[4]
+        mount_point = mount_point.replace("\\040", " ")
+        if fs_type == "cgroup2":
+            mounts.append(Mount(root, mount_point, 2, frozenset()))
+        elif fs_type == "cgroup":
+            mounts.append(Mount(root, mount_point, 1, frozenset(options) & set(CONTROLLERS)))
+    return mounts
+
+
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """Controller name to cgroup path from /proc/<pid>/cgroup; "" is the v2 unified entry."""
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, names, path = parts
+        if not names:
+            paths[""] = path
+        for name in names.split(","):
+            if name:
+                paths[name] = path
+    return paths
+
+
+def _under(mount: Mount, path: str) -> Path:
+    # Inside a container the mount's root may be the process's own cgroup.
+    relative = path
+    if mount.root != "/" and (path == mount.root or path.startswith(mount.root + "/")):
+        relative = path[len(mount.root):]
+    return Path(mount.mount_point) / relative.lstrip("/")
+
+
+def locate(mounts: list[Mount], paths: dict[str, str]) -> dict[str, Path]:
+    """Where this process's cgroups are: "v2" and/or one entry per v1 controller."""
+    found: dict[str, Path] = {}
+    for mount in mounts:
+        if mount.version == 2 and "" in paths:
+            found.setdefault("v2", _under(mount, paths[""]))
+        for controller in mount.controllers:
+            if controller in paths:
+                found.setdefault(controller, _under(mount, paths[controller]))
+    return found
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _counter(path: Path, key: str) -> int:
+    for line in _read(path).splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+class JobCgroup:
+    """The cgroup (or pair of v1 cgroups) one job runs in."""
+
+    def __init__(self, version: int, dirs: dict[str, Path]) -> None:
+        self.version = version
+        # Controller name to directory; in v2 every controller shares one directory.
+        self.dirs = dirs
+
+    @property
+    def procs_files(self) -> list[str]:
+        """The files a process writes its pid to, to join."""
+        return sorted({str(path / "cgroup.procs") for path in self.dirs.values()})
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for name in self.procs_files:
+            found.update(int(pid) for pid in _read(Path(name)).split())
+        return found
+
+    def memory_exceeded(self) -> bool:
+        """Whether the kernel killed a process here for going over memory.max."""
+        memory = self.dirs.get("memory")
+        if memory is None:
+            return False
+        if self.version == 2:
+            return _counter(memory / "memory.events", "oom_kill") > 0
+        return _counter(memory / "memory.oom_control", "oom_kill") > 0
+
+    def pids_exhausted(self) -> bool:
+        """Whether a fork failed here because of pids.max."""
+        pids = self.dirs.get("pids")
+        return pids is not None and _counter(pids / "pids.events", "max") > 0
+
+    async def kill_all(self, timeout_s: float = 5.0) -> bool:
+        """SIGKILL every process until none is left; False if some survived the timeout."""
+        kill_file = self.dirs.get("pids", next(iter(self.dirs.values()))) / "cgroup.kill"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pids = self.pids()
+            if not pids:
+                return True
+            if self.version == 2 and kill_file.exists():
+                with contextlib.suppress(OSError):
+                    kill_file.write_text("1")
+            # A fork between reading and killing adds a pid; the pids limit bounds the rounds.
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                log.error("processes %s survived SIGKILL in %s", sorted(pids), self.dirs)
+                return False
+            await asyncio.sleep(0.01)
+
+    async def remove(self, timeout_s: float = 5.0) -> None:
+        """Remove the directories; a cgroup is busy for a moment after its last process dies."""
+        deadline = time.monotonic() + timeout_s
+        for path in set(self.dirs.values()):
+            while True:
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        log.warning("cannot remove cgroup %s: %s", path, exc.strerror)
+                        break
+                    await asyncio.sleep(0.02)
+
+
+class CgroupManager:
+    """Makes job cgroups under a parent cgroup of its own, below the agent's cgroup."""
+
+    def __init__(self, version: int, bases: dict[str, Path]) -> None:
+        self.version = version
+        self._bases = bases
+
+    @classmethod
+    def detect(cls) -> tuple[CgroupManager | None, str]:
+        """A manager for this process, or None and the reason none can be used."""
+        try:
+            mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+            paths = parse_proc_cgroup(Path("/proc/self/cgroup").read_text())
+        except OSError as exc:
+            return None, f"cannot read /proc: {exc.strerror}"
+        found = locate(mounts, paths)
+        token = f"{BASE_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
+        reasons = []
+        v2 = found.get("v2")
+        if v2 is not None:
+            available = set(_read(v2 / "cgroup.controllers").split())
+            if set(CONTROLLERS) <= available:
+                at_root = any(Path(mount.mount_point) == v2 for mount in mounts)
+                try:
+                    return cls(2, {"v2": _make_v2_base(v2, token, at_root=at_root)}), ""
+                except OSError as exc:
+                    reasons.append(f"cgroup v2 at {v2} is not writable ({exc.strerror})")
+            else:
+                missing = " and ".join(sorted(set(CONTROLLERS) - available))
+                reasons.append(f"cgroup v2 lacks {missing}")
+        bases: dict[str, Path] = {}
+        for controller in CONTROLLERS:
+            own = found.get(controller)
+            if own is None:
+                reasons.append(f"no cgroup v1 {controller} hierarchy")
+                continue
+            if own / token in bases.values():
+                # Controllers mounted together share one directory.
+                bases[controller] = own / token
+                continue
+            _clear_stale(own)
+            try:
+                (own / token).mkdir()
+            except OSError as exc:
+                reasons.append(f"cannot create a cgroup under {own} ({exc.strerror})")
+                continue
+            bases[controller] = own / token
+        if bases:
+            return cls(1, bases), "; ".join(reasons)
+        return None, "; ".join(reasons) or "no cgroup file system is mounted"
+
+    @property
+    def bases(self) -> list[Path]:
+        return sorted(set(self._bases.values()))
+
+    @property
+    def controllers(self) -> list[str]:
+        if self.version == 2:
+            return list(CONTROLLERS)
+        return sorted(self._bases)
+
+    def create(self, name: str, *, memory_bytes: int, pids_max: int) -> JobCgroup:
+        """A fresh cgroup with the limits set; raises OSError if it cannot be made."""
+        if self.version == 2:
+            path = self._bases["v2"] / name
+            path.mkdir()
+            group = JobCgroup(2, {"memory": path, "pids": path})
+            _write(path / "memory.max", str(memory_bytes))
+            # Without swap limits a job could page out instead of hitting memory.max.
+            _write(path / "memory.swap.max", "0", required=False)
+            _write(path / "pids.max", str(pids_max))
+            return group
+        dirs: dict[str, Path] = {}
+        try:
+            for controller, base in self._bases.items():
+                if base / name not in dirs.values():
+                    (base / name).mkdir()
+                dirs[controller] = base / name
+            if "memory" in dirs:
+                _write(dirs["memory"] / "memory.limit_in_bytes", str(memory_bytes))
+                _write(dirs["memory"] / "memory.memsw.limit_in_bytes", str(memory_bytes),
+                       required=False)
+            if "pids" in dirs:
+                _write(dirs["pids"] / "pids.max", str(pids_max))
+        except OSError:
+            for path in set(dirs.values()):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise
+        return JobCgroup(1, dirs)
+
+    def close(self) -> None:
+        """Remove the parent cgroups (their job cgroups are gone by now)."""
+        for base in set(self._bases.values()):
+            try:
+                base.rmdir()
+            except OSError as exc:
+                log.warning("cannot remove cgroup %s: %s", base, exc.strerror)
+
+
+def _write(path: Path, value: str, *, required: bool = True) -> None:
+    try:
+        path.write_text(value)
+    except OSError:
+        if required:
+            raise
+
+
+def _make_v2_base(own: Path, token: str, *, at_root: bool) -> Path:
+    """A parent for job cgroups with memory and pids enabled for its children."""
+    _clear_stale(own)
+    enable = " ".join(f"+{name}" for name in CONTROLLERS)
+    subtree = set(_read(own / "cgroup.subtree_control").split())
+    if not set(CONTROLLERS) <= subtree:
+        if not at_root:
+            # The no-internal-processes rule: a cgroup enables controllers for its children
+            # only once no process sits in it, so the agent (and any process sharing its
+            # cgroup) moves into a leaf first. The root cgroup is exempt.
+            leaf = own / f"{BASE_PREFIX}agent"
+            leaf.mkdir(exist_ok=True)
+            for pid in _read(own / "cgroup.procs").split():
+                with contextlib.suppress(ProcessLookupError):
+                    _write(leaf / "cgroup.procs", pid)
+        (own / "cgroup.subtree_control").write_text(enable)
+    base = own / token
+    base.mkdir()
+    (base / "cgroup.subtree_control").write_text(enable)
+    return base
+
+
+def _clear_stale(own: Path) -> None:
+    """Kill what agents that died left behind (rlimit mode has no --die-with-parent)."""
+    try:
+        entries = list(own.glob(f"{BASE_PREFIX}*-*"))
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(BASE_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        log.warning("removing cgroup %s left by agent process %s, which is gone", entry, pid)
+        for path in [*sorted(entry.glob("*/"), reverse=True), entry]:
+            # Killed processes keep the cgroup busy until their parent reaps them.
+            deadline = time.monotonic() + 2.0
+            while True:
+                for stale in _read(path / "cgroup.procs").split():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(int(stale), signal.SIGKILL)
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if time.monotonic() > deadline:
+                        log.warning("cannot remove cgroup %s: %s", path, exc.strerror)
+                        break
+                time.sleep(0.01)

@@ -1,0 +1,263 @@
+"""One confined process: its work dir, cgroup, rlimits, uid and bubblewrap command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from kowalski.agent.cgroups import CgroupManager, JobCgroup
+from kowalski.agent.languages import SYSTEM_PATH, TOOLCHAIN_MOUNT, Toolchain
+from kowalski.common.config import SandboxConfig
+from kowalski.common.errors import ExecutionError
+
+# Where the job's own directory appears inside bubblewrap.
+INNER_WORKDIR = "/run/job"
+# The launcher's exit code and stderr prefix when it cannot start the job.
+LAUNCH_FAILED = 125
+LAUNCH_MARK = b"kowalski-launcher:"
+# After the last process dies its pipes close at once; this bounds orphans outside a cgroup.
+_PIPE_CLOSE_TIMEOUT_S = 2.0
+_STREAM_LIMIT = 1 << 16
+
+# Runs as the job's first process and joins its cgroup before any job code exists, so no
+# fork can escape it (membership is inherited); then sets the rlimits and execs the command.
+# A separate process rather than preexec_fn, which is unsafe in a threaded parent.
+_LAUNCHER = """
+import json, os, resource, sys
+spec = json.loads(sys.argv[1])
+try:
+    for path in spec["procs"]:
+        with open(path, "w") as file:
+            file.write(str(os.getpid()))
+    for name, value in spec["rlimits"]:
+        kind = getattr(resource, name)
+        hard = resource.getrlimit(kind)[1]
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(kind, (value, value))
+    os.execv(spec["argv"][0], spec["argv"])
+except OSError as exc:
+    os.write(2, b"%s %s\\n" % (spec["mark"].encode(), str(exc).encode()))
+    os._exit(125)
+"""
+
+
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Tells when the process exits; Process.wait() returns only once its pipes close too."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.exited.set()
+
+
+def exit_code(returncode: int) -> int:
+    """Death by signal N is 128 + N, as bubblewrap and shells report it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class SandboxedProcess:
+    """A process started in its own work dir and cgroup; stop() ends everything it started."""
+
+    def __init__(self, process: asyncio.subprocess.Process,
+                 transport: asyncio.SubprocessTransport, protocol: _Protocol, workdir: Path,
+                 cgroup: JobCgroup | None, jail: Jail) -> None:
+        self.process = process
+        self.workdir = workdir
+        self.cgroup = cgroup
+        self._transport = transport
+        self._protocol = protocol
+        self._jail = jail
+        self._release: asyncio.Future[None] | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the first process has exited."""
+        code = self.process.returncode
+        return None if code is None else exit_code(code)
+
+    async def wait_exit(self) -> int:
+        """Wait for the first process to exit, even if descendants still hold its pipes."""
+        await self._protocol.exited.wait()
+        code = self.returncode
+        assert code is not None
+        return code
+
+    def memory_exceeded(self) -> bool:
+        return self.cgroup is not None and self.cgroup.memory_exceeded()
+
+    def pids_exhausted(self) -> bool:
+        return self.cgroup is not None and self.cgroup.pids_exhausted()
+
+    async def stop(self) -> None:
+        """SIGKILL the process group and every process in the cgroup, then reap."""
+        pid = self.process.pid
+        # Without a cgroup, descendants that left the group are only found through the tree.
+        stray: list[psutil.Process] = []
+        if self.cgroup is None:
+            with contextlib.suppress(psutil.Error):
+                stray = psutil.Process(pid).children(recursive=True)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        for child in stray:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        if self.cgroup is not None:
+            await self.cgroup.kill_all()
+        await self._protocol.exited.wait()
+        try:
+            await asyncio.wait_for(self.process.wait(), _PIPE_CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            # An orphan outside any cgroup still holds a pipe: stop listening to it.
+            self._transport.close()
+
+    async def release(self) -> None:
+        """Stop, then remove the cgroup and the work dir; every caller waits for the end."""
+        if self._release is None:
+            self._release = asyncio.ensure_future(self._cleanup())
+        await asyncio.shield(self._release)
+
+    async def _cleanup(self) -> None:
+        try:
+            await self.stop()
+            if self.cgroup is not None:
+                await self.cgroup.remove()
+            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+        finally:
+            self._jail.live.discard(self)
+
+
+class Jail:
+    """Starts confined processes the way the mode says; keeps them until released."""
+
+    def __init__(self, config: SandboxConfig, *, work_root: Path, bwrap: str, setpriv: str,
+                 cgroups: CgroupManager | None) -> None:
+        self._config = config
+        self._work_root = work_root
+        # Empty when not used (rlimit mode has no bwrap; none mode, or no root, no setpriv).
+        self._bwrap = bwrap
+        self._setpriv = setpriv
+        self._cgroups = cgroups
+        self._limits = config.mode != "none"
+        self.live: set[SandboxedProcess] = set()
+
+    @property
+    def job_user(self) -> tuple[int, int] | None:
+        """The (uid, gid) jobs run as, or None when they keep the agent's."""
+        if not self._setpriv:
+            return None
+        return self._config.unprivileged_uid, self._config.unprivileged_gid
+
+    async def spawn(self, name: str, toolchain: Toolchain | None, argv: list[str], *,
+                    files: Mapping[str, bytes], stdin: int | IO[Any] | None,
+                    stdout: int | IO[Any] | None, stderr: int | IO[Any] | None,
+                    pass_fds: tuple[int, ...] = (), cpu_limit: bool = True) -> SandboxedProcess:
+        """Start argv in a fresh work dir (holding files) and cgroup."""
+        name = f"{name}-{secrets.token_hex(4)}"
+        workdir = self._work_root / name
+        try:
+            await asyncio.to_thread(self._prepare, workdir, files)
+        except OSError as exc:
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+            raise ExecutionError(f"cannot prepare the work dir {workdir}: {exc}") from exc
+        cgroup = None
+        try:
+            if self._cgroups is not None:
+                cgroup = self._cgroups.create(name, pids_max=self._config.pids_limit,
+                                              memory_bytes=self._config.memory_limit_mb << 20)
+            spec = {"procs": cgroup.procs_files if cgroup else [], "mark": LAUNCH_MARK.decode(),
+                    "rlimits": self._rlimits(toolchain, cgroup, cpu_limit),
+                    "argv": self._command(toolchain, argv, workdir)}
+            loop = asyncio.get_running_loop()
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _Protocol(_STREAM_LIMIT, loop),
+                sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec),
+                stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=pass_fds,
+                start_new_session=True, cwd=workdir, env=self.environment(workdir))
+        except BaseException as exc:
+            # Also when cancelled mid-start: asyncio kills a half-started child itself.
+            await asyncio.shield(self._discard(workdir, cgroup))
+            if isinstance(exc, OSError):
+                raise ExecutionError(f"cannot start the sandbox: {exc}") from exc
+            raise
+        process = asyncio.subprocess.Process(transport, protocol, loop)
+        handle = SandboxedProcess(process, transport, protocol, workdir, cgroup, self)
+        self.live.add(handle)
+        return handle
+
+    @staticmethod
+    async def _discard(workdir: Path, cgroup: JobCgroup | None) -> None:
+        if cgroup is not None:
+            await cgroup.kill_all()
+            await cgroup.remove()
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+    def _prepare(self, workdir: Path, files: Mapping[str, bytes]) -> None:
+        workdir.mkdir(mode=0o700)
+        for file_name, data in files.items():
+            (workdir / file_name).write_bytes(data)
+        if self.job_user is not None:
+            for path in [workdir, *(workdir / file_name for file_name in files)]:
+                os.chown(path, *self.job_user)
+
+    def environment(self, workdir: Path) -> dict[str, str]:
+        home = INNER_WORKDIR if self._bwrap else str(workdir)
+        return {"PATH": SYSTEM_PATH, "HOME": home, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+
+    def _command(self, toolchain: Toolchain | None, argv: list[str], workdir: Path) -> list[str]:
+        if self.job_user is not None:
+            uid, gid = self.job_user
+            # bwrap run as root keeps every capability; this drops them and the uid for good.
+            argv = [self._setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", *argv]
+        if not self._bwrap:
+            return argv
+        command = [self._bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                   "--perms", "1777", "--size", str(self._config.tmpfs_size_mb << 20),
+                   "--tmpfs", "/tmp",
+                   # Hides the host's sockets (D-Bus, journald), reachable without a network.
+                   "--perms", "0755", "--tmpfs", "/run",
+                   "--bind", str(workdir), INNER_WORKDIR, "--chdir", INNER_WORKDIR]
+        if toolchain is not None and toolchain.mount:
+            command += ["--perms", "0755", "--dir", TOOLCHAIN_MOUNT,
+                        "--ro-bind", toolchain.home, toolchain.mount]
+        command += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+                    "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv"]
+        for key, value in self.environment(workdir).items():
+            command += ["--setenv", key, value]
+        return [*command, "--", *argv]
+
+    def _rlimits(self, toolchain: Toolchain | None, cgroup: JobCgroup | None,
+                 cpu_limit: bool) -> list[tuple[str, int]]:
+        if not self._limits:
+            return []
+        config = self._config
+        limits = [("RLIMIT_CORE", 0), ("RLIMIT_NOFILE", config.open_files_limit),
+                  ("RLIMIT_FSIZE", config.file_size_limit_mb << 20)]
+        if cpu_limit:
+            limits.append(("RLIMIT_CPU", config.cpu_time_limit_s))
+        controllers = cgroup.dirs if cgroup is not None else {}
+        if "memory" not in controllers and (toolchain is None
+                                            or toolchain.spec.address_space_limit):
+            limits.append(("RLIMIT_AS", config.memory_limit_mb << 20))
+        # Counts every process of the uid, so only sound for the dedicated job user.
+        if "pids" not in controllers and self.job_user is not None:
+            limits.append(("RLIMIT_NPROC", config.pids_limit))
+        return limits
+
+    async def close(self) -> None:
+        """Release every process still live."""
+        await asyncio.gather(*(handle.release() for handle in list(self.live)))

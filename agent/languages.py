@@ -1,0 +1,202 @@
+"""The languages jobs can use: how each toolchain is found, placed in the sandbox and run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kowalski.common.config import SandboxConfig
+from kowalski.common.errors import ConfigError
+from kowalski.common.messages import LANGUAGES
+
+# Searched for interpreters instead of the agent's own PATH: the agent may run from a
+# virtualenv or a home directory the unprivileged job user cannot read.
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Toolchains the job user cannot reach at their own path are bound read-only under here.
+TOOLCHAIN_MOUNT = "/run/toolchains"
+
+
+@dataclass(frozen=True)
+class LanguageSpec:
+    name: str
+    binaries: tuple[str, ...]
+    # The SandboxConfig field that overrides the search.
+    config_key: str
+    source_file: str
+    # Runtimes that reserve large virtual areas (JVM, V8, LLVM) break under RLIMIT_AS.
+    address_space_limit: bool
+
+
+SPECS: dict[str, LanguageSpec] = {
+    "python": LanguageSpec("python", ("python3",), "python_path", "main.py", True),
+    "bash": LanguageSpec("bash", ("bash",), "bash_path", "main.sh", True),
+    "javascript": LanguageSpec("javascript", ("node", "nodejs"), "node_path", "main.js", False),
+    "rust": LanguageSpec("rust", ("rustc",), "rustc_path", "main.rs", False),
+    "java": LanguageSpec("java", ("java",), "java_path", "Main.java", False),
+}
+assert set(SPECS) == set(LANGUAGES)
+
+# Compile, then replace the shell with the program so its exit code is the job's.
+_RUST_SCRIPT = 'set -e; "$0" --edition 2021 -C opt-level=1 -o main main.rs; exec ./main'
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """A resolved toolchain: where it is on the host and how a job calls it."""
+
+    language: str
+    executable: str
+    # The directory tree the executable needs (its prefix, or rustc's sysroot).
+    home: str
+    # Where home is bound inside the sandbox; empty when it is used at its own path.
+    mount: str = ""
+    version: str = ""
+    # rust: the shell that compiles and then runs.
+    shell: str = ""
+
+    @property
+    def spec(self) -> LanguageSpec:
+        return SPECS[self.language]
+
+    @property
+    def inner_executable(self) -> str:
+        """The executable's path as the job sees it."""
+        if not self.mount:
+            return self.executable
+        return os.path.join(self.mount, os.path.relpath(self.executable, self.home))
+
+    def probe_argv(self) -> list[str]:
+        return [self.inner_executable, "--version"]
+
+    def run_argv(self) -> list[str]:
+        """The command that runs the source file from the job's working directory."""
+        exe, source = self.inner_executable, self.spec.source_file
+        if self.language == "python":
+            # Unbuffered, so output written before a timeout is not lost.
+            return [exe, "-u", source]
+        if self.language == "rust":
+            return [self.shell, "-c", _RUST_SCRIPT, exe]
+        if self.language == "java":
+            # Single-file source launch; the serial collector keeps threads and memory low.
+            return [exe, "-XX:+UseSerialGC", "-XX:-UsePerfData", source]
+        return [exe, source]
+
+
+def reachable_by(path: str | Path, uid: int, gid: int) -> bool:
+    """Whether uid/gid (no supplementary groups) can reach path: run a file, enter a dir."""
+    target = Path(path)
+    for part in [*reversed(target.parents), target]:
+        try:
+            info = part.stat()
+        except OSError:
+            return False
+        need = 0o5 if part == target and stat.S_ISREG(info.st_mode) else 0o1
+        if info.st_uid == uid:
+            bits = (info.st_mode >> 6) & 0o7
+        elif info.st_gid == gid:
+            bits = (info.st_mode >> 3) & 0o7
+        else:
+            bits = info.st_mode & 0o7
+        if bits & need != need:
+            return False
+    return True
+
+
+def _home_dirs(language: str) -> list[str]:
+    """Per-user install places tried after the system path (rustup, a JDK in JAVA_HOME)."""
+    if language == "rust":
+        cargo = os.environ.get("CARGO_HOME") or os.path.expanduser("~/.cargo")
+        return [os.path.join(cargo, "bin")]
+    if language == "java" and os.environ.get("JAVA_HOME"):
+        return [os.path.join(os.environ["JAVA_HOME"], "bin")]
+    return []
+
+
+def find_executable(spec: LanguageSpec, config: SandboxConfig, search_path: str) -> str | None:
+    """The configured path (which must exist), else the first binary on the search path."""
+    override: str = getattr(config, spec.config_key)
+    if override:
+        if not os.path.isabs(override) or not os.access(override, os.X_OK):
+            raise ConfigError(f"{override!r} is not an absolute path to an executable",
+                              key=f"sandbox.{spec.config_key}")
+        return override
+    path = os.pathsep.join([search_path, *_home_dirs(spec.name)])
+    for name in spec.binaries:
+        found = shutil.which(name, path=path)
+        if found:
+            return os.path.abspath(found)
+    return None
+
+
+def _real_path(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _prefix(executable: str) -> str:
+    parent = os.path.dirname(executable)
+    return os.path.dirname(parent) if os.path.basename(parent) == "bin" else parent
+
+
+async def _rust_sysroot(rustc: str) -> str:
+    """The real toolchain behind rustc, which may be a rustup proxy."""
+    # The proxy needs the agent's own environment (HOME, RUSTUP_HOME) to find its toolchain.
+    process = await asyncio.create_subprocess_exec(
+        rustc, "--print", "sysroot", stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise LookupError(f"{rustc} --print sysroot did not answer within 60 s") from None
+    if process.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise LookupError(f"{rustc} --print sysroot failed: {tail[0]}")
+    return out.decode().strip()
+
+
+def _rust_toolchain(sysroot: str, search_path: str) -> Toolchain:
+    rustc = os.path.join(sysroot, "bin", "rustc")
+    if not os.access(rustc, os.X_OK):
+        raise LookupError(f"no rustc in the sysroot {sysroot}")
+    shell = shutil.which("sh", path=search_path)
+    if shutil.which("cc", path=search_path) is None or shell is None:
+        raise LookupError(f"rustc needs sh and a C linker (cc) on {search_path}: install gcc")
+    return Toolchain("rust", rustc, sysroot, shell=shell)
+
+
+def _place(toolchain: Toolchain, relocate: bool, job_user: tuple[int, int] | None) -> Toolchain:
+    """Bind the toolchain under TOOLCHAIN_MOUNT if the job user cannot reach it."""
+    if job_user is None or reachable_by(toolchain.executable, *job_user):
+        return toolchain
+    if not relocate:
+        raise LookupError(
+            f"{toolchain.executable} is not readable by uid {job_user[0]} (a directory on "
+            'its path is private); install the toolchain system-wide or use mode = "bwrap", '
+            "which binds it read-only")
+    return replace(toolchain, mount=f"{TOOLCHAIN_MOUNT}/{toolchain.language}")
+
+
+async def resolve(language: str, config: SandboxConfig, *, search_path: str,
+                  relocate: bool, job_user: tuple[int, int] | None) -> Toolchain:
+    """Find a toolchain; raises LookupError with the reason it cannot be used.
+
+    relocate: unreachable toolchains may be bound under TOOLCHAIN_MOUNT (bwrap mode).
+    job_user: the (uid, gid) jobs run as, or None when they keep the agent's identity.
+    """
+    spec = SPECS[language]
+    executable = find_executable(spec, config, search_path)
+    if executable is None:
+        names = " or ".join(spec.binaries)
+        raise LookupError(f"no {names} on {search_path} (set sandbox.{spec.config_key})")
+    if language == "rust":
+        # Not the real path: a rustup proxy picks its tool by the name it was called by.
+        toolchain = _rust_toolchain(await _rust_sysroot(executable), search_path)
+    else:
+        real = _real_path(executable)
+        toolchain = Toolchain(language, real, _prefix(real))
+    return _place(toolchain, relocate, job_user)

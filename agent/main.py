@@ -1,0 +1,168 @@
+"""kowalski-agent: composes the agent's components and maps SIGTERM to a clean stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from kowalski.agent.app import VERSION, AgentState, make_app
+from kowalski.agent.jobs import JobRunner
+from kowalski.agent.llm_relay import LlmRelay
+from kowalski.agent.mdns import Advertiser, host_addresses
+from kowalski.agent.metrics import MetricsSampler
+from kowalski.agent.sandbox import Sandbox
+from kowalski.agent.sessions import SessionManager
+from kowalski.common import config as config_module
+from kowalski.common.client import SignedClient
+from kowalski.common.config import Config
+from kowalski.common.errors import ConfigError, KowalskiError
+from kowalski.common.signing import Verifier
+from kowalski.common.tls import loop_factory, server_ssl_context
+
+log = logging.getLogger("kowalski.agent")
+
+
+class Agent:
+    """The daemon: sandbox, job runner, sessions, HTTP API and mDNS record."""
+
+    def __init__(self, *, config: Config, secret: bytes | None,
+                 port_file: Path | None = None) -> None:
+        self._config = config
+        self._secret = secret
+        self._port_file = port_file
+        self.port: int | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self._config.agent
+        sandbox = Sandbox(self._config.sandbox, work_root=Path(settings.work_dir))
+        advertiser: Advertiser | None = None
+        runner: web.AppRunner | None = None
+        jobs: JobRunner | None = None
+        sessions: SessionManager | None = None
+        try:
+            await sandbox.start()
+            async with aiohttp.ClientSession() as http:
+                relay = LlmRelay(SignedClient(http, secret=self._secret),
+                                 timeout_s=self._config.exo.request_timeout_s)
+                sessions = SessionManager(sandbox, max_sessions=settings.max_sessions,
+                                          idle_timeout_s=settings.session_idle_timeout_s,
+                                          llm_handler=relay)
+                name = settings.name or socket.gethostname()
+                # The id needs the port: it must be stable across restarts and unique
+                # when several agents share a host.
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((settings.host, settings.port))
+                self.port = sock.getsockname()[1]
+                agent_id = f"{name}-{self.port}"
+                jobs = JobRunner(sandbox=sandbox, agent_id=agent_id,
+                                 max_concurrent=settings.max_concurrent_jobs,
+                                 max_queued=settings.max_queued_jobs,
+                                 cache_size=settings.result_cache_size)
+                state = AgentState(agent_id=agent_id, name=name, sandbox=sandbox, jobs=jobs,
+                                   sessions=sessions, metrics=MetricsSampler(),
+                                   max_code_bytes=settings.max_code_bytes)
+                verifier = None if self._secret is None else Verifier(
+                    self._secret, clock_skew_s=self._config.security.clock_skew_s)
+                app = make_app(state, verifier=verifier, max_body_bytes=settings.max_body_bytes)
+                runner = web.AppRunner(app, handle_signals=False,
+                                       shutdown_timeout=settings.shutdown_timeout_s,
+                                       access_log=None)
+                await runner.setup()
+                site = web.SockSite(runner, sock, ssl_context=server_ssl_context(
+                    self._config.security))
+                await site.start()
+                log.info("agent %s listening on %s:%d (sandbox %s, languages %s)", agent_id,
+                         settings.host, self.port, sandbox.mode, ", ".join(sandbox.languages))
+                if self._port_file is not None:
+                    self._port_file.write_text(f"{self.port}\n")
+                if settings.advertise_mdns:
+                    addresses = ([settings.advertise_address] if settings.advertise_address
+                                 else host_addresses())
+                    advertiser = Advertiser(agent_id=agent_id, name=name, port=self.port,
+                                            version=VERSION, addresses=addresses)
+                    await advertiser.start()
+                async with asyncio.TaskGroup() as group:
+                    reaper = group.create_task(sessions.run(), name="session-reaper")
+                    await stop.wait()
+                    reaper.cancel()
+        finally:
+            log.info("agent stopping")
+            if advertiser is not None:
+                await advertiser.close()
+            if runner is not None:
+                await runner.cleanup()
+            if jobs is not None:
+                await jobs.close()
+            if sessions is not None:
+                await sessions.close()
+            await sandbox.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kowalski-agent", description=__doc__)
+    parser.add_argument("-c", "--config", help="config file (TOML); defaults if omitted")
+    parser.add_argument("--host", help="override agent.host")
+    parser.add_argument("--port", type=int, help="override agent.port (0 picks a free port)")
+    parser.add_argument("--name", help="override agent.name")
+    parser.add_argument("--work-dir", help="override agent.work_dir")
+    parser.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
+    parser.add_argument("--port-file", type=Path, help="write the bound port here when ready")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    config = config_module.load(args.config)
+    overrides = {
+        "host": args.host, "port": args.port, "name": args.name, "work_dir": args.work_dir,
+        "advertise_mdns": False if args.no_mdns else None,
+    }
+    agent = msgspec.structs.replace(
+        config.agent, **{key: value for key, value in overrides.items() if value is not None})
+    return msgspec.structs.replace(config, agent=agent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = build_config(args)
+        secret = config_module.read_secret(config.security)
+        if secret is None and not config.security.allow_unsigned:
+            raise ConfigError(
+                "no shared secret: set KOWALSKI_SECRET or KOWALSKI_SECRET_FILE, "
+                "security.secret_file, or security.allow_unsigned = true on a trusted host",
+                key="security.secret_file")
+    except KowalskiError as exc:
+        print(f"kowalski-agent: {exc.user_message()}", file=sys.stderr)
+        return 3
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(_serve(Agent(config=config, secret=secret, port_file=args.port_file)))
+
+
+async def _serve(agent: Agent) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await agent.run(stop)
+    except KowalskiError as exc:
+        log.error("%s", exc.user_message())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

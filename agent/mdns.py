@@ -1,0 +1,65 @@
+"""Advertises the agent as _kowalski._tcp.local. over mDNS."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import psutil
+from zeroconf import IPVersion, ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
+
+SERVICE_TYPE = "_kowalski._tcp.local."
+log = logging.getLogger(__name__)
+
+
+def host_addresses() -> list[str]:
+    """IPv4 addresses of the host's interfaces that are up, loopback last."""
+    addresses: list[str] = []
+    stats = psutil.net_if_stats()
+    for name, entries in psutil.net_if_addrs().items():
+        if name in stats and not stats[name].isup:
+            continue
+        addresses.extend(e.address for e in entries if e.family == socket.AF_INET)
+    return sorted(set(addresses), key=lambda a: (a.startswith("127."), a))
+
+
+class Advertiser:
+    """Registers one service record for the agent's lifetime; close() is idempotent."""
+
+    def __init__(self, *, agent_id: str, name: str, port: int, version: str,
+                 addresses: list[str], interfaces: list[str] | None = None) -> None:
+        self._info = ServiceInfo(
+            SERVICE_TYPE,
+            f"{agent_id}.{SERVICE_TYPE}",
+            port=port,
+            parsed_addresses=addresses,
+            properties={"id": agent_id, "name": name, "version": version, "api": "v1"},
+            # One host name per agent: agents sharing a UTS name (containers, namespaces)
+            # must not merge their address records.
+            server=f"{agent_id}.local.",
+        )
+        self._interfaces = interfaces
+        self._zeroconf: AsyncZeroconf | None = None
+
+    async def start(self) -> None:
+        if self._interfaces:
+            self._zeroconf = AsyncZeroconf(interfaces=self._interfaces, ip_version=IPVersion.V4Only)
+        else:
+            self._zeroconf = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        # allow_name_change: two agents restarted quickly must not fail on a stale record.
+        announced = await self._zeroconf.async_register_service(self._info,
+                                                                allow_name_change=True)
+        await announced
+        log.info("advertising %s on %s", self._info.name, self._info.parsed_addresses())
+
+    async def close(self) -> None:
+        zeroconf, self._zeroconf = self._zeroconf, None
+        if zeroconf is None:
+            return
+        try:
+            # The returned task sends the goodbye packets; closing first would drop them.
+            goodbye = await zeroconf.async_unregister_service(self._info)
+            await goodbye
+        finally:
+            await zeroconf.async_close()

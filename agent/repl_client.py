@@ -1,0 +1,258 @@
+"""The agent's side of a session's driver process: start it, send cells, answer llm_query()."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from kowalski.agent.jail import SandboxedProcess
+from kowalski.agent.sandbox import Sandbox
+from kowalski.common.errors import ExecutionError, SessionLostError
+from kowalski.common.messages import CellResult, LlmCallback, SessionInfo
+
+log = logging.getLogger("kowalski.agent.sessions")
+
+LlmHandler = Callable[[LlmCallback, list[str]], Awaitable[list[str]]]
+
+_DRIVER = "repl_driver.py"
+_CONTEXT = "context.json"
+# One reply line holds a cell's capped output, JSON-escaped, or a variable's text.
+_REPLY_LIMIT = 256 * 1024 * 1024
+
+
+@cache
+def _driver_source() -> bytes:
+    return Path(__file__).with_name(_DRIVER).read_bytes()
+
+
+class ReplSession:
+    """One driver process: its pipes, the request in flight and its llm_query() calls."""
+
+    def __init__(self, session_id: str, callback: LlmCallback | None, handler: LlmHandler,
+                 *, stray_cap: int, memory_limit_mb: int) -> None:
+        self.id = session_id
+        self.callback = callback
+        self.created_at = time.time()
+        self.last_used = time.monotonic()
+        self.cells: OrderedDict[str, CellResult] = OrderedDict()
+        self.cells_run = 0
+        self.lock = asyncio.Lock()
+        self.ready = asyncio.Event()
+        # Why the session is gone; empty while it lives.
+        self.lost = ""
+        self._handler = handler
+        self._stray_cap = stray_cap
+        self._memory_limit_mb = memory_limit_mb
+        self._process: SandboxedProcess | None = None
+        self._writer: asyncio.WriteTransport | None = None
+        self._pending: asyncio.Future[dict[str, Any]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stray = {"stdout": bytearray(), "stderr": bytearray()}
+        self._seq = 0
+
+    def info(self, agent_id: str) -> SessionInfo:
+        return SessionInfo(session_id=self.id, agent_id=agent_id, cells_run=self.cells_run,
+                           created_at=self.created_at)
+
+    def check(self) -> None:
+        if self.lost:
+            raise SessionLostError(f"session {self.id!r} is lost: {self.lost}")
+
+    async def start(self, sandbox: Sandbox, context: Any, timeout_s: float) -> None:
+        toolchain = sandbox.toolchain("python")
+        files = {_DRIVER: _driver_source()}
+        if context is not None:
+            # Through a file, not argv or the pipe: it may be tens of MB.
+            files[_CONTEXT] = await asyncio.to_thread(msgspec.json.encode, context)
+        request_read, request_write = os.pipe()
+        reply_read, reply_write = os.pipe()
+        pipe = asyncio.subprocess.PIPE
+        try:
+            self._process = await sandbox.spawn(
+                f"session-{self.id}", toolchain,
+                [toolchain.inner_executable, "-I", _DRIVER, str(request_read), str(reply_write)],
+                files=files, stdin=asyncio.subprocess.DEVNULL, stdout=pipe, stderr=pipe,
+                pass_fds=(request_read, reply_write), cpu_limit=False)
+        except BaseException:
+            os.close(request_write)
+            os.close(reply_read)
+            raise
+        finally:
+            os.close(request_read)
+            os.close(reply_write)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_REPLY_LIMIT)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                     os.fdopen(reply_read, "rb", buffering=0))
+        self._writer, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(request_write, "wb", buffering=0))
+        process = self._process.process
+        assert process.stdout is not None
+        assert process.stderr is not None
+        self._spawn(self._read_replies(reader))
+        self._spawn(self._collect(process.stdout, "stdout"))
+        self._spawn(self._collect(process.stderr, "stderr"))
+        init = {"op": "init", "llm": self.callback is not None,
+                "context_file": _CONTEXT if _CONTEXT in files else None}
+        try:
+            await asyncio.wait_for(self._call(init), timeout_s)
+        except TimeoutError:
+            await self.kill(f"it did not start within {timeout_s:g} s")
+            raise ExecutionError(f"session {self.id!r} did not start within {timeout_s:g} s"
+                                 ) from None
+        except SessionLostError as exc:
+            raise ExecutionError(f"session {self.id!r} could not start: {self.lost}") from exc
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(json.dumps(message).encode() + b"\n")
+
+    async def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send a request and wait for its reply; SessionLostError if the process dies."""
+        self.check()
+        self._pending = asyncio.get_running_loop().create_future()
+        self._send(message)
+        return await asyncio.shield(self._pending)
+
+    async def run_cell(self, cell_id: str, code: str, *, timeout_s: float, cap: int,
+                       grace_s: float) -> tuple[dict[str, Any], bool]:
+        """The driver's reply, and whether the session had to be killed at the time limit."""
+        self.check()
+        self._seq += 1
+        seq = self._seq
+        for buffer in self._stray.values():
+            buffer.clear()
+        reply = asyncio.ensure_future(self._call(
+            {"op": "exec", "seq": seq, "cell_id": cell_id, "code": code,
+             "max_output_bytes": cap}))
+        try:
+            done, _ = await asyncio.wait({reply}, timeout=timeout_s)
+            if not done:
+                self._send({"op": "interrupt", "seq": seq})
+                done, _ = await asyncio.wait({reply}, timeout=grace_s)
+            if not done:
+                await self.kill(f"a cell ran past its time limit and did not stop within "
+                                f"{grace_s:g} s of the interrupt")
+                with contextlib.suppress(SessionLostError):
+                    await reply
+                return {"status": "killed", "stdout": "", "stderr": ""}, True
+            result = reply.result()
+            if result.get("op") != "result":
+                raise ExecutionError(f"session {self.id!r} could not run the cell: "
+                                     f"{result.get('message', result)}")
+        except asyncio.CancelledError:
+            # The driver may still be running the cell: its next reply would be out of step.
+            reply.cancel()
+            await asyncio.shield(self.kill("a cell's request was cancelled while it ran"))
+            raise
+        # Output that subprocesses wrote to the driver's own stdout arrives on its own pipe.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for stream in ("stdout", "stderr"):
+            result[stream], clipped = append_output(result[stream], self._stray[stream], cap)
+            result[f"{stream}_truncated"] = result.get(f"{stream}_truncated") or clipped
+        return result, False
+
+    async def get_variable(self, name: str, max_chars: int, timeout_s: float) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(
+                self._call({"op": "get_var", "name": name, "max_chars": max_chars}), timeout_s)
+        except TimeoutError:
+            await self.kill(f"str() of {name!r} did not return within {timeout_s:g} s")
+            self.check()
+            raise
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        reason = ""
+        try:
+            while line := await reader.readline():
+                message = json.loads(line)
+                if message.get("op") == "llm":
+                    self._spawn(self._answer(message))
+                elif self._pending is not None and not self._pending.done():
+                    self._pending.set_result(message)
+        except ValueError as exc:
+            reason = f"its control pipe carried garbage ({exc})"
+        await self._ended(reason)
+
+    async def _collect(self, stream: asyncio.StreamReader, name: str) -> None:
+        """Keep what the driver process writes to fd 1/2 outside sys.stdout, up to the cap."""
+        buffer = self._stray[name]
+        while chunk := await stream.read(1 << 16):
+            buffer += chunk[: max(0, self._stray_cap - len(buffer))]
+
+    async def _answer(self, message: dict[str, Any]) -> None:
+        request_id, prompts = message.get("id"), message.get("prompts")
+        try:
+            if self.callback is None:
+                raise RuntimeError("the session has no llm_callback")
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise TypeError("prompts must be a list of strings")
+            answers = await self._handler(self.callback, prompts)
+            if len(answers) != len(prompts):
+                raise RuntimeError(f"{len(answers)} answers for {len(prompts)} prompts")
+            self._send({"op": "llm_reply", "id": request_id, "answers": list(answers)})
+        except Exception as exc:
+            self._send({"op": "llm_reply", "id": request_id, "error": str(exc) or repr(exc)})
+
+    async def _ended(self, reason: str) -> None:
+        """The driver's pipe closed: find out why, then free everything."""
+        process = self._process
+        if not reason and process is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait_exit(), 2.0)
+            if process.memory_exceeded():
+                reason = (f"it exceeded its memory limit of {self._memory_limit_mb} MB and was "
+                          "killed")
+            elif process.returncode is not None:
+                tail = bytes(self._stray["stderr"]).decode(errors="replace").strip()
+                last = tail.splitlines()[-1] if tail else ""
+                reason = f"its process exited with code {process.returncode}" + (
+                    f" ({last})" if last else "")
+            else:
+                reason = "its control pipe closed"
+        await self.kill(reason)
+
+    async def kill(self, reason: str = "it was deleted") -> None:
+        """End the process and everything it started; the session is lost from now on."""
+        if not self.lost:
+            self.lost = reason
+            log.info("session %s ended: %s", self.id, reason)
+        if self._writer is not None:
+            self._writer.close()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        if self._process is not None:
+            await self._process.release()
+        # Only now: whoever waits for the reply learns of the loss once nothing is left.
+        if self._pending is not None and not self._pending.done():
+            self._pending.set_exception(
+                SessionLostError(f"session {self.id!r} is lost: {self.lost}"))
+            # Nobody may be waiting (a timed-out start); do not log it as unretrieved.
+            self._pending.exception()
+
+
+def append_output(text: str, stray: bytearray, cap: int) -> tuple[str, bool]:
+    if not stray:
+        return text, False
+    room = cap - len(text.encode())
+    extra = bytes(stray[: max(0, room)]).decode(errors="replace")
+    return text + extra, len(stray) > room

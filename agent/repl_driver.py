@@ -1,0 +1,294 @@
+"""The process behind a Python session: keeps one namespace and runs cells sent by the agent.
+
+Started as `python3 -I repl_driver.py IN_FD OUT_FD` inside the sandbox by a system Python,
+so it uses the standard library only. Requests arrive as JSON lines on IN_FD and replies
+leave on OUT_FD; the cell's own output is captured in memory, so user prints never mix
+with the protocol. A reader thread takes every request off the pipe: "interrupt" raises
+KeyboardInterrupt in the running cell, "llm_reply" wakes the llm_query() waiting for it,
+and everything else queues for the main thread.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import io
+import itertools
+import json
+import linecache
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from typing import Any
+
+_HERE = os.path.abspath(__file__)
+
+
+class CappedText(io.TextIOBase):
+    """A text stream that keeps its first cap bytes (UTF-8) and counts the rest."""
+
+    encoding = "utf-8"
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self._cap = cap
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.truncated = False
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self._lock:
+            if self._size >= self._cap:
+                self.truncated = self.truncated or bool(text)
+                return len(text)
+            data = text.encode("utf-8", "backslashreplace")
+            room = self._cap - self._size
+            if len(data) > room:
+                data = data[:room]
+                self.truncated = True
+            self._parts.append(data)
+            self._size += len(data)
+        return len(text)
+
+    def getvalue(self) -> str:
+        return b"".join(self._parts).decode("utf-8", "replace")
+
+
+class _Channel:
+    """JSON lines over two pipes; writes may come from several threads."""
+
+    def __init__(self, in_fd: int, out_fd: int) -> None:
+        self._in = os.fdopen(in_fd, "rb")
+        self._out = os.fdopen(out_fd, "wb")
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message).encode() + b"\n"
+        with self._lock:
+            self._out.write(data)
+            self._out.flush()
+
+    def receive(self) -> dict[str, Any] | None:
+        line = self._in.readline()
+        if not line:
+            return None
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: dict[str, Any] = {}
+
+
+class Driver:
+    """One session's namespace, its cells and its llm_query() calls."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self._channel = channel
+        self._requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._main = threading.main_thread().ident
+        self._state_lock = threading.Lock()
+        # The cell running now (0: none) and whether the agent interrupted it.
+        self._running = 0
+        self._interrupted = False
+        self._llm_ids = itertools.count(1)
+        self._llm_waiters: dict[int, _Waiter] = {}
+        self._llm_enabled = False
+        self.namespace: dict[str, Any] = {
+            "__name__": "__main__", "__builtins__": builtins, "context": None,
+            "llm_query": self.llm_query, "llm_query_batched": self.llm_query_batched,
+        }
+
+    # --- the reader thread ------------------------------------------------------------
+
+    def read_forever(self) -> None:
+        while True:
+            message = self._channel.receive()
+            if message is None:
+                self._requests.put(None)
+                return
+            op = message.get("op")
+            if op == "interrupt":
+                self._interrupt(int(message.get("seq", 0)))
+            elif op == "llm_reply":
+                waiter = self._llm_waiters.pop(int(message["id"]), None)
+                if waiter is not None:
+                    waiter.reply = message
+                    waiter.event.set()
+            else:
+                self._requests.put(message)
+
+    def _interrupt(self, seq: int) -> None:
+        with self._state_lock:
+            if not self._running or self._running != seq or self._main is None:
+                return
+            self._interrupted = True
+        # A real signal, not interrupt_main(): it also breaks a blocking sleep or wait.
+        signal.pthread_kill(self._main, signal.SIGINT)
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        # Between cells an interrupt that arrived late is ignored.
+        if self._running:
+            raise KeyboardInterrupt
+
+    # --- the main thread ----------------------------------------------------------------
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGINT, self._on_sigint)
+        while True:
+            message = self._requests.get()
+            if message is None:
+                return
+            op = message.get("op")
+            try:
+                if op == "init":
+                    reply = self._init(message)
+                elif op == "exec":
+                    reply = self._exec(message)
+                elif op == "get_var":
+                    reply = self._get_var(message)
+                else:
+                    reply = {"op": "error", "message": f"unknown request {op!r}"}
+            except Exception as exc:
+                reply = {"op": "error", "message": f"{type(exc).__name__}: {exc}"}
+            self._channel.send(reply)
+
+    def _init(self, message: dict[str, Any]) -> dict[str, Any]:
+        self._llm_enabled = bool(message.get("llm"))
+        path = message.get("context_file")
+        if path:
+            with open(path, encoding="utf-8") as file:
+                self.namespace["context"] = json.load(file)
+            os.unlink(path)
+        return {"op": "ready", "python": sys.version.split()[0]}
+
+    def _exec(self, message: dict[str, Any]) -> dict[str, Any]:
+        seq = int(message["seq"])
+        cap = int(message["max_output_bytes"])
+        out, err = CappedText(cap), CappedText(cap)
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        status = "ok"
+        # The agent interrupts at most once per cell, so one KeyboardInterrupt at most; it
+        # may land anywhere up to the reset of _running, all inside the outer try.
+        try:
+            with self._state_lock:
+                self._running, self._interrupted = seq, False
+            try:
+                self._run_cell(message["code"], f"<cell {message.get('cell_id', seq)}>")
+            finally:
+                self._running = 0
+        except KeyboardInterrupt as exc:
+            status = "interrupted" if self._interrupted else "error"
+            err.write(_format_exception(exc))
+        except SystemExit as exc:
+            status = "error"
+            err.write(f"SystemExit({exc.code!r}) ignored: the session keeps running\n")
+        except BaseException as exc:
+            status = "error"
+            err.write(_format_exception(exc))
+        finally:
+            self._running = 0
+            sys.stdout, sys.stderr = saved
+        return {"op": "result", "seq": seq, "status": status, "stdout": out.getvalue(),
+                "stderr": err.getvalue(), "stdout_truncated": out.truncated,
+                "stderr_truncated": err.truncated}
+
+    def _run_cell(self, code: str, filename: str) -> None:
+        """Run the cell; a last bare expression is echoed, as in an interactive shell."""
+        # Registered so tracebacks can quote the cell's lines.
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        tree = ast.parse(code, filename, "exec")
+        last: ast.Expression | None = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body[-1].value)
+            del tree.body[-1]
+        exec(compile(tree, filename, "exec"), self.namespace)
+        if last is not None:
+            value = eval(compile(last, filename, "eval"), self.namespace)
+            if value is not None:
+                print(repr(value))
+
+    def _get_var(self, message: dict[str, Any]) -> dict[str, Any]:
+        name, limit = str(message["name"]), int(message["max_chars"])
+        if name not in self.namespace:
+            return {"op": "var", "found": False, "value": "", "truncated": False}
+        try:
+            text = str(self.namespace[name])
+        except Exception as exc:
+            text = f"<str() failed: {type(exc).__name__}: {exc}>"
+        # Lone surrogates would not survive the trip to JSON and back.
+        value = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+        return {"op": "var", "found": True, "value": value, "truncated": len(text) > limit}
+
+    # --- llm sub-calls, from any thread -------------------------------------------------
+
+    def llm_query(self, prompt: str) -> str:
+        """Ask the run's language model one prompt; returns its answer."""
+        return self.llm_query_batched([prompt])[0]
+
+    def llm_query_batched(self, prompts: list[str]) -> list[str]:
+        """Ask several prompts at once; answers come back in the same order."""
+        if not self._llm_enabled:
+            raise RuntimeError("llm_query is not available: this session was created without "
+                               "an llm_callback")
+        # Cell code is untyped: check what the annotation promises.
+        items: object = prompts
+        if isinstance(items, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("llm_query_batched() takes a list of strings")
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        waiter = _Waiter()
+        request_id = next(self._llm_ids)
+        self._llm_waiters[request_id] = waiter
+        try:
+            self._channel.send({"op": "llm", "id": request_id, "prompts": prompts})
+            waiter.event.wait()
+        finally:
+            self._llm_waiters.pop(request_id, None)
+        if "error" in waiter.reply:
+            raise RuntimeError(f"llm_query failed: {waiter.reply['error']}")
+        answers: list[str] = waiter.reply["answers"]
+        return answers
+
+
+def _format_exception(exc: BaseException) -> str:
+    report = traceback.TracebackException.from_exception(exc)
+    seen: set[int] = set()
+    pending = [report]
+    # The driver's own frames (the exec call, llm_query's insides) are noise to the cell's
+    # author; drop them from every exception in the chain.
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        item.stack = traceback.StackSummary.from_list(
+            [frame for frame in item.stack if os.path.abspath(frame.filename) != _HERE])
+        pending += [linked for linked in (item.__cause__, item.__context__) if linked]
+    return "".join(report.format())
+
+
+def main(argv: list[str]) -> None:
+    channel = _Channel(int(argv[1]), int(argv[2]))
+    driver = Driver(channel)
+    threading.Thread(target=driver.read_forever, name="control", daemon=True).start()
+    driver.serve()
+    # The agent closed the pipe: the session is over.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,339 @@
+"""Runs code jobs in the sandbox; finds, probes and advertises the languages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from kowalski.agent.cgroups import CgroupManager
+from kowalski.agent.jail import LAUNCH_FAILED, LAUNCH_MARK, Jail, SandboxedProcess
+from kowalski.agent.languages import SPECS, SYSTEM_PATH, Toolchain, reachable_by, resolve
+from kowalski.common.config import SandboxConfig
+from kowalski.common.errors import (
+    ConfigError,
+    ExecutionError,
+    ReplError,
+    ReplTimeoutError,
+    UnsupportedLanguageError,
+)
+from kowalski.common.messages import JobRequest, JobResult, JobStatus, WireError
+
+log = logging.getLogger("kowalski.agent.sandbox")
+
+# Wire codes for jobs stopped at a resource limit.
+MEMORY_LIMIT = "memory_limit"
+OUTPUT_LIMIT = "output_limit"
+# Past this much output beyond the cap (at least _FLOOD_MIN_BYTES) a job is killed.
+_FLOOD_FACTOR = 16
+_FLOOD_MIN_BYTES = 16 * 1024 * 1024
+_PROBE_TIMEOUT_S = 60.0
+_DRAIN_TIMEOUT_S = 2.0
+
+
+@dataclass
+class _Outcome:
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    wall_time_ms: float
+    timed_out: bool
+    # The stream that passed flood_limit, if the job was killed for it.
+    flooded: str
+    flood_limit: int
+    memory_exceeded: bool
+    pids_exhausted: bool
+
+    @property
+    def launch_failed(self) -> bool:
+        return self.returncode == LAUNCH_FAILED and self.stderr.startswith(LAUNCH_MARK)
+
+
+class Sandbox:
+    """Runs jobs in the configured mode: bwrap, rlimit or none."""
+
+    def __init__(self, config: SandboxConfig, *, work_root: Path,
+                 search_path: str = SYSTEM_PATH) -> None:
+        self._config = config
+        self._work_root = Path(work_root)
+        self._search_path = search_path
+        self.mode: str = config.mode
+        self.languages: list[str] = []
+        # Language to the reason it is not offered.
+        self.unavailable: dict[str, str] = {}
+        self._toolchains: dict[str, Toolchain] = {}
+        self._cgroups: CgroupManager | None = None
+        self._jail: Jail | None = None
+        self._setpriv = ""
+        self._closed = False
+
+    @property
+    def config(self) -> SandboxConfig:
+        return self._config
+
+    @property
+    def cgroup_version(self) -> int | None:
+        """1 or 2 when jobs get their own cgroup, else None."""
+        return None if self._cgroups is None else self._cgroups.version
+
+    @property
+    def cgroup_dirs(self) -> list[Path]:
+        """The parent cgroups under which each job gets its own."""
+        return [] if self._cgroups is None else self._cgroups.bases
+
+    @property
+    def job_user(self) -> tuple[int, int] | None:
+        """The (uid, gid) jobs run as, or None when they keep the agent's."""
+        return None if self._jail is None else self._jail.job_user
+
+    async def start(self) -> None:
+        """Check the mode can work, find cgroups, resolve and probe the toolchains."""
+        is_root = os.geteuid() == 0
+        bwrap = ""
+        if self.mode == "bwrap":
+            if not is_root:
+                raise ConfigError('mode "bwrap" needs root to drop jobs to an unprivileged '
+                                  'uid; run the agent as root or set mode = "rlimit"',
+                                  key="sandbox.mode")
+            bwrap = self._require("bwrap", "bubblewrap")
+        if self.mode != "none" and is_root:
+            self._setpriv = self._require("setpriv", "util-linux")
+        if self.mode == "none":
+            log.warning("SANDBOX DISABLED (sandbox.mode = \"none\"): jobs run as uid %d with "
+                        "no isolation and no limit but their timeout", os.geteuid())
+        await asyncio.to_thread(self._work_root.mkdir, parents=True, exist_ok=True)
+        uid, gid = self._config.unprivileged_uid, self._config.unprivileged_gid
+        if self._setpriv and not bwrap and not reachable_by(self._work_root, uid, gid):
+            # Without bubblewrap the job sees its dir at its real path (runtimes resolve it).
+            raise ConfigError(f"the work dir {self._work_root} is not reachable by uid {uid}; "
+                              "let it enter every directory on the way (chmod o+x) or use "
+                              'mode = "bwrap"', key="agent.work_dir")
+        if self.mode != "none":
+            self._cgroups, reason = await asyncio.to_thread(CgroupManager.detect)
+            if self._cgroups is None:
+                log.warning("no usable cgroup (%s): memory and process limits fall back to "
+                            "rlimits", reason)
+            elif reason:
+                log.info("cgroup v%d %s (%s)", self._cgroups.version,
+                         "+".join(self._cgroups.controllers), reason)
+        self._jail = Jail(self._config, work_root=self._work_root, bwrap=bwrap,
+                          setpriv=self._setpriv, cgroups=self._cgroups)
+        if bwrap:
+            await self._check_bwrap()
+        results = await asyncio.gather(*(self._probe(name) for name in SPECS))
+        for name, outcome in zip(SPECS, results, strict=True):
+            if isinstance(outcome, Toolchain):
+                self._toolchains[name] = outcome
+                log.info("%s: %s (%s)", name, outcome.version, outcome.executable)
+            else:
+                self.unavailable[name] = outcome
+                log.warning("%s is not offered: %s", name, outcome)
+        self.languages = sorted(self._toolchains)
+
+    def _require(self, binary: str, package: str) -> str:
+        found = shutil.which(binary, path=self._search_path)
+        if found is None:
+            raise ConfigError(f'mode "{self.mode}" needs {binary}, which is not installed '
+                              f'(apt-get install {package}); or set mode = "rlimit"',
+                              key="sandbox.mode")
+        return found
+
+    async def _check_bwrap(self) -> None:
+        outcome = await self._run("check", None, [self._setpriv, "--dump"], files={},
+                                  timeout_s=_PROBE_TIMEOUT_S, cap=65536)
+        uid_line = f"uid: {self._config.unprivileged_uid}"
+        if outcome.returncode != 0 or uid_line not in outcome.stdout.decode(errors="replace"):
+            detail = (outcome.stderr or outcome.stdout).decode(errors="replace").strip()
+            raise ExecutionError(f"bubblewrap cannot build a sandbox here ({detail or 'no output'})"
+                                 '; fix that or set sandbox.mode = "rlimit"')
+
+    async def _probe(self, language: str) -> Toolchain | str:
+        try:
+            toolchain = await resolve(language, self._config, search_path=self._search_path,
+                                      relocate=self.mode == "bwrap", job_user=self.job_user)
+        except LookupError as exc:
+            return str(exc)
+        outcome = await self._run(f"probe-{language}", toolchain, toolchain.probe_argv(),
+                                  files={}, timeout_s=_PROBE_TIMEOUT_S, cap=65536)
+        text = (outcome.stdout + outcome.stderr).decode(errors="replace").strip()
+        if outcome.returncode != 0:
+            return f"{toolchain.inner_executable} --version failed in the sandbox: " + (
+                text.splitlines()[-1] if text else f"exit {outcome.returncode}")
+        return replace(toolchain, version=text.splitlines()[0])
+
+    def toolchain(self, language: str) -> Toolchain:
+        found = self._toolchains.get(language)
+        if found is None:
+            raise UnsupportedLanguageError(language, self.languages)
+        return found
+
+    def default_timeout_ms(self, language: str) -> int:
+        timeout: int = getattr(self._config, f"timeout_ms_{language}")
+        return timeout
+
+    def output_cap(self, requested: int | None) -> int:
+        """A request may lower the configured output cap, not raise it."""
+        cap = self._config.max_output_bytes
+        return cap if requested is None else min(requested, cap)
+
+    async def run_job(self, request: JobRequest) -> JobResult:
+        """Run one job; code failures come back as data, never as exceptions."""
+        toolchain = self.toolchain(request.language)
+        timeout_ms = request.timeout_ms or self.default_timeout_ms(request.language)
+        try:
+            outcome = await self._run(
+                f"job-{request.job_id}", toolchain, toolchain.run_argv(),
+                files={toolchain.spec.source_file: request.code.encode()},
+                stdin=request.stdin.encode(), timeout_s=timeout_ms / 1000,
+                cap=self.output_cap(request.max_output_bytes))
+        except ExecutionError as exc:
+            return JobResult(job_id=request.job_id, status="failed", exit_code=None,
+                             stdout="", stderr="", error=wire_error(exc))
+        return _job_result(request, outcome, timeout_ms, self._config)
+
+    async def spawn(self, name: str, toolchain: Toolchain | None, argv: list[str], *,
+                    files: Mapping[str, bytes], stdin: int | IO[Any] | None,
+                    stdout: int | IO[Any] | None, stderr: int | IO[Any] | None,
+                    pass_fds: tuple[int, ...] = (), cpu_limit: bool = True) -> SandboxedProcess:
+        """Start argv confined, in a fresh work dir holding files; the caller releases it."""
+        if self._jail is None or self._closed:
+            raise ExecutionError("the sandbox is not running")
+        return await self._jail.spawn(name, toolchain, argv, files=files, stdin=stdin,
+                                      stdout=stdout, stderr=stderr, pass_fds=pass_fds,
+                                      cpu_limit=cpu_limit)
+
+    async def _run(self, name: str, toolchain: Toolchain | None, argv: list[str], *,
+                   files: Mapping[str, bytes], timeout_s: float, cap: int,
+                   stdin: bytes = b"") -> _Outcome:
+        pipe = asyncio.subprocess.PIPE
+        started = time.monotonic()
+        handle = await self.spawn(name, toolchain, argv, files=files, stdin=pipe,
+                                  stdout=pipe, stderr=pipe)
+        process = handle.process
+        assert process.stdin is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
+        flood = _Flood()
+        limit = max(cap * _FLOOD_FACTOR, _FLOOD_MIN_BYTES)
+        feeder = asyncio.create_task(_feed(process.stdin, stdin))
+        drains = [asyncio.create_task(_drain(process.stdout, "stdout", cap, limit, flood)),
+                  asyncio.create_task(_drain(process.stderr, "stderr", cap, limit, flood))]
+        exited = asyncio.create_task(handle.wait_exit())
+        flooded = asyncio.create_task(flood.event.wait())
+        try:
+            await asyncio.wait([exited, flooded], timeout=timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            wall_time_ms = (time.monotonic() - started) * 1000
+            if self._closed:
+                raise ExecutionError("the agent shut down while the job ran")
+            returncode = handle.returncode if exited.done() else None
+            # Background children must not outlive the job, even after a clean exit.
+            await handle.stop()
+            drained, _ = await asyncio.wait(drains, timeout=_DRAIN_TIMEOUT_S)
+            out, out_truncated = drains[0].result() if drains[0] in drained else (b"", True)
+            err, err_truncated = drains[1].result() if drains[1] in drained else (b"", True)
+            return _Outcome(
+                returncode=returncode,
+                stdout=out, stderr=err, stdout_truncated=out_truncated,
+                stderr_truncated=err_truncated, wall_time_ms=wall_time_ms,
+                timed_out=returncode is None and not flood.stream,
+                flooded="" if returncode is not None else flood.stream, flood_limit=limit,
+                memory_exceeded=handle.memory_exceeded(), pids_exhausted=handle.pids_exhausted())
+        finally:
+            for task in [feeder, *drains, exited, flooded]:
+                task.cancel()
+            await asyncio.shield(handle.release())
+
+    async def close(self) -> None:
+        """Kill everything still running and remove the cgroups; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._jail is not None:
+            await self._jail.close()
+        if self._cgroups is not None:
+            self._cgroups.close()
+
+
+def wire_error(error: ExecutionError) -> WireError:
+    return WireError(code=error.code, message=error.message, retryable=error.is_recoverable)
+
+
+def _job_result(request: JobRequest, outcome: _Outcome, timeout_ms: int,
+                config: SandboxConfig) -> JobResult:
+    error: WireError | None = None
+    status: JobStatus
+    exit_code = outcome.returncode
+    process_note = (f"; it reached the limit of {config.pids_limit} processes"
+                    if outcome.pids_exhausted else "")
+    if outcome.launch_failed:
+        status = "failed"
+        message = outcome.stderr.decode(errors="replace").strip()
+        error = wire_error(ExecutionError(f"the sandbox could not start the job: {message}"))
+    elif outcome.flooded:
+        status = "killed"
+        error = WireError(code=OUTPUT_LIMIT, message=(
+            f"output limit exceeded: the job wrote more than {outcome.flood_limit} bytes to "
+            f"{outcome.flooded} and was killed"))
+    elif outcome.memory_exceeded and exit_code != 0:
+        status = "killed"
+        error = WireError(code=MEMORY_LIMIT, message=(
+            f"memory limit exceeded: the job used more than {config.memory_limit_mb} MB "
+            "and was killed"))
+    elif outcome.timed_out:
+        status = "timeout"
+        timeout = ReplTimeoutError(request.language, timeout_ms)
+        error = WireError(code=timeout.code, message=timeout.message + process_note)
+    elif exit_code == 0:
+        status = "ok"
+    else:
+        status = "error"
+        failure = ReplError(request.language, outcome.stderr.decode(errors="replace"), exit_code)
+        error = WireError(code=failure.code, message=failure.message + process_note)
+    return JobResult(
+        job_id=request.job_id, status=status, exit_code=exit_code,
+        stdout=outcome.stdout.decode(errors="replace"),
+        stderr=outcome.stderr.decode(errors="replace"),
+        stdout_truncated=outcome.stdout_truncated, stderr_truncated=outcome.stderr_truncated,
+        wall_time_ms=round(outcome.wall_time_ms, 3), error=error)
+
+
+async def _feed(stream: asyncio.StreamWriter, data: bytes) -> None:
+    # A job need not read its stdin.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        if data:
+            stream.write(data)
+            await stream.drain()
+        stream.close()
+
+
+class _Flood:
+    """Set by the first stream to pass the flood limit."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.stream = ""
+
+
+async def _drain(stream: asyncio.StreamReader, name: str, cap: int, limit: int,
+                 flood: _Flood) -> tuple[bytes, bool]:
+    """Keep the first cap bytes and discard the rest; flag a flood past limit."""
+    kept = bytearray()
+    total = 0
+    while chunk := await stream.read(1 << 16):
+        total += len(chunk)
+        if len(kept) < cap:
+            kept += chunk[: cap - len(kept)]
+        if total > limit and not flood.stream:
+            flood.stream = name
+            flood.event.set()
+    return bytes(kept), total > cap
