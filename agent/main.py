@@ -97,10 +97,12 @@ class Agent:
                     reaper.cancel()
         finally:
             log.info("agent stopping")
-            if advertiser is not None:
-                await advertiser.close()
+            # Stop answering before the mDNS goodbye, so that no heartbeat answered
+            # after the goodbye makes the controller think the agent came back.
             if runner is not None:
                 await runner.cleanup()
+            if advertiser is not None:
+                await advertiser.close()
             if jobs is not None:
                 await jobs.close()
             if sessions is not None:

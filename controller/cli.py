@@ -39,6 +39,60 @@ def _config_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load(args: argparse.Namespace) -> config_module.Config:
+    return config_module.load(args.config)
+
+
+def _default_url(args: argparse.Namespace) -> str:
+    if getattr(args, "url", None):
+        return str(args.url)
+    settings = _load(args).controller
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from kowalski.common.tls import loop_factory
+    from kowalski.controller.service import serve
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _load(args)
+    if args.port is not None:
+        import msgspec
+
+        config = msgspec.structs.replace(
+            config, controller=msgspec.structs.replace(config.controller, port=args.port))
+    secret = config_module.read_secret(config.security)
+    if secret is None and not config.security.allow_unsigned:
+        raise ConfigError(
+            "no shared secret: set KOWALSKI_SECRET or KOWALSKI_SECRET_FILE, "
+            "security.secret_file, or security.allow_unsigned = true on a trusted host",
+            key="security.secret_file")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(config, secret=secret, stop=stop, port_file=args.port_file)
+
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main())
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from kowalski.controller.cli_status import run_status
+
+    args.url = _default_url(args)
+    return run_status(args, devices_only=args.command == "devices")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kowalski-ctl", description=__doc__)
     parser.add_argument("-c", "--config", help="config file (TOML)")
@@ -53,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate = config_commands.add_parser("validate", help="check a config file")
     validate.add_argument("path")
     validate.set_defaults(handler=_config_validate)
+
+    serve = commands.add_parser("serve", help="run the controller daemon")
+    serve.add_argument("--port", type=int, help="override controller.port (0: a free one)")
+    serve.add_argument("--port-file", type=Path, help="write the bound port here when ready")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(handler=_serve)
+
+    for name, text in (("status", "the cluster: devices, exo endpoints, jobs, runs"),
+                       ("devices", "the scored device table")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--url", help="controller URL (default: from the config)")
+        sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+        sub.set_defaults(handler=_status)
     return parser
 
 

@@ -52,6 +52,12 @@ _FORMULAS: dict[Operation, _Formula] = {
 }
 
 
+def formula(operation: Operation, *, latency_ms: float, memory_free_fraction: float) -> float:
+    """The operation's formula for any target (agent or exo endpoint), in [0, 1]."""
+    memory_weight, latency_weight, scale_ms = _FORMULAS[operation]
+    return memory_weight * memory_free_fraction + latency_weight / (1.0 + latency_ms / scale_ms)
+
+
 def base_score(row: DeviceRow, operation: Operation) -> float:
     """The operation's formula for the row, in [0, 1], before the load penalty."""
     memory_weight, latency_weight, scale_ms = _FORMULAS[operation]

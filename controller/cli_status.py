@@ -1,0 +1,86 @@
+"""kowalski-ctl status / devices: the live table for people, or JSON for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import aiohttp
+import msgspec
+
+from kowalski.common.errors import NetworkError, ParseError
+from kowalski.controller.status import DeviceStatus, Status
+
+
+async def fetch_status(url: str, *, timeout_s: float = 10.0) -> Status:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(
+            url.rstrip("/") + "/v1/status", timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as response:
+            body = await response.read()
+            status = response.status
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise NetworkError(f"no controller answers at {url}: {exc or type(exc).__name__}"
+                           ) from None
+    if status != 200:
+        raise NetworkError(f"{url}/v1/status answered {status}: {body[:200]!r}")
+    try:
+        return msgspec.json.decode(body, type=Status)
+    except msgspec.MsgspecError as exc:
+        raise ParseError(f"{url}/v1/status: unexpected answer: {exc}") from None
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.1f}G"
+
+
+def device_table_text(devices: list[DeviceStatus]) -> str:
+    header = ("DEVICE", "HEALTH", "SCORE", "MEM FREE", "CPU%", "RTT ms", "JOBS", "CIRCUIT",
+              "LANGUAGES")
+    rows = [header]
+    for d in devices:
+        metrics = d.metrics
+        rows.append((
+            d.device_id, d.health + (" (lost)" if d.lost else ""),
+            f"{d.scores.get('code_execution', 0.0):.3f}",
+            "-" if metrics is None else
+            f"{_gib(metrics.memory_available_bytes)}/{_gib(metrics.memory_total_bytes)}",
+            "-" if metrics is None else f"{metrics.cpu_percent:.0f}",
+            "-" if d.latency_ms is None else f"{d.latency_ms:.1f}",
+            str(len(d.in_flight)), d.circuit, ",".join(d.languages) or "-",
+        ))
+    if len(rows) == 1:
+        return "no devices yet (agents appear over mDNS or from controller.static_agents)\n"
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                   + "\n" for row in rows)
+
+
+def status_text(status: Status) -> str:
+    lines = [device_table_text(status.devices)]
+    lines.append("EXO ENDPOINTS")
+    for e in status.endpoints:
+        state = "up" if e.healthy else "down"
+        latency = "-" if e.latency_ms is None else f"{e.latency_ms:.1f} ms"
+        lines.append(f"  {e.url}  {state}  {e.flavour or '?'}  {latency}  circuit {e.circuit}"
+                     f"  ready: {', '.join(e.ready_models) or 'none'}")
+    if not status.endpoints:
+        lines.append("  none")
+    jobs = status.jobs
+    lines.append(f"JOBS  submitted {jobs.submitted}  ok {jobs.succeeded}  failed {jobs.failed}"
+                 f"  rerouted {jobs.rerouted}")
+    running = [r for r in status.runs if r.status == "running"]
+    lines.append(f"RLM RUNS  {len(status.runs)} recent, {len(running)} running")
+    return "\n".join(lines) + "\n"
+
+
+def run_status(args: argparse.Namespace, *, devices_only: bool) -> int:
+    status = asyncio.run(fetch_status(args.url))
+    if args.json:
+        payload = status.devices if devices_only else status
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(payload)).decode() + "\n")
+    else:
+        sys.stdout.write(device_table_text(status.devices) if devices_only
+                         else status_text(status))
+    return 0

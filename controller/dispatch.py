@@ -1,0 +1,130 @@
+"""Sends work to the best agent and re-sends it elsewhere when that agent fails."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from kowalski.common.client import RemoteError, SignedClient
+from kowalski.common.errors import ExecutionError, KowalskiError, NetworkError
+from kowalski.common.messages import DeviceId, JobRequest, JobResult
+from kowalski.controller.cluster import Cluster
+from kowalski.controller.device_table import DeviceRow, DeviceTable, JobAssigned, JobReleased
+from kowalski.controller.retry import RetryPolicy, retry
+from kowalski.controller.scoring import Operation, select
+
+T = TypeVar("T")
+# Time a call may take beyond the job's own limit (queueing, compile, transfer).
+CALL_MARGIN_S = 30.0
+DEFAULT_JOB_TIMEOUT_S = 300.0
+
+
+class DeviceFailedError(NetworkError):
+    """The device stopped answering heartbeats while it held the call."""
+
+    code = "device_failed"
+
+
+def _device_down(device_id: DeviceId) -> Callable[[DeviceTable], bool]:
+    def down(table: DeviceTable) -> bool:
+        row = table.devices.get(device_id)
+        return row is None or row.lost or row.health == "unhealthy"
+    return down
+
+
+def _is_device_fault(error: BaseException) -> bool:
+    """Faults of the device (as opposed to the caller's input) open its circuit."""
+    if isinstance(error, RemoteError):
+        return error.retryable
+    return isinstance(error, KowalskiError) and error.is_recoverable
+
+
+class Dispatcher:
+    """Picks devices by score and runs calls on them with retries and failover."""
+
+    def __init__(self, *, cluster: Cluster, client: SignedClient, policy: RetryPolicy,
+                 rng: random.Random | None = None) -> None:
+        self.cluster = cluster
+        self.client = client
+        self._policy = policy
+        self._rng = rng or random.Random()
+
+    def select(self, operation: Operation, *, language: str | None = None,
+               exclude: frozenset[DeviceId] = frozenset()) -> DeviceRow:
+        return select(self.cluster.table, operation, language=language, exclude=exclude,
+                      now=self.cluster.clock())
+
+    async def guarded(self, device_id: DeviceId, call: Awaitable[T]) -> T:
+        """Await call, but give up as soon as the device is judged down."""
+        task = asyncio.ensure_future(call)
+        watcher = asyncio.ensure_future(
+            self.cluster.wait_for(_device_down(device_id), timeout_s=math.inf))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise DeviceFailedError(f"device {device_id} stopped answering heartbeats")
+
+    async def on_device(self, device_id: DeviceId, job_id: str,
+                        call: Callable[[DeviceRow], Awaitable[T]]) -> T:
+        """Run call on one device, recording the assignment and its outcome."""
+        row = self.cluster.table.devices[device_id]
+        self.cluster.apply(JobAssigned(device_id=device_id, job_id=job_id,
+                                       at=self.cluster.clock()))
+        outcome: Any = "cancelled"
+        try:
+            result = await self.guarded(device_id, call(row))
+            outcome = "success"
+            return result
+        except Exception as exc:
+            outcome = "failure" if _is_device_fault(exc) else "success"
+            raise
+        finally:
+            self.cluster.apply(JobReleased(device_id=device_id, job_id=job_id, outcome=outcome,
+                                           at=self.cluster.clock()))
+
+    async def with_failover(self, operation: Operation, job_id: str,
+                            call: Callable[[DeviceRow], Awaitable[T]], *,
+                            language: str | None = None) -> T:
+        """Try the best device; on a device fault, the next best, with backoff."""
+        tried: set[DeviceId] = set()
+
+        async def attempt() -> T:
+            try:
+                row = self.select(operation, language=language, exclude=frozenset(tried))
+            except KowalskiError:
+                if not tried:
+                    raise
+                # Every device was tried once: start over after the back-off.
+                tried.clear()
+                row = self.select(operation, language=language)
+            try:
+                return await self.on_device(row.device_id, job_id, call)
+            except Exception as exc:
+                if _is_device_fault(exc):
+                    tried.add(row.device_id)
+                raise
+
+        return await retry(attempt, self._policy, is_retryable=_is_device_fault, rng=self._rng)
+
+    async def run_job(self, request: JobRequest) -> JobResult:
+        """Run a code job somewhere; the same job id goes with every attempt."""
+        timeout_s = (request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_JOB_TIMEOUT_S)
+
+        async def call(row: DeviceRow) -> JobResult:
+            result = await self.client.call("POST", row.url + "/v1/jobs", JobResult, request,
+                                            timeout_s=timeout_s + CALL_MARGIN_S)
+            if result.status == "failed" and result.error is not None and result.error.retryable:
+                raise ExecutionError(f"{row.device_id} could not run the job: "
+                                     f"{result.error.message}")
+            return result
+
+        return await self.with_failover("code_execution", request.job_id, call,
+                                        language=request.language)

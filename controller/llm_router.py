@@ -1,0 +1,250 @@
+"""Routes model calls to the best healthy exo endpoint that has the model ready."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import msgspec
+
+from kowalski.common.config import ExoConfig
+from kowalski.common.errors import KowalskiError, NoDevicesAvailableError
+from kowalski.controller import circuit as breaker
+from kowalski.controller.chat_types import ChatDelta, ChatRequest, ChatResult
+from kowalski.controller.exo_client import ExoClient
+from kowalski.controller.retry import RetryPolicy, is_recoverable, retry
+from kowalski.controller.scoring import Operation, formula
+
+log = logging.getLogger(__name__)
+# Latency moving-average weight of the newest sample.
+_ALPHA = 0.3
+# Score taken off an endpoint per call in flight, so concurrent calls spread.
+_LOAD_PENALTY = 0.02
+
+
+@dataclass
+class Endpoint:
+    """What the router knows of one exo endpoint."""
+
+    client: ExoClient
+    healthy: bool = False
+    flavour: str = ""
+    latency_ms: float | None = None
+    ready_models: tuple[str, ...] = ()
+    nodes: int = 0
+    last_error: str = ""
+    in_flight: int = 0
+    circuit: breaker.Circuit = field(default_factory=lambda: breaker.CLOSED)
+
+    @property
+    def url(self) -> str:
+        return self.client.base_url
+
+    def observe_latency(self, latency_ms: float) -> None:
+        if self.latency_ms is None:
+            self.latency_ms = latency_ms
+        else:
+            self.latency_ms = (1 - _ALPHA) * self.latency_ms + _ALPHA * latency_ms
+
+
+class EndpointView(msgspec.Struct, frozen=True, kw_only=True):
+    """An endpoint as the status API shows it."""
+
+    url: str
+    healthy: bool
+    flavour: str
+    latency_ms: float | None
+    ready_models: list[str]
+    nodes: int
+    in_flight: int
+    circuit: str
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    last_error: str
+
+
+class LlmRouter:
+    """Keeps endpoint health and ready models fresh, and sends each call to the best one."""
+
+    def __init__(self, *, config: ExoConfig, urls: list[str], session: aiohttp.ClientSession,
+                 policy: RetryPolicy, circuit_policy: breaker.CircuitPolicy,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self._config = config
+        self._policy = policy
+        self._circuit_policy = circuit_policy
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.endpoints = [Endpoint(client=ExoClient.from_config(url, config, session=session))
+                          for url in urls]
+        self._placing: dict[str, asyncio.Task[None]] = {}
+
+    async def run(self) -> None:
+        """Refresh every endpoint each poll interval until cancelled."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self._config.poll_interval_s)
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(self._refresh(endpoint) for endpoint in self.endpoints))
+
+    async def _refresh(self, endpoint: Endpoint) -> None:
+        health = await endpoint.client.health()
+        endpoint.healthy = health.ok
+        endpoint.flavour = health.flavour or ""
+        if not health.ok:
+            endpoint.last_error = health.error
+            return
+        endpoint.observe_latency(health.latency_ms)
+        try:
+            ready = await endpoint.client.ready_models()
+            endpoint.ready_models = tuple(sorted(m.model_id for m in ready))
+            endpoint.nodes = len(await endpoint.client.nodes())
+        except KowalskiError as exc:
+            endpoint.last_error = exc.message
+
+    def views(self) -> list[EndpointView]:
+        now = self._clock()
+        return [EndpointView(
+            url=e.url, healthy=e.healthy, flavour=e.flavour, latency_ms=e.latency_ms,
+            ready_models=list(e.ready_models), nodes=e.nodes, in_flight=e.in_flight,
+            circuit=breaker.phase(e.circuit, now, self._circuit_policy),
+            requests=e.client.stats.requests, errors=e.client.stats.errors,
+            prompt_tokens=e.client.stats.prompt_tokens,
+            completion_tokens=e.client.stats.completion_tokens, last_error=e.last_error,
+        ) for e in self.endpoints]
+
+    def ready_models(self) -> list[str]:
+        return sorted({m for e in self.endpoints if e.healthy for m in e.ready_models})
+
+    def resolve_model(self, model: str) -> str:
+        """The model to use: as asked, else the configured default, else any ready one."""
+        if model:
+            return model
+        if self._config.default_model:
+            return self._config.default_model
+        ready = self.ready_models()
+        if not ready:
+            raise NoDevicesAvailableError("no exo endpoint has a model ready")
+        return ready[0]
+
+    def choose(self, model: str, operation: Operation,
+               exclude: frozenset[str] = frozenset()) -> Endpoint:
+        """The best endpoint for the call, or an error naming why there is none."""
+        now = self._clock()
+        if not self.endpoints:
+            raise NoDevicesAvailableError("no exo endpoint configured")
+        healthy = [e for e in self.endpoints if e.healthy]
+        if not healthy:
+            raise NoDevicesAvailableError(f"all {len(self.endpoints)} exo endpoints are down")
+        serving = [e for e in healthy if model in e.ready_models]
+        if not serving:
+            raise NoDevicesAvailableError(
+                f"no healthy exo endpoint has {model!r} ready "
+                f"(ready: {', '.join(self.ready_models()) or 'none'})")
+        open_ok = [e for e in serving if e.url not in exclude
+                   and breaker.allows(e.circuit, now, self._circuit_policy)]
+        if not open_ok:
+            raise NoDevicesAvailableError(
+                f"every endpoint serving {model!r} has failed or has its circuit open")
+        return max(open_ok, key=lambda e: formula(
+            operation, latency_ms=e.latency_ms or 0.0, memory_free_fraction=0.0,
+        ) - _LOAD_PENALTY * e.in_flight)
+
+    async def _ensure_model(self, model: str) -> None:
+        """Place an instance of a model nobody serves, when the config allows it."""
+        if not self._config.place_instances or any(
+                model in e.ready_models for e in self.endpoints if e.healthy):
+            return
+        task = self._placing.get(model)
+        if task is None:
+            task = self._placing[model] = asyncio.create_task(self._place(model))
+            task.add_done_callback(lambda _: self._placing.pop(model, None))
+        await asyncio.shield(task)
+
+    async def _place(self, model: str) -> None:
+        for endpoint in self.endpoints:
+            if endpoint.healthy and endpoint.flavour == "v1":
+                log.info("placing an instance of %s on %s", model, endpoint.url)
+                await endpoint.client.place_instance(model)
+                await endpoint.client.wait_ready(model, self._config.request_timeout_s)
+                await self._refresh(endpoint)
+                return
+        raise NoDevicesAvailableError(f"no exo v1 endpoint can place {model!r}")
+
+    async def chat(self, request: ChatRequest, *, operation: str = "llm_inference"
+                   ) -> ChatResult:
+        """One completion, retried on another endpoint when one fails."""
+        model = self.resolve_model(request.model)
+        request = msgspec.structs.replace(request, model=model)
+        await self._ensure_model(model)
+        tried: set[str] = set()
+        op: Operation = "context_compression" if operation == "context_compression" \
+            else "llm_inference"
+
+        async def attempt() -> ChatResult:
+            try:
+                endpoint = self.choose(model, op, frozenset(tried))
+            except NoDevicesAvailableError:
+                if not tried:
+                    raise
+                tried.clear()
+                endpoint = self.choose(model, op)
+            try:
+                result = await self._call(endpoint, request)
+            except KowalskiError as exc:
+                if exc.is_recoverable:
+                    tried.add(endpoint.url)
+                raise
+            return result
+
+        return await retry(attempt, self._policy, is_retryable=is_recoverable, rng=self._rng)
+
+    async def _call(self, endpoint: Endpoint, request: ChatRequest) -> ChatResult:
+        now = self._clock()
+        endpoint.circuit = breaker.on_attempt(endpoint.circuit, now, self._circuit_policy,
+                                              job_id=f"chat-{id(request)}")
+        endpoint.in_flight += 1
+        try:
+            result = await endpoint.client.chat(request)
+        except KowalskiError as exc:
+            if exc.is_recoverable:
+                endpoint.circuit = breaker.on_failure(endpoint.circuit, self._clock(),
+                                                      self._circuit_policy)
+                endpoint.last_error = exc.message
+            else:
+                endpoint.circuit = breaker.on_success(endpoint.circuit, self._clock(),
+                                                      self._circuit_policy)
+            raise
+        finally:
+            endpoint.in_flight -= 1
+        endpoint.circuit = breaker.on_success(endpoint.circuit, self._clock(),
+                                              self._circuit_policy)
+        endpoint.observe_latency(result.latency_ms)
+        return result
+
+    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        """A streamed completion from the best endpoint (no failover once text flowed)."""
+        model = self.resolve_model(request.model)
+        request = msgspec.structs.replace(request, model=model)
+        await self._ensure_model(model)
+        endpoint = self.choose(model, "llm_inference")
+        endpoint.in_flight += 1
+        try:
+            async for delta in endpoint.client.chat_stream(request):
+                yield delta
+        finally:
+            endpoint.in_flight -= 1
+
+    async def close(self) -> None:
+        for task in self._placing.values():
+            task.cancel()
+        for endpoint in self.endpoints:
+            await endpoint.client.close()

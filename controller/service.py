@@ -1,0 +1,120 @@
+"""The controller daemon: composes cluster, router, dispatcher and the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from kowalski.common.client import SignedClient
+from kowalski.common.config import Config
+from kowalski.common.signing import Verifier
+from kowalski.common.tls import client_ssl_context, server_ssl_context
+from kowalski.controller.app import ControllerState, make_app
+from kowalski.controller.circuit import CircuitPolicy
+from kowalski.controller.cluster import Cluster
+from kowalski.controller.dispatch import Dispatcher
+from kowalski.controller.embedded_model import MODEL_NAME, EmbeddedModel
+from kowalski.controller.llm_router import LlmRouter
+from kowalski.controller.retry import RetryPolicy
+
+log = logging.getLogger("kowalski.controller")
+
+
+@dataclass
+class Services:
+    """The running pieces, for the HTTP app and for in-process callers such as the CLI."""
+
+    config: Config
+    cluster: Cluster
+    dispatcher: Dispatcher
+    router: LlmRouter
+    state: ControllerState
+    http: aiohttp.ClientSession
+    base_url: str
+    port: int
+
+
+def _read_token(path: str) -> bytes | None:
+    if not path:
+        return None
+    return Path(path).expanduser().read_bytes().strip()
+
+
+@asynccontextmanager
+async def services(config: Config, *, secret: bytes | None, embedded_model: bool = True,
+                   mdns_interfaces: list[str] | None = None) -> AsyncIterator[Services]:
+    """Start everything but the HTTP site; background loops stop on exit."""
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        ssl = client_ssl_context(config.security)
+        client = SignedClient(http, secret=secret, ssl=ssl)
+        scheme = "https" if config.security.tls_ca_file else "http"
+        cluster = Cluster(config=config.controller, client=client, scheme=scheme,
+                          mdns_interfaces=mdns_interfaces)
+        urls = list(config.exo.endpoints)
+        exo_config = config.exo
+        if not urls and embedded_model and config.exo.embedded:
+            model = EmbeddedModel.from_config(config.exo)
+            stack.push_async_callback(model.close)
+            urls = [await model.start()]
+            if not exo_config.default_model:
+                import msgspec
+
+                exo_config = msgspec.structs.replace(exo_config, default_model=MODEL_NAME)
+        router = LlmRouter(config=exo_config, urls=urls, session=http,
+                           policy=RetryPolicy.from_config(config.controller),
+                           circuit_policy=CircuitPolicy.from_config(config.controller))
+        stack.push_async_callback(router.close)
+        await router.refresh()
+        dispatcher = Dispatcher(cluster=cluster, client=client,
+                                policy=RetryPolicy.from_config(config.controller))
+        verifier = None if secret is None else Verifier(
+            secret, clock_skew_s=config.security.clock_skew_s)
+        state = ControllerState(cluster=cluster, dispatcher=dispatcher, router=router,
+                                verifier=verifier,
+                                api_token=_read_token(config.security.api_token_file))
+        settings = config.controller
+        app = make_app(state, max_body_bytes=settings.max_body_bytes)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.host, settings.port))
+        port = sock.getsockname()[1]
+        tls = server_ssl_context(config.security)
+        await web.SockSite(runner, sock, ssl_context=tls).start()
+        base_url = f"{'https' if tls else 'http'}://{_reachable(settings.host)}:{port}"
+        log.info("controller listening on %s", base_url)
+        group = await stack.enter_async_context(asyncio.TaskGroup())
+        tasks = [group.create_task(cluster.run(), name="cluster"),
+                 group.create_task(router.run(), name="exo-router")]
+        stack.callback(lambda: [task.cancel() for task in tasks])
+        yield Services(config=config, cluster=cluster, dispatcher=dispatcher, router=router,
+                       state=state, http=http, base_url=base_url, port=port)
+
+
+def _reachable(host: str) -> str:
+    """An address agents can call back on: the bound one, or the host's first."""
+    if host not in ("0.0.0.0", ""):
+        return host
+    from kowalski.agent.mdns import host_addresses
+
+    return next(iter(host_addresses()), "127.0.0.1")
+
+
+async def serve(config: Config, *, secret: bytes | None, stop: asyncio.Event,
+                port_file: Path | None = None) -> None:
+    """kowalski-ctl serve: run until stop is set."""
+    async with services(config, secret=secret) as running:
+        if port_file is not None:
+            await asyncio.to_thread(port_file.write_text, f"{running.port}\n")
+        await stop.wait()

@@ -1,0 +1,133 @@
+"""A persistent Python session on some agent, rebuilt elsewhere by replay when it is lost."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import quote
+
+from kowalski.common.client import RemoteError
+from kowalski.common.errors import KowalskiError, SessionLostError
+from kowalski.common.messages import (
+    CellRequest,
+    CellResult,
+    DeviceId,
+    LlmCallback,
+    SessionCreate,
+    SessionInfo,
+    VariableValue,
+)
+from kowalski.controller.device_table import DeviceRow
+from kowalski.controller.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+# Replayed cells skip what did not finish the first time: re-running them would only
+# hit the same limit again.
+_REPLAYABLE = frozenset({"ok", "error"})
+_LOST_CODES = frozenset({"session_not_found", "session_lost"})
+
+
+class RemoteSession:
+    """Cells run in order on one agent; if it fails, a new agent replays them first."""
+
+    def __init__(self, *, dispatcher: Dispatcher, session_id: str, context: Any,
+                 llm_callback: LlmCallback | None, timeout_s: float = 300.0) -> None:
+        self._dispatcher = dispatcher
+        self.session_id = session_id
+        self._context = context
+        self._callback = llm_callback
+        self._timeout_s = timeout_s
+        self._cells: list[CellRequest] = []
+        self._statuses: list[str] = []
+        self.device_id: str = ""
+        self.devices_used: list[str] = []
+        self.rebuilds = 0
+
+    async def _open_on(self, row: DeviceRow) -> None:
+        create = SessionCreate(session_id=self.session_id, context=self._context,
+                               llm_callback=self._callback)
+        await self._dispatcher.client.call("POST", row.url + "/v1/sessions", SessionInfo, create,
+                                           timeout_s=self._timeout_s)
+        for cell, status in zip(self._cells, self._statuses, strict=True):
+            if status in _REPLAYABLE:
+                await self._dispatcher.client.call(
+                    "POST", f"{row.url}/v1/sessions/{self.session_id}/exec", CellResult, cell,
+                    timeout_s=self._timeout_s)
+        if self._cells:
+            self.rebuilds += 1
+            log.warning("session %s rebuilt on %s by replaying %d cells", self.session_id,
+                        row.device_id, len(self._cells))
+        self.device_id = row.device_id
+        if row.device_id not in self.devices_used:
+            self.devices_used.append(row.device_id)
+
+    async def _on_session_device(self, job_id: str, call: Any) -> Any:
+        """Run call where the session lives, moving it (with replay) when that fails."""
+        async def attempt(row: DeviceRow) -> Any:
+            if row.device_id != self.device_id:
+                await self._open_on(row)
+            try:
+                return await call(row)
+            except RemoteError as exc:
+                if exc.remote_code in _LOST_CODES:
+                    # The agent restarted or killed the session: its state is gone.
+                    self.device_id = ""
+                    raise SessionLostError(f"session {self.session_id} lost on "
+                                           f"{row.device_id}: {exc.message}") from exc
+                raise
+
+        if self.device_id and self.device_id in self._dispatcher.cluster.table.devices:
+            try:
+                return await self._dispatcher.on_device(DeviceId(self.device_id), job_id,
+                                                        attempt)
+            except KowalskiError as exc:
+                if not exc.is_recoverable:
+                    raise
+                log.warning("session %s: %s; moving it", self.session_id, exc)
+        self.device_id = ""
+        return await self._dispatcher.with_failover("code_execution", job_id, attempt,
+                                                    language="python")
+
+    async def open(self) -> None:
+        """Create the session on the best agent for code."""
+        await self._on_session_device(f"{self.session_id}-open", lambda row: _noop())
+
+    async def execute(self, code: str, *, timeout_ms: int | None = None) -> CellResult:
+        cell = CellRequest(cell_id=f"{self.session_id}-{len(self._cells)}", code=code,
+                           timeout_ms=timeout_ms)
+
+        async def run(row: DeviceRow) -> CellResult:
+            return await self._dispatcher.client.call(
+                "POST", f"{row.url}/v1/sessions/{self.session_id}/exec", CellResult, cell,
+                timeout_s=self._timeout_s)
+
+        result: CellResult = await self._on_session_device(cell.cell_id, run)
+        self._cells.append(cell)
+        self._statuses.append(result.status)
+        return result
+
+    async def get_variable(self, name: str, max_chars: int = 100_000) -> VariableValue:
+        async def read(row: DeviceRow) -> VariableValue:
+            path = f"/v1/sessions/{self.session_id}/vars/{quote(name, safe='')}"
+            return await self._dispatcher.client.call(
+                "GET", f"{row.url}{path}?max_chars={max_chars}", VariableValue,
+                timeout_s=self._timeout_s)
+
+        value: VariableValue = await self._on_session_device(f"{self.session_id}-var", read)
+        return value
+
+    async def close(self) -> None:
+        """End the session on its agent; idempotent, and quiet if the agent is gone."""
+        device_id, self.device_id = self.device_id, ""
+        row = self._dispatcher.cluster.table.devices.get(DeviceId(device_id))
+        if row is None:
+            return
+        try:
+            await self._dispatcher.client.call(
+                "DELETE", f"{row.url}/v1/sessions/{self.session_id}", dict, timeout_s=10)
+        except KowalskiError as exc:
+            log.info("closing session %s on %s: %s", self.session_id, device_id, exc)
+
+
+async def _noop() -> None:
+    return None
