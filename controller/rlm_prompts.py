@@ -1,0 +1,268 @@
+"""The text protocol of an RLM run: prompts to the model, and reading its replies."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+from kowalski.common.code_blocks import CodeBlock, normalize_newlines
+from kowalski.common.messages import CellResult
+
+# Lengths listed one by one in the prompt before the rest is summarised (the reference
+# implementation lists 100; small models have little room to spare).
+MAX_LISTED_CHUNKS = 100
+# The query is restated in every feedback message, cut to this many characters.
+_QUERY_ECHO_CHARS = 1000
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# FINAL / FINAL_VAR at the start of a line (leading blanks allowed), then "(".
+_MARKER = re.compile(r"^[ \t]*(FINAL_VAR|FINAL)[ \t]*\(")
+
+
+class ContextInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What the model is told about its context: type, size and pieces."""
+
+    type: str
+    total_chars: int
+    # Characters of each piece: the string itself, a list's items, a dict's values.
+    chunk_chars: list[int]
+
+
+class FinalMarker(msgspec.Struct, frozen=True, kw_only=True):
+    """A FINAL(answer) or FINAL_VAR(name) found in a reply."""
+
+    kind: Literal["final", "final_var"]
+    # The answer text for FINAL, the variable name (quotes stripped) for FINAL_VAR.
+    value: str
+
+
+def _piece_chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    try:
+        return len(msgspec.json.encode(value))
+    except (TypeError, msgspec.EncodeError):
+        return len(str(value))
+
+
+def describe_context(context: Any) -> ContextInfo:
+    """Type, total characters and piece lengths of a context."""
+    if isinstance(context, str):
+        return ContextInfo(type="str", total_chars=len(context), chunk_chars=[len(context)])
+    if isinstance(context, list | tuple):
+        chunks = [_piece_chars(item) for item in context]
+        return ContextInfo(type="list", total_chars=sum(chunks), chunk_chars=chunks)
+    if isinstance(context, dict):
+        chunks = [_piece_chars(value) for value in context.values()]
+        total = sum(chunks) + sum(len(str(key)) for key in context)
+        return ContextInfo(type="dict", total_chars=total, chunk_chars=chunks)
+    chars = _piece_chars(context)
+    return ContextInfo(type=type(context).__name__, total_chars=chars, chunk_chars=[chars])
+
+
+def _chunk_summary(chunks: list[int]) -> str:
+    if len(chunks) <= MAX_LISTED_CHUNKS:
+        return str(chunks)
+    shown = ", ".join(str(n) for n in chunks[:MAX_LISTED_CHUNKS])
+    return f"[{shown}, ... and {len(chunks) - MAX_LISTED_CHUNKS} more]"
+
+
+def context_sentence(info: ContextInfo) -> str:
+    """One sentence stating the context's type, total length and chunk lengths."""
+    if info.type == "list":
+        return (f"Your context is a list of {len(info.chunk_chars)} items with "
+                f"{info.total_chars} total characters; the items' lengths in characters are: "
+                f"{_chunk_summary(info.chunk_chars)}.")
+    if info.type == "dict":
+        return (f"Your context is a dict of {len(info.chunk_chars)} keys with "
+                f"{info.total_chars} total characters; the values' lengths in characters are: "
+                f"{_chunk_summary(info.chunk_chars)}.")
+    return (f"Your context is a {info.type} with {info.total_chars} total characters, "
+            f"in one chunk of length {_chunk_summary(info.chunk_chars)}.")
+
+
+_SYSTEM_PROMPT = """\
+You answer a query about a context that is too large to read at once. You work in a \
+Python REPL, step by step: each reply of yours may contain ```repl code blocks; they run \
+in order, and the next message shows what they printed. You are asked again until you give \
+a final answer.
+
+The REPL holds:
+1. `context`: the data the query is about. Look at it with code before answering.
+2. `llm_query(prompt)`: {sub_call} It sees only the prompt you give it \
+(at most about {sub_chars} characters), nothing else; use it to read, classify or summarise \
+pieces of the context.
+3. `llm_query_batched(prompts)`: runs many llm_query calls at once and returns their answers \
+as a list in the same order. Much faster than llm_query in a loop.
+4. `print()`: the only way to see a value. Printed output past {output_chars} characters is \
+cut, so print counts, short slices and summaries, never the whole context.
+Variables persist from one block and one step to the next.
+
+Only ```repl (or ```python) blocks run; blocks in other languages or without a language are \
+not run. For example:
+```repl
+print(type(context), len(context))
+print(context[:500])
+```
+
+Work like this: look at the context's structure first; search it with plain Python (str \
+methods, `re`, splitting into lines) where that is enough; where meaning matters, split it \
+into chunks and ask llm_query_batched about each chunk; keep results in variables; combine \
+them. For example:
+```repl
+hits = [line for line in context.splitlines() if "keyword" in line]
+print(len(hits), hits[:10])
+```
+```repl
+size = {chunk_chars}
+chunks = [context[i:i + size] for i in range(0, len(context), size)]
+answers = llm_query_batched([f"Does this text name the winner? Answer briefly.\\n{{c}}" \
+for c in chunks])
+for i, answer in enumerate(answers):
+    print(i, answer[:200])
+```
+
+When you have the answer, give it on a line of its own, outside any code block, in one of \
+two ways:
+FINAL(the answer as text)
+FINAL_VAR(variable_name)   (the value of a REPL variable)
+FINAL_VAR needs a variable that exists: assign it in a ```repl block first (code in the \
+same reply runs before FINAL_VAR is read). Do not write FINAL before you know the answer, \
+and answer the query itself.
+
+{context_sentence}"""
+
+
+def system_prompt(info: ContextInfo, *, output_chars: int, sub_chars: int,
+                  recursive_sub_calls: bool) -> str:
+    """The system prompt: the REPL, its functions, the FINAL protocol and the context."""
+    sub_call = (
+        "starts a sub-model with a REPL of its own, whose `context` is your prompt, and "
+        "returns its final answer as a string." if recursive_sub_calls else
+        "asks a language model one question and returns its answer as a string."
+    )
+    return _SYSTEM_PROMPT.format(
+        sub_call=sub_call, sub_chars=sub_chars, output_chars=output_chars,
+        chunk_chars=max(1000, sub_chars // 2), context_sentence=context_sentence(info),
+    )
+
+
+def _echo(query: str) -> str:
+    if len(query) <= _QUERY_ECHO_CHARS:
+        return query
+    return query[:_QUERY_ECHO_CHARS] + " [...]"
+
+
+def task_prompt(query: str) -> str:
+    """The first user message: the query, and a nudge to look before answering."""
+    return (f"Query: {query}\n\nYou have not looked at the context yet. Start by exploring it "
+            "with a ```repl block; do not give a final answer yet. Your next action:")
+
+
+def continue_prompt(query: str) -> str:
+    """The end of every feedback message: the query again, and what to do next."""
+    return (f"Continue with the REPL (it holds `context` and your variables) to answer the "
+            f"query: \"{_echo(query)}\"\nWhen you know the answer, write FINAL(...) or "
+            "FINAL_VAR(...) on its own line. Your next action:")
+
+
+def final_request(iterations: int) -> str:
+    """The last message when the step limit is reached."""
+    return (f"You have used all {iterations} steps. Give your final answer now, on a line of "
+            "its own: FINAL(the answer) or FINAL_VAR(variable_name). Do not write more code.")
+
+
+# --- reading replies ------------------------------------------------------------------------
+
+
+def find_final(text: str, blocks: list[CodeBlock]) -> FinalMarker | None:
+    """The first FINAL(...) / FINAL_VAR(...) starting a line outside the code blocks."""
+    lines = normalize_newlines(text).split("\n")
+    in_code = [False] * len(lines)
+    for block in blocks:
+        for index in range(block.start_line, min(block.end_line, len(lines))):
+            in_code[index] = True
+    offset = 0
+    flat = "\n".join(lines)
+    for index, line in enumerate(lines):
+        match = None if in_code[index] else _MARKER.match(line)
+        if match is not None:
+            inner = _balanced(flat, offset + match.end())
+            kind: Literal["final", "final_var"] = (
+                "final_var" if match.group(1) == "FINAL_VAR" else "final")
+            value = inner.strip()
+            if kind == "final_var":
+                value = value.strip("\"'` ")
+            return FinalMarker(kind=kind, value=value)
+        offset += len(line) + 1
+    return None
+
+
+def _balanced(text: str, start: int) -> str:
+    """Text from start to the ")" that closes the "(" before it, or to the end if none does."""
+    depth = 1
+    for index in range(start, len(text)):
+        char = text[index]
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return text[start:index]
+    return text[start:]
+
+
+def is_identifier(name: str) -> bool:
+    """Whether FINAL_VAR's argument can name a variable."""
+    return _IDENTIFIER.fullmatch(name) is not None
+
+
+# --- feedback -------------------------------------------------------------------------------
+
+
+def truncate(text: str, limit: int, *, keep: Literal["head", "tail"] = "head") -> str:
+    """Text cut to limit characters with a marker saying how much is missing."""
+    if len(text) <= limit:
+        return text
+    missing = len(text) - limit
+    marker = f"[... output truncated: {missing} more characters not shown ...]"
+    if keep == "tail":
+        return f"{marker}\n{text[-limit:]}"
+    return f"{text[:limit]}\n{marker}"
+
+
+# What went wrong when a cell did not finish, if the result carries no message of its own.
+_STATUS_NOTES = {
+    "timeout": "the code ran past its time limit and was stopped",
+    "killed": "the code was stopped at a resource limit (memory, processes or output)",
+    "failed": "the code could not be run",
+}
+
+
+def format_output(result: CellResult, limit: int) -> str:
+    """A cell's stdout and stderr as the model sees them, at most about limit characters."""
+    stdout, stderr = result.stdout, result.stderr
+    # A traceback's last lines matter most: stderr keeps its tail, stdout its head.
+    stderr_room = min(len(stderr), max(limit // 4, limit - len(stdout)))
+    parts = []
+    if stdout:
+        parts.append(truncate(stdout.rstrip("\n"), max(limit - stderr_room, 0) or 1))
+    if stderr:
+        parts.append(truncate(stderr.rstrip("\n"), max(stderr_room, 1), keep="tail"))
+    if result.stdout_truncated or result.stderr_truncated:
+        parts.append("[... the agent cut this output at its size limit ...]")
+    default = _STATUS_NOTES.get(result.status)
+    if default is not None:
+        parts.append(f"[{result.error.message if result.error is not None else default}]")
+    return "\n".join(parts) if parts else "(no output)"
+
+
+def skipped_block_note(number: int, block: CodeBlock) -> str:
+    """Why a block in the reply was not run."""
+    if not block.fenced:
+        return (f"Block {number} (indented) was not run: put code in a ```repl block.")
+    if block.raw_language:
+        return (f"Block {number} (```{block.raw_language}) was not run: only ```repl blocks "
+                "run here, in Python.")
+    return f"Block {number} has no language tag and was not run: tag it ```repl."

@@ -1,0 +1,226 @@
+"""Context folding: when it starts, what survives it, and the fallback when no model answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from exo_standin import STANDIN, ExoStandin, FailMode, make_exo_app
+
+from kowalski.controller.chat_types import ChatMessage, ChatRequest, ChatResult
+from kowalski.controller.exo_client import ExoClient
+from kowalski.controller.folding import (
+    assigned_names,
+    estimate_tokens,
+    fold,
+    fold_limit,
+    names_in,
+    needs_fold,
+    shrink,
+)
+
+MODEL = "scripted/model"
+SUMMARY = "SUMMARY: counted 1204 matching lines; kept them in hits."
+
+
+class ClientBackend:
+    """The ChatBackend protocol over one ExoClient, keeping each request and operation."""
+
+    def __init__(self, client: ExoClient) -> None:
+        self.client = client
+        self.calls: list[tuple[str, ChatRequest]] = []
+
+    async def chat(self, request: ChatRequest, *, operation: str = "llm_inference"
+                   ) -> ChatResult:
+        self.calls.append((operation, request))
+        return await self.client.chat(request)
+
+
+@pytest.fixture
+async def exo(aiohttp_server: Any) -> AsyncIterator[tuple[ExoStandin, ClientBackend]]:
+    app = make_exo_app(flavour="v1", models=(MODEL,), reply=lambda body: SUMMARY)
+    server = await aiohttp_server(app)
+    client = ExoClient(str(server.make_url("")))
+    yield app[STANDIN], ClientBackend(client)
+    await client.close()
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+def assistant(text: str) -> ChatMessage:
+    return ChatMessage(role="assistant", content=text)
+
+
+def conversation(turns: int, output_chars: int = 400) -> list[ChatMessage]:
+    messages = [ChatMessage(role="system", content="You are in a REPL."),
+                user("Query: how many lines match?")]
+    for turn in range(1, turns + 1):
+        messages += [assistant(f"step {turn}\n```repl\nvar_{turn} = {turn}\n```"),
+                     user(f"output {turn}: " + str(turn) * output_chars)]
+    return messages
+
+
+def test_folding_starts_just_past_the_threshold() -> None:
+    assert fold_limit(1000, 0.8) == 800
+    assert not needs_fold(800, window_tokens=1000, threshold=0.8)
+    assert needs_fold(801, window_tokens=1000, threshold=0.8)
+    # Four characters a token, plus a little for each message.
+    assert estimate_tokens([user("x" * 400)]) == 104
+    assert estimate_tokens([user("x" * 400), assistant("")]) == 108
+
+
+@pytest.mark.parametrize(("code", "names"), [
+    ("a = 1\nb, (c, d) = 2, (3, 4)\ne: int = 5\nf += 1", ["a", "b", "c", "d", "e", "f"]),
+    ("for i, line in enumerate(x):\n    hits = line", ["i", "line", "hits"]),
+    ("import os, re as regex\nfrom a.b import c as dee\nimport xml.etree", ["os", "regex",
+                                                                             "dee", "xml"]),
+    ("def helper(arg):\n    local = arg\n    return local\nclass Box: attr = 1",
+     ["helper", "Box"]),
+    ("def setter():\n    global shared\n    shared = 1", ["setter", "shared"]),
+    ("squares = [n * n for n in range(3)]\n[(total := k) for k in range(2)]",
+     ["squares", "total"]),
+    ("with open('f') as fh:\n    data = fh.read()\ntry:\n    pass\nexcept OSError as err:\n"
+     "    pass", ["fh", "data", "err"]),
+    ("if (match := 3):\n    found = match\ndel found", ["match", "found"]),
+    ("this is not python (", []),
+])
+def test_assigned_names_are_the_cells_top_level_bindings(code: str, names: list[str]) -> None:
+    assert assigned_names(code) == names
+
+
+def test_names_across_cells_keep_first_order_and_skip_private_ones() -> None:
+    assert names_in(["a = 1\n_tmp = 2", "b = a\na = 3", "broken ("]) == ["a", "b"]
+
+
+async def test_old_turns_become_a_model_summary_and_the_rest_survives(
+        exo: tuple[ExoStandin, ClientBackend]) -> None:
+    _, backend = exo
+    messages = conversation(turns=4)
+    result = await fold(messages, backend=backend, model=MODEL, keep_last_turns=2,
+                        variable_names=["var_1", "var_2", "hits"], window_tokens=4000,
+                        threshold=0.8)
+    assert (result.method, result.folded_turns, result.error) == ("model", 2, "")
+    folded = result.messages
+    assert folded[0] == messages[0]
+    # The last two turns, word for word.
+    assert folded[2:] == messages[-4:]
+    task = folded[1].content
+    assert task.startswith(messages[1].content)
+    assert SUMMARY in task
+    assert task.endswith("FINAL_VAR can return them): var_1, var_2, hits.")
+    assert result.tokens_after < result.tokens_before
+    assert result.chat is not None
+    assert result.chat.usage is not None
+    [(operation, request)] = backend.calls
+    assert operation == "context_compression"
+    assert request.model == MODEL
+    assert request.max_tokens == 800
+    instruction = request.messages[-1].content
+    assert "step 1" in instruction
+    assert "output 2: 22" in instruction
+    assert "step 3" not in instruction
+    assert request.messages[:2] == messages[:2]
+
+
+async def test_a_second_fold_summarises_again_from_the_first_summary(
+        exo: tuple[ExoStandin, ClientBackend]) -> None:
+    _, backend = exo
+    once = await fold(conversation(turns=3), backend=backend, model=MODEL, keep_last_turns=1,
+                      variable_names=["var_1"], window_tokens=4000, threshold=0.8)
+    later = [*once.messages, assistant("step 4"), user("output 4")]
+    twice = await fold(later, backend=backend, model=MODEL, keep_last_turns=1,
+                       variable_names=["var_1", "var_4"], window_tokens=4000, threshold=0.8)
+    task = twice.messages[1].content
+    # One summary section, replaced rather than stacked.
+    assert task.count("Progress so far") == 1
+    assert task.endswith("var_1, var_4.")
+    # The summariser saw the earlier summary, inside the task message.
+    assert SUMMARY in backend.calls[1][1].messages[1].content
+
+
+@pytest.mark.parametrize("mode", ["http_500", "malformed_json", "no_instance"])
+async def test_without_a_model_old_turns_are_digested_locally(
+        exo: tuple[ExoStandin, ClientBackend], mode: FailMode) -> None:
+    standin, backend = exo
+    standin.fail(mode)
+    messages = conversation(turns=4)
+    result = await fold(messages, backend=backend, model=MODEL, keep_last_turns=1,
+                        variable_names=["var_1", "var_2", "var_3"], window_tokens=4000,
+                        threshold=0.8)
+    assert (result.method, result.folded_turns, result.chat) == ("truncation", 3, None)
+    assert result.error
+    assert result.messages[2:] == messages[-2:]
+    task = result.messages[1].content
+    assert "summary unavailable" in task
+    assert "- you: step 1" in task
+    assert "- repl: output 3: 333" in task
+    assert task.endswith("var_1, var_2, var_3.")
+    # The digest keeps only the start of each message.
+    assert "3" * 300 not in task
+
+
+async def test_local_fallback_keeps_an_earlier_model_summary(
+        exo: tuple[ExoStandin, ClientBackend]) -> None:
+    standin, backend = exo
+    once = await fold(conversation(turns=3), backend=backend, model=MODEL, keep_last_turns=1,
+                      variable_names=[], window_tokens=4000, threshold=0.8)
+    standin.fail("http_500")
+    later = [*once.messages, assistant("step 4"), user("output 4")]
+    twice = await fold(later, backend=backend, model=MODEL, keep_last_turns=1,
+                       variable_names=["var_4"], window_tokens=4000, threshold=0.8)
+    assert twice.method == "truncation"
+    task = twice.messages[1].content
+    assert SUMMARY in task
+    assert "- you: step 3" in task
+    assert task.endswith("Variables assigned in the REPL so far (they still exist; FINAL_VAR "
+                         "can return them): var_4.")
+
+
+async def test_kept_turns_too_long_for_the_window_are_cut_to_fit(
+        exo: tuple[ExoStandin, ClientBackend]) -> None:
+    _, backend = exo
+    messages = conversation(turns=3, output_chars=3000)
+    result = await fold(messages, backend=backend, model=MODEL, keep_last_turns=2,
+                        variable_names=["var_1"], window_tokens=1000, threshold=0.8)
+    assert result.method == "model"
+    assert result.tokens_after <= fold_limit(1000, 0.8)
+    assert estimate_tokens(result.messages) == result.tokens_after
+    assert result.messages[0] == messages[0]
+    assert "characters folded away" in result.messages[3].content
+    # Each cut message keeps its start and its end.
+    newest = result.messages[-1].content
+    assert newest.startswith("output 3: 333")
+    assert newest.endswith("333")
+
+
+async def test_with_nothing_old_enough_only_the_long_output_is_cut(
+        exo: tuple[ExoStandin, ClientBackend]) -> None:
+    _, backend = exo
+    messages = conversation(turns=1, output_chars=8000)
+    result = await fold(messages, backend=backend, model=MODEL, keep_last_turns=2,
+                        variable_names=["var_1"], window_tokens=1000, threshold=0.8)
+    assert (result.method, result.folded_turns, result.summary) == ("truncation", 0, "")
+    assert backend.calls == []
+    assert result.messages[:3] == messages[:3]
+    assert result.tokens_after <= 800
+
+
+def test_shrink_leaves_a_conversation_that_fits_alone() -> None:
+    messages = conversation(turns=2)
+    assert shrink(messages, estimate_tokens(messages)) == messages
+
+
+async def test_a_server_count_above_the_estimate_folds_deeper(
+        exo: tuple[ExoStandin, ClientBackend]) -> None:
+    _, backend = exo
+    messages = conversation(turns=1, output_chars=3000)
+    server_count = 2 * estimate_tokens(messages)
+    result = await fold(messages, backend=backend, model=MODEL, keep_last_turns=1,
+                        variable_names=[], window_tokens=1000, threshold=0.8,
+                        tokens=server_count)
+    assert result.tokens_before == server_count
+    assert result.tokens_after <= 800
+    assert estimate_tokens(result.messages) <= 400

@@ -1,0 +1,558 @@
+"""The RLM loop with a scripted model behind a real HTTP server and real sandboxed sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from exo_standin import make_exo_app
+
+from kowalski.agent.sandbox import Sandbox
+from kowalski.agent.sessions import SessionManager
+from kowalski.common.code_blocks import extract_code_blocks
+from kowalski.common.config import RlmConfig, SandboxConfig
+from kowalski.common.errors import ContextSizeExceededError
+from kowalski.common.messages import (
+    CellRequest,
+    CellResult,
+    LlmCallback,
+    SessionCreate,
+    VariableValue,
+)
+from kowalski.controller import rlm_prompts
+from kowalski.controller.chat_types import ChatRequest, ChatResult
+from kowalski.controller.exo_client import ExoClient
+from kowalski.controller.rlm import RlmRun
+from kowalski.controller.trajectory import (
+    CodeExecuted,
+    IterationStarted,
+    ModelReplied,
+    RlmEvent,
+    RunFinished,
+    RunStarted,
+    SubCallAnswered,
+    list_runs,
+    read_trajectory,
+    render_trajectory,
+)
+
+MODEL = "scripted/model"
+SUMMARY_PREFIX = "Below are earlier steps of your work"
+Step = str | Callable[[list[dict[str, str]]], str]
+
+
+def last_user(messages: list[dict[str, str]]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+class ScriptedModel:
+    """Replies from a script per query; sub-calls and folding summaries answered by rule."""
+
+    def __init__(self, *replies: Step) -> None:
+        self.queues: dict[str, deque[Step]] = {"": deque(replies)}
+        self.root_requests: list[list[dict[str, str]]] = []
+        self.sub_prompts: list[str] = []
+        self.summary_requests: list[list[dict[str, str]]] = []
+        self.sub_delay: Callable[[str], float] = lambda prompt: 0.0
+        self.active_subs = 0
+        self.max_active_subs = 0
+
+    def script(self, query: str, *replies: Step) -> None:
+        self.queues[query] = deque(replies)
+
+    async def __call__(self, body: dict[str, Any]) -> str:
+        messages: list[dict[str, str]] = body["messages"]
+        if messages[0]["role"] != "system":
+            prompt = messages[-1]["content"]
+            self.sub_prompts.append(prompt)
+            self.active_subs += 1
+            self.max_active_subs = max(self.max_active_subs, self.active_subs)
+            try:
+                await asyncio.sleep(self.sub_delay(prompt))
+            finally:
+                self.active_subs -= 1
+            return f"answer to {prompt}"
+        if messages[-1]["content"].startswith(SUMMARY_PREFIX):
+            self.summary_requests.append(messages)
+            return "SUMMARY: the first step stored its result in first_var."
+        self.root_requests.append(messages)
+        query = messages[1]["content"].split("\n\n", 1)[0].removeprefix("Query: ")
+        queue = self.queues.get(query, self.queues[""])
+        if not queue:
+            return "FINAL(the script ran out of replies)"
+        step = queue.popleft()
+        return step(messages) if callable(step) else step
+
+
+class ClientBackend:
+    """The ChatBackend protocol over one ExoClient, noting each call's operation."""
+
+    def __init__(self, client: ExoClient) -> None:
+        self.client = client
+        self.operations: list[str] = []
+
+    async def chat(self, request: ChatRequest, *, operation: str = "llm_inference"
+                   ) -> ChatResult:
+        self.operations.append(operation)
+        return await self.client.chat(request)
+
+
+class LocalSession:
+    """The CodeSession protocol over an in-process SessionManager."""
+
+    def __init__(self, manager: SessionManager, session_id: str) -> None:
+        self.device_id = "local-agent"
+        self._manager = manager
+        self._session_id = session_id
+        self._cells = 0
+
+    async def execute(self, code: str, *, timeout_ms: int | None = None) -> CellResult:
+        self._cells += 1
+        request = CellRequest(cell_id=f"{self._session_id}-{self._cells}", code=code,
+                              timeout_ms=timeout_ms)
+        return await self._manager.execute(self._session_id, request)
+
+    async def get_variable(self, name: str, max_chars: int = 100_000) -> VariableValue:
+        return await self._manager.get_variable(self._session_id, name, max_chars)
+
+    async def close(self) -> None:
+        await self._manager.delete(self._session_id)
+
+
+class Harness:
+    """Runs, their sessions, and the relay from llm_query() back to the run."""
+
+    def __init__(self, model: ScriptedModel, backend: ClientBackend, runs_dir: Path) -> None:
+        self.model = model
+        self.backend = backend
+        self.runs_dir = runs_dir
+        self.manager: SessionManager | None = None
+        self.runs: dict[str, RlmRun] = {}
+        self.events: list[RlmEvent] = []
+
+    async def factory(self, context: Any, run: RlmRun) -> LocalSession:
+        assert self.manager is not None
+        self.runs[run.run_id] = run
+        callback = LlmCallback(url="local", token=run.run_id, depth=run.depth + 1)
+        await self.manager.create(SessionCreate(session_id=run.run_id, context=context,
+                                                llm_callback=callback))
+        return LocalSession(self.manager, run.run_id)
+
+    async def relay(self, callback: LlmCallback, prompts: list[str]) -> list[str]:
+        return await self.runs[callback.token].answer_sub_calls(prompts)
+
+    def new_run(self, query: str, context: Any, *, cell_timeout_ms: int | None = None,
+                **config: Any) -> RlmRun:
+        settings = RlmConfig(trajectory_dir=str(self.runs_dir), **config)
+        return RlmRun(query, context, backend=self.backend, session_factory=self.factory,
+                      config=settings, model=MODEL, observer=self.events.append,
+                      cell_timeout_ms=cell_timeout_ms)
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    mode = "bwrap" if os.geteuid() == 0 else "rlimit"
+    config = SandboxConfig(mode=mode, memory_limit_mb=512, pids_limit=64,
+                           max_output_bytes=256 * 1024, timeout_ms_python=10_000)
+    box = Sandbox(config, work_root=tmp_path / "jobs")
+    await box.start()
+    yield box
+    await box.close()
+
+
+@pytest.fixture
+async def harness(aiohttp_server: Any, sandbox: Sandbox, tmp_path: Path
+                  ) -> AsyncIterator[Harness]:
+    model = ScriptedModel()
+    server = await aiohttp_server(make_exo_app(flavour="v1", models=(MODEL,), reply=model))
+    client = ExoClient(str(server.make_url("")))
+    rig = Harness(model, ClientBackend(client), tmp_path / "runs")
+    rig.manager = SessionManager(sandbox, max_sessions=4, idle_timeout_s=60,
+                                 llm_handler=rig.relay)
+    yield rig
+    await rig.manager.close()
+    await client.close()
+
+
+def json_lines(path: str | Path) -> list[Any]:
+    """The records of a trajectory file; none if it does not exist."""
+    file = Path(path)
+    return [json.loads(line) for line in file.read_text().splitlines()] if file.exists() else []
+
+
+def repl(code: str) -> str:
+    return f"```repl\n{code}\n```"
+
+
+# --- reading FINAL ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("reply", "expected"), [
+    ("FINAL(42)", ("final", "42")),
+    ("Done.\n  FINAL (42)", ("final", "42")),
+    ("FINAL(f(x) = (a + b) * 2)", ("final", "f(x) = (a + b) * 2")),
+    ("FINAL(first line\nsecond line\n)", ("final", "first line\nsecond line")),
+    ("FINAL(an unclosed ( paren", ("final", "an unclosed ( paren")),
+    ('FINAL_VAR("answer")', ("final_var", "answer")),
+    ("FINAL_VAR( result )", ("final_var", "result")),
+    ("The answer is FINAL(42)", None),
+    ("FINALLY(3)", None),
+    ("```repl\nFINAL(1)\n```", None),
+    ("~~~python\nx = 1\nFINAL_VAR(x)\n~~~", None),
+    ("```repl\nx = 1\nFINAL(3)", None),
+    ("```\nFINAL(1)\n```\nFINAL(2)", ("final", "2")),
+    ("FINAL_VAR(a)\nFINAL(b)", ("final_var", "a")),
+])
+def test_final_is_read_only_at_a_line_start_outside_code(
+        reply: str, expected: tuple[str, str] | None) -> None:
+    marker = rlm_prompts.find_final(reply, extract_code_blocks(reply))
+    assert (None if marker is None else (marker.kind, marker.value)) == expected
+
+
+def test_context_is_described_by_type_length_and_chunks() -> None:
+    text = rlm_prompts.context_sentence(rlm_prompts.describe_context("abc" * 10))
+    assert "str with 30 total characters" in text
+    items = rlm_prompts.describe_context(["ab", "cde", {"k": 1}])
+    assert (items.type, items.chunk_chars, items.total_chars) == ("list", [2, 3, 7], 12)
+    many = rlm_prompts.context_sentence(rlm_prompts.describe_context(["x"] * 150))
+    assert "list of 150 items" in many
+    assert "... and 50 more]" in many
+    mapping = rlm_prompts.describe_context({"a": "xyz", "bb": "q"})
+    assert (mapping.type, mapping.chunk_chars, mapping.total_chars) == ("dict", [3, 1], 7)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+async def test_code_runs_before_final_and_its_output_is_the_next_message(
+        harness: Harness) -> None:
+    harness.model.script("", repl("print(len(context))\nprint(context[:5])"), "FINAL(12)")
+    result = await harness.new_run("how long is it?", "hello world!").run()
+    assert (result.answer, result.stop_reason, result.iterations) == ("12", "final", 2)
+    first, second = harness.model.root_requests
+    assert "str with 12 total characters" in first[0]["content"]
+    assert "Query: how long is it?" in first[1]["content"]
+    feedback = last_user(second)
+    assert feedback.startswith("REPL output:\n12\nhello")
+    assert "how long is it?" in feedback
+    assert result.agents == ["local-agent"]
+    assert result.endpoints == [harness.backend.client.base_url]
+    assert [step.iteration for step in result.steps] == [1, 2]
+    assert all(step.model_ms > 0 for step in result.steps)
+    assert result.steps[0].code_ms > 0
+    assert result.tokens.total_tokens > 0
+    kinds = [type(event) for event in harness.events]
+    assert kinds == [RunStarted, IterationStarted, ModelReplied, CodeExecuted,
+                     IterationStarted, ModelReplied, RunFinished]
+    finished = harness.events[-1]
+    assert isinstance(finished, RunFinished)
+    assert finished.result == result
+
+
+async def test_final_in_code_or_mid_line_does_not_end_the_run(harness: Harness) -> None:
+    harness.model.script(
+        "",
+        repl("x = 1\n# FINAL(inside a comment)\nprint('FINAL(printed)')")
+        + "\nI think the answer is FINAL(mid-line).",
+        "Now I am sure.\nFINAL(f(x) = (x + 1)\nfor every x)",
+    )
+    result = await harness.new_run("q", "ctx").run()
+    assert result.stop_reason == "final"
+    assert result.answer == "f(x) = (x + 1)\nfor every x"
+    assert result.iterations == 2
+
+
+async def test_final_var_of_a_missing_variable_is_not_final(harness: Harness) -> None:
+    harness.model.script(
+        "",
+        "FINAL_VAR(missing)",
+        # Assigned and returned in the same reply: the code runs before FINAL_VAR is read.
+        repl("result = 'found ' + context") + "\nFINAL_VAR(result)",
+    )
+    result = await harness.new_run("q", "it").run()
+    assert (result.answer, result.stop_reason, result.iterations) == ("found it", "final_var", 2)
+    feedback = last_user(harness.model.root_requests[1])
+    assert "there is no variable named 'missing'" in feedback
+
+
+async def test_long_output_is_cut_with_a_marker(harness: Harness) -> None:
+    harness.model.script("", repl("print('x' * 5000)"), "FINAL(done)")
+    result = await harness.new_run("q", "c", max_output_chars=200).run()
+    assert result.answer == "done"
+    feedback = last_user(harness.model.root_requests[1])
+    assert "x" * 200 + "\n[... output truncated: 4800 more characters not shown ...]" in feedback
+    assert "x" * 201 not in feedback
+
+
+async def test_errors_in_code_reach_the_model_and_the_loop_goes_on(harness: Harness) -> None:
+    harness.model.script(
+        "",
+        repl("print('before')\n1 / 0"),
+        repl("print('after', context)"),
+        "FINAL(recovered)",
+    )
+    result = await harness.new_run("q", "ok").run()
+    assert (result.answer, result.iterations) == ("recovered", 3)
+    feedback = last_user(harness.model.root_requests[1])
+    assert "before" in feedback
+    assert "Traceback" in feedback
+    assert "ZeroDivisionError" in feedback
+    assert "after ok" in last_user(harness.model.root_requests[2])
+
+
+async def test_a_cell_past_its_time_limit_is_interrupted_and_the_session_lives_on(
+        harness: Harness) -> None:
+    harness.model.script(
+        "",
+        repl("before = 'still here'\nimport time\ntime.sleep(30)"),
+        "FINAL_VAR(before)",
+    )
+    started = time.monotonic()
+    result = await harness.new_run("q", "c", cell_timeout_ms=300).run()
+    assert time.monotonic() - started < 10
+    assert (result.answer, result.stop_reason) == ("still here", "final_var")
+    feedback = last_user(harness.model.root_requests[1])
+    assert "KeyboardInterrupt" in feedback
+    assert "ran past its 300 ms limit" in feedback
+
+
+async def test_blocks_in_other_languages_or_untagged_are_not_run(harness: Harness) -> None:
+    harness.model.script(
+        "",
+        "```bash\necho hi\n```\n```\nprint('untagged')\n```\n```python\nprint('ran')\n```",
+        "Let me think.",
+        "FINAL(done)",
+    )
+    result = await harness.new_run("q", "c").run()
+    assert result.answer == "done"
+    feedback = last_user(harness.model.root_requests[1])
+    assert "Block 1 (```bash) was not run" in feedback
+    assert "Block 2 has no language tag and was not run" in feedback
+    assert "REPL output of block 3:\nran" in feedback
+    assert "untagged" not in feedback.replace("Block 2 has no language tag", "")
+    assert "no ```repl block and no FINAL" in last_user(harness.model.root_requests[2])
+
+
+@pytest.mark.parametrize(("last_reply", "answer"), [
+    ("The answer is 7.", "The answer is 7."),
+    ("FINAL(7)", "7"),
+])
+async def test_iteration_limit_asks_once_more_for_an_answer(
+        harness: Harness, last_reply: str, answer: str) -> None:
+    harness.model.script("", repl("a = 1"), repl("b = 2"), last_reply)
+    result = await harness.new_run("q", "c", max_iterations=2).run()
+    assert (result.answer, result.stop_reason, result.iterations) == (answer, "max_iterations", 2)
+    assert len(harness.model.root_requests) == 3
+    assert "You have used all 2 steps" in last_user(harness.model.root_requests[2])
+    assert "iteration limit of 2" in result.detail
+
+
+async def test_sub_calls_answer_in_order_within_the_concurrency_bound(
+        harness: Harness) -> None:
+    # Later prompts answer sooner, so order is only kept if the loop keeps it.
+    harness.model.sub_delay = lambda prompt: 0.05 * (5 - int(prompt[-1])) if (
+        prompt.startswith("item")) else 0.0
+    harness.model.script(
+        "",
+        repl("answers = llm_query_batched([f'item {i}' for i in range(5)])\n"
+             "single = llm_query('single')\nprint(answers)\nprint(single)\n"
+             "print(llm_query('z' * 30000))"),
+        "FINAL_VAR(answers)",
+    )
+    result = await harness.new_run("q", "c", sub_call_concurrency=2).run()
+    expected = [f"answer to item {i}" for i in range(5)]
+    assert result.answer == str(expected)
+    assert result.sub_calls == 7
+    assert harness.model.max_active_subs == 2
+    assert sorted(harness.model.sub_prompts) == sorted([f"item {i}" for i in range(5)]
+                                                        + ["single"])
+    feedback = last_user(harness.model.root_requests[1])
+    assert str(expected) in feedback
+    assert "answer to single" in feedback
+    assert "Error: the prompt is 30000 characters" in feedback
+    assert result.sub_call_tokens.total_tokens > 0
+    root_tokens = result.tokens.total_tokens - result.sub_call_tokens.total_tokens
+    assert root_tokens > 0
+    assert sum(isinstance(e, SubCallAnswered) for e in harness.events) == 7
+
+
+async def test_token_budget_stops_with_the_last_reply(harness: Harness) -> None:
+    first = repl("print(len(context))")
+    harness.model.script("", first, "FINAL(never reached)")
+    result = await harness.new_run("q", "c", token_budget=100).run()
+    assert result.stop_reason == "token_budget"
+    assert result.answer == first
+    assert result.iterations == 1
+    assert "token budget of 100" in result.detail
+    assert result.tokens.total_tokens >= 100
+    assert len(harness.model.root_requests) == 1
+
+
+async def test_sub_calls_stop_when_the_token_budget_is_spent(harness: Harness) -> None:
+    # The stand-in counts words: each sub-call costs about 3000 tokens, the first reply ~500.
+    harness.model.script(
+        "",
+        repl("answers = llm_query_batched(['w ' * 1500] * 3)\n"
+             "print([a[:20] for a in answers])\nllm_query('one more')"),
+        "FINAL(never reached)",
+    )
+    result = await harness.new_run("q", "c", token_budget=5000, sub_call_concurrency=1).run()
+    assert (result.stop_reason, result.iterations) == ("token_budget", 1)
+    assert result.sub_calls == 3
+    assert result.sub_call_tokens.total_tokens > 5000 - 1000
+    [iteration] = read_trajectory(result.run_id, harness.runs_dir).iterations
+    output = iteration.code[0].output
+    assert "['answer to w w w w w ', 'answer to w w w w w ', \"Error: the run's tok\"]" in output
+    assert "RuntimeError: llm_query failed:" in output
+    assert "spent its token budget of 5000" in output
+    assert len(harness.model.sub_prompts) == 2
+
+
+async def test_run_timeout_stops_a_long_cell_with_the_last_reply(harness: Harness) -> None:
+    slow = repl("import time\ntime.sleep(8)")
+    harness.model.script("", slow, "FINAL(never reached)")
+    started = time.monotonic()
+    result = await harness.new_run("q", "c", run_timeout_s=1.0).run()
+    assert time.monotonic() - started < 5
+    assert (result.stop_reason, result.answer) == ("timeout", slow)
+    assert "time limit of 1 s" in result.detail
+    assert harness.manager is not None
+    assert len(harness.manager) == 0
+
+
+async def test_too_large_context_fails_before_anything_runs(harness: Harness) -> None:
+    run = harness.new_run("q", "x" * 11, max_context_length=10)
+    with pytest.raises(ContextSizeExceededError) as caught:
+        await run.run()
+    assert (caught.value.actual, caught.value.maximum) == (11, 10)
+    assert harness.runs == {}
+    assert harness.model.root_requests == []
+    assert json_lines(run.trajectory_path) == []
+
+
+async def test_depth_below_max_depth_makes_sub_calls_recursive_runs(harness: Harness) -> None:
+    harness.model.script("", repl("print(llm_query('what is 2+2'))"), "FINAL(parent done)")
+    harness.model.script("what is 2+2", repl("four = 2 + 2"), "FINAL_VAR(four)")
+    result = await harness.new_run("q", "c", max_depth=2).run()
+    assert result.answer == "parent done"
+    assert "REPL output:\n4" in last_user(harness.model.root_requests[-1])
+    assert len(harness.runs) == 2
+    child_id = next(run_id for run_id in harness.runs if run_id != result.run_id)
+    child = read_trajectory(child_id, harness.runs_dir)
+    assert child.meta.parent_run_id == result.run_id
+    assert child.meta.depth == 1
+    assert child.final is not None
+    assert child.final.stop_reason == "final_var"
+    parent = read_trajectory(result.run_id, harness.runs_dir)
+    assert parent.iterations[0].sub_calls[0].child_run_id == child_id
+    assert result.sub_calls == 1
+    assert harness.model.sub_prompts == []
+
+
+async def test_max_depth_zero_is_one_plain_call(harness: Harness) -> None:
+    result = await harness.new_run("what?", "some text", max_depth=0).run()
+    # No system prompt: the scripted model answers it like any plain prompt.
+    assert (result.answer, result.stop_reason, result.iterations) == (
+        "answer to some text\n\nwhat?", "direct", 0)
+    assert harness.runs == {}
+    assert harness.model.root_requests == []
+
+
+async def test_long_conversations_fold_and_final_var_still_works(harness: Harness) -> None:
+    harness.model.script(
+        "",
+        repl("first_var = 'kept across the fold'\nprint('y' * 3000)"),
+        repl("print('z' * 3000)"),
+        repl("print('w' * 3000)"),
+        "FINAL_VAR(first_var)",
+    )
+    run = harness.new_run("q", "c", context_window_tokens=1500, keep_last_turns=1)
+    result = await run.run()
+    assert (result.answer, result.stop_reason) == ("kept across the fold", "final_var")
+    assert result.folds >= 1
+    assert "context_compression" in harness.backend.operations
+    folded = harness.model.root_requests[-1]
+    assert len(folded) < 2 + 2 * 3
+    assert "SUMMARY: the first step stored its result in first_var." in folded[1]["content"]
+    assert "first_var" in folded[1]["content"].rsplit("\n", 1)[-1]
+    summary_request = harness.model.summary_requests[0]
+    assert "first_var = 'kept across the fold'" in summary_request[-1]["content"]
+    trajectory = read_trajectory(result.run_id, harness.runs_dir)
+    folds = [record.fold for record in trajectory.iterations if record.fold is not None]
+    # Early on only the newest output is too long: it is cut, nothing is summarised yet.
+    assert [(f.method, f.folded_turns > 0) for f in folds][-1] == ("model", True)
+    assert all(f.tokens_after < f.tokens_before for f in folds)
+
+
+async def test_trajectory_file_holds_the_whole_run(harness: Harness) -> None:
+    harness.model.script("", repl("r = llm_query('sub')\nprint(r)"), "FINAL(all done)")
+    result = await harness.new_run("what happened?", ["a", "bb"]).run()
+    path = Path(result.trajectory_path)
+    assert path.parent == harness.runs_dir
+    lines = json_lines(path)
+    assert [line["kind"] for line in lines] == ["meta", "iteration", "iteration", "final"]
+    trajectory = read_trajectory(result.run_id, harness.runs_dir)
+    assert trajectory == read_trajectory(path)
+    meta = trajectory.meta
+    assert (meta.query, meta.model, meta.context_type, meta.context_chars,
+            meta.context_chunks) == ("what happened?", MODEL, "list", 3, 2)
+    assert meta.config.trajectory_dir == str(harness.runs_dir)
+    assert "list of 2 items" in meta.system_prompt
+    first = trajectory.iterations[0]
+    assert first.code[0].executed
+    assert first.code[0].status == "ok"
+    assert first.code[0].output == "answer to sub"
+    assert first.sub_calls[0].prompt == "sub"
+    assert first.sub_calls[0].answer == "answer to sub"
+    assert first.sub_calls[0].tokens.total_tokens > 0
+    assert "REPL output:\nanswer to sub" in first.feedback
+    second = trajectory.iterations[1]
+    assert (second.final_kind, second.final_value, second.feedback) == ("final", "all done", "")
+    assert trajectory.final is not None
+    assert (trajectory.final.answer, trajectory.final.stop_reason,
+            trajectory.final.sub_calls) == ("all done", "final", 1)
+    assert trajectory.final.tokens == result.tokens
+    text = render_trajectory(trajectory)
+    for piece in ("what happened?", "Iteration 1", "Iteration 2", "r = llm_query('sub')",
+                  "| answer to sub", "Finished: final", "all done"):
+        assert piece in text
+    [summary] = list_runs(harness.runs_dir)
+    assert (summary.run_id, summary.stop_reason, summary.iterations,
+            summary.answer) == (result.run_id, "final", 2, "all done")
+
+
+def test_a_trajectory_cut_off_mid_write_still_reads(tmp_path: Path) -> None:
+    meta = {"kind": "meta", "run_id": "r1", "query": "q", "model": "m", "context_type": "str",
+            "context_chars": 1, "context_chunks": 1, "config": {}, "started_at": 1.0}
+    path = tmp_path / "r1.jsonl"
+    path.write_text(json.dumps(meta) + '\n{"kind": "iteration", "run_id": "r1", "itera')
+    trajectory = read_trajectory("r1", tmp_path)
+    assert (trajectory.iterations, trajectory.final) == ([], None)
+    assert "Not finished" in render_trajectory(trajectory)
+    [summary] = list_runs(tmp_path)
+    assert (summary.run_id, summary.stop_reason) == ("r1", None)
+
+
+async def test_needle_in_a_haystack_of_a_million_lines(harness: Harness) -> None:
+    lines = [f"line {i}: filler" for i in range(1_000_000)]
+    lines[637_281] = "line 637281: the magic number is 9048213"
+    context = "\n".join(lines)
+    harness.model.script(
+        "",
+        repl("hits = [line for line in context.splitlines() if 'magic' in line]\n"
+             "print(len(hits), hits)"),
+        repl("answer = hits[0].rsplit(' ', 1)[1]\nprint(answer)") + "\nFINAL_VAR(answer)",
+    )
+    result = await harness.new_run("What is the magic number?", context).run()
+    assert (result.answer, result.stop_reason) == ("9048213", "final_var")
+    system = harness.model.root_requests[0][0]["content"]
+    assert f"str with {len(context)} total characters" in system
+    assert "1 ['line 637281: the magic number is 9048213']" in last_user(
+        harness.model.root_requests[1])
