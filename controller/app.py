@@ -1,80 +1,24 @@
-"""The controller's HTTP API: status, metrics, jobs, and the llm_query callback."""
+"""The controller's HTTP API: status, metrics, jobs, RLM runs, the OpenAI front."""
 
 from __future__ import annotations
 
-import hmac
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import asyncio
+from typing import Any
 
+import msgspec
 from aiohttp import web
 
-from kowalski.common.errors import AuthError, KowalskiError
-from kowalski.common.http import (
-    errors_middleware,
-    json_response,
-    read_body,
-)
-from kowalski.common.messages import (
-    JobRequest,
-    LlmAnswer,
-    LlmQuery,
-    WireError,
-)
-from kowalski.common.signing import Verifier
-from kowalski.controller.cluster import Cluster
-from kowalski.controller.dispatch import Dispatcher
-from kowalski.controller.llm_router import LlmRouter
-from kowalski.controller.status import (
-    JobCounters,
-    RunSummary,
-    Status,
-    device_statuses,
-    prometheus_text,
-)
+from kowalski.common.errors import AuthError, KowalskiError, ParseError
+from kowalski.common.http import errors_middleware, json_response, read_body
+from kowalski.common.messages import JobRequest, LlmAnswer, LlmQuery, WireError
+from kowalski.controller.openai_front import chat_completions, list_models
+from kowalski.controller.rlm import RlmEvent
+from kowalski.controller.runs import RunRequest
+from kowalski.controller.state import STATE, ControllerState, require_token
+from kowalski.controller.status import device_statuses, prometheus_text
+from kowalski.controller.trajectory import list_runs, read_trajectory, run_dir
 
-VERSION = "0.1.0"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SubCallHandler = Callable[[list[str]], Awaitable[list[str]]]
-
-
-@dataclass
-class ControllerState:
-    """What the handlers reach."""
-
-    cluster: Cluster
-    dispatcher: Dispatcher
-    router: LlmRouter
-    verifier: Verifier | None
-    api_token: bytes | None
-    jobs: JobCounters = field(default_factory=JobCounters)
-    # Run token -> the run's sub-call handler, for llm_query() from sessions.
-    sub_calls: dict[str, SubCallHandler] = field(default_factory=dict)
-    runs: Callable[[], list[RunSummary]] = field(default=lambda: [])
-    cache_stats: Callable[[], dict[str, int]] = field(default=lambda: {})
-
-    def status(self) -> Status:
-        return Status(
-            version=VERSION, time=time.time(),
-            devices=device_statuses(self.cluster.table, self.cluster.clock()),
-            endpoints=self.router.views(), jobs=self.jobs, runs=self.runs(),
-            cache=self.cache_stats(),
-        )
-
-
-STATE = web.AppKey("state", ControllerState)
-
-
-def require_token(request: web.Request) -> None:
-    """Writes need the bearer token when one is configured."""
-    token = request.app[STATE].api_token
-    if token is None:
-        return
-    given = request.headers.get("Authorization", "")
-    if not given.startswith("Bearer "):
-        raise AuthError("this controller needs 'Authorization: Bearer <token>' for writes")
-    if not hmac.compare_digest(given.removeprefix("Bearer ").strip().encode(), token):
-        raise AuthError("wrong bearer token")
+_encoder = msgspec.json.Encoder()
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -93,16 +37,8 @@ async def get_metrics(request: web.Request) -> web.Response:
 
 async def post_job(request: web.Request) -> web.Response:
     require_token(request)
-    state = request.app[STATE]
     job = await read_body(request, JobRequest)
-    state.jobs.submitted += 1
-    try:
-        result = await state.dispatcher.run_job(job)
-    except KowalskiError:
-        state.jobs.failed += 1
-        raise
-    state.jobs.succeeded += 1
-    return json_response(result)
+    return json_response(await request.app[STATE].dispatcher.run_job(job))
 
 
 async def post_llm_query(request: web.Request) -> web.Response:
@@ -112,16 +48,63 @@ async def post_llm_query(request: web.Request) -> web.Response:
     if state.verifier is not None:
         state.verifier.verify(request.method, request.path_qs, request.headers, body)
     query = await read_body(request, LlmQuery)
-    handler = state.sub_calls.get(query.token)
-    if handler is None:
-        raise AuthError("unknown or finished run token")
     try:
-        answers = await handler(query.prompts)
+        answers = await state.runs.answer(query.token, query.prompts, query.model)
     except KowalskiError as exc:
         error = WireError(code=exc.code, message=exc.user_message(),
                           retryable=exc.is_recoverable)
         return json_response(LlmAnswer(answers=[], error=error))
+    if answers is None:
+        raise AuthError("unknown or finished run token")
     return json_response(LlmAnswer(answers=answers))
+
+
+async def post_run(request: web.Request) -> web.StreamResponse:
+    """Run one RLM job; with "stream": true, NDJSON events and then the result."""
+    require_token(request)
+    state = request.app[STATE]
+    run = await read_body(request, RunRequest)
+    if not run.stream:
+        return json_response(await state.runs.run(run))
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    events: asyncio.Queue[RlmEvent] = asyncio.Queue()
+    task = asyncio.create_task(state.runs.run(run, observer=events.put_nowait))
+    try:
+        while not task.done() or not events.empty():
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                await response.write(_encoder.encode(getter.result()) + b"\n")
+            else:
+                getter.cancel()
+        result: Any = {"kind": "result", "result": task.result()}
+    except KowalskiError as exc:
+        result = {"kind": "error", "error": WireError(
+            code=exc.code, message=exc.user_message(), retryable=exc.is_recoverable)}
+    finally:
+        if not task.done():
+            task.cancel()
+    await response.write(_encoder.encode(result) + b"\n")
+    await response.write_eof()
+    return response
+
+
+async def get_runs(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    stored = await asyncio.to_thread(list_runs, state.runs.config.trajectory_dir)
+    return json_response({"live": state.runs.summaries(), "stored": stored[:200]})
+
+
+async def get_run(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    run_id = request.match_info["run_id"]
+    if not run_id.replace("-", "").isalnum():
+        raise ParseError(f"not a run id: {run_id!r}")
+    directory = run_dir(state.runs.config.trajectory_dir)
+    if not (directory / f"{run_id}.jsonl").is_file():
+        raise web.HTTPNotFound(text=f"no run {run_id} in {directory}")
+    return json_response(await asyncio.to_thread(read_trajectory, run_id, directory))
 
 
 def make_app(state: ControllerState, *, max_body_bytes: int) -> web.Application:
@@ -132,4 +115,9 @@ def make_app(state: ControllerState, *, max_body_bytes: int) -> web.Application:
     app.router.add_get("/metrics", get_metrics)
     app.router.add_post("/v1/jobs", post_job)
     app.router.add_post("/v1/llm/query", post_llm_query)
+    app.router.add_post("/v1/runs", post_run)
+    app.router.add_get("/v1/runs", get_runs)
+    app.router.add_get("/v1/runs/{run_id}", get_run)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
     return app

@@ -93,6 +93,25 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args, devices_only=args.command == "devices")
 
 
+def _run(args: argparse.Namespace) -> int:
+    from kowalski.controller.cli_run import run_command
+
+    url = "" if args.local else _default_url(args)
+    return run_command(args, _load(args), url)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from kowalski.controller.cli_run import batch_command
+
+    return batch_command(args, _load(args))
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from kowalski.controller.cli_run import runs_command
+
+    return runs_command(args, _load(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kowalski-ctl", description=__doc__)
     parser.add_argument("-c", "--config", help="config file (TOML)")
@@ -120,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--url", help="controller URL (default: from the config)")
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         sub.set_defaults(handler=_status)
+
+    from kowalski.controller.cli_run import add_commands
+
+    add_commands(commands)
+    for name, handler in (("run", _run), ("batch", _batch), ("runs", _runs)):
+        commands.choices[name].set_defaults(handler=handler)
     return parser
 
 
@@ -136,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNAVAILABLE if exc.is_recoverable else EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        print(f"kowalski-ctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return code
 
 

@@ -15,6 +15,7 @@ from kowalski.controller.cluster import Cluster
 from kowalski.controller.device_table import DeviceRow, DeviceTable, JobAssigned, JobReleased
 from kowalski.controller.retry import RetryPolicy, retry
 from kowalski.controller.scoring import Operation, select
+from kowalski.controller.status import JobCounters
 
 T = TypeVar("T")
 # Time a call may take beyond the job's own limit (queueing, compile, transfer).
@@ -51,6 +52,7 @@ class Dispatcher:
         self.client = client
         self._policy = policy
         self._rng = rng or random.Random()
+        self.counters = JobCounters()
 
     def select(self, operation: Operation, *, language: str | None = None,
                exclude: frozenset[DeviceId] = frozenset()) -> DeviceRow:
@@ -64,6 +66,9 @@ class Dispatcher:
             self.cluster.wait_for(_device_down(device_id), timeout_s=math.inf))
         try:
             done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
         finally:
             watcher.cancel()
         if task in done:
@@ -112,7 +117,11 @@ class Dispatcher:
                     tried.add(row.device_id)
                 raise
 
-        return await retry(attempt, self._policy, is_retryable=_is_device_fault, rng=self._rng)
+        def rerouted(attempt: int, error: Exception, delay_ms: float) -> None:
+            self.counters.rerouted += 1
+
+        return await retry(attempt, self._policy, is_retryable=_is_device_fault, rng=self._rng,
+                           on_retry=rerouted)
 
     async def run_job(self, request: JobRequest) -> JobResult:
         """Run a code job somewhere; the same job id goes with every attempt."""
@@ -126,5 +135,12 @@ class Dispatcher:
                                      f"{result.error.message}")
             return result
 
-        return await self.with_failover("code_execution", request.job_id, call,
-                                        language=request.language)
+        self.counters.submitted += 1
+        try:
+            result = await self.with_failover("code_execution", request.job_id, call,
+                                              language=request.language)
+        except Exception:
+            self.counters.failed += 1
+            raise
+        self.counters.succeeded += 1
+        return result

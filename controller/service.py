@@ -11,19 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config
 from kowalski.common.signing import Verifier
 from kowalski.common.tls import client_ssl_context, server_ssl_context
-from kowalski.controller.app import ControllerState, make_app
+from kowalski.controller.app import make_app
+from kowalski.controller.cache import CachedBackend, ResultCache
 from kowalski.controller.circuit import CircuitPolicy
 from kowalski.controller.cluster import Cluster
 from kowalski.controller.dispatch import Dispatcher
 from kowalski.controller.embedded_model import MODEL_NAME, EmbeddedModel
 from kowalski.controller.llm_router import LlmRouter
 from kowalski.controller.retry import RetryPolicy
+from kowalski.controller.runs import RunRegistry
+from kowalski.controller.state import ControllerState
 
 log = logging.getLogger("kowalski.controller")
 
@@ -51,7 +55,7 @@ def _read_token(path: str) -> bytes | None:
 @asynccontextmanager
 async def services(config: Config, *, secret: bytes | None, embedded_model: bool = True,
                    mdns_interfaces: list[str] | None = None) -> AsyncIterator[Services]:
-    """Start everything but the HTTP site; background loops stop on exit."""
+    """Start everything, the HTTP site included; everything stops on exit."""
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
         ssl = client_ssl_context(config.security)
@@ -66,8 +70,6 @@ async def services(config: Config, *, secret: bytes | None, embedded_model: bool
             stack.push_async_callback(model.close)
             urls = [await model.start()]
             if not exo_config.default_model:
-                import msgspec
-
                 exo_config = msgspec.structs.replace(exo_config, default_model=MODEL_NAME)
         router = LlmRouter(config=exo_config, urls=urls, session=http,
                            policy=RetryPolicy.from_config(config.controller),
@@ -78,21 +80,28 @@ async def services(config: Config, *, secret: bytes | None, embedded_model: bool
                                 policy=RetryPolicy.from_config(config.controller))
         verifier = None if secret is None else Verifier(
             secret, clock_skew_s=config.security.clock_skew_s)
-        state = ControllerState(cluster=cluster, dispatcher=dispatcher, router=router,
-                                verifier=verifier,
-                                api_token=_read_token(config.security.api_token_file))
         settings = config.controller
+        # Bound first: sessions need the callback address before the first run.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.host, settings.port))
+        stack.callback(sock.close)
+        port = sock.getsockname()[1]
+        tls = server_ssl_context(config.security)
+        base_url = f"{'https' if tls else 'http'}://{_reachable(settings.host)}:{port}"
+        cache = ResultCache.from_config(config.exo)
+        backend = CachedBackend(router, cache)
+        runs = RunRegistry(config=config.rlm, dispatcher=dispatcher, backend=backend,
+                           callback_url=base_url + "/v1/llm/query",
+                           cell_timeout_s=config.rlm.run_timeout_s)
+        state = ControllerState(cluster=cluster, dispatcher=dispatcher, router=router,
+                                cache=cache, backend=backend, runs=runs, verifier=verifier,
+                                api_token=_read_token(config.security.api_token_file))
         app = make_app(state, max_body_bytes=settings.max_body_bytes)
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((settings.host, settings.port))
-        port = sock.getsockname()[1]
-        tls = server_ssl_context(config.security)
         await web.SockSite(runner, sock, ssl_context=tls).start()
-        base_url = f"{'https' if tls else 'http'}://{_reachable(settings.host)}:{port}"
         log.info("controller listening on %s", base_url)
         group = await stack.enter_async_context(asyncio.TaskGroup())
         tasks = [group.create_task(cluster.run(), name="cluster"),

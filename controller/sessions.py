@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -31,7 +32,8 @@ class RemoteSession:
     """Cells run in order on one agent; if it fails, a new agent replays them first."""
 
     def __init__(self, *, dispatcher: Dispatcher, session_id: str, context: Any,
-                 llm_callback: LlmCallback | None, timeout_s: float = 300.0) -> None:
+                 llm_callback: LlmCallback | None, timeout_s: float = 300.0,
+                 on_close: Callable[[], None] | None = None) -> None:
         self._dispatcher = dispatcher
         self.session_id = session_id
         self._context = context
@@ -42,6 +44,7 @@ class RemoteSession:
         self.device_id: str = ""
         self.devices_used: list[str] = []
         self.rebuilds = 0
+        self._on_close = on_close
 
     async def _open_on(self, row: DeviceRow) -> None:
         create = SessionCreate(session_id=self.session_id, context=self._context,
@@ -119,6 +122,8 @@ class RemoteSession:
     async def close(self) -> None:
         """End the session on its agent; idempotent, and quiet if the agent is gone."""
         device_id, self.device_id = self.device_id, ""
+        if self._on_close is not None:
+            self._on_close()
         row = self._dispatcher.cluster.table.devices.get(DeviceId(device_id))
         if row is None:
             return

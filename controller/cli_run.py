@@ -1,0 +1,225 @@
+"""kowalski-ctl run / batch / runs: the main job, many prompts, and past runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import msgspec
+
+from kowalski.common import config as config_module
+from kowalski.common.config import Config
+from kowalski.common.errors import NetworkError, ParseError
+from kowalski.common.tls import loop_factory
+from kowalski.controller.rlm import RlmEvent, RlmResult
+from kowalski.controller.runs import RunRequest
+from kowalski.controller.trajectory import (
+    AnyRlmEvent,
+    CodeExecuted,
+    ContextFolded,
+    ModelReplied,
+    RunStarted,
+    SubCallAnswered,
+    list_runs,
+    read_trajectory,
+    render_trajectory,
+)
+
+# Stop reasons that mean the model gave its answer.
+ANSWERED = frozenset({"final", "final_var", "direct"})
+_SHOWN_CHARS = 1500
+
+
+def _cut(text: str, limit: int = _SHOWN_CHARS) -> str:
+    text = text.rstrip()
+    return text if len(text) <= limit else f"{text[:limit]}… [{len(text) - limit} more chars]"
+
+
+def print_event(event: RlmEvent, out: TextIO) -> None:
+    """One event, as a person watching the run wants to read it."""
+    indent = "  " * event.depth
+    if isinstance(event, RunStarted):
+        out.write(f"{indent}run {event.run_id}: model {event.model or '(default)'}, context "
+                  f"{event.context_type} of {event.context_chars} chars\n")
+    elif isinstance(event, ModelReplied):
+        out.write(f"{indent}── iteration {event.iteration} · model {event.model_ms:.0f} ms · "
+                  f"{event.tokens.total_tokens} tokens\n{_indent(_cut(event.text), indent)}\n")
+    elif isinstance(event, CodeExecuted):
+        out.write(f"{indent}▶ block {event.block} on {event.device_id or '?'}: {event.status} "
+                  f"({event.wall_time_ms:.0f} ms)\n")
+        if event.output.strip():
+            out.write(_indent(_cut(event.output, 800), indent + "│ ") + "\n")
+    elif isinstance(event, SubCallAnswered):
+        out.write(f"{indent}  sub-call: {event.prompt_chars} chars → {event.answer_chars} chars"
+                  f" ({event.latency_ms:.0f} ms){' error: ' + event.error if event.error else ''}"
+                  "\n")
+    elif isinstance(event, ContextFolded):
+        out.write(f"{indent}  folded {event.folded_turns} turns ({event.method}): "
+                  f"{event.tokens_before} → {event.tokens_after} tokens\n")
+    out.flush()
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def print_result(result: RlmResult, out: TextIO) -> None:
+    out.write(f"\n=== answer ({result.stop_reason}"
+              f"{': ' + result.detail if result.detail else ''}) ===\n{result.answer}\n")
+    out.write(f"--- {result.iterations} iterations, {result.sub_calls} sub-calls, "
+              f"{result.tokens.total_tokens} tokens, {result.latency_ms / 1000:.1f} s, "
+              f"devices: {', '.join(result.devices) or '-'}\n"
+              f"--- trajectory: {result.trajectory_path}\n")
+
+
+def exit_code(result: RlmResult) -> int:
+    from kowalski.controller.cli import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
+
+    if result.stop_reason in ANSWERED:
+        return EXIT_OK
+    return EXIT_FAILED if result.stop_reason == "error" else EXIT_INCOMPLETE
+
+
+def _request(args: argparse.Namespace) -> RunRequest:
+    context: Any = ""
+    if args.context_file:
+        path = Path(args.context_file)
+        try:
+            context = path.read_text(errors="replace")
+        except OSError as exc:
+            raise ParseError(f"cannot read the context file {path}: {exc.strerror}") from None
+    return RunRequest(query=args.prompt, context=context, model=args.model or "",
+                      max_iterations=args.max_iterations, stream=True)
+
+
+async def _run_local(config: Config, request: RunRequest, show: bool) -> RlmResult:
+    from kowalski.controller.local import local_cluster
+
+    if show:
+        print("starting a local agent, controller and model…", file=sys.stderr, flush=True)
+    async with local_cluster(config) as running:
+        observer = (lambda event: print_event(event, sys.stdout)) if show else None
+        return await running.state.runs.run(request, observer=observer)
+
+
+async def _run_remote(url: str, request: RunRequest, show: bool, token: str | None
+                      ) -> RlmResult:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
+            url.rstrip("/") + "/v1/runs", data=msgspec.json.encode(request),
+            headers={"Content-Type": "application/json", **headers},
+        ) as response:
+            if response.status != 200:
+                raise NetworkError(f"{url}/v1/runs answered {response.status}: "
+                                   f"{(await response.text())[:500]}")
+            async for line in response.content:
+                item = msgspec.json.decode(line)
+                if item.get("kind") == "result":
+                    return msgspec.convert(item["result"], RlmResult)
+                if item.get("kind") == "error":
+                    raise NetworkError(f"the run failed: {item['error']['message']}")
+                if show:
+                    print_event(msgspec.convert(item, AnyRlmEvent), sys.stdout)
+    except aiohttp.ClientError as exc:
+        raise NetworkError(f"no controller answers at {url}: {exc}; start one with "
+                           "`kowalski-ctl serve`, or pass --local") from None
+    raise NetworkError(f"{url} ended the run's stream without a result")
+
+
+def run_command(args: argparse.Namespace, config: Config, url: str) -> int:
+    request = _request(args)
+    show = not args.json
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        if args.local:
+            result = runner.run(_run_local(config, request, show))
+        else:
+            token = (Path(config.security.api_token_file).expanduser().read_text().strip()
+                     if config.security.api_token_file else None)
+            result = runner.run(_run_remote(url, request, show, token))
+    if args.json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(result)).decode() + "\n")
+    else:
+        print_result(result, sys.stdout)
+    return exit_code(result)
+
+
+async def _batch(config: Config, args: argparse.Namespace) -> int:
+    from kowalski.controller.batch import run_batch_file
+    from kowalski.controller.cache import CachedBackend, ResultCache
+    from kowalski.controller.retry import RetryPolicy
+    from kowalski.controller.service import services
+
+    controller = msgspec.structs.replace(config.controller, host="127.0.0.1", port=0,
+                                         discover_mdns=False, static_agents=[])
+    local = msgspec.structs.replace(config, controller=controller)
+    async with services(local, secret=None) as running:
+        backend = CachedBackend(running.router, ResultCache.from_config(config.exo))
+        model = args.model or running.router.resolve_model("")
+        # The router already retries across endpoints; one more round per item is enough.
+        policy = msgspec.structs.replace(RetryPolicy.from_config(config.controller),
+                                         max_attempts=2)
+        summary = await run_batch_file(
+            args.file, args.output, backend, concurrency=args.concurrency or
+            config.exo.max_concurrency, default_model=model, resume=args.resume,
+            show_progress=sys.stderr.isatty(), policy=policy)
+    print(summary.describe(), file=sys.stderr)
+    from kowalski.controller.cli import EXIT_INCOMPLETE, EXIT_OK
+
+    return EXIT_OK if summary.failed == 0 else EXIT_INCOMPLETE
+
+
+def batch_command(args: argparse.Namespace, config: Config) -> int:
+    if args.output is None:
+        args.output = str(Path(args.file).with_suffix(".out.jsonl"))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(_batch(config, args))
+
+
+def runs_command(args: argparse.Namespace, config: Config) -> int:
+    directory = args.dir or config.rlm.trajectory_dir
+    if args.runs_command == "list":
+        for summary in list_runs(directory)[: args.limit]:
+            print(f"{summary.run_id}  {summary.stop_reason or 'unfinished':<14} "
+                  f"{summary.iterations if summary.iterations is not None else '-':>3} it  "
+                  f"{summary.query[:60]!r}")
+        return 0
+    print(render_trajectory(read_trajectory(args.run_id, directory)))
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    """The run, batch and runs sub-commands of kowalski-ctl."""
+    run = commands.add_parser("run", help="run one RLM job and stream its iterations")
+    run.add_argument("prompt", help="the question or task")
+    run.add_argument("--context-file", help="a (large) text file the model works on")
+    run.add_argument("--model", help="model id (default: exo.default_model or a ready one)")
+    run.add_argument("--max-iterations", type=int, help="override rlm.max_iterations")
+    run.add_argument("--json", action="store_true", help="print only the result, as JSON")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running controller (default: from the config)")
+    where.add_argument("--local", action="store_true",
+                       help="start a local agent and controller (and the embedded model when "
+                            "no exo endpoint is configured) for this run")
+    batch = commands.add_parser("batch", help="run a JSONL file of prompts")
+    batch.add_argument("file", help="input JSONL: {\"id\", \"prompt\"} or {\"messages\"} a line")
+    batch.add_argument("-o", "--output", help="output JSONL (default: FILE.out.jsonl)")
+    batch.add_argument("--model", help="model for lines that name none")
+    batch.add_argument("--concurrency", type=int, help="calls in flight (exo.max_concurrency)")
+    batch.add_argument("--resume", action="store_true", help="skip items already done")
+    runs = commands.add_parser("runs", help="past RLM runs (trajectory files)")
+    runs.add_argument("--dir", help="trajectory directory (default: rlm.trajectory_dir)")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True)
+    listing = runs_commands.add_parser("list", help="newest first")
+    listing.add_argument("--limit", type=int, default=20)
+    show = runs_commands.add_parser("show", help="print one run's trajectory")
+    show.add_argument("run_id")
+
+
+def load(args: argparse.Namespace) -> Config:
+    return config_module.load(args.config)

@@ -1,0 +1,165 @@
+"""RLM runs on the cluster: sessions on agents, sub-calls back through the controller."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from kowalski.common.config import RlmConfig
+from kowalski.common.errors import ContextSizeExceededError
+from kowalski.common.messages import LlmCallback
+from kowalski.controller.dispatch import Dispatcher
+from kowalski.controller.rlm import ChatBackend, RlmEvent, RlmResult, RlmRun, new_run_id
+from kowalski.controller.sessions import RemoteSession
+from kowalski.controller.status import RunSummary
+from kowalski.controller.trajectory import (
+    CodeExecuted,
+    ModelReplied,
+    RunFinished,
+    SubCallAnswered,
+)
+
+log = logging.getLogger(__name__)
+EventListener = Callable[[RlmEvent], None]
+# Summaries of finished runs kept for the status page.
+_KEEP_FINISHED = 50
+
+
+class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/runs: one RLM job."""
+
+    query: str
+    context: Any = None
+    model: str = ""
+    max_iterations: int | None = None
+    max_depth: int | None = None
+    token_budget: int | None = None
+    run_timeout_s: float | None = None
+    # Stream events as NDJSON while the run goes, then the result.
+    stream: bool = False
+
+
+class _Live:
+    """A run's live numbers, for the status page."""
+
+    def __init__(self, run_id: str, query: str) -> None:
+        self.summary = RunSummary(run_id=run_id, query=query[:200], status="running",
+                                  iterations=0, sub_calls=0, tokens=0,
+                                  started_at=time.time(), devices=[])
+
+    def update(self, event: RlmEvent) -> None:
+        summary = self.summary
+        if isinstance(event, ModelReplied) and event.depth == 0:
+            summary = msgspec.structs.replace(
+                summary, iterations=max(summary.iterations, event.iteration),
+                tokens=summary.tokens + event.tokens.total_tokens)
+        elif isinstance(event, SubCallAnswered):
+            summary = msgspec.structs.replace(summary, sub_calls=summary.sub_calls + 1,
+                                              tokens=summary.tokens + event.tokens.total_tokens)
+        elif isinstance(event, CodeExecuted) and event.device_id not in summary.devices:
+            summary = msgspec.structs.replace(summary,
+                                              devices=[*summary.devices, event.device_id])
+        elif isinstance(event, RunFinished) and event.depth == 0:
+            result = event.result
+            summary = msgspec.structs.replace(
+                summary, status="finished" if result.error is None else "failed",
+                iterations=result.iterations, sub_calls=result.sub_calls,
+                tokens=result.tokens.total_tokens, devices=result.devices,
+                stop_reason=result.stop_reason)
+        self.summary = summary
+
+
+class RunRegistry:
+    """Starts runs, answers their sessions' llm_query calls, and lists them."""
+
+    def __init__(self, *, config: RlmConfig, dispatcher: Dispatcher, backend: ChatBackend,
+                 callback_url: str, cell_timeout_s: float = 300.0) -> None:
+        self.config = config
+        self._dispatcher = dispatcher
+        self._backend = backend
+        self._callback_url = callback_url
+        self._cell_timeout_s = cell_timeout_s
+        # Token -> run, for sub-calls; tokens die with their run.
+        self._tokens: dict[str, RlmRun] = {}
+        self._live: OrderedDict[str, _Live] = OrderedDict()
+        self._listeners: list[EventListener] = []
+
+    def subscribe(self, listener: EventListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def summaries(self) -> list[RunSummary]:
+        return [live.summary for live in reversed(self._live.values())]
+
+    async def answer(self, token: str, prompts: list[str], model: str = "") -> list[str] | None:
+        """Sub-call answers for the run holding token, or None for an unknown token."""
+        run = self._tokens.get(token)
+        if run is None:
+            return None
+        return await run.answer_sub_calls(prompts, model=model)
+
+    async def _session(self, context: Any, run: RlmRun) -> RemoteSession:
+        token = secrets.token_urlsafe(24)
+        self._tokens[token] = run
+        session = RemoteSession(
+            dispatcher=self._dispatcher, session_id=f"{run.run_id}-{secrets.token_hex(3)}",
+            context=context,
+            llm_callback=LlmCallback(url=self._callback_url, token=token, depth=run.depth + 1),
+            timeout_s=self._cell_timeout_s, on_close=lambda: self._forget(token))
+        try:
+            await session.open()
+        except BaseException:
+            self._tokens.pop(token, None)
+            raise
+        return session
+
+    def _forget(self, token: str) -> None:
+        self._tokens.pop(token, None)
+
+    def _overrides(self, request: RunRequest) -> RlmConfig:
+        changes = {key: value for key, value in (
+            ("max_iterations", request.max_iterations), ("max_depth", request.max_depth),
+            ("token_budget", request.token_budget), ("run_timeout_s", request.run_timeout_s),
+        ) if value is not None}
+        return msgspec.structs.replace(self.config, **changes) if changes else self.config
+
+    def _check_context(self, context: Any) -> None:
+        size = len(context) if isinstance(context, str) else len(msgspec.json.encode(context))
+        if size > self.config.max_context_length:
+            raise ContextSizeExceededError(size, self.config.max_context_length)
+
+    async def run(self, request: RunRequest, *, observer: EventListener | None = None
+                  ) -> RlmResult:
+        """Run one RLM job to its end; events go to observer and to subscribers."""
+        self._check_context(request.context)
+        run_id = new_run_id()
+        live = self._live[run_id] = _Live(run_id, request.query)
+        while len(self._live) > _KEEP_FINISHED:
+            oldest = next(iter(self._live))
+            if self._live[oldest].summary.status == "running":
+                break
+            del self._live[oldest]
+
+        def observe(event: RlmEvent) -> None:
+            live.update(event)
+            for listener in [*self._listeners, *([observer] if observer else [])]:
+                try:
+                    listener(event)
+                except Exception:
+                    log.exception("run event listener failed")
+
+        run = RlmRun(request.query, request.context, backend=self._backend,
+                     session_factory=self._session, config=self._overrides(request),
+                     model=request.model, observer=observe, run_id=run_id)
+        try:
+            return await run.run()
+        except asyncio.CancelledError:
+            live.summary = msgspec.structs.replace(live.summary, status="cancelled")
+            raise

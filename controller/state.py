@@ -1,0 +1,58 @@
+"""What the controller's HTTP handlers reach, and the bearer-token check for writes."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from kowalski.common.errors import AuthError
+from kowalski.common.signing import Verifier
+from kowalski.controller.cache import CachedBackend, ResultCache
+from kowalski.controller.cluster import Cluster
+from kowalski.controller.dispatch import Dispatcher
+from kowalski.controller.llm_router import LlmRouter
+from kowalski.controller.runs import RunRegistry
+from kowalski.controller.status import Status, device_statuses
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class ControllerState:
+    cluster: Cluster
+    dispatcher: Dispatcher
+    router: LlmRouter
+    cache: ResultCache
+    backend: CachedBackend
+    runs: RunRegistry
+    verifier: Verifier | None
+    api_token: bytes | None
+
+    def status(self) -> Status:
+        stats = self.cache.stats()
+        return Status(
+            version=VERSION, time=time.time(),
+            devices=device_statuses(self.cluster.table, self.cluster.clock()),
+            endpoints=self.router.views(), jobs=self.dispatcher.counters,
+            runs=self.runs.summaries(),
+            cache={"hits": stats.hits, "misses": stats.misses, "entries": stats.entries,
+                   "evictions": stats.evictions},
+        )
+
+
+STATE = web.AppKey("state", ControllerState)
+
+
+def require_token(request: web.Request) -> None:
+    """Writes need the bearer token when one is configured."""
+    token = request.app[STATE].api_token
+    if token is None:
+        return
+    given = request.headers.get("Authorization", "")
+    if not given.startswith("Bearer "):
+        raise AuthError("this controller needs 'Authorization: Bearer <token>' for writes")
+    if not hmac.compare_digest(given.removeprefix("Bearer ").strip().encode(), token):
+        raise AuthError("wrong bearer token")
