@@ -14,12 +14,12 @@ import aiohttp
 import openai
 import pytest
 import tomli_w
-
 from controller_env import controller_config, healthy_ids, running_controller, start_agents
 from exo_standin import DEFAULT_MODEL, STANDIN, make_exo_app
+from procs import AgentProcess
+
 from kowalski.controller.runs import RunRequest
 from kowalski.controller.service import Services
-from procs import AgentProcess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -119,11 +119,11 @@ async def test_context_over_the_limit_is_refused_before_anything_runs(
 ) -> None:
     config = controller_config(agents, [str(exo.make_url("")).rstrip("/")], tmp_path,
                                rlm={"max_context_length": 10})
-    async with running_controller(config) as running, aiohttp.ClientSession() as session:
-        async with session.post(running.base_url + "/v1/runs",
-                                json={"query": "q", "context": "x" * 11}) as response:
-            assert response.status == 413
-            assert "11 characters, over the limit of 10" in await response.text()
+    async with running_controller(config) as running, aiohttp.ClientSession() as session, \
+            session.post(running.base_url + "/v1/runs",
+                         json={"query": "q", "context": "x" * 11}) as response:
+        assert response.status == 413
+        assert "11 characters, over the limit of 10" in await response.text()
     assert exo.app[STANDIN].counts["/v1/chat/completions"] == 0
 
 
