@@ -2,7 +2,8 @@
 # Sets everything up, then runs ruff, mypy (strict on kowalski.*) and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "model,test"
+# chromium: the dashboard's browser tests (driven by Playwright, never downloaded).
+KOWALSKI_EXTRA_APT="chromium" bash scripts/setup.sh "model,test"
 
 .venv/bin/ruff check .
 # mypy reads the sources through a tree shaped like the installed namespace.
