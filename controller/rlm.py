@@ -15,55 +15,56 @@ import inspect
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import msgspec
 
 from kowalski.common.code_blocks import CodeBlock, extract_code_blocks
 from kowalski.common.config import RlmConfig
-from kowalski.common.errors import (
-    BudgetExceededError,
-    CancelledJobError,
-    ContextSizeExceededError,
-    KowalskiError,
-)
-from kowalski.common.messages import CellResult, VariableValue, WireError
+from kowalski.common.errors import ContextSizeExceededError, KowalskiError
+from kowalski.common.messages import WireError
 from kowalski.controller import rlm_prompts as prompts
 from kowalski.controller.chat_types import ChatMessage, ChatRequest, ChatResult
-from kowalski.controller.folding import (
-    CHARS_PER_TOKEN,
-    estimate_tokens,
-    fold,
-    names_in,
-    needs_fold,
-)
-from kowalski.controller.trajectory import (
-    SUB_CALL_CHARS,
+from kowalski.controller.folding import estimate_tokens, fold, names_in, needs_fold
+from kowalski.controller.rlm_events import (
+    AnyRlmEvent,
+    ChatBackend,
     CodeExecuted,
-    CodeRecord,
+    CodeSession,
     ContextFolded,
-    FinalRecord,
-    FoldRecord,
-    IterationRecord,
     IterationStarted,
     ModelReplied,
+    Observer,
     RlmEvent,
     RlmResult,
     RunFinished,
-    RunMeta,
     RunStarted,
+    SessionFactory,
     StepTiming,
+    Stop,
     StopReason,
     SubCallAnswered,
-    SubCallRecord,
     TokenCount,
+    budget_stop,
+    chat_tokens,
+    limit_stop,
+)
+from kowalski.controller.rlm_subcalls import SubCalls
+from kowalski.controller.trajectory import (
+    CodeRecord,
+    FinalRecord,
+    FoldRecord,
+    IterationRecord,
+    RunMeta,
     TrajectoryWriter,
 )
 
+# The interfaces, events and result are defined in rlm_events and re-exported for callers.
 __all__ = [
-    "ChatBackend", "CodeSession", "Observer", "RlmEvent", "RlmResult", "RlmRun",
-    "SessionFactory", "StopReason", "new_run_id",
+    "AnyRlmEvent", "ChatBackend", "CodeExecuted", "CodeSession", "ContextFolded",
+    "IterationStarted", "ModelReplied", "Observer", "RlmEvent", "RlmResult", "RlmRun",
+    "RunFinished", "RunStarted", "SessionFactory", "StepTiming", "StopReason",
+    "SubCallAnswered", "TokenCount", "new_run_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,53 +73,9 @@ log = logging.getLogger(__name__)
 FINAL_VAR_MAX_CHARS = 1_000_000
 
 
-class ChatBackend(Protocol):
-    """Where model calls go (the router over exo endpoints, or one client)."""
-
-    async def chat(self, request: ChatRequest, *, operation: str = "llm_inference"
-                   ) -> ChatResult: ...
-
-
-class CodeSession(Protocol):
-    """A persistent Python session holding `context`."""
-
-    # Where it runs now; may change after a failover.
-    device_id: str
-
-    async def execute(self, code: str, *, timeout_ms: int | None = None) -> CellResult: ...
-
-    async def get_variable(self, name: str, max_chars: int = 100_000) -> VariableValue: ...
-
-    async def close(self) -> None: ...
-
-
-SessionFactory = Callable[[Any, "RlmRun"], Awaitable[CodeSession]]
-Observer = Callable[[RlmEvent], "Awaitable[None] | None"]
-
-
-class _Stop(msgspec.Struct, frozen=True, kw_only=True):
-    reason: StopReason
-    answer: str
-    detail: str = ""
-    error: WireError | None = None
-
-
 def new_run_id() -> str:
     """A fresh, sortable run id that is safe in URLs and file names."""
     return f"rlm-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
-
-
-def _usage(result: ChatResult, messages: list[ChatMessage]) -> TokenCount:
-    """Tokens a call used, estimated from lengths when the server reports none."""
-    if result.usage is not None:
-        usage = result.usage
-        total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
-        return TokenCount(prompt_tokens=usage.prompt_tokens,
-                          completion_tokens=usage.completion_tokens, total_tokens=total)
-    prompt = estimate_tokens(messages)
-    completion = len(result.text) // CHARS_PER_TOKEN + 1
-    return TokenCount(prompt_tokens=prompt, completion_tokens=completion,
-                      total_tokens=prompt + completion)
 
 
 class RlmRun:
@@ -163,10 +120,6 @@ class RlmRun:
         # (tokens the server counted for messages[:count], count), from the last reply.
         self._known: tuple[int, int] | None = None
         self._tokens = TokenCount()
-        self._sub_tokens = TokenCount()
-        self._sub_calls = 0
-        self._sub_records: list[SubCallRecord] = []
-        self._children = 0
         self._cells: list[str] = []
         self._steps: list[StepTiming] = []
         self._agents: dict[str, None] = {}
@@ -175,17 +128,17 @@ class RlmRun:
         self._folds = 0
         self._last_reply = ""
         self._session: CodeSession | None = None
-        self._semaphore = asyncio.Semaphore(self.config.sub_call_concurrency)
         self._deadline = 0.0
         self._started = False
         self._finished = False
+        self._subs = SubCalls(self)
 
     # --- bookkeeping ------------------------------------------------------------------------
 
     @property
     def tokens_used(self) -> int:
         """Tokens spent so far, sub-calls included."""
-        return self._tokens.total_tokens + self._sub_tokens.total_tokens
+        return self._tokens.total_tokens + self._subs.tokens.total_tokens
 
     def _note(self, table: dict[str, None], name: str) -> None:
         if name:
@@ -200,14 +153,6 @@ class RlmRun:
                 await outcome
         except Exception:
             log.exception("run %s: the observer failed on %s", self.run_id, type(event).__name__)
-
-    def _budget_stop(self) -> _Stop | None:
-        budget = self.config.token_budget
-        if self.tokens_used < budget:
-            return None
-        return _Stop(reason="token_budget", answer=self._last_reply,
-                     detail=f"the token budget of {budget} is spent ({self.tokens_used} used); "
-                            "the answer is the model's last reply")
 
     def _window_tokens(self) -> int:
         if self._known is not None and self._known[1] <= len(self._messages):
@@ -229,8 +174,8 @@ class RlmRun:
         self._deadline = asyncio.get_running_loop().time() + self.config.run_timeout_s
         recursive = self.depth + 1 < self.config.max_depth
         system = prompts.system_prompt(
-            info, output_chars=self.config.max_output_chars, sub_chars=self._sub_chars(),
-            recursive_sub_calls=recursive)
+            info, output_chars=self.config.max_output_chars,
+            sub_chars=self._subs.max_prompt_chars(), recursive_sub_calls=recursive)
         task = prompts.task_prompt(self.query)
         self._messages = [ChatMessage(role="system", content=system),
                           ChatMessage(role="user", content=task)]
@@ -248,14 +193,14 @@ class RlmRun:
         except BaseException as exc:
             # Cancelled, or a fault in Kowalski itself: still close the session and the file.
             cancelled = isinstance(exc, asyncio.CancelledError)
-            await self._finish(_Stop(
+            await self._finish(Stop(
                 reason="cancelled" if cancelled else "error", answer=self._last_reply,
                 detail="the run was cancelled" if cancelled else f"internal error: {exc!r}",
             ), started)
             raise
         return await self._finish(stop, started)
 
-    async def _guarded(self) -> _Stop:
+    async def _guarded(self) -> Stop:
         """The loop under the run's deadline; budget and errors become a stop."""
         timeout = asyncio.timeout_at(self._deadline)
         try:
@@ -267,27 +212,28 @@ class RlmRun:
                 return await self._loop()
         except (TimeoutError, KowalskiError) as exc:
             if timeout.expired():
-                return _Stop(reason="timeout", answer=self._last_reply,
-                             detail=f"the run passed its time limit of "
-                                    f"{self.config.run_timeout_s:g} s; the answer is the "
-                                    "model's last reply")
+                return Stop(reason="timeout", answer=self._last_reply,
+                            detail=f"the run passed its time limit of "
+                                   f"{self.config.run_timeout_s:g} s; the answer is the "
+                                   "model's last reply")
             if not isinstance(exc, KowalskiError):
                 raise
             log.warning("run %s failed: %s", self.run_id, exc)
-            return _Stop(reason="error", answer=self._last_reply, detail=exc.user_message(),
-                         error=WireError(code=exc.code, message=exc.message,
-                                         retryable=exc.is_recoverable))
+            return Stop(reason="error", answer=self._last_reply, detail=exc.user_message(),
+                        error=WireError(code=exc.code, message=exc.message,
+                                        retryable=exc.is_recoverable))
 
-    async def _loop(self) -> _Stop:
+    async def _loop(self) -> Stop:
         limit = self.config.max_iterations
         for iteration in range(1, limit + 1):
-            stop = self._budget_stop()
+            stop = budget_stop(self.tokens_used, self.config.token_budget, self._last_reply)
             if stop is not None:
                 return stop
             stop = await self._turn(iteration, "turn")
             if stop is not None:
                 return stop
-        stop = self._budget_stop() or await self._turn(limit + 1, "final_request")
+        stop = (budget_stop(self.tokens_used, self.config.token_budget, self._last_reply)
+                or await self._turn(limit + 1, "final_request"))
         assert stop is not None  # the final request always stops
         return stop
 
@@ -298,7 +244,7 @@ class RlmRun:
         started = time.monotonic()
         result = await self._backend.chat(request, operation="llm_inference")
         model_ms = (time.monotonic() - started) * 1000
-        tokens = _usage(result, self._messages)
+        tokens = chat_tokens(result, self._messages)
         self._tokens += tokens
         self._note(self._endpoints, result.endpoint)
         self._messages.append(ChatMessage(role="assistant", content=result.text))
@@ -323,7 +269,7 @@ class RlmRun:
         self._messages, self._known = folded.messages, None
         self._folds += 1
         if folded.chat is not None:
-            self._tokens += _usage(folded.chat, [])
+            self._tokens += chat_tokens(folded.chat, [])
             self._note(self._endpoints, folded.chat.endpoint)
         record = FoldRecord(method=folded.method, folded_turns=folded.folded_turns,
                             tokens_before=tokens, tokens_after=folded.tokens_after,
@@ -363,10 +309,10 @@ class RlmRun:
                 device_id=device))
         return records, feedback
 
-    async def _resolve(self, marker: prompts.FinalMarker) -> tuple[_Stop | None, str]:
+    async def _resolve(self, marker: prompts.FinalMarker) -> tuple[Stop | None, str]:
         """The stop a FINAL marker makes, or why it does not end the run."""
         if marker.kind == "final":
-            return _Stop(reason="final", answer=marker.value), ""
+            return Stop(reason="final", answer=marker.value), ""
         name = marker.value
         if not prompts.is_identifier(name):
             return None, (f"FINAL_VAR({name}) is not final: FINAL_VAR takes the name of one "
@@ -378,13 +324,13 @@ class RlmRun:
                           f"{name!r} in the REPL. Assign it in a ```repl block first.")
         detail = (f"the value of {name} was cut at {FINAL_VAR_MAX_CHARS} characters"
                   if value.truncated else "")
-        return _Stop(reason="final_var", answer=value.value, detail=detail), ""
+        return Stop(reason="final_var", answer=value.value, detail=detail), ""
 
     async def _turn(self, iteration: int, phase: Literal["turn", "final_request"]
-                    ) -> _Stop | None:
+                    ) -> Stop | None:
         """One model call and, in a normal turn, its code; the stop it makes, if any."""
         self._iteration = iteration
-        self._sub_records = []
+        self._subs.records = []
         started_at = time.time()
         await self._emit(IterationStarted(run_id=self.run_id, depth=self.depth,
                                           iteration=iteration, phase=phase))
@@ -401,7 +347,7 @@ class RlmRun:
         message = ""
         limit = self.config.max_iterations
         if phase == "final_request":
-            stop = self._limit_stop(stop, result.text)
+            stop = limit_stop(stop, result.text, limit)
         elif stop is None:
             if note:
                 feedback.append(note)
@@ -417,33 +363,22 @@ class RlmRun:
             run_id=self.run_id, iteration=iteration, phase=phase, started_at=started_at,
             messages_sent=sent, prompt_chars=prompt_chars, response=result.text,
             finish_reason=result.finish_reason, endpoint=result.endpoint, tokens=tokens,
-            model_ms=model_ms, code_ms=code_ms, code=records, sub_calls=self._sub_records,
+            model_ms=model_ms, code_ms=code_ms, code=records, sub_calls=self._subs.records,
             fold=fold_record, final_kind=marker.kind if marker else "",
             final_value=marker.value if marker else "", final_note=note, feedback=message))
         return stop
 
-    def _limit_stop(self, found: _Stop | None, reply: str) -> _Stop:
-        """The stop after the iteration limit: the last reply's FINAL, or else its text."""
-        limit = self.config.max_iterations
-        if found is not None:
-            return _Stop(reason="max_iterations", answer=found.answer, detail=(
-                f"the iteration limit of {limit} was reached; the model answered with "
-                f"{found.reason.upper()} when asked once more"))
-        return _Stop(reason="max_iterations", answer=reply.strip(), detail=(
-            f"the iteration limit of {limit} was reached and the last request got no "
-            "usable FINAL; the answer is the model's last reply"))
-
-    async def _direct(self) -> _Stop:
+    async def _direct(self) -> Stop:
         """max_depth 0: the run is one plain model call over the query and the context."""
         text = self.context if isinstance(self.context, str) else msgspec.json.encode(
             self.context).decode()
         self._messages = [ChatMessage(role="user", content=f"{text}\n\n{self.query}")]
         result, model_ms, _ = await self._ask("direct")
         self._steps.append(StepTiming(iteration=0, model_ms=model_ms, code_ms=0.0))
-        return _Stop(reason="direct", answer=result.text.strip(),
-                     detail="max_depth is 0: one plain model call, no REPL")
+        return Stop(reason="direct", answer=result.text.strip(),
+                    detail="max_depth is 0: one plain model call, no REPL")
 
-    async def _finish(self, stop: _Stop, started: float) -> RlmResult:
+    async def _finish(self, stop: Stop, started: float) -> RlmResult:
         self._finished = True
         session, self._session = self._session, None
         if session is not None:
@@ -456,110 +391,21 @@ class RlmRun:
         iterations = min(self._iteration, self.config.max_iterations)
         result = RlmResult(
             run_id=self.run_id, answer=stop.answer, stop_reason=stop.reason, detail=stop.detail,
-            iterations=iterations, sub_calls=self._sub_calls,
-            tokens=self._tokens + self._sub_tokens, sub_call_tokens=self._sub_tokens,
+            iterations=iterations, sub_calls=self._subs.count,
+            tokens=self._tokens + self._subs.tokens, sub_call_tokens=self._subs.tokens,
             steps=self._steps, latency_ms=latency_ms, devices=devices,
             agents=list(self._agents), endpoints=list(self._endpoints),
             trajectory_path=self.trajectory_path, folds=self._folds, error=stop.error)
         await asyncio.shield(self._writer.write(FinalRecord(
             run_id=self.run_id, answer=stop.answer, stop_reason=stop.reason, detail=stop.detail,
-            iterations=iterations, sub_calls=self._sub_calls, tokens=result.tokens,
-            sub_call_tokens=self._sub_tokens, latency_ms=latency_ms, finished_at=time.time(),
+            iterations=iterations, sub_calls=self._subs.count, tokens=result.tokens,
+            sub_call_tokens=self._subs.tokens, latency_ms=latency_ms, finished_at=time.time(),
             devices=devices, error=stop.error)))
         await self._emit(RunFinished(run_id=self.run_id, depth=self.depth, result=result))
         return result
 
-    # --- sub-calls --------------------------------------------------------------------------
-
-    def _sub_chars(self) -> int:
-        """How long a sub-call prompt may be: most of the window, leaving room for the answer."""
-        return self.config.context_window_tokens * CHARS_PER_TOKEN * 3 // 4
+    # --- sub-calls ------------------------------------------------------------------------
 
     async def answer_sub_calls(self, prompts: list[str], *, model: str = "") -> list[str]:
         """Answers to llm_query / llm_query_batched, in order; a failed one reads "Error: ..."."""
-        if self._finished:
-            raise CancelledJobError(f"run {self.run_id} has finished; no more sub-calls")
-        if self.tokens_used >= self.config.token_budget:
-            raise BudgetExceededError(f"run {self.run_id} has spent its token budget of "
-                                      f"{self.config.token_budget}")
-
-        async def one(prompt: str) -> str:
-            async with self._semaphore:
-                return await self._sub_call(prompt, model or self.model)
-
-        try:
-            async with asyncio.timeout_at(self._deadline), asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(prompt)) for prompt in prompts]
-        except TimeoutError:
-            raise BudgetExceededError(f"run {self.run_id} passed its time limit of "
-                                      f"{self.config.run_timeout_s:g} s") from None
-        return [task.result() for task in tasks]
-
-    async def _sub_call(self, prompt: str, model: str) -> str:
-        limit = self._sub_chars()
-        refusal = ""
-        if self.tokens_used >= self.config.token_budget:
-            refusal = "Error: the run's token budget is spent; no more sub-calls."
-        elif len(prompt) > limit:
-            refusal = (f"Error: the prompt is {len(prompt)} characters; a sub-call takes at "
-                       f"most about {limit}. Split it into smaller pieces.")
-        if refusal:
-            await self._record_sub_call(prompt, refusal, TokenCount(), 0.0, error=refusal)
-            return refusal
-        started = time.monotonic()
-        if self.depth + 1 < self.config.max_depth:
-            return await self._child_call(prompt, model, started)
-        messages = [ChatMessage(role="user", content=prompt)]
-        request = ChatRequest(model=model, messages=messages, temperature=self._temperature)
-        try:
-            result = await self._backend.chat(request, operation="llm_inference")
-        except KowalskiError as exc:
-            answer = f"Error: {exc.message}"
-            await self._record_sub_call(prompt, answer, TokenCount(),
-                                        (time.monotonic() - started) * 1000, error=exc.message)
-            return answer
-        self._note(self._endpoints, result.endpoint)
-        await self._record_sub_call(prompt, result.text, _usage(result, messages),
-                                    (time.monotonic() - started) * 1000,
-                                    endpoint=result.endpoint)
-        return result.text
-
-    async def _child_call(self, prompt: str, model: str, started: float) -> str:
-        """A sub-call below max_depth: an RLM run of its own over the prompt."""
-        self._children += 1
-        remaining_s = max(self._deadline - asyncio.get_running_loop().time(), 0.001)
-        config = msgspec.structs.replace(
-            self.config, run_timeout_s=remaining_s,
-            token_budget=max(1, self.config.token_budget - self.tokens_used))
-        query = prompt if len(prompt) <= 2000 else (
-            f"Answer the request written in `context` (a prompt of {len(prompt)} characters).")
-        child = RlmRun(
-            query, prompt, backend=self._backend, session_factory=self._factory, config=config,
-            model=model, observer=self._observer, run_id=f"{self.run_id}-s{self._children}",
-            depth=self.depth + 1, parent_run_id=self.run_id, temperature=self._temperature,
-            cell_timeout_ms=self._cell_timeout_ms)
-        result = await child.run()
-        for name in result.agents:
-            self._note(self._agents, name)
-        for name in result.endpoints:
-            self._note(self._endpoints, name)
-        self._sub_calls += result.sub_calls
-        error = result.detail if result.stop_reason == "error" else ""
-        await self._record_sub_call(prompt, result.answer, result.tokens,
-                                    (time.monotonic() - started) * 1000, error=error,
-                                    child_run_id=child.run_id)
-        return result.answer
-
-    async def _record_sub_call(self, prompt: str, answer: str, tokens: TokenCount,
-                               latency_ms: float, *, endpoint: str = "", error: str = "",
-                               child_run_id: str = "") -> None:
-        self._sub_calls += 1
-        self._sub_tokens += tokens
-        self._sub_records.append(SubCallRecord(
-            prompt=prompt[:SUB_CALL_CHARS], answer=answer[:SUB_CALL_CHARS],
-            prompt_chars=len(prompt), answer_chars=len(answer), tokens=tokens,
-            latency_ms=latency_ms, endpoint=endpoint, error=error, child_run_id=child_run_id))
-        await self._emit(SubCallAnswered(
-            run_id=self.run_id, depth=self.depth, iteration=self._iteration,
-            prompt_chars=len(prompt), answer_chars=len(answer), latency_ms=latency_ms,
-            tokens=tokens, error=error))
+        return await self._subs.answer(prompts, model=model)

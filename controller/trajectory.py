@@ -1,12 +1,11 @@
-"""A run's record: events streamed as it goes, its result, and its JSONL trajectory file.
+"""A run's JSONL trajectory file: its records, the writer, the reader and the renderer.
 
-Observers (the CLI, the dashboard) receive `RlmEvent`s live. In the file, line 1 is the
-run's metadata (with the system prompt and the task message), then one line
-per iteration (the model's reply, each code block and its output, sub-calls, folding, the
-feedback sent back), then a final line with the answer and totals. A run still going, or
-one that died, has no final line; a line cut off mid-write is skipped when reading.
+In the file, line 1 is the run's metadata (with the system prompt and the task message),
+then one line per iteration (the model's reply, each code block and its output, sub-calls,
+folding, the feedback sent back), then a final line with the answer and totals. A run still
+going, or one that died, has no final line; a line cut off mid-write is skipped when reading.
+The events and the result a run reports live in rlm_events.py and are re-exported here.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -20,30 +19,37 @@ import msgspec
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ParseError
 from kowalski.common.messages import WireError
+from kowalski.controller.rlm_events import (
+    AnyRlmEvent,
+    CodeExecuted,
+    ContextFolded,
+    IterationStarted,
+    ModelReplied,
+    RlmEvent,
+    RlmResult,
+    RunFinished,
+    RunStarted,
+    StepTiming,
+    StopReason,
+    SubCallAnswered,
+    TokenCount,
+)
+
+# The events and the result are defined in rlm_events and re-exported for readers.
+__all__ = [
+    "SUB_CALL_CHARS", "SUFFIX", "AnyRlmEvent", "CodeExecuted", "CodeRecord", "ContextFolded",
+    "FinalRecord", "FoldRecord", "IterationRecord", "IterationStarted", "ModelReplied",
+    "Record", "RlmEvent", "RlmResult", "RunFinished", "RunMeta", "RunStarted", "RunSummary",
+    "StepTiming", "StopReason", "SubCallAnswered", "SubCallRecord", "TokenCount", "Trajectory",
+    "TrajectoryWriter", "list_runs", "read_trajectory", "render_trajectory", "resolve",
+    "run_dir", "to_json",
+]
 
 SUFFIX = ".jsonl"
 # Sub-call prompts and answers are stored cut to this many characters.
 SUB_CALL_CHARS = 2000
 # How far back from the end to look for the final line when listing runs.
 _TAIL_BYTES = 1 << 16
-
-StopReason = Literal[
-    "final", "final_var", "max_iterations", "timeout", "token_budget", "error", "cancelled",
-    "direct",
-]
-
-
-class TokenCount(msgspec.Struct, frozen=True, kw_only=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-    def __add__(self, other: TokenCount) -> TokenCount:
-        return TokenCount(
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-            total_tokens=self.total_tokens + other.total_tokens,
-        )
 
 
 class _Record(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -134,101 +140,6 @@ class FinalRecord(_Record, frozen=True, tag="final"):
     detail: str = ""
     devices: list[str] = msgspec.field(default_factory=list)
     error: WireError | None = None
-
-
-class StepTiming(msgspec.Struct, frozen=True, kw_only=True):
-    iteration: int
-    model_ms: float
-    code_ms: float
-
-
-class RlmResult(msgspec.Struct, frozen=True, kw_only=True):
-    """How a run ended: the answer, why it stopped, and what it cost."""
-
-    run_id: str
-    answer: str
-    stop_reason: StopReason
-    iterations: int
-    sub_calls: int
-    # Every call's tokens: root model, folding summaries and sub-calls.
-    tokens: TokenCount
-    sub_call_tokens: TokenCount
-    steps: list[StepTiming]
-    latency_ms: float
-    # Agents (session device ids) then model endpoints, in order of first use.
-    devices: list[str]
-    agents: list[str]
-    endpoints: list[str]
-    trajectory_path: str
-    # Why it stopped, for people (empty for a plain FINAL).
-    detail: str = ""
-    folds: int = 0
-    error: WireError | None = None
-
-
-class RlmEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
-    """Something that happened in a run, sent to its observer as it happens."""
-
-    run_id: str
-    depth: int
-
-
-class RunStarted(RlmEvent, frozen=True, tag="run_started"):
-    query: str
-    model: str
-    context_type: str
-    context_chars: int
-    trajectory_path: str
-    parent_run_id: str = ""
-
-
-class IterationStarted(RlmEvent, frozen=True, tag="iteration_started"):
-    iteration: int
-    phase: str
-
-
-class ContextFolded(RlmEvent, frozen=True, tag="context_folded"):
-    iteration: int
-    method: str
-    folded_turns: int
-    tokens_before: int
-    tokens_after: int
-
-
-class ModelReplied(RlmEvent, frozen=True, tag="model_replied"):
-    iteration: int
-    phase: str
-    text: str
-    model_ms: float
-    tokens: TokenCount
-    endpoint: str
-
-
-class CodeExecuted(RlmEvent, frozen=True, tag="code_executed"):
-    iteration: int
-    block: int
-    code: str
-    status: str
-    output: str
-    wall_time_ms: float
-    device_id: str
-
-
-class SubCallAnswered(RlmEvent, frozen=True, tag="sub_call"):
-    iteration: int
-    prompt_chars: int
-    answer_chars: int
-    latency_ms: float
-    tokens: TokenCount
-    error: str = ""
-
-
-class RunFinished(RlmEvent, frozen=True, tag="run_finished"):
-    result: RlmResult
-
-
-AnyRlmEvent = (RunStarted | IterationStarted | ContextFolded | ModelReplied | CodeExecuted
-               | SubCallAnswered | RunFinished)
 
 
 Record = RunMeta | IterationRecord | FinalRecord
