@@ -8,7 +8,7 @@ bash scripts/setup.sh model
 question="${1:-Which city is the warehouse with the most crates in? Answer with the city name.}"
 context="${2:-examples/warehouses.txt}"
 status=0
-.venv/bin/kowalski-ctl run "$question" --context-file "$context" --local --max-iterations 4 \
+.venv/bin/kowalski-ctl run "$question" --context-file "$context" --local --max-iterations 3 \
     || status=$?
 # 0: the model gave a FINAL answer; 5: it stopped at a limit with its partial answer, which a
 # 135M-parameter model often does. Anything else is a failure.

@@ -224,12 +224,15 @@ async def test_cli_batch_writes_results_in_order_and_reports_cache_hits(
 
 
 @pytest.mark.model
+@pytest.mark.timeout(300)
 async def test_embedded_smollm2_run_replies_counts_tokens_and_terminates(tmp_path: Path) -> None:
     from kowalski.common.config import loads
     from kowalski.controller.local import local_cluster
 
+    # A small window keeps each reply short: on 2 busy cores a long one takes minutes.
     config = loads(tomli_w.dumps({
-        "rlm": {"trajectory_dir": str(tmp_path / "runs"), "max_iterations": 2},
+        "rlm": {"trajectory_dir": str(tmp_path / "runs"), "max_iterations": 1,
+                "context_window_tokens": 2048, "run_timeout_s": 240},
         "sandbox": {"memory_limit_mb": 256},
     }))
     async with local_cluster(config) as running:
