@@ -1,0 +1,170 @@
+// One run's trajectory (GET /v1/runs/{id}): each iteration's reply, code and output.
+// Fetched when a run is selected, and again when the stream says that run moved on.
+
+import {badge, formatClock, formatCount, formatMs, h} from "./dom.js";
+
+const MAX_CHARS = 20000;
+
+function cut(text) {
+  const value = text ?? "";
+  if (value.length <= MAX_CHARS) return value;
+  return `${value.slice(0, MAX_CHARS)}\n[… ${value.length - MAX_CHARS} more characters]`;
+}
+
+function block(label, text, kind) {
+  return h("div", {class: `text-block ${kind}`},
+    h("div", {class: "text-label"}, label),
+    h("pre", {class: kind}, cut(text) || "(empty)"));
+}
+
+function tokens(count) {
+  return count ? `${formatCount(count.total_tokens)} tokens` : "";
+}
+
+function codeBlock(code) {
+  if (!code.executed) {
+    return h("div", {class: "code-cell skipped"},
+      h("div", {class: "cell-head"}, `Block ${code.index}: ${code.language || "untagged"} — not run`));
+  }
+  const where = code.device_id ? ` on ${code.device_id}` : "";
+  return h("div", {class: "code-cell"},
+    h("div", {class: "cell-head"},
+      h("span", {class: "mono"}, code.language || "python"), " ",
+      badge(code.status === "ok" ? "ok" : code.status || "unknown"),
+      h("span", {class: "sub"}, ` ${formatMs(code.wall_time_ms)}${where}`)),
+    block("Code", code.code, "code"),
+    block("Output", code.output, "output"));
+}
+
+function subCalls(calls) {
+  if (!calls || calls.length === 0) return null;
+  return h("details", {class: "sub-calls"},
+    h("summary", {}, `${calls.length} sub-call${calls.length === 1 ? "" : "s"} (llm_query)`),
+    calls.map((call, index) => h("div", {class: "sub-call"},
+      h("div", {class: "cell-head"}, `Sub-call ${index + 1} · ${formatMs(call.latency_ms)} · ` +
+        `${tokens(call.tokens)}${call.child_run_id ? ` · child run ${call.child_run_id}` : ""}`),
+      call.error ? h("div", {class: "error-text"}, call.error) : null,
+      block("Prompt", call.prompt, "sub-prompt"),
+      block("Answer", call.answer, "sub-answer"))));
+}
+
+function iteration(record) {
+  const title = record.phase === "final_request" ? "Final request" : `Iteration ${record.iteration}`;
+  const facts = [`model ${formatMs(record.model_ms)}`, `code ${formatMs(record.code_ms)}`,
+    tokens(record.tokens), record.endpoint].filter(Boolean).join(" · ");
+  const fold = record.fold;
+  return h("article", {class: "iteration", dataset: {iteration: record.iteration}},
+    h("header", {class: "iteration-head"}, h("h3", {}, title), h("span", {class: "sub"}, facts)),
+    fold ? h("div", {class: "note"}, `Context folded by ${fold.method}: ${fold.folded_turns} turns, ` +
+      `~${fold.tokens_before} → ~${fold.tokens_after} tokens${fold.error ? ` (${fold.error})` : ""}`) : null,
+    block("Model reply", record.response, "reply"),
+    (record.code ?? []).map(codeBlock),
+    subCalls(record.sub_calls),
+    record.final_kind ? h("div", {class: "note"},
+      record.final_note || `${record.final_kind.toUpperCase()}(${record.final_value})`) : null);
+}
+
+function finalPart(final) {
+  if (!final) {
+    return h("article", {class: "final pending"},
+      h("h3", {}, "Not finished"), h("p", {class: "sub"}, "Running, or stopped without a final record."));
+  }
+  const failed = final.error || final.stop_reason === "error";
+  return h("article", {class: "final"},
+    h("header", {class: "iteration-head"},
+      h("h3", {}, "Answer"), badge(failed ? "failed" : "finished"),
+      h("span", {class: "sub"}, ` ${final.stop_reason} after ${final.iterations} iterations, ` +
+        `${final.sub_calls} sub-calls, ${formatMs(final.latency_ms)}, ${tokens(final.tokens)}`)),
+    final.detail ? h("p", {class: "sub"}, final.detail) : null,
+    final.error ? h("p", {class: "error-text"}, final.error.message) : null,
+    h("pre", {class: "final-answer"}, cut(final.answer) || "(empty)"));
+}
+
+export class TrajectoryView {
+  constructor(root, onClose) {
+    this.root = root;
+    this.onClose = onClose;
+    this.runId = null;
+    this.signature = null;
+    this.sequence = 0;
+  }
+
+  open(runId, run) {
+    if (runId === this.runId) return;
+    this.runId = runId;
+    this.signature = signatureOf(run);
+    this.root.hidden = false;
+    this.show(h("p", {class: "sub"}, "Loading…"));
+    this.load();
+  }
+
+  close() {
+    this.runId = null;
+    this.sequence += 1;
+    this.root.hidden = true;
+    this.root.replaceChildren();
+  }
+
+  /** Fetch again when the selected run's numbers changed in a snapshot. */
+  update(runs) {
+    if (this.runId === null) return;
+    const run = runs.find((candidate) => candidate.run_id === this.runId);
+    const signature = signatureOf(run);
+    if (run && signature !== this.signature) {
+      this.signature = signature;
+      this.load();
+    }
+  }
+
+  show(...body) {
+    this.root.replaceChildren(
+      h("div", {class: "panel-head"},
+        h("h2", {}, "Trajectory ", h("span", {class: "mono run-id"}, this.runId)),
+        h("button", {type: "button", class: "close", onclick: () => this.onClose()}, "Close")),
+      ...body.flat(Infinity).filter((node) => node !== null && node !== undefined));
+  }
+
+  async load() {
+    const runId = this.runId;
+    const sequence = ++this.sequence;
+    let body;
+    try {
+      const response = await fetch(`/v1/runs/${encodeURIComponent(runId)}`,
+        {headers: {Accept: "application/json"}});
+      const data = await response.json().catch(() => null);
+      if (!response.ok) {
+        const reason = data?.error?.message ?? `HTTP ${response.status}`;
+        body = [h("p", {class: "sub"}, response.status === 404
+          ? "No trajectory file for this run yet." : `Could not load the trajectory: ${reason}`)];
+      } else {
+        body = render(data);
+      }
+    } catch (error) {
+      body = [h("p", {class: "error-text"}, `Could not load the trajectory: ${error}`)];
+    }
+    // A newer request (or a close) went out meanwhile: its answer wins.
+    if (sequence !== this.sequence) return;
+    this.show(...body);
+  }
+}
+
+function signatureOf(run) {
+  return run ? `${run.status}/${run.iterations}/${run.sub_calls}/${run.tokens}` : null;
+}
+
+function render(trajectory) {
+  const meta = trajectory.meta ?? {};
+  const facts = [
+    ["Model", meta.model || "default"],
+    ["Context", `${meta.context_type ?? "?"}, ${formatCount(meta.context_chars)} characters in ` +
+      `${formatCount(meta.context_chunks)} chunk(s)`],
+    ["Started", meta.started_at ? formatClock(meta.started_at) : "–"],
+    ["Depth", meta.parent_run_id ? `${meta.depth}, sub-call of ${meta.parent_run_id}` : String(meta.depth ?? 0)],
+  ];
+  return [
+    h("dl", {class: "facts"}, facts.map(([name, value]) => [h("dt", {}, name), h("dd", {}, value)])),
+    block("Query", meta.query, "query"),
+    (trajectory.iterations ?? []).map(iteration),
+    finalPart(trajectory.final),
+  ];
+}
