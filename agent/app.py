@@ -17,15 +17,21 @@ from kowalski.common.errors import ParseError
 from kowalski.common.http import (
     errors_middleware,
     json_response,
+    rate_limit_middleware,
     read_body,
+    sign_responses,
     signature_middleware,
 )
 from kowalski.common.messages import CellRequest, Heartbeat, JobRequest, SessionCreate
+from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
 
 VERSION = "0.1.0"
 # Liveness for process supervisors and load balancers; carries nothing secret.
 OPEN_PATHS = frozenset({"/healthz"})
+# Counted per client after the signature check. Sessions are bounded by max_sessions
+# and their cells run one at a time, so only job submission needs a rate.
+RATE_LIMITED = frozenset({("POST", "/v1/jobs")})
 
 
 @dataclass
@@ -121,13 +127,16 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.json_response({"deleted": deleted})
 
 
-def make_app(state: AgentState, *, verifier: Verifier | None, max_body_bytes: int
+def make_app(state: AgentState, *, verifier: Verifier | None, max_body_bytes: int,
+             secret: bytes | None = None, rate_limiter: RateLimiter | None = None
              ) -> web.Application:
     app = web.Application(
         client_max_size=max_body_bytes,
-        middlewares=[errors_middleware, signature_middleware(verifier, open_paths=OPEN_PATHS)],
+        middlewares=[errors_middleware, signature_middleware(verifier, open_paths=OPEN_PATHS),
+                     rate_limit_middleware(rate_limiter, limited=RATE_LIMITED)],
     )
     app[STATE] = state
+    sign_responses(app, secret)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/heartbeat", get_heartbeat)
     app.router.add_get("/v1/metrics", get_metrics)

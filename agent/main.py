@@ -25,8 +25,9 @@ from kowalski.common import config as config_module
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config
 from kowalski.common.errors import ConfigError, KowalskiError
+from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
-from kowalski.common.tls import loop_factory, server_ssl_context
+from kowalski.common.tls import client_ssl_context, loop_factory, server_ssl_context
 
 log = logging.getLogger("kowalski.agent")
 
@@ -43,6 +44,8 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self._config.agent
+        # Before the slow sandbox probes: a bad certificate path fails start-up at once.
+        tls = server_ssl_context(self._config.security)
         sandbox = Sandbox(self._config.sandbox, work_root=Path(settings.work_dir))
         advertiser: Advertiser | None = None
         runner: web.AppRunner | None = None
@@ -51,7 +54,9 @@ class Agent:
         try:
             await sandbox.start()
             async with aiohttp.ClientSession() as http:
-                relay = LlmRelay(SignedClient(http, secret=self._secret),
+                # The controller's callback may be https with a private CA: trust it here too.
+                relay = LlmRelay(SignedClient(http, secret=self._secret,
+                                              ssl=client_ssl_context(self._config.security)),
                                  timeout_s=self._config.exo.request_timeout_s)
                 sessions = SessionManager(sandbox, max_sessions=settings.max_sessions,
                                           idle_timeout_s=settings.session_idle_timeout_s,
@@ -73,16 +78,18 @@ class Agent:
                                    max_code_bytes=settings.max_code_bytes)
                 verifier = None if self._secret is None else Verifier(
                     self._secret, clock_skew_s=self._config.security.clock_skew_s)
-                app = make_app(state, verifier=verifier, max_body_bytes=settings.max_body_bytes)
+                app = make_app(state, verifier=verifier, max_body_bytes=settings.max_body_bytes,
+                               secret=self._secret,
+                               rate_limiter=RateLimiter.from_config(self._config.security))
                 runner = web.AppRunner(app, handle_signals=False,
                                        shutdown_timeout=settings.shutdown_timeout_s,
                                        access_log=None)
                 await runner.setup()
-                site = web.SockSite(runner, sock, ssl_context=server_ssl_context(
-                    self._config.security))
+                site = web.SockSite(runner, sock, ssl_context=tls)
                 await site.start()
-                log.info("agent %s listening on %s:%d (sandbox %s, languages %s)", agent_id,
-                         settings.host, self.port, sandbox.mode, ", ".join(sandbox.languages))
+                log.info("agent %s listening on %s://%s:%d (sandbox %s, languages %s)",
+                         agent_id, "https" if tls else "http", settings.host, self.port,
+                         sandbox.mode, ", ".join(sandbox.languages))
                 if self._port_file is not None:
                     self._port_file.write_text(f"{self.port}\n")
                 if settings.advertise_mdns:

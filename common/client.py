@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import io
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -10,8 +11,9 @@ import aiohttp
 import msgspec
 
 from kowalski.common import errors
+from kowalski.common.http import RESPONSE_SIGNATURE_HEADER, response_signature
 from kowalski.common.messages import ErrorBody, decode, encode
-from kowalski.common.signing import sign
+from kowalski.common.signing import NONCE_HEADER, sign
 
 T = TypeVar("T")
 _STREAM_FROM_BYTES = 512 * 1024
@@ -20,11 +22,14 @@ _STREAM_FROM_BYTES = 512 * 1024
 class RemoteError(errors.KowalskiError):
     """An error the peer reported as data, with the HTTP status it came with."""
 
-    def __init__(self, status: int, code: str, message: str, retryable: bool) -> None:
+    def __init__(self, status: int, code: str, message: str, retryable: bool,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.remote_code = code
         self.retryable = retryable
+        # The peer's Retry-After (429, 503): retry() waits at least this long.
+        self.retry_after_s = retry_after_s
 
     @property
     def is_recoverable(self) -> bool:  # type: ignore[override]
@@ -32,7 +37,12 @@ class RemoteError(errors.KowalskiError):
 
 
 class SignedClient:
-    """Sends msgspec messages as JSON, signed when a secret is set."""
+    """Sends msgspec messages as JSON, signed when a secret is set.
+
+    With a secret, a successful answer must carry the peer's signature over this
+    request's nonce, so an impostor at the address (a spoofed mDNS record, a hijacked
+    address) cannot pass off heartbeats or results. Error answers are errors either way.
+    """
 
     def __init__(self, session: aiohttp.ClientSession, *, secret: bytes | None,
                  ssl: Any = None) -> None:
@@ -57,24 +67,40 @@ class SignedClient:
                                              timeout=timeout, ssl=self._ssl) as response:
                 payload = await response.read()
                 status = response.status
+                answer_signature = response.headers.get(RESPONSE_SIGNATURE_HEADER, "")
+                retry_after = response.headers.get("Retry-After", "")
         except (aiohttp.ClientError, OSError) as exc:
             raise errors.NetworkError(f"{method} {url} failed: {exc or type(exc).__name__}"
                                       ) from None
         except TimeoutError:
             raise errors.NetworkError(f"{method} {url} timed out after {timeout_s:g} s") from None
         if status >= 400:
-            raise _remote_error(status, payload, url)
+            raise _remote_error(status, payload, url, _seconds(retry_after))
+        if self._secret is not None:
+            expected = response_signature(self._secret, headers[NONCE_HEADER], status, payload)
+            if not hmac.compare_digest(expected, answer_signature):
+                how = "a bad signature" if answer_signature else "no signature"
+                raise errors.UnverifiedAnswerError(
+                    f"{method} {url} answered with {how}: the peer does not hold this secret")
         try:
             return decode(payload, kind)
         except msgspec.MsgspecError as exc:
             raise errors.ParseError(f"unexpected answer from {url}: {exc}") from None
 
 
-def _remote_error(status: int, payload: bytes, url: str) -> RemoteError:
+def _seconds(header: str) -> float | None:
+    try:
+        return float(header) if header else None
+    except ValueError:
+        return None
+
+
+def _remote_error(status: int, payload: bytes, url: str, retry_after_s: float | None
+                  ) -> RemoteError:
     try:
         wire = decode(payload, ErrorBody).error
     except msgspec.MsgspecError:
         text = payload[:300].decode(errors="replace")
         return RemoteError(status, f"http_{status}", f"{url} answered {status}: {text}",
-                           status >= 500)
-    return RemoteError(status, wire.code, wire.message, wire.retryable)
+                           status >= 500, retry_after_s)
+    return RemoteError(status, wire.code, wire.message, wire.retryable, retry_after_s)

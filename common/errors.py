@@ -141,6 +141,14 @@ class NetworkError(KowalskiError, ConnectionError):
     hint = "Check that the peer is running and reachable"
 
 
+class UnverifiedAnswerError(NetworkError):
+    """A peer's answer did not carry a valid signature: another secret, or an impostor."""
+
+    code = "unverified_answer"
+    hint = ("Give the controller and every agent the same secret; if they share it, "
+            "something else answers at that address")
+
+
 class ExoApiError(KowalskiError):
     code = "exo_api"
     hint = "Check the exo node's log and that the model has a Ready instance"

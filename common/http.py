@@ -1,7 +1,9 @@
-"""aiohttp glue both servers share: typed bodies, errors as JSON, signature checks."""
+"""aiohttp glue both servers share: typed bodies, errors as JSON, signatures, rate limits."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -12,11 +14,18 @@ from aiohttp.typedefs import Middleware
 
 from kowalski.common import errors
 from kowalski.common.messages import ErrorBody, WireError, decode, encode
-from kowalski.common.signing import Verifier
+from kowalski.common.ratelimit import RateLimiter
+from kowalski.common.signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Verifier
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger(__name__)
+
+RESPONSE_SIGNATURE_HEADER = "X-Kowalski-Response-Signature"
+# Set on a request whose signature verified: only answers to those are signed, so no
+# one without the secret can get a signed answer for a nonce of their choosing.
+VERIFIED_NONCE = web.RequestKey("verified_nonce", str)
+SIGNED_HEADERS = (TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER)
 
 _STATUS: dict[type[errors.KowalskiError], int] = {
     errors.ParseError: 400,
@@ -53,13 +62,23 @@ def json_response(message: Any, *, status: int = 200, headers: dict[str, str] | 
     )
 
 
+# A peer's refusal of the caller's own input, passed on as the peer answered it.
+_PASSED_ON = frozenset({400, 409, 413})
+
+
 def error_response(error: errors.KowalskiError) -> web.Response:
-    wire = WireError(code=error.code, message=error.user_message(),
-                     retryable=error.is_recoverable)
+    from kowalski.common.client import RemoteError  # client.py imports this module
+
+    code, status = error.code, status_for(error)
+    if isinstance(error, RemoteError):
+        # The peer's other failures (its auth, its faults) are a bad gateway from here.
+        code = error.remote_code
+        status = error.status if error.status in _PASSED_ON else 502
+    wire = WireError(code=code, message=error.user_message(), retryable=error.is_recoverable)
     headers = {}
     if isinstance(error, errors.RateLimitedError | errors.BusyError):
         headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
-    return json_response(ErrorBody(error=wire), status=status_for(error), headers=headers)
+    return json_response(ErrorBody(error=wire), status=status, headers=headers)
 
 
 async def read_body(request: web.Request, kind: type[T]) -> T:
@@ -73,6 +92,9 @@ async def read_body(request: web.Request, kind: type[T]) -> T:
         raise errors.ParseError(f"invalid {kind.__name__}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise errors.ParseError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # Free-form fields (a context) decode to Python objects, as deep as the JSON is.
+        raise errors.ParseError("body is nested too deeply") from None
 
 
 @web.middleware
@@ -90,11 +112,27 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return json_response(ErrorBody(error=wire), status=exc.status,
                              headers={k: v for k, v in exc.headers.items()
                                       if k.lower() in ("allow", "retry-after")})
+    except ConnectionResetError:
+        # The client hung up before its body arrived: no fault here, and nobody left to answer.
+        log.debug("client left during %s %s", request.method, request.path)
+        wire = WireError(code="client_gone", message="the client closed the connection",
+                         retryable=True)
+        return json_response(ErrorBody(error=wire), status=400)
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         wire = WireError(code="internal", message="internal error; see the server log",
                          retryable=True)
         return json_response(ErrorBody(error=wire), status=500)
+
+
+async def verify_request(verifier: Verifier, request: web.Request) -> None:
+    """Check the request's signature (AuthError if bad) and mark it for a signed answer."""
+    # Refuse the plainly unsigned before reading (and hashing) a body of up to max_body_bytes.
+    if not all(request.headers.get(name) for name in SIGNED_HEADERS):
+        raise errors.AuthError("request is not signed")
+    body = await request.read()
+    verifier.verify(request.method, request.path_qs, request.headers, body)
+    request[VERIFIED_NONCE] = request.headers[NONCE_HEADER]
 
 
 def signature_middleware(verifier: Verifier | None, *, open_paths: frozenset[str]
@@ -104,8 +142,52 @@ def signature_middleware(verifier: Verifier | None, *, open_paths: frozenset[str
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if verifier is not None and request.path not in open_paths:
-            body = await request.read()
-            verifier.verify(request.method, request.path_qs, request.headers, body)
+            await verify_request(verifier, request)
+        return await handler(request)
+
+    return middleware
+
+
+def response_signature(secret: bytes, nonce: str, status: int, body: bytes) -> str:
+    """HMAC over the request's nonce, the status and the body: ties an answer to its request."""
+    # Four fields where a request signature has five: the two can never be mistaken.
+    message = "\n".join(("response", nonce, str(status), hashlib.sha256(body).hexdigest()))
+    return hmac.new(secret, message.encode("utf-8", "surrogateescape"),
+                    hashlib.sha256).hexdigest()
+
+
+def sign_responses(app: web.Application, secret: bytes | None) -> None:
+    """Sign every answer to a verified request, errors included, so callers can tell impostors."""
+    if secret is None:
+        return
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        nonce = request.get(VERIFIED_NONCE)
+        if nonce is None or not isinstance(response, web.Response):
+            return
+        body = response.body
+        if body is None or isinstance(body, bytes | bytearray):
+            response.headers[RESPONSE_SIGNATURE_HEADER] = response_signature(
+                secret, nonce, response.status, bytes(body or b""))
+
+    app.on_response_prepare.append(on_prepare)
+
+
+def remote_address(request: web.Request) -> str:
+    """The peer's address, the default rate-limit key."""
+    return request.remote or "unknown"
+
+
+def rate_limit_middleware(limiter: RateLimiter | None, *, limited: frozenset[tuple[str, str]],
+                          key: Callable[[web.Request], str] = remote_address) -> Middleware:
+    """Answer 429 + Retry-After when a client sends (method, route) pairs in `limited` too fast."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        if (limiter is not None and route is not None
+                and (request.method, route.canonical) in limited):
+            limiter.check(key(request))
         return await handler(request)
 
     return middleware

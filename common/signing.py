@@ -18,7 +18,9 @@ SIGNATURE_HEADER = "X-Kowalski-Signature"
 
 def _canonical(method: str, path: str, timestamp: str, nonce: str, body: bytes) -> bytes:
     body_hash = hashlib.sha256(body).hexdigest()
-    return "\n".join((method.upper(), path, timestamp, nonce, body_hash)).encode()
+    # Headers that are not UTF-8 reach us with surrogates; they must fail the check, not crash it.
+    text = "\n".join((method.upper(), path, timestamp, nonce, body_hash))
+    return text.encode("utf-8", "surrogateescape")
 
 
 def sign(
@@ -64,7 +66,8 @@ class Verifier:
             sent_at = float(timestamp)
         except ValueError:
             raise AuthError("signature timestamp is not a number") from None
-        if abs(now - sent_at) > self._skew_s:
+        # not <=: a NaN timestamp compares false both ways and must not pass as fresh.
+        if not abs(now - sent_at) <= self._skew_s:
             raise AuthError(
                 f"signature timestamp is {now - sent_at:+.1f} s off, outside ±{self._skew_s:g} s"
             )

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 from kowalski.common.config import SecurityConfig
+from kowalski.common.errors import ConfigError
 
 
 def server_ssl_context(security: SecurityConfig) -> ssl.SSLContext | None:
@@ -15,15 +17,28 @@ def server_ssl_context(security: SecurityConfig) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(security.tls_cert_file, security.tls_key_file)
+    cert, key = (str(Path(name).expanduser())
+                 for name in (security.tls_cert_file, security.tls_key_file))
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate {cert} with key {key}: {exc}",
+                          key="security.tls_cert_file") from None
     return context
 
 
 def client_ssl_context(security: SecurityConfig) -> ssl.SSLContext | None:
-    """A client context trusting the configured CA, else None (system defaults)."""
+    """A client context trusting the configured CA (and no other), else None (system CAs)."""
     if not security.tls_ca_file:
         return None
-    return ssl.create_default_context(cafile=security.tls_ca_file)
+    cafile = str(Path(security.tls_ca_file).expanduser())
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS CA bundle {cafile}: {exc}",
+                          key="security.tls_ca_file") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

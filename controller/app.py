@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from kowalski.common.errors import AuthError, KowalskiError, ParseError
-from kowalski.common.http import errors_middleware, json_response, read_body
+from kowalski.common.http import (
+    errors_middleware,
+    json_response,
+    rate_limit_middleware,
+    read_body,
+    remote_address,
+    sign_responses,
+    verify_request,
+)
 from kowalski.common.messages import JobRequest, LlmAnswer, LlmQuery, WireError
+from kowalski.common.ratelimit import RateLimiter
+from kowalski.controller.dashboard import add_dashboard_routes
 from kowalski.controller.openai_front import chat_completions, list_models
 from kowalski.controller.rlm import RlmEvent
 from kowalski.controller.runs import RunRequest
@@ -19,6 +30,22 @@ from kowalski.controller.status import device_statuses, prometheus_text
 from kowalski.controller.trajectory import list_runs, read_trajectory, run_dir
 
 _encoder = msgspec.json.Encoder()
+# Writes that start work, counted per client. llm_query callbacks are not: they come
+# from agents, signed, and each run's budget and sub-call concurrency bound them.
+RATE_LIMITED = frozenset({("POST", "/v1/jobs"), ("POST", "/v1/runs"),
+                          ("POST", "/v1/chat/completions")})
+
+
+def client_key(request: web.Request) -> str:
+    """Rate-limit key: the remote address, and the bearer token once it is known good."""
+    # A bad token is a 401 before any bucket is spent, and a made-up token cannot buy
+    # a fresh bucket: it only counts once the controller has checked it.
+    require_token(request)
+    if request.app[STATE].api_token is None:
+        return remote_address(request)
+    token = request.headers["Authorization"].removeprefix("Bearer ").strip()
+    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{remote_address(request)} {digest[:16]}"
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -44,9 +71,8 @@ async def post_job(request: web.Request) -> web.Response:
 async def post_llm_query(request: web.Request) -> web.Response:
     """llm_query() from a session: signed by the agent, naming its run by token."""
     state = request.app[STATE]
-    body = await request.read()
     if state.verifier is not None:
-        state.verifier.verify(request.method, request.path_qs, request.headers, body)
+        await verify_request(state.verifier, request)
     query = await read_body(request, LlmQuery)
     try:
         answers = await state.runs.answer(query.token, query.prompts, query.model)
@@ -107,9 +133,14 @@ async def get_run(request: web.Request) -> web.Response:
     return json_response(await asyncio.to_thread(read_trajectory, run_id, directory))
 
 
-def make_app(state: ControllerState, *, max_body_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_middleware])
+def make_app(state: ControllerState, *, max_body_bytes: int, secret: bytes | None = None,
+             rate_limiter: RateLimiter | None = None) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[
+        errors_middleware, rate_limit_middleware(rate_limiter, limited=RATE_LIMITED,
+                                                 key=client_key)])
     app[STATE] = state
+    # Agents check that llm_query answers come from the controller holding the secret.
+    sign_responses(app, secret)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/devices", get_devices)
     app.router.add_get("/metrics", get_metrics)
@@ -120,4 +151,5 @@ def make_app(state: ControllerState, *, max_body_bytes: int) -> web.Application:
     app.router.add_get("/v1/runs/{run_id}", get_run)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    add_dashboard_routes(app)
     return app

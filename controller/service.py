@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -15,7 +16,8 @@ import msgspec
 from aiohttp import web
 
 from kowalski.common.client import SignedClient
-from kowalski.common.config import Config
+from kowalski.common.config import Config, SecurityConfig, _read_secret_file
+from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
 from kowalski.common.tls import client_ssl_context, server_ssl_context
 from kowalski.controller.app import make_app
@@ -30,6 +32,8 @@ from kowalski.controller.runs import RunRegistry
 from kowalski.controller.state import ControllerState
 
 log = logging.getLogger("kowalski.controller")
+# The systemd credential (LoadCredential=kowalski-api-token:/path) that holds the token.
+API_TOKEN_CREDENTIAL = "kowalski-api-token"
 
 
 @dataclass
@@ -46,16 +50,26 @@ class Services:
     port: int
 
 
-def _read_token(path: str) -> bytes | None:
-    if not path:
-        return None
-    return Path(path).expanduser().read_bytes().strip()
+def read_api_token(security: SecurityConfig) -> bytes | None:
+    """The API's bearer token: a systemd credential, else security.api_token_file, else None.
+
+    The file must be private (mode 600) and hold at least 16 bytes, as the secret must.
+    """
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (credential := Path(credentials, API_TOKEN_CREDENTIAL)).exists():
+        return _read_secret_file(credential)
+    if security.api_token_file:
+        return _read_secret_file(Path(security.api_token_file).expanduser())
+    return None
 
 
 @asynccontextmanager
 async def services(config: Config, *, secret: bytes | None, embedded_model: bool = True,
                    mdns_interfaces: list[str] | None = None) -> AsyncIterator[Services]:
     """Start everything, the HTTP site included; everything stops on exit."""
+    # Secrets and certificates first: a bad file fails before anything starts.
+    api_token = read_api_token(config.security)
+    tls = server_ssl_context(config.security)
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
         ssl = client_ssl_context(config.security)
@@ -87,7 +101,6 @@ async def services(config: Config, *, secret: bytes | None, embedded_model: bool
         sock.bind((settings.host, settings.port))
         stack.callback(sock.close)
         port = sock.getsockname()[1]
-        tls = server_ssl_context(config.security)
         base_url = f"{'https' if tls else 'http'}://{_reachable(settings.host)}:{port}"
         cache = ResultCache.from_config(config.exo)
         backend = CachedBackend(router, cache)
@@ -96,8 +109,9 @@ async def services(config: Config, *, secret: bytes | None, embedded_model: bool
                            cell_timeout_s=config.rlm.run_timeout_s)
         state = ControllerState(cluster=cluster, dispatcher=dispatcher, router=router,
                                 cache=cache, backend=backend, runs=runs, verifier=verifier,
-                                api_token=_read_token(config.security.api_token_file))
-        app = make_app(state, max_body_bytes=settings.max_body_bytes)
+                                api_token=api_token)
+        app = make_app(state, max_body_bytes=settings.max_body_bytes, secret=secret,
+                       rate_limiter=RateLimiter.from_config(config.security))
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -54,5 +54,7 @@ def require_token(request: web.Request) -> None:
     given = request.headers.get("Authorization", "")
     if not given.startswith("Bearer "):
         raise AuthError("this controller needs 'Authorization: Bearer <token>' for writes")
-    if not hmac.compare_digest(given.removeprefix("Bearer ").strip().encode(), token):
+    # A header that is not UTF-8 arrives with surrogates: a wrong token, not a crash.
+    presented = given.removeprefix("Bearer ").strip().encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(presented, token):
         raise AuthError("wrong bearer token")
