@@ -230,6 +230,9 @@ class Jail:
                    "--tmpfs", "/tmp",
                    # Hides the host's sockets (D-Bus, journald), reachable without a network.
                    "--perms", "0755", "--tmpfs", "/run",
+                   # Every job runs as the same uid: hide the other jobs' directories
+                   # (bind sources are host paths, so the job's own still binds below).
+                   "--tmpfs", str(self._work_root),
                    "--bind", str(workdir), INNER_WORKDIR, "--chdir", INNER_WORKDIR]
         if toolchain is not None and toolchain.mount:
             command += ["--perms", "0755", "--dir", TOOLCHAIN_MOUNT,

@@ -206,6 +206,33 @@ async def test_reading_etc_shadow_is_denied(sandbox: Sandbox) -> None:
     assert result.stdout == ""
 
 
+async def test_a_job_cannot_see_another_jobs_files() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("bubblewrap mode needs root")
+    # Outside /tmp, which every job gets a private copy of anyway: the default work
+    # dir (/var/lib/kowalski/jobs) is such a place.
+    root = Path(tempfile.mkdtemp(prefix="kowalski-test-", dir="/var/tmp"))
+    root.chmod(0o711)
+    box = Sandbox(small_config(), work_root=root / "jobs")
+    await box.start()
+    try:
+        secret = marker()
+        holder = asyncio.create_task(box.run_job(job(
+            "python", f"open('secret.txt', 'w').write('{secret}')\nimport time\ntime.sleep(1)")))
+        deadline = time.monotonic() + 10
+        while not any(p.name == "secret.txt" for p in (root / "jobs").rglob("*")):
+            assert time.monotonic() < deadline, "the first job never wrote its file"
+            await asyncio.sleep(0.05)
+        peek = await box.run_job(job("bash", f"ls -a {root / 'jobs'}; "
+                                             f"cat {root / 'jobs'}/*/secret.txt; true"))
+        assert secret not in peek.stdout
+        assert peek.stdout.split() == [".", ".."]
+        assert (await holder).status == "ok"
+    finally:
+        await box.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 async def test_jobs_have_no_network(sandbox: Sandbox) -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
