@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import msgspec
 import tomli_w
 
-from kowalski.common.config import Config
+from kowalski.common.config import SECRET_ENV, SECRET_FILE_ENV, Config
 
 SECTIONS: dict[str, str] = {
     "agent": "The daemon on every exo node (kowalski-agent).",
@@ -117,3 +118,88 @@ def render_commented(config: Config | None = None) -> str:
             lines.append(tomli_w.dumps({key: value}).rstrip("\n"))
         lines.append("")
     return "\n".join(lines)
+
+
+
+def render_markdown() -> str:
+    """docs/CONFIGURATION.md: one table per section, types and defaults read from the structs."""
+    inspect = msgspec.inspect
+
+    def type_text(kind: inspect.Type) -> str:
+        if isinstance(kind, inspect.LiteralType):
+            return "one of " + ", ".join(f'`"{value}"`' for value in kind.values)
+        if isinstance(kind, inspect.ListType):
+            return f"list of {type_text(kind.item_type)}s"
+        if isinstance(kind, inspect.IntType | inspect.FloatType):
+            name = "integer" if isinstance(kind, inspect.IntType) else "number"
+            low = kind.ge if kind.ge is not None else kind.gt
+            if low is not None and kind.le is not None:
+                return f"{name}, {low:g} to {kind.le:g}"
+            if kind.gt is not None:
+                return f"{name} > {kind.gt:g}"
+            return f"{name} ≥ {kind.ge:g}" if kind.ge is not None else name
+        if isinstance(kind, inspect.BoolType):
+            return "boolean"
+        if isinstance(kind, inspect.StrType):
+            return "string"
+        raise TypeError(f"no description for the config type {kind!r}")
+
+    def default_text(field: inspect.Field) -> str:
+        value = field.default_factory() if field.default is msgspec.NODEFAULT else field.default
+        text = f"`{tomli_w.dumps({'key': value}).strip().removeprefix('key = ')}`"
+        if field.name.endswith("_bytes") and value >= 1024 * 1024:
+            text += f" ({value / (1024 * 1024):g} MiB)"
+        return text
+
+    def paragraph(text: str) -> list[str]:
+        return [*textwrap.wrap(text, width=90, break_long_words=False,
+                               break_on_hyphens=False), ""]
+
+    config = inspect.type_info(Config)
+    assert isinstance(config, inspect.StructType)
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from the config structs (common/config.py) and their descriptions",
+        "     (common/config_docs.py) by kowalski.common.config_docs.render_markdown().",
+        "     Edit those, then regenerate; tests/test_docs.py fails while the two differ. -->",
+        "",
+        *paragraph(
+            "Kowalski reads one TOML file: `kowalski-agent --config FILE` and `kowalski-ctl "
+            "--config FILE ...` (the systemd units use `/etc/kowalski/kowalski.toml`). Every "
+            "key is optional; without a file, every key has its default. Unknown sections "
+            "and keys are errors, so a misspelt key is reported rather than ignored, and an "
+            "error names the file and the key (for example `kowalski.toml:sandbox.mode`)."),
+        "```sh",
+        "kowalski-ctl config init /etc/kowalski/kowalski.toml   # every key, commented",
+        "kowalski-ctl config validate /etc/kowalski/kowalski.toml",
+        "```",
+        "",
+        *paragraph(
+            "Units are in the key's name: `_s` seconds, `_ms` milliseconds, `_mb` megabytes "
+            "(MiB), `_bytes` bytes. A number may be written with or without a decimal "
+            "point. Paths may start with `~`."),
+        "Rules that span keys, also checked by `config validate`:",
+        "",
+        "- `controller.failure_timeout_s` is at least `controller.heartbeat_interval_s`;",
+        "- `controller.retry_max_delay_ms` is at least `controller.retry_base_delay_ms`;",
+        "- every `exo.endpoints` entry is an `http://` or `https://` URL;",
+        "- `security.tls_cert_file` and `security.tls_key_file` are set together.",
+        "",
+        *paragraph(
+            "The shared secret is read from, in order: the environment variable "
+            f"`{SECRET_ENV}` (the secret itself), the file named by `{SECRET_FILE_ENV}`, "
+            "the systemd credential `kowalski-secret` (`LoadCredential=`), then "
+            "`security.secret_file`. The controller's API token is read from the systemd "
+            "credential `kowalski-api-token`, then `security.api_token_file`. Secret and "
+            "token files must be private (`chmod 600`) and hold at least 16 bytes."),
+        "Sections: " + " · ".join(f"[{field.name}](#{field.name})" for field in config.fields),
+    ]
+    for section in config.fields:
+        struct = section.type
+        assert isinstance(struct, inspect.StructType)
+        lines += ["", f"## {section.name}", "", SECTIONS[section.name], "",
+                  "| key | type | default | description |", "|---|---|---|---|"]
+        lines += [f"| `{field.name}` | {type_text(field.type)} | {default_text(field)} "
+                  f"| {KEYS[f'{section.name}.{field.name}']} |" for field in struct.fields]
+    return "\n".join(lines) + "\n"
