@@ -21,6 +21,9 @@ Fraction = Annotated[float, Meta(ge=0, le=1)]
 
 SECRET_ENV = "KOWALSKI_SECRET"
 SECRET_FILE_ENV = "KOWALSKI_SECRET_FILE"
+# systemd credentials (LoadCredential=NAME:/path) holding the secret and the API token.
+SECRET_CREDENTIAL = "kowalski-secret"
+API_TOKEN_CREDENTIAL = "kowalski-api-token"
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -232,14 +235,25 @@ def read_secret(security: SecurityConfig) -> bytes | None:
     candidates = [os.environ.get(SECRET_FILE_ENV, "")]
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     if credentials:
-        candidates.append(os.path.join(credentials, "kowalski-secret"))
+        candidates.append(os.path.join(credentials, SECRET_CREDENTIAL))
     candidates.append(security.secret_file)
     for candidate in filter(None, candidates):
-        return _read_secret_file(Path(candidate).expanduser())
+        return read_secret_file(Path(candidate).expanduser())
     return None
 
 
-def _read_secret_file(path: Path) -> bytes:
+def read_api_token(security: SecurityConfig) -> bytes | None:
+    """The controller API's bearer token: a systemd credential, else the configured file."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (credential := Path(credentials, API_TOKEN_CREDENTIAL)).exists():
+        return read_secret_file(credential)
+    if security.api_token_file:
+        return read_secret_file(Path(security.api_token_file).expanduser())
+    return None
+
+
+def read_secret_file(path: Path) -> bytes:
+    """A secret from a file that only its owner can read, at least 16 bytes long."""
     try:
         info = path.stat()
         secret = path.read_bytes().strip()

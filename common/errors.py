@@ -103,6 +103,19 @@ class NoDevicesAvailableError(KowalskiError):
         self.reason = reason
 
 
+class NoModelAvailableError(NoDevicesAvailableError):
+    """No exo endpoint can answer for the model: the inference side of no_devices."""
+
+    code = "no_model"
+    hint = ("Check exo.endpoints and that exo runs with the model's instance Ready "
+            "(`kowalski-ctl status` lists ready models); exo.place_instances = true "
+            "lets Kowalski place one")
+
+    def __init__(self, reason: str) -> None:
+        KowalskiError.__init__(self, f"no model available: {reason}")
+        self.reason = reason
+
+
 class DeviceNotFoundError(KowalskiError, KeyError):
     code = "device_not_found"
     hint = "List devices with `kowalski-ctl devices`"

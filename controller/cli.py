@@ -46,9 +46,11 @@ def _load(args: argparse.Namespace) -> config_module.Config:
 def _default_url(args: argparse.Namespace) -> str:
     if getattr(args, "url", None):
         return str(args.url)
-    settings = _load(args).controller
+    config = _load(args)
+    settings = config.controller
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
-    return f"http://{host}:{settings.port}"
+    scheme = "https" if config.security.tls_cert_file else "http"
+    return f"{scheme}://{host}:{settings.port}"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -87,10 +89,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from kowalski.common.tls import client_ssl_context
     from kowalski.controller.cli_status import run_status
 
     args.url = _default_url(args)
-    return run_status(args, devices_only=args.command == "devices")
+    return run_status(args, devices_only=args.command == "devices",
+                      ssl=client_ssl_context(_load(args).security))
 
 
 def _run(args: argparse.Namespace) -> int:

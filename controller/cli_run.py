@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl as ssl_module
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -12,9 +13,9 @@ import aiohttp
 import msgspec
 
 from kowalski.common import config as config_module
-from kowalski.common.config import Config
+from kowalski.common.config import Config, read_api_token
 from kowalski.common.errors import NetworkError, ParseError
-from kowalski.common.tls import loop_factory
+from kowalski.common.tls import client_ssl_context, loop_factory
 from kowalski.controller.rlm import RlmEvent, RlmResult
 from kowalski.controller.runs import RunRequest
 from kowalski.controller.trajectory import (
@@ -106,14 +107,14 @@ async def _run_local(config: Config, request: RunRequest, show: bool) -> RlmResu
         return await running.state.runs.run(request, observer=observer)
 
 
-async def _run_remote(url: str, request: RunRequest, show: bool, token: str | None
-                      ) -> RlmResult:
+async def _run_remote(url: str, request: RunRequest, show: bool, token: str | None,
+                      ssl: ssl_module.SSLContext | None) -> RlmResult:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
             url.rstrip("/") + "/v1/runs", data=msgspec.json.encode(request),
-            headers={"Content-Type": "application/json", **headers},
+            headers={"Content-Type": "application/json", **headers}, ssl=ssl or True,
         ) as response:
             if response.status != 200:
                 raise NetworkError(f"{url}/v1/runs answered {response.status}: "
@@ -139,9 +140,10 @@ def run_command(args: argparse.Namespace, config: Config, url: str) -> int:
         if args.local:
             result = runner.run(_run_local(config, request, show))
         else:
-            token = (Path(config.security.api_token_file).expanduser().read_text().strip()
-                     if config.security.api_token_file else None)
-            result = runner.run(_run_remote(url, request, show, token))
+            token = read_api_token(config.security)
+            result = runner.run(_run_remote(url, request, show,
+                                            token.decode() if token else None,
+                                            client_ssl_context(config.security)))
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(result)).decode() + "\n")
     else:

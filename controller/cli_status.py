@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl as ssl_module
 import sys
 
 import aiohttp
@@ -13,10 +14,12 @@ from kowalski.common.errors import NetworkError, ParseError
 from kowalski.controller.status import DeviceStatus, Status
 
 
-async def fetch_status(url: str, *, timeout_s: float = 10.0) -> Status:
+async def fetch_status(url: str, *, timeout_s: float = 10.0,
+                       ssl: ssl_module.SSLContext | None = None) -> Status:
     try:
         async with aiohttp.ClientSession() as session, session.get(
-            url.rstrip("/") + "/v1/status", timeout=aiohttp.ClientTimeout(total=timeout_s)
+            url.rstrip("/") + "/v1/status", timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ssl=ssl or True,
         ) as response:
             body = await response.read()
             status = response.status
@@ -75,8 +78,9 @@ def status_text(status: Status) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_status(args: argparse.Namespace, *, devices_only: bool) -> int:
-    status = asyncio.run(fetch_status(args.url))
+def run_status(args: argparse.Namespace, *, devices_only: bool,
+               ssl: ssl_module.SSLContext | None = None) -> int:
+    status = asyncio.run(fetch_status(args.url, ssl=ssl))
     if args.json:
         payload = status.devices if devices_only else status
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(payload)).decode() + "\n")

@@ -47,6 +47,7 @@ class Cluster:
         self._static_urls = [static_agent_url(entry, scheme=scheme)
                              for entry in config.static_agents]
         self._static_ids: dict[str, DeviceId] = {}
+        self._static_errors: dict[str, str] = {}
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call listener after every change; returns a function that unsubscribes."""
@@ -123,7 +124,14 @@ class Cluster:
         except KowalskiError as exc:
             if device_id is not None:
                 self.apply(HeartbeatFailed(device_id=device_id, reason=str(exc), at=self.clock()))
+            elif self._static_errors.get(url) != exc.message:
+                # Not in the table yet, so nothing else would show why (a wrong secret, a
+                # typo in the address): say it once per change.
+                self._static_errors[url] = exc.message
+                log.warning("static agent %s does not answer heartbeats: %s", url, exc.message)
             return
+        if self._static_errors.pop(url, None) is not None:
+            log.info("static agent %s answers again", url)
         received = self.clock()
         if device_id is None:
             device_id = DeviceId(beat.agent_id)

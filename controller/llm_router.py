@@ -13,7 +13,7 @@ import aiohttp
 import msgspec
 
 from kowalski.common.config import ExoConfig
-from kowalski.common.errors import KowalskiError, NoDevicesAvailableError
+from kowalski.common.errors import KowalskiError, NoModelAvailableError
 from kowalski.controller import circuit as breaker
 from kowalski.controller.chat_types import ChatDelta, ChatRequest, ChatResult
 from kowalski.controller.exo_client import ExoClient
@@ -132,7 +132,7 @@ class LlmRouter:
             return self._config.default_model
         ready = self.ready_models()
         if not ready:
-            raise NoDevicesAvailableError("no exo endpoint has a model ready")
+            raise NoModelAvailableError("no exo endpoint has a model ready")
         return ready[0]
 
     def choose(self, model: str, operation: Operation,
@@ -140,19 +140,19 @@ class LlmRouter:
         """The best endpoint for the call, or an error naming why there is none."""
         now = self._clock()
         if not self.endpoints:
-            raise NoDevicesAvailableError("no exo endpoint configured")
+            raise NoModelAvailableError("no exo endpoint configured")
         healthy = [e for e in self.endpoints if e.healthy]
         if not healthy:
-            raise NoDevicesAvailableError(f"all {len(self.endpoints)} exo endpoints are down")
+            raise NoModelAvailableError(f"all {len(self.endpoints)} exo endpoints are down")
         serving = [e for e in healthy if model in e.ready_models]
         if not serving:
-            raise NoDevicesAvailableError(
+            raise NoModelAvailableError(
                 f"no healthy exo endpoint has {model!r} ready "
                 f"(ready: {', '.join(self.ready_models()) or 'none'})")
         open_ok = [e for e in serving if e.url not in exclude
                    and breaker.allows(e.circuit, now, self._circuit_policy)]
         if not open_ok:
-            raise NoDevicesAvailableError(
+            raise NoModelAvailableError(
                 f"every endpoint serving {model!r} has failed or has its circuit open")
         return max(open_ok, key=lambda e: formula(
             operation, latency_ms=e.latency_ms or 0.0, memory_free_fraction=0.0,
@@ -177,7 +177,7 @@ class LlmRouter:
                 await endpoint.client.wait_ready(model, self._config.request_timeout_s)
                 await self._refresh(endpoint)
                 return
-        raise NoDevicesAvailableError(f"no exo v1 endpoint can place {model!r}")
+        raise NoModelAvailableError(f"no exo v1 endpoint can place {model!r}")
 
     async def chat(self, request: ChatRequest, *, operation: str = "llm_inference"
                    ) -> ChatResult:
@@ -192,7 +192,7 @@ class LlmRouter:
         async def attempt() -> ChatResult:
             try:
                 endpoint = self.choose(model, op, frozenset(tried))
-            except NoDevicesAvailableError:
+            except NoModelAvailableError:
                 if not tried:
                     raise
                 tried.clear()

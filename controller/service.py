@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,7 +15,7 @@ import msgspec
 from aiohttp import web
 
 from kowalski.common.client import SignedClient
-from kowalski.common.config import Config, SecurityConfig, _read_secret_file
+from kowalski.common.config import Config, read_api_token
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
 from kowalski.common.tls import client_ssl_context, server_ssl_context
@@ -32,8 +31,6 @@ from kowalski.controller.runs import RunRegistry
 from kowalski.controller.state import ControllerState
 
 log = logging.getLogger("kowalski.controller")
-# The systemd credential (LoadCredential=kowalski-api-token:/path) that holds the token.
-API_TOKEN_CREDENTIAL = "kowalski-api-token"
 
 
 @dataclass
@@ -48,19 +45,6 @@ class Services:
     http: aiohttp.ClientSession
     base_url: str
     port: int
-
-
-def read_api_token(security: SecurityConfig) -> bytes | None:
-    """The API's bearer token: a systemd credential, else security.api_token_file, else None.
-
-    The file must be private (mode 600) and hold at least 16 bytes, as the secret must.
-    """
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if credentials and (credential := Path(credentials, API_TOKEN_CREDENTIAL)).exists():
-        return _read_secret_file(credential)
-    if security.api_token_file:
-        return _read_secret_file(Path(security.api_token_file).expanduser())
-    return None
 
 
 @asynccontextmanager

@@ -64,6 +64,8 @@ async def test_a_failing_endpoint_is_skipped_and_its_circuit_opens(
     bad, good = await aiohttp_server(bad_app), await aiohttp_server(good_app)
     router = make_router([url(bad), url(good)], http)
     await router.refresh()
+    # Make the failing endpoint the preferred one, so that it is the one tried first.
+    router.endpoints[0].latency_ms, router.endpoints[1].latency_ms = 0.1, 50.0
     bad_app[STANDIN].fail("http_500")
     answers = [(await router.chat(request(DEFAULT_MODEL))).text for _ in range(6)]
     assert answers == ["good"] * 6

@@ -23,12 +23,11 @@ from procs import SECRET, AgentProcess
 
 from kowalski.common import errors
 from kowalski.common.client import RemoteError, SignedClient
-from kowalski.common.config import SecurityConfig
+from kowalski.common.config import SecurityConfig, read_api_token
 from kowalski.common.http import RESPONSE_SIGNATURE_HEADER, response_signature
 from kowalski.common.messages import Heartbeat, JobRequest, JobResult, Metrics, encode
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import NONCE_HEADER, sign
-from kowalski.controller.service import read_api_token
 
 pytestmark = pytest.mark.timeout(90)
 TOKEN = "api-token-" + "t" * 32
