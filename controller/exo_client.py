@@ -28,6 +28,7 @@ from kowalski.controller.exo_errors import (
     ExoTimeoutError,
     IncompleteStreamError,
     InstanceNotReadyError,
+    MalformedAnswerError,
     StreamError,
     UnsupportedFlavourError,
     http_error,
@@ -180,7 +181,9 @@ class ExoClient:
         try:
             return parser(data, self.base_url + path)
         except ParseError as exc:
-            raise self._failed(exc) from None
+            # Not the caller's input that is wrong but the server's answer: another may do.
+            malformed = MalformedAnswerError(exc.message, url=self.base_url + path)
+            raise self._failed(malformed) from None
 
     # --- detection and the uniform view ----------------------------------------------------
 

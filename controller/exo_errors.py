@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from kowalski.common.errors import ExoApiError, KowalskiError, NetworkError
+from kowalski.common.errors import ExoApiError, KowalskiError, NetworkError, ParseError
 from kowalski.controller.chat_types import WireCompletion, WireErrorInfo
 
 _NO_INSTANCE = re.compile(r"No instance found for model (?P<model>[^\s\"]+)")
@@ -35,6 +35,22 @@ class StreamError(ExoApiError):
     """The server reported an error inside an HTTP 200 answer (mid-stream, or in the body)."""
 
     code = "exo_stream_error"
+
+
+class MalformedAnswerError(ExoApiError, ParseError):
+    """An answer that is not what the API promises: the server's fault, so another may do."""
+
+    code = "exo_malformed"
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        KowalskiError.__init__(self, message)
+        self.status = 200
+        self.body = ""
+        self.url = url
+
+    @property
+    def is_recoverable(self) -> bool:  # type: ignore[override]
+        return True
 
 
 class IncompleteStreamError(NetworkError):

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
 
-from kowalski.common.errors import ParseError
+from kowalski.common.errors import KowalskiError, ParseError
 from kowalski.common.http import json_response, read_body
-from kowalski.controller.chat_types import ChatMessage, ChatRequest, Usage
+from kowalski.controller.chat_types import ChatDelta, ChatMessage, ChatRequest, Usage
 from kowalski.controller.runs import RunRequest
 from kowalski.controller.state import STATE, require_token
 
@@ -129,19 +130,31 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop,
         seed=body.seed)
     if body.stream:
+        deltas = state.router.chat_stream(chat)
+        # Until the first piece comes, a failure (no endpoint has the model) can still be an
+        # error answer of its own; after it, the stream has to carry the error.
+        first = await anext(deltas, None)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
         completion_id = ""
-        async for delta in state.router.chat_stream(chat):
-            completion_id = completion_id or delta.id or f"chatcmpl-{time.time_ns()}"
-            if delta.done:
-                await response.write(_chunk(completion_id=completion_id, model=body.model,
-                                            delta={}, finish=delta.finish_reason or "stop",
-                                            usage=delta.usage))
-            elif delta.text:
-                await response.write(_chunk(completion_id=completion_id, model=body.model,
-                                            delta={"content": delta.text}, finish=None))
+        try:
+            async for delta in _chain(first, deltas):
+                completion_id = completion_id or delta.id or f"chatcmpl-{time.time_ns()}"
+                if delta.done:
+                    await response.write(_chunk(completion_id=completion_id, model=body.model,
+                                                delta={}, finish=delta.finish_reason or "stop",
+                                                usage=delta.usage))
+                elif delta.text:
+                    await response.write(_chunk(completion_id=completion_id, model=body.model,
+                                                delta={"content": delta.text}, finish=None))
+        except KowalskiError as exc:
+            # As OpenAI's servers do: an error event, and the stream ends without [DONE].
+            error = {"code": exc.code, "message": exc.user_message(), "type": "server_error",
+                     "retryable": exc.is_recoverable}
+            await response.write(b"data: " + msgspec.json.encode({"error": error}) + b"\n\n")
+            await response.write_eof()
+            return response
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -149,6 +162,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return web.json_response(_completion(
         completion_id=answer.id or f"chatcmpl-{time.time_ns()}", model=answer.model or body.model,
         text=answer.text, finish=answer.finish_reason or "stop", usage=answer.usage))
+
+
+async def _chain(first: ChatDelta | None, rest: AsyncIterator[ChatDelta]
+                 ) -> AsyncIterator[ChatDelta]:
+    if first is not None:
+        yield first
+    async for delta in rest:
+        yield delta
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -8,12 +8,13 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from kowalski.common.config import RlmConfig
-from kowalski.common.errors import ContextSizeExceededError
+from kowalski.common.errors import ContextSizeExceededError, ParseError
 from kowalski.common.messages import LlmCallback
 from kowalski.controller.dispatch import Dispatcher
 from kowalski.controller.rlm import ChatBackend, RlmEvent, RlmResult, RlmRun, new_run_id
@@ -38,10 +39,11 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     query: str
     context: Any = None
     model: str = ""
-    max_iterations: int | None = None
-    max_depth: int | None = None
-    token_budget: int | None = None
-    run_timeout_s: float | None = None
+    # Overrides may only tighten the controller's own limits (checked against the config).
+    max_iterations: Annotated[int, Meta(gt=0)] | None = None
+    max_depth: Annotated[int, Meta(ge=0)] | None = None
+    token_budget: Annotated[int, Meta(gt=0)] | None = None
+    run_timeout_s: Annotated[float, Meta(gt=0)] | None = None
     # Stream events as NDJSON while the run goes, then the result.
     stream: bool = False
 
@@ -124,6 +126,11 @@ class RunRegistry:
         self._tokens.pop(token, None)
 
     def _overrides(self, request: RunRequest) -> RlmConfig:
+        for key in ("max_iterations", "max_depth", "token_budget", "run_timeout_s"):
+            value, limit = getattr(request, key), getattr(self.config, key)
+            if value is not None and value > limit:
+                raise ParseError(f"{key} = {value} is over this controller's limit of {limit} "
+                                 f"(rlm.{key})")
         changes = {key: value for key, value in (
             ("max_iterations", request.max_iterations), ("max_depth", request.max_depth),
             ("token_budget", request.token_budget), ("run_timeout_s", request.run_timeout_s),
