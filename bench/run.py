@@ -1,0 +1,163 @@
+"""Runs every benchmark and writes docs/BENCHMARKS.md: `python -m bench.run [--quick]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (python bench/run.py): import the bench package from the repository
+    # root instead of its modules from their own folder.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from bench import REPO_ROOT, machine
+from bench.report import Section, render
+
+Measure = Callable[[Path, bool], Awaitable[list[Section]]]
+COMMAND = "python -m bench.run"
+# A 1-minute load average above this at the start means other work shares the machine.
+BUSY_LOAD = 0.5
+
+
+def _roundtrip() -> Measure:
+    from bench import roundtrip
+    return roundtrip.measure
+
+
+def _rlm() -> Measure:
+    from bench import rlm_overhead
+    return rlm_overhead.measure
+
+
+def _batch() -> Measure:
+    from bench import batch_throughput
+    return batch_throughput.measure
+
+
+def _failover() -> Measure:
+    from bench import failover
+    return failover.measure
+
+
+def _scale() -> Measure:
+    from bench import scale
+    return scale.measure
+
+
+def _embedded() -> Measure:
+    from bench import embedded
+    return embedded.measure
+
+
+# key, title (for a benchmark that fails before it reports), loader, time limit in seconds.
+BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
+    ("roundtrip", "Sandboxed job round trip", _roundtrip, 420.0),
+    ("rlm", "Controller overhead per RLM iteration", _rlm, 120.0),
+    ("batch", "Batch of prompts against a 50 ms endpoint", _batch, 120.0),
+    ("failover", "Failure detection at default settings", _failover, 180.0),
+    ("scale", "Scale: many agents heartbeating", _scale, 180.0),
+    ("embedded", "Embedded model through the full stack", _embedded, 240.0),
+]
+
+
+async def run_all(keys: list[str], quick: bool, tmp: Path) -> list[Section]:
+    sections: list[Section] = []
+    for key, title, load, limit_s in BENCHMARKS:
+        if key not in keys:
+            continue
+        print(f"bench: {key} ...", file=sys.stderr, flush=True)
+        started, load_average = time.monotonic(), os.getloadavg()[0]
+        work = tmp / key
+        work.mkdir()
+        try:
+            async with asyncio.timeout(limit_s):
+                produced = await load()(work, quick)
+        except Exception as exc:
+            logging.getLogger("bench").exception("benchmark %s failed", key)
+            reason = (f"it did not finish within {limit_s:g} s" if isinstance(exc, TimeoutError)
+                      else f"{exc!r}"[:500])
+            produced = [Section(key=key, title=title, method="", error=reason)]
+        elapsed = time.monotonic() - started
+        # Sections measured together share one duration, kept on the first.
+        produced[0].duration_s = elapsed
+        produced[0].load_at_start = load_average
+        for section in produced:
+            for target in section.targets:
+                verdict = "met" if target.met else "MISSED"
+                print(f"bench:   {target.name}: {target.measured:.3f} {target.unit} "
+                      f"(goal {target.comparison} {target.limit:g}) {verdict}", file=sys.stderr)
+            if section.error:
+                print(f"bench:   {section.title} FAILED: {section.error}", file=sys.stderr)
+        sections += produced
+    return sections
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, a few seconds per benchmark (a smoke run)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated benchmarks to run: "
+                             + ", ".join(key for key, *_ in BENCHMARKS))
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "BENCHMARKS.md",
+                        help="the Markdown report to write")
+    parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when every benchmark ran (targets met or not), 1 when one failed to run."""
+    args = parse_args(argv)
+    known = [key for key, *_ in BENCHMARKS]
+    keys = [key.strip() for key in args.only.split(",") if key.strip()] or known
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        print(f"bench: unknown benchmarks {unknown}; known: {known}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kowalski.common.tls import loop_factory
+
+    described = machine.describe()
+    load_before = machine.load_average()
+    shared = os.getloadavg()[0] > BUSY_LOAD
+    if shared:
+        print(f"bench: the machine is busy (load {load_before}); figures will show it",
+              file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="kowalski-bench-") as tmp, \
+            asyncio.Runner(loop_factory=loop_factory()) as runner:
+        sections = runner.run(run_all(keys, args.quick, Path(tmp)))
+    described.append(("load average (1, 5, 15 min)",
+                      f"{load_before} before the run; {machine.load_average()} after"))
+    command = COMMAND + (" --quick" if args.quick else "") + (
+        f" --only {','.join(keys)}" if keys != known else "")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render(sections, machine=described, command=command,
+                                  quick=args.quick, shared=shared))
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "quick": args.quick, "machine": dict(described),
+            "sections": [_jsonable(section) for section in sections],
+        }, indent=1))
+    print(f"bench: wrote {args.output}", file=sys.stderr)
+    return 1 if any(section.error for section in sections) else 0
+
+
+def _jsonable(section: Section) -> dict[str, object]:
+    data = dataclasses.asdict(section)
+    data["targets"] = [{**dataclasses.asdict(target), "met": target.met}
+                       for target in section.targets]
+    return data
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Baselines for the round trip: bare process spawns, and the sandbox's own set-up cost."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from kowalski.agent.jail import INNER_WORKDIR
+from kowalski.agent.languages import SPECS, SYSTEM_PATH, Toolchain
+from kowalski.agent.sandbox import Sandbox
+
+DEVNULL = asyncio.subprocess.DEVNULL
+
+
+async def timed(action: Callable[[], Awaitable[object]], repeats: int, *,
+                warmup: int = 1) -> list[float]:
+    """Milliseconds per call of action, after `warmup` calls that are not counted."""
+    for _ in range(warmup):
+        await action()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        await action()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+async def interleaved(actions: dict[str, Callable[[], Awaitable[object]]], repeats: int, *,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Milliseconds per call of each action, taking turns so load drifts hit them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in actions}
+    for round_number in range(warmup + repeats):
+        for name, action in actions.items():
+            started = time.perf_counter()
+            await action()
+            if round_number >= warmup:
+                samples[name].append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+async def run_process(argv: list[str], *, cwd: str | Path | None = None,
+                      env: dict[str, str] | None = None) -> bytes:
+    """Run argv to its end and return its stdout; a non-zero exit is an error."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdin=DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=cwd, env=env)
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited {process.returncode}: {err.decode()[-500:]}")
+    return out
+
+
+async def sandboxed_true(sandbox: Sandbox) -> None:
+    """The whole sandbox life of a process that does nothing: work dir, cgroup, bwrap, clean-up."""
+    true = shutil.which("true", path=SYSTEM_PATH)
+    assert true is not None
+    handle = await sandbox.spawn("bench-true", None, [true], files={}, stdin=DEVNULL,
+                                 stdout=DEVNULL, stderr=DEVNULL)
+    try:
+        code = await handle.wait_exit()
+    finally:
+        await handle.release()
+    if code != 0:
+        raise RuntimeError(f"true exited {code} in the sandbox")
+
+
+def bwrap_argv(bwrap: str, command: list[str]) -> list[str]:
+    """bubblewrap alone, with the namespaces and mounts a job gets (no cgroup, no uid drop)."""
+    return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--tmpfs", "/tmp", "--tmpfs", "/run", "--dir", INNER_WORKDIR,
+            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--die-with-parent", "--new-session", "--clearenv", "--", *command]
+
+
+PROGRAMS = {
+    "python": "print(1)\n",
+    "bash": "echo 1\n",
+    "javascript": "console.log(1);\n",
+    "rust": 'fn main() {\n    println!("1");\n}\n',
+    "java": "class Main {\n    public static void main(String[] args) {\n"
+            "        System.out.println(1);\n    }\n}\n",
+}
+
+
+def bare_argv(toolchain: Toolchain) -> list[str]:
+    """The job's command line with the toolchain at its host path (outside any sandbox)."""
+    inner = toolchain.inner_executable
+    return [toolchain.executable if part == inner else part for part in toolchain.run_argv()]
+
+
+async def run_bare(toolchain: Toolchain) -> None:
+    """Run the language's one-line program as the agent would, but unconfined."""
+    with tempfile.TemporaryDirectory(prefix="kowalski-bench-") as workdir:
+        source = Path(workdir) / SPECS[toolchain.language].source_file
+        source.write_text(PROGRAMS[toolchain.language])
+        env = {"PATH": SYSTEM_PATH, "HOME": workdir, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+        out = await run_process(bare_argv(toolchain), cwd=workdir, env=env)
+    if out.strip() != b"1":
+        raise RuntimeError(f"{toolchain.language} printed {out[:100]!r}")

@@ -1,0 +1,78 @@
+"""The benchmark harness runs end to end at tiny sizes: a smoke run, no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_SECTIONS = {"roundtrip", "languages", "rlm", "batch", "failover", "scale"}
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def run_harness(tmp_path: Path, only: str) -> tuple[dict[str, Any], str]:
+    """Run `python -m bench.run --quick --only ...`; the JSON figures and the Markdown."""
+    report, figures = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--only", only, "--output", str(report),
+         "--json", str(figures)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(figures.read_text()), report.read_text()
+
+
+def check_section(section: dict[str, Any]) -> None:
+    """A section that ran has its tables, finite figures and a verdict for every target."""
+    assert not section["error"], section["error"]
+    assert section["method"]
+    assert section["tables"]
+    assert all(table["rows"] for table in section["tables"])
+    for target in section["targets"]:
+        assert math.isfinite(target["measured"]), target
+        assert target["met"] == (target["measured"] <= target["limit"]
+                                 if target["comparison"] == "<="
+                                 else target["measured"] < target["limit"])
+    for name, samples in section["raw"].items():
+        assert samples, name
+        assert all(math.isfinite(value) for value in samples), name
+
+
+def test_quick_run_measures_every_cluster_benchmark_and_writes_the_report(
+        tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, ",".join(
+        ["roundtrip", "rlm", "batch", "failover", "scale"]))
+    sections = {section["key"]: section for section in figures["sections"]}
+    assert set(sections) == CLUSTER_SECTIONS
+    for section in sections.values():
+        check_section(section)
+    names = {target["name"] for section in sections.values() for target in section["targets"]}
+    assert {"warm session cell p50", "overhead per iteration p50", "cold batch wall / ideal",
+            "kill → unhealthy p50", "idle agent RSS"} <= names
+    languages = sections["languages"]["tables"][0]["rows"]
+    assert [row[0] for row in languages][:2] == ["python", "bash"]
+    assert report.startswith("# Benchmarks\n")
+    assert "`python -m bench.run --quick --only roundtrip,rlm,batch,failover,scale`" in report
+    assert "| cpu |" in report
+    assert "| kernel |" in report
+    for section in sections.values():
+        assert f". {section['title']}\n" in report
+    assert figures["quick"] is True
+
+
+@pytest.mark.model
+def test_quick_run_of_the_embedded_model_compares_router_and_direct(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "embedded")
+    (section,) = figures["sections"]
+    if section["skipped"]:
+        pytest.skip(section["skipped"])
+    check_section(section)
+    assert all(value > 0 for value in section["raw"]["direct tokens/s"])
+    assert all(value > 0 for value in section["raw"]["routed tokens/s"])
+    assert "router / direct (p50 over p50)" in report
