@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import msgspec
@@ -17,7 +18,6 @@ from aiohttp import web
 from kowalski.agent.app import VERSION, AgentState, make_app
 from kowalski.agent.jobs import JobRunner
 from kowalski.agent.llm_relay import LlmRelay
-from kowalski.agent.mdns import Advertiser, host_addresses
 from kowalski.agent.metrics import MetricsSampler
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
@@ -28,6 +28,9 @@ from kowalski.common.errors import ConfigError, KowalskiError
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
 from kowalski.common.tls import client_ssl_context, loop_factory, server_ssl_context
+
+if TYPE_CHECKING:
+    from kowalski.agent.mdns import Advertiser
 
 log = logging.getLogger("kowalski.agent")
 
@@ -93,6 +96,9 @@ class Agent:
                 if self._port_file is not None:
                     self._port_file.write_text(f"{self.port}\n")
                 if settings.advertise_mdns:
+                    # Imported here: zeroconf costs memory an agent without mDNS never needs.
+                    from kowalski.agent.mdns import Advertiser, host_addresses
+
                     addresses = ([settings.advertise_address] if settings.advertise_address
                                  else host_addresses())
                     advertiser = Advertiser(agent_id=agent_id, name=name, port=self.port,

@@ -26,6 +26,8 @@ from kowalski.controller.discovery import MdnsBrowser, static_agent_url
 
 log = logging.getLogger(__name__)
 Listener = Callable[[DeviceTable, DeviceEvent], None]
+# Longest pause between two health judgements.
+_TICK_S = 0.25
 
 
 class Cluster:
@@ -97,15 +99,24 @@ class Cluster:
                 browser = MdnsBrowser(on_found=self._found, on_lost=self._lost,
                                       scheme=self._scheme, interfaces=self._mdns_interfaces)
                 await browser.start()
-            while True:
-                started = self.clock()
-                await self.poll_once()
-                self.apply(Tick(now=self.clock()))
-                elapsed = self.clock() - started
-                await asyncio.sleep(max(0.0, self._config.heartbeat_interval_s - elapsed))
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._tick_loop(), name="failure-detector")
+                while True:
+                    started = self.clock()
+                    await self.poll_once()
+                    elapsed = self.clock() - started
+                    await asyncio.sleep(max(0.0, self._config.heartbeat_interval_s - elapsed))
         finally:
             if browser is not None:
                 await browser.close()
+
+    async def _tick_loop(self) -> None:
+        """Judge health several times per interval, so a death is seen within the timeout
+        rather than at the first poll round after it."""
+        period = min(_TICK_S, self._config.heartbeat_interval_s / 4)
+        while True:
+            self.apply(Tick(now=self.clock()))
+            await asyncio.sleep(period)
 
     async def poll_once(self) -> None:
         """Ask every known agent, and every static address not yet known, for a heartbeat."""

@@ -261,8 +261,11 @@ def _heartbeat(settings: TableSettings, row: DeviceRow, event: HeartbeatReceived
         latency_ms = rtt_ms if latency_ms is None else alpha * rtt_ms + (1 - alpha) * latency_ms
         keep = settings.latency_samples
         samples = (*samples, rtt_ms)[-keep:] if keep > 0 else ()
+    # A restarted agent is a new process: its old failures say nothing about it.
+    restarted = row.agent_started_at is not None and beat.started_at != row.agent_started_at
     return msgspec.structs.replace(
         row,
+        circuit=breaker.CLOSED if restarted and not row.in_flight else row.circuit,
         name=beat.name or row.name,
         lost=False,
         lost_at=None,

@@ -319,6 +319,20 @@ def test_job_outcomes_drive_the_circuit_breaker() -> None:
     assert row(table, "a").circuit.state == "closed"
 
 
+def test_a_restarted_agent_starts_with_a_closed_circuit() -> None:
+    a = DeviceId("a")
+    events: list[DeviceEvent] = [found("a"), beat("a", 1.0)]
+    events += [JobReleased(device_id=a, job_id="old", outcome="failure", at=1.0)
+               for _ in range(3)]
+    table = run(*events, beat("a", 2.0))
+    assert row(table, "a").circuit.state == "open"
+    restarted = msgspec.structs.replace(
+        beat("a", 3.0), heartbeat=msgspec.structs.replace(heartbeat(name="a"), started_at=200.0))
+    table = run(restarted, table=table)
+    assert row(table, "a").circuit.state == "closed"
+    assert select(table, "code_execution", now=3.0).device_id == "a"
+
+
 def test_cancelled_probe_frees_the_probe_slot() -> None:
     a = DeviceId("a")
     events: list[DeviceEvent] = [found("a"), beat("a", 1.0)]
