@@ -361,6 +361,10 @@ def serve(argv: list[str] | None = None) -> int:
     # Weights come only from the local file: never fetched at run time.
     params.offline = True
     params.ui = False
+    # A 135M model repeats itself until the token cap without a repetition penalty;
+    # requests that set their own sampling still win.
+    params.sampling.penalty_repeat = 1.15
+    params.sampling.penalty_last_n = 256
     try:
         server = xllamacpp.Server(params)
     except RuntimeError as exc:
