@@ -21,6 +21,7 @@ T = TypeVar("T")
 # Time a call may take beyond the job's own limit (queueing, compile, transfer).
 CALL_MARGIN_S = 30.0
 DEFAULT_JOB_TIMEOUT_S = 300.0
+_BUSY_CODES = frozenset({"busy", "rate_limited"})
 
 
 class DeviceFailedError(NetworkError):
@@ -41,6 +42,14 @@ def _is_device_fault(error: BaseException) -> bool:
     if isinstance(error, RemoteError):
         return error.retryable
     return isinstance(error, KowalskiError) and error.is_recoverable
+
+
+def _outcome(error: BaseException) -> str:
+    """What a failed call says about its device, for the circuit breaker."""
+    if isinstance(error, RemoteError) and error.remote_code in _BUSY_CODES:
+        # A full agent is working, not failing: try elsewhere, but do not open its circuit.
+        return "cancelled"
+    return "failure" if _is_device_fault(error) else "success"
 
 
 class Dispatcher:
@@ -89,7 +98,7 @@ class Dispatcher:
             outcome = "success"
             return result
         except Exception as exc:
-            outcome = "failure" if _is_device_fault(exc) else "success"
+            outcome = _outcome(exc)
             raise
         finally:
             self.cluster.apply(JobReleased(device_id=device_id, job_id=job_id, outcome=outcome,

@@ -208,3 +208,22 @@ async def test_chat_goes_to_the_endpoint_with_the_model_ready(
     assert result.usage is not None
     assert result.usage.total_tokens > 0
     assert exo.app[STANDIN].counts["/v1/chat/completions"] == 1
+
+
+async def test_a_busy_agent_gets_work_elsewhere_without_opening_its_circuit(
+    controller: Services, agents: list[AgentProcess],
+) -> None:
+    from kowalski.common.client import RemoteError
+    from kowalski.common.messages import DeviceId
+
+    busy = DeviceId(agents[0].agent_id)
+
+    async def full(row: Any) -> None:
+        raise RemoteError(503, "busy", "agent is running 4 jobs with 64 queued", True)
+
+    for attempt in range(5):
+        with pytest.raises(RemoteError):
+            await controller.dispatcher.on_device(busy, f"busy-{attempt}", full)
+    row = controller.cluster.table.devices[busy]
+    assert row.circuit.state == "closed"
+    assert not row.in_flight
