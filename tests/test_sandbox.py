@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
+import leftovers
 import pytest
 
 from kowalski.agent.cgroups import locate, parse_mountinfo, parse_proc_cgroup
@@ -54,20 +54,7 @@ def job(language: Any, code: str, **fields: Any) -> JobRequest:
 
 
 def marker() -> str:
-    """A sleep length no other process on the host uses, to find a job's stragglers."""
-    return f"{4000 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 10**6:06d}"
-
-
-def processes_with(text: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if (process.info["status"] != psutil.STATUS_ZOMBIE
-                    and text in " ".join(process.info["cmdline"] or ())):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
+    return leftovers.marker(4000)
 
 
 def assert_nothing_left(sandbox: Sandbox, text: str | None = None) -> None:
@@ -76,7 +63,7 @@ def assert_nothing_left(sandbox: Sandbox, text: str | None = None) -> None:
         assert [path.name for path in base.iterdir() if path.is_dir()] == []
         assert (base / "cgroup.procs").read_text() == ""
     if text is not None:
-        assert processes_with(text) == []
+        assert leftovers.processes_with(text) == []
 
 
 @pytest.fixture
@@ -352,7 +339,7 @@ async def test_cancelling_a_running_job_kills_it(sandbox: Sandbox) -> None:
     tag = marker()
     task = asyncio.create_task(sandbox.run_job(job("bash", f"sleep {tag}", timeout_ms=30_000)))
     deadline = time.monotonic() + 10
-    while not processes_with(tag):
+    while not leftovers.processes_with(tag):
         assert time.monotonic() < deadline, "the job never started"
         await asyncio.sleep(0.02)
     task.cancel()
@@ -384,7 +371,7 @@ async def test_closing_the_sandbox_fails_running_jobs_and_kills_them(tmp_path: P
     tag = marker()
     task = asyncio.create_task(box.run_job(job("bash", f"sleep {tag}", timeout_ms=30_000)))
     deadline = time.monotonic() + 10
-    while not processes_with(tag):
+    while not leftovers.processes_with(tag):
         assert time.monotonic() < deadline, "the job never started"
         await asyncio.sleep(0.02)
     await box.close()
@@ -392,7 +379,7 @@ async def test_closing_the_sandbox_fails_running_jobs_and_kills_them(tmp_path: P
     assert result.status == "failed"
     assert result.error is not None
     assert "shut down" in result.error.message
-    assert processes_with(tag) == []
+    assert leftovers.processes_with(tag) == []
 
 
 @needs_root
@@ -412,7 +399,7 @@ async def test_start_kills_what_a_dead_agent_left_in_its_cgroups(tmp_path: Path)
     joins = " ".join(f"echo $$ > {path}/cgroup.procs;" for path in stale)
     orphan = await asyncio.create_subprocess_exec("sh", "-c", f"{joins} exec sleep {tag}")
     deadline = time.monotonic() + 10
-    while not processes_with(tag):
+    while not leftovers.processes_with(tag):
         assert time.monotonic() < deadline, "the stand-in job never started"
         await asyncio.sleep(0.02)
     second = Sandbox(small_config(), work_root=tmp_path / "second")
@@ -442,7 +429,7 @@ async def test_rlimit_mode_contains_a_detached_child_and_a_timeout(reachable_dir
         if box.cgroup_version is not None:
             assert_nothing_left(box, tag)
         else:
-            for process in processes_with(tag):
+            for process in leftovers.processes_with(tag):
                 process.kill()
     finally:
         await box.close()
@@ -469,7 +456,7 @@ async def test_none_mode_warns_loudly_but_still_enforces_the_timeout(
         tag = marker()
         result = await box.run_job(job("bash", f"sleep {tag} & sleep {tag}", timeout_ms=500))
         assert result.status == "timeout"
-        assert processes_with(tag) == []
+        assert leftovers.processes_with(tag) == []
     finally:
         await box.close()
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
+import leftovers
 import pytest
 
 from kowalski.agent.sandbox import Sandbox
@@ -42,19 +42,7 @@ class RecordingHandler:
 
 
 def marker() -> str:
-    return f"{5000 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 10**6:06d}"
-
-
-def processes_with(text: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if (process.info["status"] != psutil.STATUS_ZOMBIE
-                    and text in " ".join(process.info["cmdline"] or ())):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
+    return leftovers.marker(5000)
 
 
 def job_cgroups(sandbox: Sandbox) -> list[str]:
@@ -186,7 +174,7 @@ async def test_a_cell_that_ignores_the_interrupt_loses_the_session(
     assert result.status == "timeout"
     assert result.error is not None
     assert result.error.code == "session_lost"
-    assert processes_with(tag) == []
+    assert leftovers.processes_with(tag) == []
     assert job_cgroups(sandbox) == []
     with pytest.raises(SessionLostError, match="did not stop"):
         await run(manager, "stubborn", "1")
@@ -330,10 +318,10 @@ async def test_delete_kills_the_session_and_everything_it_started(
     await manager.create(SessionCreate(session_id="d"))
     tag = marker()
     await run(manager, "d", f"import subprocess\nchild = subprocess.Popen(['sleep', '{tag}'])")
-    assert len(processes_with(tag)) == 1
+    assert len(leftovers.processes_with(tag)) == 1
     assert len(job_cgroups(sandbox)) == 1
     assert await manager.delete("d")
-    assert processes_with(tag) == []
+    assert leftovers.processes_with(tag) == []
     assert job_cgroups(sandbox) == []
     assert not await manager.delete("d")
     with pytest.raises(SessionNotFoundError):
