@@ -14,10 +14,10 @@ import psutil
 from bench.cluster import controller, controller_config, start_standin
 from bench.report import Section, Table, Target, fmt, p50
 from bench.standin import MODEL
-from kowalski.controller.batch import BatchItem, run_batch
-from kowalski.controller.cache import CachedBackend, ResultCache
-from kowalski.controller.chat_types import ChatMessage, ChatRequest
-from kowalski.controller.llm_router import LlmRouter
+from kowalski.controller.batch.runner import BatchItem, run_batch
+from kowalski.controller.models.cache import CachedBackend, ResultCache
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest
+from kowalski.controller.models.router import LlmRouter
 
 T = TypeVar("T")
 LATENCY_MS = 50.0

@@ -18,7 +18,7 @@ from procs import SECRET, AgentProcess
 
 from bench import REPO_ROOT
 from kowalski.common.config import Config, SandboxConfig
-from kowalski.controller.device_table import DeviceTable
+from kowalski.controller.fleet.device_table import DeviceTable
 from kowalski.controller.service import Services, services
 
 # The shipped defaults, spelled out so that a change of default shows in the report.

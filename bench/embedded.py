@@ -10,9 +10,9 @@ import aiohttp
 from bench.cluster import controller, controller_config
 from bench.report import Section, Table, fmt, p50, spread
 from kowalski.common.errors import EmbeddedModelError
-from kowalski.controller.chat_types import ChatMessage, ChatRequest
-from kowalski.controller.embedded_model import MODEL_NAME, locate_weights, require_server_package
-from kowalski.controller.llm_router import LlmRouter
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest
+from kowalski.controller.models.embedded import MODEL_NAME, locate_weights, require_server_package
+from kowalski.controller.models.router import LlmRouter
 
 PROMPT = "Write a long story about a robot who learns to paint. Use many details."
 

@@ -9,11 +9,11 @@ from typing import Any
 from bench.cluster import agents, controller, controller_config
 from bench.report import Section, Table, Target, fmt, p50, percentile, spread
 from kowalski.common.config import RlmConfig
-from kowalski.controller.chat_types import ChatRequest, ChatResult, Usage
-from kowalski.controller.dispatch import Dispatcher
-from kowalski.controller.rlm import RlmRun
-from kowalski.controller.sessions import RemoteSession
-from kowalski.controller.trajectory import IterationStarted, RlmEvent
+from kowalski.controller.fleet.dispatch import Dispatcher
+from kowalski.controller.fleet.sessions import RemoteSession
+from kowalski.controller.models.chat_types import ChatRequest, ChatResult, Usage
+from kowalski.controller.rlm.loop import RlmRun
+from kowalski.controller.rlm.trajectory import IterationStarted, RlmEvent
 
 TARGET_MS = 2.0
 

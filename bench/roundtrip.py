@@ -24,8 +24,8 @@ from kowalski.agent.languages import SYSTEM_PATH, Toolchain
 from kowalski.agent.sandbox import Sandbox
 from kowalski.common.config import SandboxConfig, SandboxMode
 from kowalski.common.messages import JobRequest, Language
-from kowalski.controller.dispatch import Dispatcher
-from kowalski.controller.sessions import RemoteSession
+from kowalski.controller.fleet.dispatch import Dispatcher
+from kowalski.controller.fleet.sessions import RemoteSession
 
 WARM_TARGET_MS = 5.0
 COLD_TARGET_RATIO = 1.5

@@ -19,14 +19,14 @@ from bench.report import Section, Table, Target, fmt, p50, percentile
 from kowalski.common import config as config_module
 from kowalski.common.config import ControllerConfig
 from kowalski.common.messages import DeviceId, Heartbeat, Metrics
-from kowalski.controller.device_table import (
+from kowalski.controller.fleet.device_table import (
     DeviceDiscovered,
     DeviceTable,
     HeartbeatReceived,
     TableSettings,
     apply,
 )
-from kowalski.controller.scoring import select
+from kowalski.controller.fleet.selection import select
 
 CPU_TARGET_CORES = 0.5
 SELECT_TARGET_MS = 1.0

@@ -1,3 +1,3 @@
-from kowalski.controller.cli import main
+from kowalski.controller.cli.main import main
 
 raise SystemExit(main())

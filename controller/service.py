@@ -19,16 +19,16 @@ from kowalski.common.config import Config, read_api_token
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
 from kowalski.common.tls import client_ssl_context, server_ssl_context
-from kowalski.controller.app import make_app
-from kowalski.controller.cache import CachedBackend, ResultCache
+from kowalski.controller.api.app import make_app
+from kowalski.controller.api.state import ControllerState
 from kowalski.controller.circuit import CircuitPolicy
-from kowalski.controller.cluster import Cluster
-from kowalski.controller.dispatch import Dispatcher
-from kowalski.controller.embedded_model import MODEL_NAME, EmbeddedModel
-from kowalski.controller.llm_router import LlmRouter
+from kowalski.controller.fleet.cluster import Cluster
+from kowalski.controller.fleet.dispatch import Dispatcher
+from kowalski.controller.models.cache import CachedBackend, ResultCache
+from kowalski.controller.models.embedded import MODEL_NAME, EmbeddedModel
+from kowalski.controller.models.router import LlmRouter
 from kowalski.controller.retry import RetryPolicy
-from kowalski.controller.runs import RunRegistry
-from kowalski.controller.state import ControllerState
+from kowalski.controller.rlm.runs import RunRegistry
 
 log = logging.getLogger("kowalski.controller")
 

@@ -11,7 +11,7 @@ from procs import SECRET, AgentProcess
 
 from kowalski.common import config as config_module
 from kowalski.common.config import Config
-from kowalski.controller.device_table import DeviceTable
+from kowalski.controller.fleet.device_table import DeviceTable
 from kowalski.controller.service import Services, services
 
 

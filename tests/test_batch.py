@@ -20,7 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kowalski.controller
-from kowalski.controller.batch import (
+from kowalski.controller.batch.progress import Progress, ProgressBar, render_bar
+from kowalski.controller.batch.runner import (
     BatchItem,
     ExoClientBackend,
     ItemFailure,
@@ -33,9 +34,8 @@ from kowalski.controller.batch import (
     run_batch,
     run_batch_file,
 )
-from kowalski.controller.cache import CachedBackend, ResultCache
-from kowalski.controller.exo_client import ExoClient
-from kowalski.controller.progress import Progress, ProgressBar, render_bar
+from kowalski.controller.models.cache import CachedBackend, ResultCache
+from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.retry import RetryPolicy
 
 CHAT = "/v1/chat/completions"
@@ -368,7 +368,7 @@ def batch_env() -> dict[str, str]:
 
 async def start_batch(url: str, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kowalski.controller.batch", "--endpoint", url,
+        sys.executable, "-m", "kowalski.controller.batch.runner", "--endpoint", url,
         "--model", DEFAULT_MODEL, *args, env=batch_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )

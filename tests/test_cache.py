@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from kowalski.common.config import ExoConfig
 from kowalski.common.errors import NetworkError
-from kowalski.controller.batch import ExoClientBackend
-from kowalski.controller.cache import CachedBackend, ResultCache, cache_key
-from kowalski.controller.chat_types import ChatMessage, ChatRequest, ChatResult
-from kowalski.controller.exo_client import ExoClient
+from kowalski.controller.batch.runner import ExoClientBackend
+from kowalski.controller.models.cache import CachedBackend, ResultCache, cache_key
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, ChatResult
+from kowalski.controller.models.exo_client import ExoClient
 
 Serve = Callable[..., Awaitable[tuple[ExoStandin, str]]]
 

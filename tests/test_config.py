@@ -133,7 +133,7 @@ def test_example_file_is_the_generated_default() -> None:
 
 
 def test_cli_config_init_then_validate(tmp_path: Path) -> None:
-    from kowalski.controller.cli import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, main
+    from kowalski.controller.cli.main import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, main
 
     target = tmp_path / "kowalski.toml"
     assert main(["config", "init", str(target)]) == EXIT_OK

@@ -18,9 +18,9 @@ from procs import AgentProcess
 
 from kowalski.common.errors import NoDevicesAvailableError
 from kowalski.common.messages import JobRequest
-from kowalski.controller.chat_types import ChatMessage, ChatRequest
+from kowalski.controller.fleet.sessions import RemoteSession
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest
 from kowalski.controller.service import Services
-from kowalski.controller.sessions import RemoteSession
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -20,8 +20,8 @@ from exo_standin import DEFAULT_MODEL, make_exo_app
 from procs import AgentProcess
 
 from kowalski.common.messages import DeviceId, JobRequest
-from kowalski.controller.dashboard import RECONNECT_MS
-from kowalski.controller.device_table import DeviceDiscovered
+from kowalski.controller.api.dashboard import RECONNECT_MS
+from kowalski.controller.fleet.device_table import DeviceDiscovered
 from kowalski.controller.service import Services
 
 pytestmark = pytest.mark.timeout(90)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kowalski.common.config import ControllerConfig
 from kowalski.common.errors import NoDevicesAvailableError
 from kowalski.common.messages import DeviceId, Heartbeat, Metrics
-from kowalski.controller.device_table import (
+from kowalski.controller.fleet.device_table import (
     DeviceDiscovered,
     DeviceEvent,
     DeviceLost,
@@ -31,15 +31,14 @@ from kowalski.controller.device_table import (
     Tick,
     apply,
 )
-from kowalski.controller.scoring import (
-    OPERATIONS,
-    Operation,
+from kowalski.controller.fleet.selection import (
     base_score,
     exclusion_reason,
     ranked,
     score,
     select,
 )
+from kowalski.controller.scoring import OPERATIONS, Operation
 
 GIB = 1024**3
 CONFIG = ControllerConfig(

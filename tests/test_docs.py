@@ -210,7 +210,7 @@ def command_problems(words: list[str], parser: argparse.ArgumentParser) -> list[
 
 
 def _ctl_parser() -> argparse.ArgumentParser:
-    from kowalski.controller.cli import build_parser
+    from kowalski.controller.cli.main import build_parser
 
     return build_parser()
 
@@ -309,7 +309,7 @@ def test_toml_examples_in_the_docs_are_valid_configs(doc: Path) -> None:
 
 def _routes() -> list[tuple[str, re.Pattern[str]]]:
     from kowalski.agent.app import make_app as agent_app
-    from kowalski.controller.app import make_app as controller_app
+    from kowalski.controller.api.app import make_app as controller_app
 
     routes = []
     # The route tables only: no handler runs, so the apps need no real state.

@@ -20,7 +20,7 @@ import pytest_asyncio
 
 from kowalski.common.config import ExoConfig
 from kowalski.common.errors import EmbeddedModelError
-from kowalski.controller.embedded_model import (
+from kowalski.controller.models.embedded import (
     MODEL_NAME,
     EmbeddedModel,
     locate_weights,
@@ -154,7 +154,7 @@ async def test_close_stops_the_child_cleanly_and_twice_is_harmless() -> None:
 async def test_server_dies_with_a_killed_controller() -> None:
     script = textwrap.dedent("""
         import asyncio, sys
-        from kowalski.controller.embedded_model import EmbeddedModel
+        from kowalski.controller.models.embedded import EmbeddedModel
 
         async def main():
             model = EmbeddedModel(context_tokens=256, startup_timeout_s=60)

@@ -15,7 +15,7 @@ from exo_standin import DATA_DIR, STANDIN, ExoStandin, make_exo_app, sample, spl
 
 from kowalski.common.config import ExoConfig
 from kowalski.common.errors import ExoApiError, NetworkError, ParseError
-from kowalski.controller.chat_types import (
+from kowalski.controller.models.chat_types import (
     ChatDelta,
     ChatMessage,
     ChatRequest,
@@ -24,8 +24,8 @@ from kowalski.controller.chat_types import (
     Usage,
     encode_request,
 )
-from kowalski.controller.exo_client import ExoClient
-from kowalski.controller.exo_errors import (
+from kowalski.controller.models.exo_client import ExoClient
+from kowalski.controller.models.exo_errors import (
     ExoTimeoutError,
     IncompleteStreamError,
     InstanceNotReadyError,
@@ -33,7 +33,7 @@ from kowalski.controller.exo_errors import (
     StreamError,
     UnsupportedFlavourError,
 )
-from kowalski.controller.exo_types import FLAVOURS, SERVING_STATUSES, Flavour, parse_state
+from kowalski.controller.models.exo_types import FLAVOURS, SERVING_STATUSES, Flavour, parse_state
 
 MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 TINY = "local/tiny-llama"
@@ -692,7 +692,7 @@ async def test_from_config_takes_the_timeouts(serve: Serve) -> None:
 @pytest.mark.model
 async def test_openai_flavour_against_the_embedded_llama_server(client: MakeClient) -> None:
     from kowalski.common.errors import EmbeddedModelError
-    from kowalski.controller.embedded_model import EmbeddedModel, locate_weights
+    from kowalski.controller.models.embedded import EmbeddedModel, locate_weights
 
     pytest.importorskip("xllamacpp")
     try:

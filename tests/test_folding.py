@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from exo_standin import STANDIN, ExoStandin, FailMode, make_exo_app
 
-from kowalski.controller.chat_types import ChatMessage, ChatRequest, ChatResult
-from kowalski.controller.exo_client import ExoClient
-from kowalski.controller.folding import (
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, ChatResult
+from kowalski.controller.models.exo_client import ExoClient
+from kowalski.controller.rlm.folding import (
     assigned_names,
     estimate_tokens,
     fold,

@@ -38,8 +38,10 @@ from test_fuzz_agent import (
 from kowalski.agent.app import AgentState
 from kowalski.agent.app import make_app as make_agent_app
 from kowalski.common import messages
-from kowalski.controller import dashboard, openai_front, rlm_events, runs, status, trajectory
-from kowalski.controller.app import make_app as make_controller_app
+from kowalski.controller.api import dashboard, openai_front, status
+from kowalski.controller.api.app import make_app as make_controller_app
+from kowalski.controller.rlm import events as rlm_events
+from kowalski.controller.rlm import runs, trajectory
 from kowalski.controller.service import Services
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,8 +52,7 @@ GENERATED = ("    # Generated from the wire structs by `python tests/test_fuzz_c
              " do not edit below.\n")
 TOKEN = "fuzz-token-" + "t" * 24
 # Struct names that are not unique across modules get a name of their own.
-RENAMED = {"kowalski.controller.status.RunSummary": "LiveRunSummary",
-           "kowalski.controller.trajectory.RunSummary": "StoredRunSummary"}
+RENAMED = {"kowalski.controller.rlm.trajectory.RunSummary": "StoredRunSummary"}
 # Pages for people, and streams that never end, are not fuzzed as JSON operations.
 NOT_FUZZED = {"/v1/events"}
 
@@ -63,7 +64,7 @@ def wire_schemas() -> dict[str, Any]:
         messages.SessionInfo, messages.CellRequest, messages.CellResult, messages.VariableValue,
         messages.Heartbeat, messages.Metrics, messages.LlmQuery, messages.LlmAnswer,
         runs.RunRequest, openai_front.CompletionBody, status.Status, status.DeviceStatus,
-        status.RunSummary, trajectory.RunSummary, trajectory.Trajectory, rlm_events.RlmResult,
+        runs.LiveRunSummary, trajectory.RunSummary, trajectory.Trajectory, rlm_events.RlmResult,
         dashboard.Snapshot, rlm_events.AnyRlmEvent,
     ]
     schemas, components = msgspec.json.schema_components(

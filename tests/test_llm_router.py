@@ -11,9 +11,9 @@ from exo_standin import DEFAULT_MODEL, STANDIN, make_exo_app
 
 from kowalski.common.config import ControllerConfig, ExoConfig
 from kowalski.common.errors import ExoApiError, NoDevicesAvailableError
-from kowalski.controller.chat_types import ChatMessage, ChatRequest
 from kowalski.controller.circuit import CircuitPolicy
-from kowalski.controller.llm_router import LlmRouter
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest
+from kowalski.controller.models.router import LlmRouter
 from kowalski.controller.retry import RetryPolicy
 
 OTHER = "mlx-community/Qwen3-0.6B-4bit"

@@ -21,14 +21,20 @@ def test_the_three_parts_install_under_the_kowalski_namespace() -> None:
         assert (SITE / "kowalski" / part / "__init__.py").is_file()
         # A bare top-level module would shadow other packages' `common` or `agent`.
         assert not (SITE / part).exists(), f"{SITE / part} is installed at top level"
-    assert (SITE / "kowalski" / "controller" / "static" / "index.html").is_file()
+    assert (SITE / "kowalski" / "controller" / "api" / "static" / "index.html").is_file()
+    # Every subpackage of the source tree is listed in pyproject.toml and so installed.
+    source = Path(__file__).resolve().parent.parent
+    for init in source.glob("*/**/__init__.py"):
+        relative = init.relative_to(source)
+        if relative.parts[0] in ("agent", "controller", "common"):
+            assert (SITE / "kowalski" / relative).is_file(), f"{relative} is not installed"
     assert (SITE / "kowalski" / "agent" / "repl_driver.py").is_file()
 
 
 def test_import_works_outside_the_source_tree(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-c", "import kowalski.common.config, kowalski.agent.main, "
-         "kowalski.controller.cli; print('ok')"],
+         "kowalski.controller.cli.main; print('ok')"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.stdout == "ok\n", result.stderr
 

@@ -26,11 +26,11 @@ from kowalski.common.messages import (
     SessionCreate,
     VariableValue,
 )
-from kowalski.controller import rlm_prompts
-from kowalski.controller.chat_types import ChatRequest, ChatResult
-from kowalski.controller.exo_client import ExoClient
-from kowalski.controller.rlm import RlmRun
-from kowalski.controller.trajectory import (
+from kowalski.controller.models.chat_types import ChatRequest, ChatResult
+from kowalski.controller.models.exo_client import ExoClient
+from kowalski.controller.rlm import prompts as rlm_prompts
+from kowalski.controller.rlm.loop import RlmRun
+from kowalski.controller.rlm.trajectory import (
     CodeExecuted,
     IterationStarted,
     ModelReplied,

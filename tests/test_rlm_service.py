@@ -18,7 +18,7 @@ from controller_env import controller_config, healthy_ids, running_controller, s
 from exo_standin import DEFAULT_MODEL, STANDIN, make_exo_app
 from procs import AgentProcess
 
-from kowalski.controller.runs import RunRequest
+from kowalski.controller.rlm.runs import RunRequest
 from kowalski.controller.service import Services
 
 pytestmark = pytest.mark.timeout(120)
@@ -227,7 +227,7 @@ async def test_cli_batch_writes_results_in_order_and_reports_cache_hits(
 @pytest.mark.timeout(300)
 async def test_embedded_smollm2_run_replies_counts_tokens_and_terminates(tmp_path: Path) -> None:
     from kowalski.common.config import loads
-    from kowalski.controller.local import local_cluster
+    from kowalski.controller.cli.local import local_cluster
 
     # A small window keeps each reply short: on 2 busy cores a long one takes minutes.
     config = loads(tomli_w.dumps({

@@ -16,9 +16,9 @@ from kowalski.common import config as config_module
 from kowalski.common.config import Config, read_api_token
 from kowalski.common.errors import NetworkError, ParseError
 from kowalski.common.tls import client_ssl_context, loop_factory
-from kowalski.controller.rlm import RlmEvent, RlmResult
-from kowalski.controller.runs import RunRequest
-from kowalski.controller.trajectory import (
+from kowalski.controller.rlm.loop import RlmEvent, RlmResult
+from kowalski.controller.rlm.runs import RunRequest
+from kowalski.controller.rlm.trajectory import (
     AnyRlmEvent,
     CodeExecuted,
     ContextFolded,
@@ -78,7 +78,7 @@ def print_result(result: RlmResult, out: TextIO) -> None:
 
 
 def exit_code(result: RlmResult) -> int:
-    from kowalski.controller.cli import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
+    from kowalski.controller.cli.main import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
 
     if result.stop_reason in ANSWERED:
         return EXIT_OK
@@ -98,7 +98,7 @@ def _request(args: argparse.Namespace) -> RunRequest:
 
 
 async def _run_local(config: Config, request: RunRequest, show: bool) -> RlmResult:
-    from kowalski.controller.local import local_cluster
+    from kowalski.controller.cli.local import local_cluster
 
     if show:
         print("starting a local agent, controller and model…", file=sys.stderr, flush=True)
@@ -152,8 +152,8 @@ def run_command(args: argparse.Namespace, config: Config, url: str) -> int:
 
 
 async def _batch(config: Config, args: argparse.Namespace) -> int:
-    from kowalski.controller.batch import run_batch_file
-    from kowalski.controller.cache import CachedBackend, ResultCache
+    from kowalski.controller.batch.runner import run_batch_file
+    from kowalski.controller.models.cache import CachedBackend, ResultCache
     from kowalski.controller.retry import RetryPolicy
     from kowalski.controller.service import services
 
@@ -171,7 +171,7 @@ async def _batch(config: Config, args: argparse.Namespace) -> int:
             config.exo.max_concurrency, default_model=model, resume=args.resume,
             show_progress=sys.stderr.isatty(), policy=policy)
     print(summary.describe(), file=sys.stderr)
-    from kowalski.controller.cli import EXIT_INCOMPLETE, EXIT_OK
+    from kowalski.controller.cli.main import EXIT_INCOMPLETE, EXIT_OK
 
     return EXIT_OK if summary.failed == 0 else EXIT_INCOMPLETE
 

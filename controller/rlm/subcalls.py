@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from kowalski.common.errors import BudgetExceededError, CancelledJobError, KowalskiError
-from kowalski.controller.chat_types import ChatMessage, ChatRequest
-from kowalski.controller.folding import CHARS_PER_TOKEN
-from kowalski.controller.rlm_events import SubCallAnswered, TokenCount, chat_tokens
-from kowalski.controller.trajectory import SUB_CALL_CHARS, SubCallRecord
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest
+from kowalski.controller.rlm.events import SubCallAnswered, TokenCount, chat_tokens
+from kowalski.controller.rlm.folding import CHARS_PER_TOKEN
+from kowalski.controller.rlm.trajectory import SUB_CALL_CHARS, SubCallRecord
 
 if TYPE_CHECKING:
-    from kowalski.controller.rlm import RlmRun
+    from kowalski.controller.rlm.loop import RlmRun
 
 __all__ = ["SubCalls"]
 

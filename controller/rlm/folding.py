@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from kowalski.common.errors import KowalskiError
-from kowalski.controller.chat_types import ChatMessage, ChatRequest, ChatResult
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, ChatResult
 
 log = logging.getLogger(__name__)
 

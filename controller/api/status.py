@@ -11,9 +11,12 @@ from prometheus_client.registry import Collector
 
 from kowalski.common.messages import Metrics
 from kowalski.controller import circuit as breaker
-from kowalski.controller.device_table import DeviceTable, Sample
-from kowalski.controller.llm_router import EndpointView
-from kowalski.controller.scoring import OPERATIONS, exclusion_reason, score
+from kowalski.controller.fleet.device_table import DeviceTable, Sample
+from kowalski.controller.fleet.dispatch import JobCounters
+from kowalski.controller.fleet.selection import exclusion_reason, score
+from kowalski.controller.models.router import EndpointView
+from kowalski.controller.rlm.runs import LiveRunSummary
+from kowalski.controller.scoring import OPERATIONS
 
 
 class DeviceStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,32 +40,13 @@ class DeviceStatus(msgspec.Struct, frozen=True, kw_only=True):
     history: list[Sample]
 
 
-class JobCounters(msgspec.Struct, kw_only=True):
-    submitted: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    rerouted: int = 0
-
-
-class RunSummary(msgspec.Struct, frozen=True, kw_only=True):
-    run_id: str
-    query: str
-    status: str
-    iterations: int
-    sub_calls: int
-    tokens: int
-    started_at: float
-    devices: list[str]
-    stop_reason: str = ""
-
-
 class Status(msgspec.Struct, frozen=True, kw_only=True):
     version: str
     time: float
     devices: list[DeviceStatus]
     endpoints: list[EndpointView]
     jobs: JobCounters
-    runs: list[RunSummary]
+    runs: list[LiveRunSummary]
     cache: dict[str, int]
 
 

@@ -90,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from kowalski.common.tls import client_ssl_context
-    from kowalski.controller.cli_status import run_status
+    from kowalski.controller.cli.status import run_status
 
     args.url = _default_url(args)
     return run_status(args, devices_only=args.command == "devices",
@@ -98,20 +98,20 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kowalski.controller.cli_run import run_command
+    from kowalski.controller.cli.run import run_command
 
     url = "" if args.local else _default_url(args)
     return run_command(args, _load(args), url)
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from kowalski.controller.cli_run import batch_command
+    from kowalski.controller.cli.run import batch_command
 
     return batch_command(args, _load(args))
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from kowalski.controller.cli_run import runs_command
+    from kowalski.controller.cli.run import runs_command
 
     return runs_command(args, _load(args))
 
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         sub.set_defaults(handler=_status)
 
-    from kowalski.controller.cli_run import add_commands
+    from kowalski.controller.cli.run import add_commands
 
     add_commands(commands)
     for name, handler in (("run", _run), ("batch", _batch), ("runs", _runs)):

@@ -12,7 +12,7 @@ import msgspec
 from msgspec import Meta
 
 from kowalski.common.errors import KowalskiError, ParseError
-from kowalski.controller.chat_types import ChatMessage, ChatRequest, Usage
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, Usage
 
 ItemId = str | int
 

@@ -8,20 +8,32 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import msgspec
+
 from kowalski.common.client import RemoteError, SignedClient
 from kowalski.common.errors import ExecutionError, KowalskiError, NetworkError
 from kowalski.common.messages import DeviceId, JobRequest, JobResult
-from kowalski.controller.cluster import Cluster
-from kowalski.controller.device_table import DeviceRow, DeviceTable, JobAssigned, JobReleased
+from kowalski.controller.fleet.cluster import Cluster
+from kowalski.controller.fleet.device_table import DeviceRow, DeviceTable, JobAssigned, JobReleased
+from kowalski.controller.fleet.selection import select
 from kowalski.controller.retry import RetryPolicy, retry
-from kowalski.controller.scoring import Operation, select
-from kowalski.controller.status import JobCounters
+from kowalski.controller.scoring import Operation
 
 T = TypeVar("T")
 # Time a call may take beyond the job's own limit (queueing, compile, transfer).
 CALL_MARGIN_S = 30.0
 DEFAULT_JOB_TIMEOUT_S = 300.0
 _BUSY_CODES = frozenset({"busy", "rate_limited"})
+
+
+class JobCounters(msgspec.Struct, kw_only=True):
+    """What the dispatcher has done since start, for status and metrics."""
+
+    submitted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    rerouted: int = 0
+
 
 
 class DeviceFailedError(NetworkError):

@@ -21,12 +21,12 @@ import msgspec
 from aiohttp import web
 
 from kowalski.common.errors import KowalskiError
-from kowalski.controller.device_table import DeviceEvent, DeviceTable
-from kowalski.controller.llm_router import Endpoint
-from kowalski.controller.rlm_events import RlmEvent, RunFinished
-from kowalski.controller.state import STATE, ControllerState
-from kowalski.controller.status import Status
-from kowalski.controller.trajectory import list_runs
+from kowalski.controller.api.state import STATE, ControllerState
+from kowalski.controller.api.status import Status
+from kowalski.controller.fleet.device_table import DeviceEvent, DeviceTable
+from kowalski.controller.models.router import Endpoint
+from kowalski.controller.rlm.events import RlmEvent, RunFinished
+from kowalski.controller.rlm.trajectory import list_runs
 
 log = logging.getLogger(__name__)
 

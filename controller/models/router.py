@@ -15,8 +15,8 @@ import msgspec
 from kowalski.common.config import ExoConfig
 from kowalski.common.errors import KowalskiError, NoModelAvailableError
 from kowalski.controller import circuit as breaker
-from kowalski.controller.chat_types import ChatDelta, ChatRequest, ChatResult
-from kowalski.controller.exo_client import ExoClient
+from kowalski.controller.models.chat_types import ChatDelta, ChatRequest, ChatResult
+from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.retry import RetryPolicy, is_recoverable, retry
 from kowalski.controller.scoring import Operation, formula
 

@@ -15,7 +15,7 @@ import msgspec
 
 from kowalski.common.config import ExoConfig
 from kowalski.common.errors import ExoApiError, KowalskiError, NetworkError, ParseError
-from kowalski.controller.chat_types import (
+from kowalski.controller.models.chat_types import (
     ChatDelta,
     ChatRequest,
     ChatResult,
@@ -24,7 +24,7 @@ from kowalski.controller.chat_types import (
     WireCompletion,
     encode_request,
 )
-from kowalski.controller.exo_errors import (
+from kowalski.controller.models.exo_errors import (
     ExoTimeoutError,
     IncompleteStreamError,
     InstanceNotReadyError,
@@ -34,7 +34,7 @@ from kowalski.controller.exo_errors import (
     http_error,
     in_band_error,
 )
-from kowalski.controller.exo_types import (
+from kowalski.controller.models.exo_types import (
     ClusterState,
     Flavour,
     Health,

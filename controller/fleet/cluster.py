@@ -11,7 +11,7 @@ from kowalski.common.client import SignedClient
 from kowalski.common.config import ControllerConfig
 from kowalski.common.errors import KowalskiError
 from kowalski.common.messages import DeviceId, Heartbeat
-from kowalski.controller.device_table import (
+from kowalski.controller.fleet.device_table import (
     DeviceDiscovered,
     DeviceEvent,
     DeviceLost,
@@ -22,7 +22,7 @@ from kowalski.controller.device_table import (
     Tick,
     apply,
 )
-from kowalski.controller.discovery import MdnsBrowser, static_agent_url
+from kowalski.controller.fleet.discovery import MdnsBrowser, static_agent_url
 
 log = logging.getLogger(__name__)
 Listener = Callable[[DeviceTable, DeviceEvent], None]

@@ -18,8 +18,8 @@ from kowalski.common.messages import (
     SessionInfo,
     VariableValue,
 )
-from kowalski.controller.device_table import DeviceRow
-from kowalski.controller.dispatch import Dispatcher
+from kowalski.controller.fleet.device_table import DeviceRow
+from kowalski.controller.fleet.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 # Replayed cells skip what did not finish the first time: re-running them would only

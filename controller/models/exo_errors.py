@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from kowalski.common.errors import ExoApiError, KowalskiError, NetworkError, ParseError
-from kowalski.controller.chat_types import WireCompletion, WireErrorInfo
+from kowalski.controller.models.chat_types import WireCompletion, WireErrorInfo
 
 _NO_INSTANCE = re.compile(r"No instance found for model (?P<model>[^\s\"]+)")
 

@@ -11,7 +11,7 @@ import aiohttp
 import msgspec
 
 from kowalski.common.errors import NetworkError, ParseError
-from kowalski.controller.status import DeviceStatus, Status
+from kowalski.controller.api.status import DeviceStatus, Status
 
 
 async def fetch_status(url: str, *, timeout_s: float = 10.0,

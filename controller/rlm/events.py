@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import msgspec
 
 from kowalski.common.messages import CellResult, VariableValue, WireError
-from kowalski.controller.chat_types import ChatMessage, ChatRequest, ChatResult
-from kowalski.controller.folding import CHARS_PER_TOKEN, estimate_tokens
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, ChatResult
+from kowalski.controller.rlm.folding import CHARS_PER_TOKEN, estimate_tokens
 
 if TYPE_CHECKING:
-    from kowalski.controller.rlm import RlmRun
+    from kowalski.controller.rlm.loop import RlmRun
 
 StopReason = Literal[
     "final", "final_var", "max_iterations", "timeout", "token_budget", "error", "cancelled",

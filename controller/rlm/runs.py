@@ -16,11 +16,10 @@ from msgspec import Meta
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ContextSizeExceededError, ParseError
 from kowalski.common.messages import LlmCallback
-from kowalski.controller.dispatch import Dispatcher
-from kowalski.controller.rlm import ChatBackend, RlmEvent, RlmResult, RlmRun, new_run_id
-from kowalski.controller.sessions import RemoteSession
-from kowalski.controller.status import RunSummary
-from kowalski.controller.trajectory import (
+from kowalski.controller.fleet.dispatch import Dispatcher
+from kowalski.controller.fleet.sessions import RemoteSession
+from kowalski.controller.rlm.loop import ChatBackend, RlmEvent, RlmResult, RlmRun, new_run_id
+from kowalski.controller.rlm.trajectory import (
     CodeExecuted,
     ModelReplied,
     RunFinished,
@@ -31,6 +30,21 @@ log = logging.getLogger(__name__)
 EventListener = Callable[[RlmEvent], None]
 # Summaries of finished runs kept for the status page.
 _KEEP_FINISHED = 50
+
+
+class LiveRunSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """A run the controller holds in memory, as status shows it."""
+
+    run_id: str
+    query: str
+    status: str
+    iterations: int
+    sub_calls: int
+    tokens: int
+    started_at: float
+    devices: list[str]
+    stop_reason: str = ""
+
 
 
 class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -52,7 +66,7 @@ class _Live:
     """A run's live numbers, for the status page."""
 
     def __init__(self, run_id: str, query: str) -> None:
-        self.summary = RunSummary(run_id=run_id, query=query[:200], status="running",
+        self.summary = LiveRunSummary(run_id=run_id, query=query[:200], status="running",
                                   iterations=0, sub_calls=0, tokens=0,
                                   started_at=time.time(), devices=[])
 
@@ -97,7 +111,7 @@ class RunRegistry:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
-    def summaries(self) -> list[RunSummary]:
+    def summaries(self) -> list[LiveRunSummary]:
         return [live.summary for live in reversed(self._live.values())]
 
     async def answer(self, token: str, prompts: list[str], model: str = "") -> list[str] | None:

@@ -21,13 +21,13 @@ from kowalski.common.http import (
 )
 from kowalski.common.messages import JobRequest, LlmAnswer, LlmQuery, WireError
 from kowalski.common.ratelimit import RateLimiter
-from kowalski.controller.dashboard import add_dashboard_routes
-from kowalski.controller.openai_front import chat_completions, list_models
-from kowalski.controller.rlm import RlmEvent
-from kowalski.controller.runs import RunRequest
-from kowalski.controller.state import STATE, ControllerState, require_token
-from kowalski.controller.status import device_statuses, prometheus_text
-from kowalski.controller.trajectory import list_runs, read_trajectory, run_dir
+from kowalski.controller.api.dashboard import add_dashboard_routes
+from kowalski.controller.api.openai_front import chat_completions, list_models
+from kowalski.controller.api.state import STATE, ControllerState, require_token
+from kowalski.controller.api.status import device_statuses, prometheus_text
+from kowalski.controller.rlm.loop import RlmEvent
+from kowalski.controller.rlm.runs import RunRequest
+from kowalski.controller.rlm.trajectory import list_runs, read_trajectory, run_dir
 
 _encoder = msgspec.json.Encoder()
 # Writes that start work, counted per client. llm_query callbacks are not: they come

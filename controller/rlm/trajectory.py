@@ -19,7 +19,7 @@ import msgspec
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ParseError
 from kowalski.common.messages import WireError
-from kowalski.controller.rlm_events import (
+from kowalski.controller.rlm.events import (
     AnyRlmEvent,
     CodeExecuted,
     ContextFolded,

@@ -11,9 +11,9 @@ from aiohttp import web
 
 from kowalski.common.errors import KowalskiError, ParseError
 from kowalski.common.http import json_response, read_body
-from kowalski.controller.chat_types import ChatDelta, ChatMessage, ChatRequest, Usage
-from kowalski.controller.runs import RunRequest
-from kowalski.controller.state import STATE, require_token
+from kowalski.controller.api.state import STATE, require_token
+from kowalski.controller.models.chat_types import ChatDelta, ChatMessage, ChatRequest, Usage
+from kowalski.controller.rlm.runs import RunRequest
 
 RLM_PREFIX = "rlm:"
 

@@ -23,10 +23,9 @@ from kowalski.common.code_blocks import CodeBlock, extract_code_blocks
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ContextSizeExceededError, KowalskiError
 from kowalski.common.messages import WireError
-from kowalski.controller import rlm_prompts as prompts
-from kowalski.controller.chat_types import ChatMessage, ChatRequest, ChatResult
-from kowalski.controller.folding import estimate_tokens, fold, names_in, needs_fold
-from kowalski.controller.rlm_events import (
+from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, ChatResult
+from kowalski.controller.rlm import prompts as prompts
+from kowalski.controller.rlm.events import (
     AnyRlmEvent,
     ChatBackend,
     CodeExecuted,
@@ -49,8 +48,9 @@ from kowalski.controller.rlm_events import (
     chat_tokens,
     limit_stop,
 )
-from kowalski.controller.rlm_subcalls import SubCalls
-from kowalski.controller.trajectory import (
+from kowalski.controller.rlm.folding import estimate_tokens, fold, names_in, needs_fold
+from kowalski.controller.rlm.subcalls import SubCalls
+from kowalski.controller.rlm.trajectory import (
     CodeRecord,
     FinalRecord,
     FoldRecord,

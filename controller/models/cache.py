@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import msgspec
 
 from kowalski.common.config import ExoConfig
-from kowalski.controller.chat_types import ChatRequest, ChatResult
+from kowalski.controller.models.chat_types import ChatRequest, ChatResult
 
 if TYPE_CHECKING:
-    from kowalski.controller.batch import ChatBackend
+    from kowalski.controller.batch.runner import ChatBackend
 
 # Fields that change how an answer is delivered, not what it says.
 _NON_SEMANTIC = ("stream", "stream_options", "user")

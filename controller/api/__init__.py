@@ -1,0 +1,1 @@
+"""The HTTP API: routes, the OpenAI-compatible front, status, metrics and the dashboard."""

@@ -1,0 +1,1 @@
+"""Batches of prompts: the runner, its input and output files, progress."""

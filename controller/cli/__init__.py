@@ -1,0 +1,1 @@
+"""kowalski-ctl: the command line, and the one-machine local mode."""

@@ -1,0 +1,1 @@
+"""The fleet: agents found, scored and given work (devices, discovery, dispatch, sessions)."""

@@ -1,0 +1,1 @@
+"""The RLM loop: a run, its sub-calls, prompts, folding, events and trajectory."""
