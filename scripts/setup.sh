@@ -26,8 +26,10 @@ if ((${#need_apt[@]})); then
     fi
     echo "setup: apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" python3 scripts/apt_lock_wait.py
     "${sudo[@]}" apt-get update -qq
-    "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    "${sudo[@]}" apt-get install -o DPkg::Lock::Timeout=300 -y -qq --no-install-recommends \
+        "${need_apt[@]}" >/dev/null
 fi
 
 if [[ ! -x .venv/bin/python ]]; then
