@@ -282,6 +282,14 @@ async def test_final_var_of_a_missing_variable_is_not_final(harness: Harness) ->
     assert "there is no variable named 'missing'" in feedback
 
 
+async def test_an_empty_final_gets_feedback_instead_of_ending_the_run(harness: Harness) -> None:
+    harness.model.script("", "FINAL()", "FINAL(The reasons: 1) cost, 2) speed)")
+    result = await harness.new_run("q", "it").run()
+    assert (result.answer, result.stop_reason, result.iterations) == (
+        "The reasons: 1) cost, 2) speed", "final", 2)
+    assert "FINAL() is empty" in last_user(harness.model.root_requests[1])
+
+
 async def test_long_output_is_cut_with_a_marker(harness: Harness) -> None:
     harness.model.script("", repl("print('x' * 5000)"), "FINAL(done)")
     result = await harness.new_run("q", "c", max_output_chars=200).run()

@@ -311,6 +311,9 @@ class RlmRun:
 
     async def _resolve(self, marker: prompts.FinalMarker) -> tuple[Stop | None, str]:
         """The stop a FINAL marker makes, or why it does not end the run."""
+        if marker.kind == "final" and not marker.value:
+            return None, ("FINAL() is empty, so the run goes on: write the answer inside the "
+                          "parentheses, e.g. FINAL(42), or use FINAL_VAR(variable_name).")
         if marker.kind == "final":
             return Stop(reason="final", answer=marker.value), ""
         name = marker.value

@@ -18,6 +18,8 @@ _QUERY_ECHO_CHARS = 1000
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # FINAL / FINAL_VAR at the start of a line (leading blanks allowed), then "(".
 _MARKER = re.compile(r"^[ \t]*(FINAL_VAR|FINAL)[ \t]*\(")
+# What may follow the ")" that ends FINAL(...) on its line.
+_ENDS_LINE = re.compile(r"[.!]?[ \t]*(?:\n|$)")
 
 
 class ContextInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -177,18 +179,20 @@ def final_request(iterations: int) -> str:
 
 
 def find_final(text: str, blocks: list[CodeBlock]) -> FinalMarker | None:
-    """The first FINAL(...) / FINAL_VAR(...) starting a line outside the code blocks."""
+    """The first FINAL(...) / FINAL_VAR(...) starting a line outside the fenced code blocks."""
     lines = normalize_newlines(text).split("\n")
     in_code = [False] * len(lines)
+    # Only fences are code here: an indented FINAL line is a marker, not an indented block.
     for block in blocks:
-        for index in range(block.start_line, min(block.end_line, len(lines))):
-            in_code[index] = True
+        if block.fenced:
+            for index in range(block.start_line, min(block.end_line, len(lines))):
+                in_code[index] = True
     offset = 0
     flat = "\n".join(lines)
     for index, line in enumerate(lines):
         match = None if in_code[index] else _MARKER.match(line)
         if match is not None:
-            inner = _balanced(flat, offset + match.end())
+            inner = final_argument(flat, offset + match.end())
             kind: Literal["final", "final_var"] = (
                 "final_var" if match.group(1) == "FINAL_VAR" else "final")
             value = inner.strip()
@@ -199,18 +203,28 @@ def find_final(text: str, blocks: list[CodeBlock]) -> FinalMarker | None:
     return None
 
 
-def _balanced(text: str, start: int) -> str:
-    """Text from start to the ")" that closes the "(" before it, or to the end if none does."""
-    depth = 1
+def final_argument(text: str, start: int) -> str:
+    """FINAL's argument: text from start to the ")" a reader takes as the marker's end.
+
+    A ")" that closes a "(" opened inside the argument belongs to the argument. Of the others
+    ("1) cost", ":)" and the marker's own), the end is the first one that ends its line
+    (only spaces or a full stop may follow it), else the first one, else the end of the text.
+    """
+    opened = 0
+    first: int | None = None
     for index in range(start, len(text)):
         char = text[index]
         if char == "(":
-            depth += 1
+            opened += 1
         elif char == ")":
-            depth -= 1
-            if depth == 0:
+            if opened:
+                opened -= 1
+                continue
+            if _ENDS_LINE.match(text, index + 1):
                 return text[start:index]
-    return text[start:]
+            if first is None:
+                first = index
+    return text[start:first] if first is not None else text[start:]
 
 
 def is_identifier(name: str) -> bool:
