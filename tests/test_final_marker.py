@@ -22,7 +22,8 @@ def read(reply: str) -> tuple[str, str] | None:
     ("FINAL(Great :) the answer is 42)", "Great :) the answer is 42"),
     ("FINAL(a) first, b) second)", "a) first, b) second"),
     # Multi-line answers, with list items that end in ")" inside them.
-    ("FINAL(The reasons:\n1) cost\n2) speed\n3) safety)", "The reasons:\n1) cost\n2) speed\n3) safety"),
+    ("FINAL(The reasons:\n1) cost\n2) speed\n3) safety)",
+     "The reasons:\n1) cost\n2) speed\n3) safety"),
     ("FINAL(line one\nline two)", "line one\nline two"),
     # Nested, balanced parentheses belong to the answer.
     ("FINAL(f(x) = (a + b) * (c - d))", "f(x) = (a + b) * (c - d)"),
