@@ -234,6 +234,34 @@ async def test_page_follows_devices_runs_and_a_controller_restart(
         await expect(trajectory.locator("pre.final-answer")).to_have_text(EXPECTED)
         assert await page.locator("#trajectory b").count() == 0
 
+        # A run stopped at its iteration limit does not look like an answered one.
+        async with aiohttp.ClientSession() as session, session.post(
+            controller.base_url + "/v1/runs",
+            json={"query": "count letters", "context": CONTEXT, "max_iterations": 1},
+        ) as response:
+            assert response.status == 200, await response.text()
+            limited = await response.json()
+        assert limited["stop_reason"] == "max_iterations", limited
+        limited_row = page.locator(f'#runs tr[data-run="{limited["run_id"]}"] .run-status')
+        await expect(limited_row).to_have_attribute("data-outcome", "stopped")
+        await expect(limited_row).to_contain_text("max_iterations")
+        await expect(limited_row.locator(".badge")).to_have_class("badge warn")
+        await expect(run_row.locator(".run-status")).to_have_attribute("data-outcome", "finished")
+        # Work in flight counts model calls as well as jobs on agents; every way a run can
+        # end has a word of its own.
+        counted = await page.evaluate("""async () => {
+            const views = await import("/static/views.js");
+            const dom = await import("/static/dom.js");
+            const work = views.workInFlight({
+                devices: [{in_flight: ["cell-1"]}, {in_flight: []}],
+                endpoints: [{in_flight: 2}, {in_flight: 1}]});
+            return [work.total, work.onDevices, work.onModels,
+                    ...["final", "max_iterations", "timeout", "error", "cancelled", null]
+                        .map(dom.runOutcome)];
+        }""")
+        assert counted == [4, 1, 3, "finished", "stopped", "stopped", "failed", "cancelled",
+                           "incomplete"]
+
         if os.environ.get("KOWALSKI_UPDATE_SCREENSHOT") == "1":
             await take_screenshot(page, controller)
 

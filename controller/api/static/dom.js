@@ -40,7 +40,7 @@ export function s(tag, props = {}, ...children) {
 const TONES = {
   healthy: "good", up: "good", closed: "good", finished: "good", ok: "good", ready: "good",
   unhealthy: "bad", down: "bad", open: "bad", failed: "bad", error: "bad", lost: "bad",
-  half_open: "warn", incomplete: "warn", loading: "warn", timeout: "warn",
+  half_open: "warn", incomplete: "warn", loading: "warn", timeout: "warn", stopped: "warn",
   running: "info", cancelled: "muted", unknown: "muted",
 };
 
@@ -98,4 +98,16 @@ export function formatClock(epochSeconds) {
 /** The text cut to a length, with the whole text kept for a tooltip. */
 export function clip(text, length) {
   return text.length <= length ? text : `${text.slice(0, length - 1)}…`;
+}
+
+// How a run ended, by its stop reason: answered, stopped at a limit, failed or cancelled.
+const OUTCOMES = {
+  final: "finished", final_var: "finished", direct: "finished",
+  max_iterations: "stopped", timeout: "stopped", token_budget: "stopped",
+  error: "failed", cancelled: "cancelled",
+};
+
+/** The status word of a run that is no longer running ("incomplete" without a stop reason). */
+export function runOutcome(stopReason) {
+  return stopReason ? OUTCOMES[stopReason] ?? "finished" : "incomplete";
 }

@@ -1,7 +1,7 @@
 // One run's trajectory (GET /v1/runs/{id}): each iteration's reply, code and output.
 // Fetched when a run is selected, and again when the stream says that run moved on.
 
-import {badge, formatClock, formatCount, formatMs, h} from "./dom.js";
+import {badge, formatClock, formatCount, formatMs, h, runOutcome} from "./dom.js";
 
 const MAX_CHARS = 20000;
 
@@ -69,10 +69,10 @@ function finalPart(final) {
     return h("article", {class: "final pending"},
       h("h3", {}, "Not finished"), h("p", {class: "sub"}, "Running, or stopped without a final record."));
   }
-  const failed = final.error || final.stop_reason === "error";
+  const outcome = final.error ? "failed" : runOutcome(final.stop_reason);
   return h("article", {class: "final"},
     h("header", {class: "iteration-head"},
-      h("h3", {}, "Answer"), badge(failed ? "failed" : "finished"),
+      h("h3", {}, "Answer"), badge(outcome),
       h("span", {class: "sub"}, ` ${final.stop_reason} after ${final.iterations} iterations, ` +
         `${final.sub_calls} sub-calls, ${formatMs(final.latency_ms)}, ${tokens(final.tokens)}`)),
     final.detail ? h("p", {class: "sub"}, final.detail) : null,

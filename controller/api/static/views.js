@@ -2,6 +2,7 @@
 
 import {
   badge, clip, formatAgo, formatBytes, formatClock, formatCount, formatMs, formatSpan, h,
+  runOutcome,
 } from "./dom.js";
 import {bar, sparkline} from "./sparkline.js";
 
@@ -12,10 +13,17 @@ function fill(tableId, emptyId, rows) {
   $(emptyId).hidden = rows.length > 0;
 }
 
+/** Jobs and cells running on agents plus model calls (a run's turns and sub-calls) open. */
+export function workInFlight(status) {
+  const onDevices = status.devices.reduce((sum, d) => sum + d.in_flight.length, 0);
+  const onModels = status.endpoints.reduce((sum, e) => sum + e.in_flight, 0);
+  return {onDevices, onModels, total: onDevices + onModels};
+}
+
 export function renderSummary(snapshot, runs) {
   const {devices, endpoints, jobs, cache} = snapshot.status;
   const healthy = devices.filter((d) => d.health === "healthy").length;
-  const inFlight = devices.reduce((sum, d) => sum + d.in_flight.length, 0);
+  const work = workInFlight(snapshot.status);
   const running = runs.filter((r) => r.status === "running").length;
   const up = endpoints.filter((e) => e.healthy).length;
   const lookups = cache.hits + cache.misses;
@@ -27,7 +35,9 @@ export function renderSummary(snapshot, runs) {
     card("Devices healthy", `${healthy} / ${devices.length}`,
       devices.length === healthy ? "all answering heartbeats" : `${devices.length - healthy} not healthy`,
       devices.length && healthy < devices.length ? "warn" : ""),
-    card("Work in flight", String(inFlight), `${formatCount(jobs.submitted)} jobs submitted`),
+    card("Work in flight", String(work.total),
+      `${work.onDevices} on agents, ${work.onModels} model calls · ` +
+      `${formatCount(jobs.submitted)} jobs submitted`),
     card("RLM runs running", String(running), `${runs.length - running} finished or stopped`,
       running ? "info" : ""),
     card("exo endpoints up", `${up} / ${endpoints.length}`,
@@ -144,11 +154,13 @@ export function renderEndpoints(snapshot) {
 
 /** Live runs of this controller first, then older runs from the trajectory directory. */
 export function mergeRuns(snapshot) {
-  const live = snapshot.status.runs.map((run) => ({...run, live: true}));
+  const live = snapshot.status.runs.map((run) => ({
+    ...run, live: true, status: run.status === "running" ? "running" : runOutcome(run.stop_reason),
+  }));
   const known = new Set(live.map((run) => run.run_id));
   const stored = snapshot.stored_runs.filter((run) => !known.has(run.run_id)).map((run) => ({
     run_id: run.run_id, query: run.query, started_at: run.started_at,
-    status: run.stop_reason === null ? "incomplete" : run.stop_reason === "error" ? "failed" : "finished",
+    status: runOutcome(run.stop_reason),
     stop_reason: run.stop_reason ?? "", iterations: run.iterations, sub_calls: null, tokens: null,
     devices: [], live: false,
   }));
@@ -167,8 +179,8 @@ export function renderRuns(runs, selected, onSelect) {
     title: "Show this run's trajectory",
   }, run.run_id)),
   h("td", {class: "query", title: run.query}, clip(run.query, 90)),
-  h("td", {class: "run-status"}, badge(run.status),
-    run.stop_reason && run.stop_reason !== "final" ? h("span", {class: "sub"}, ` ${run.stop_reason}`) : null),
+  h("td", {class: "run-status", dataset: {outcome: run.status}}, badge(run.status),
+    run.stop_reason && run.status !== "finished" ? h("span", {class: "sub"}, ` ${run.stop_reason}`) : null),
   h("td", {class: "num mono"}, formatCount(run.iterations)),
   h("td", {class: "num mono"}, formatCount(run.sub_calls)),
   h("td", {class: "num mono"}, formatCount(run.tokens)),
