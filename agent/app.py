@@ -22,7 +22,14 @@ from kowalski.common.http import (
     sign_responses,
     signature_middleware,
 )
-from kowalski.common.messages import CellRequest, Heartbeat, JobRequest, SessionCreate
+from kowalski.common.messages import (
+    CellRequest,
+    Heartbeat,
+    JobRequest,
+    SessionCreate,
+    SessionDeleted,
+    SessionId,
+)
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
 
@@ -76,6 +83,10 @@ def heartbeat(state: AgentState) -> Heartbeat:
     )
 
 
+def _session_id(request: web.Request) -> SessionId:
+    return SessionId(request.match_info["session_id"])
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -106,7 +117,7 @@ async def post_cell(request: web.Request) -> web.Response:
     state = request.app[STATE]
     cell = await read_body(request, CellRequest)
     _check_code_size(state, cell.code)
-    result = await state.sessions.execute(request.match_info["session_id"], cell)
+    result = await state.sessions.execute(_session_id(request), cell)
     return json_response(msgspec.structs.replace(result, agent_id=state.agent_id))
 
 
@@ -117,14 +128,14 @@ async def get_variable(request: web.Request) -> web.Response:
     except ValueError:
         raise ParseError("max_chars must be a whole number") from None
     value = await state.sessions.get_variable(
-        request.match_info["session_id"], request.match_info["name"], max_chars
+        _session_id(request), request.match_info["name"], max_chars
     )
     return json_response(value)
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    deleted = await request.app[STATE].sessions.delete(request.match_info["session_id"])
-    return web.json_response({"deleted": deleted})
+    deleted = await request.app[STATE].sessions.delete(_session_id(request))
+    return json_response(SessionDeleted(deleted=deleted))
 
 
 def make_app(state: AgentState, *, verifier: Verifier | None, max_body_bytes: int,

@@ -10,7 +10,7 @@ from typing import Protocol
 import msgspec
 
 from kowalski.common.errors import BusyError, ConflictError
-from kowalski.common.messages import JobRequest, JobResult
+from kowalski.common.messages import JobId, JobRequest, JobResult
 
 
 class JobSandbox(Protocol):
@@ -34,10 +34,10 @@ class JobRunner:
         self._cache_size = cache_size
         self._done: OrderedDict[str, tuple[str, JobResult]] = OrderedDict()
         self._live: dict[str, tuple[str, asyncio.Task[JobResult]]] = {}
-        self._running: set[str] = set()
+        self._running: set[JobId] = set()
 
     @property
-    def running_ids(self) -> list[str]:
+    def running_ids(self) -> list[JobId]:
         return sorted(self._running)
 
     @property

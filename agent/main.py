@@ -22,6 +22,7 @@ from kowalski.agent.metrics import MetricsSampler
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common import config as config_module
+from kowalski.common.addresses import host_addresses
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config
 from kowalski.common.errors import ConfigError, KowalskiError
@@ -97,7 +98,7 @@ class Agent:
                     self._port_file.write_text(f"{self.port}\n")
                 if settings.advertise_mdns:
                     # Imported here: zeroconf costs memory an agent without mDNS never needs.
-                    from kowalski.agent.mdns import Advertiser, host_addresses
+                    from kowalski.agent.mdns import Advertiser
 
                     addresses = ([settings.advertise_address] if settings.advertise_address
                                  else host_addresses())

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import logging
-import socket
 
-import psutil
 from zeroconf import IPVersion, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
 SERVICE_TYPE = "_kowalski._tcp.local."
 log = logging.getLogger(__name__)
-
-
-def host_addresses() -> list[str]:
-    """IPv4 addresses of the host's interfaces that are up, loopback last."""
-    addresses: list[str] = []
-    stats = psutil.net_if_stats()
-    for name, entries in psutil.net_if_addrs().items():
-        if name in stats and not stats[name].isup:
-            continue
-        addresses.extend(e.address for e in entries if e.family == socket.AF_INET)
-    return sorted(set(addresses), key=lambda a: (a.startswith("127."), a))
 
 
 class Advertiser:

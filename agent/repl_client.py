@@ -19,7 +19,7 @@ import msgspec
 from kowalski.agent.jail import SandboxedProcess
 from kowalski.agent.sandbox import Sandbox
 from kowalski.common.errors import ExecutionError, SessionLostError
-from kowalski.common.messages import CellResult, LlmCallback, SessionInfo
+from kowalski.common.messages import CellResult, LlmCallback, SessionId, SessionInfo
 
 log = logging.getLogger("kowalski.agent.sessions")
 
@@ -39,7 +39,7 @@ def _driver_source() -> bytes:
 class ReplSession:
     """One driver process: its pipes, the request in flight and its llm_query() calls."""
 
-    def __init__(self, session_id: str, callback: LlmCallback | None, handler: LlmHandler,
+    def __init__(self, session_id: SessionId, callback: LlmCallback | None, handler: LlmHandler,
                  *, stray_cap: int, memory_limit_mb: int) -> None:
         self.id = session_id
         self.callback = callback

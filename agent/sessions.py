@@ -22,6 +22,7 @@ from kowalski.common.messages import (
     CellResult,
     JobStatus,
     SessionCreate,
+    SessionId,
     SessionInfo,
     VariableValue,
     WireError,
@@ -50,7 +51,7 @@ class SessionManager:
         self._grace_s = interrupt_grace_s
         self._start_timeout_s = start_timeout_s
         # Lost sessions stay until they expire, so their users learn why.
-        self._sessions: dict[str, ReplSession] = {}
+        self._sessions: dict[SessionId, ReplSession] = {}
         self._closed = False
 
     def __len__(self) -> int:
@@ -106,14 +107,14 @@ class SessionManager:
             session.ready.set()
         return session.info(self._agent_id)
 
-    def _get(self, session_id: str) -> ReplSession:
+    def _get(self, session_id: SessionId) -> ReplSession:
         session = self._sessions.get(session_id)
         if session is None:
             raise SessionNotFoundError(session_id)
         session.check()
         return session
 
-    async def execute(self, session_id: str, request: CellRequest) -> CellResult:
+    async def execute(self, session_id: SessionId, request: CellRequest) -> CellResult:
         """Run a cell; a repeated cell id returns the first result without running again."""
         session = self._get(session_id)
         async with session.lock:
@@ -135,7 +136,7 @@ class SessionManager:
             session.last_used = time.monotonic()
             return result
 
-    async def get_variable(self, session_id: str, name: str,
+    async def get_variable(self, session_id: SessionId, name: str,
                            max_chars: int = 100_000) -> VariableValue:
         """str() of a session variable, cut at max_chars; found=False if it is not set."""
         session = self._get(session_id)
@@ -149,7 +150,7 @@ class SessionManager:
         return VariableValue(name=name, found=bool(reply["found"]), value=str(reply["value"]),
                              truncated=bool(reply["truncated"]))
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: SessionId) -> bool:
         """End a session and its process; False if there was none."""
         session = self._sessions.pop(session_id, None)
         if session is None:
@@ -165,7 +166,7 @@ class SessionManager:
         await asyncio.gather(*(session.kill("the agent shut down") for session in sessions))
 
 
-def _cell_result(session_id: str, cell_id: str, reply: dict[str, Any], killed: bool,
+def _cell_result(session_id: SessionId, cell_id: str, reply: dict[str, Any], killed: bool,
                  timeout_ms: int, wall_time_ms: float, agent_id: str) -> CellResult:
     status = reply.get("status")
     error: WireError | None = None

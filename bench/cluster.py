@@ -19,7 +19,7 @@ from procs import SECRET, AgentProcess
 from bench import REPO_ROOT
 from kowalski.common.config import Config, SandboxConfig
 from kowalski.controller.fleet.device_table import DeviceTable
-from kowalski.controller.service import Services, services
+from kowalski.controller.service import Controller
 
 # The shipped defaults, spelled out so that a change of default shows in the report.
 DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
@@ -58,9 +58,10 @@ def healthy_count(table: DeviceTable) -> int:
 
 @asynccontextmanager
 async def controller(config: Config, *, expect_agents: int = 0,
-                     embedded_model: bool = False) -> AsyncIterator[Services]:
-    """The controller's services in this process, once expect_agents agents are healthy."""
-    async with services(config, secret=SECRET.encode(), embedded_model=embedded_model) as running:
+                     embedded_model: bool = False) -> AsyncIterator[Controller]:
+    """A controller in this process, once expect_agents agents are healthy."""
+    async with Controller(config=config, secret=SECRET.encode(),
+                          embedded_model=embedded_model) as running:
         if expect_agents and not await running.cluster.wait_for(
                 lambda table: healthy_count(table) >= expect_agents, timeout_s=60):
             raise RuntimeError(f"only {healthy_count(running.cluster.table)} of "

@@ -13,7 +13,7 @@ from procs import AgentProcess
 from bench.cluster import agents, controller, controller_config, default_timers
 from bench.report import Section, Table, Target, fmt, p50, spread
 from kowalski.common.messages import JobRequest
-from kowalski.controller.service import Services
+from kowalski.controller.service import Controller
 
 TARGET_S = 3.0
 JOB_S = 1.0
@@ -32,7 +32,7 @@ class Trial:
     beat_age_at_verdict: float
 
 
-async def _trial(running: Services, victims: dict[str, AgentProcess], number: int,
+async def _trial(running: Controller, victims: dict[str, AgentProcess], number: int,
                  rng: random.Random) -> Trial:
     cluster = running.cluster
     job_id = f"failover-{number}"

@@ -1,4 +1,4 @@
-"""A signed JSON client for controller↔agent calls; failures come back as typed errors."""
+"""A signed JSON client for controller↔agent calls; a peer's error comes back as RemoteError."""
 
 from __future__ import annotations
 
@@ -12,28 +12,11 @@ import msgspec
 
 from kowalski.common import errors
 from kowalski.common.http import RESPONSE_SIGNATURE_HEADER, response_signature
-from kowalski.common.messages import ErrorBody, decode, encode
+from kowalski.common.messages import ErrorBody, WireError, decode, encode
 from kowalski.common.signing import NONCE_HEADER, sign
 
 T = TypeVar("T")
 _STREAM_FROM_BYTES = 512 * 1024
-
-
-class RemoteError(errors.KowalskiError):
-    """An error the peer reported as data, with the HTTP status it came with."""
-
-    def __init__(self, status: int, code: str, message: str, retryable: bool,
-                 retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.remote_code = code
-        self.retryable = retryable
-        # The peer's Retry-After (429, 503): retry() waits at least this long.
-        self.retry_after_s = retry_after_s
-
-    @property
-    def is_recoverable(self) -> bool:  # type: ignore[override]
-        return self.retryable
 
 
 class SignedClient:
@@ -96,11 +79,12 @@ def _seconds(header: str) -> float | None:
 
 
 def _remote_error(status: int, payload: bytes, url: str, retry_after_s: float | None
-                  ) -> RemoteError:
+                  ) -> errors.RemoteError:
     try:
         wire = decode(payload, ErrorBody).error
     except msgspec.MsgspecError:
+        # Not one of ours (a proxy's page, a crash): the status alone says whether to retry.
         text = payload[:300].decode(errors="replace")
-        return RemoteError(status, f"http_{status}", f"{url} answered {status}: {text}",
-                           status >= 500, retry_after_s)
-    return RemoteError(status, wire.code, wire.message, wire.retryable, retry_after_s)
+        wire = WireError(code=f"http_{status}", message=f"{url} answered {status}: {text}",
+                         retryable=status >= 500)
+    return errors.error_from_wire(wire, status=status, retry_after_s=retry_after_s)

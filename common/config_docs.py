@@ -46,7 +46,8 @@ KEYS: dict[str, str] = {
     "controller.retry_max_delay_ms": "Cap on one retry delay.",
     "controller.circuit_failure_threshold": "Failures in a row that open a device's circuit.",
     "controller.circuit_reset_s": "How long a circuit stays open before one probe is let through.",
-    "controller.load_penalty": "Score taken off a device per job in flight, so work spreads.",
+    "controller.load_penalty": (
+        "Score taken off a device (or exo endpoint) per call in flight, so work spreads."),
     "controller.state_dir": "Where the controller keeps journals and run logs.",
     "controller.max_body_bytes": "Largest request body the controller's API accepts.",
     "exo.endpoints": 'exo API base URLs, e.g. ["http://10.0.0.5:52415"].',

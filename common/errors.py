@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from kowalski.common.messages import WireError
+
 
 class KowalskiError(Exception):
     """Base of every error Kowalski raises on purpose."""
@@ -228,27 +230,27 @@ class CancelledJobError(KowalskiError):
     hint = "The job was cancelled before it finished"
 
 
-_BY_CODE: dict[str, type[KowalskiError]] = {
-    cls.code: cls
-    for cls in (
-        KowalskiError,
-        ConfigError,
-        ParseError,
-        ExecutionError,
-        NoDevicesAvailableError,
-        NetworkError,
-        AuthError,
-        ConflictError,
-        BudgetExceededError,
-        CancelledJobError,
-    )
-}
+class RemoteError(KowalskiError):
+    """An error a peer reported as data, kept with the HTTP status it came with."""
+
+    def __init__(self, *, status: int, code: str, message: str, retryable: bool,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        # The peer's own code: stable across versions, so callers branch on it.
+        self.remote_code = code
+        self._retryable = retryable
+        # The peer's Retry-After (429, 503): retry() waits at least this long.
+        self.retry_after_s = retry_after_s
+
+    @property
+    def is_recoverable(self) -> bool:  # type: ignore[override]
+        # The peer knows whether its failure may pass; that is the one flag.
+        return self._retryable
 
 
-def error_from_wire(code: str, message: str, retryable: bool) -> KowalskiError:
-    """Rebuild an error received as data; unknown codes keep their message."""
-    cls = _BY_CODE.get(code)
-    if cls is not None and cls.__init__ is KowalskiError.__init__:
-        return cls(message)
-    error = ExecutionError(message) if retryable else KowalskiError(message)
-    return error
+def error_from_wire(wire: WireError, *, status: int, retry_after_s: float | None = None
+                    ) -> RemoteError:
+    """The error a peer's JSON error body stands for, on this side of the wire."""
+    return RemoteError(status=status, code=wire.code, message=wire.message,
+                       retryable=wire.retryable, retry_after_s=retry_after_s)

@@ -67,10 +67,8 @@ _PASSED_ON = frozenset({400, 409, 413})
 
 
 def error_response(error: errors.KowalskiError) -> web.Response:
-    from kowalski.common.client import RemoteError  # client.py imports this module
-
     code, status = error.code, status_for(error)
-    if isinstance(error, RemoteError):
+    if isinstance(error, errors.RemoteError):
         # The peer's other failures (its auth, its faults) are a bad gateway from here.
         code = error.remote_code
         status = error.status if error.status in _PASSED_ON else 502

@@ -12,7 +12,8 @@ SessionId = NewType("SessionId", str)
 DeviceId = NewType("DeviceId", str)
 
 # Ids travel in URLs and file names: keep them to a safe alphabet.
-Identifier = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+IDENTIFIER = Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+Identifier = Annotated[str, IDENTIFIER]
 Language = Literal["python", "bash", "javascript", "rust", "java"]
 LANGUAGES: tuple[Language, ...] = ("python", "bash", "javascript", "rust", "java")
 
@@ -41,7 +42,7 @@ JobStatus = Literal["ok", "error", "timeout", "killed", "failed"]
 
 
 class JobRequest(Message, frozen=True):
-    job_id: Identifier
+    job_id: Annotated[JobId, IDENTIFIER]
     language: Language
     code: str
     # None means the agent's default for the language.
@@ -51,7 +52,7 @@ class JobRequest(Message, frozen=True):
 
 
 class JobResult(Message, frozen=True):
-    job_id: str
+    job_id: JobId
     # ok: exit 0; error: non-zero exit; timeout: killed at the limit;
     # killed: stopped by a resource limit; failed: could not be run at all.
     status: JobStatus
@@ -77,14 +78,14 @@ class LlmCallback(Message, frozen=True):
 
 
 class SessionCreate(Message, frozen=True):
-    session_id: Identifier
+    session_id: Annotated[SessionId, IDENTIFIER]
     # Loaded as the variable `context` before the first cell.
     context: Any = None
     llm_callback: LlmCallback | None = None
 
 
 class SessionInfo(Message, frozen=True):
-    session_id: str
+    session_id: SessionId
     agent_id: str
     cells_run: int
     created_at: float
@@ -100,7 +101,7 @@ class CellRequest(Message, frozen=True):
 
 class CellResult(Message, frozen=True):
     cell_id: str
-    session_id: str
+    session_id: SessionId
     status: JobStatus
     stdout: str
     stderr: str
@@ -109,6 +110,11 @@ class CellResult(Message, frozen=True):
     wall_time_ms: float = 0.0
     agent_id: str = ""
     error: WireError | None = None
+
+
+class SessionDeleted(Message, frozen=True):
+    # False when the agent had no such session (already ended, or never made).
+    deleted: bool
 
 
 class VariableValue(Message, frozen=True):
@@ -146,7 +152,7 @@ class Heartbeat(Message, frozen=True):
     jobs_queued: int
     sessions: int
     # Job ids running now, so a controller can tell which of its jobs are alive.
-    running_job_ids: list[str] = msgspec.field(default_factory=list)
+    running_job_ids: list[JobId] = msgspec.field(default_factory=list)
 
 
 # --- llm sub-calls from a session to the controller ---------------------------------------

@@ -1,4 +1,4 @@
-"""Exponential backoff with jitter, and an async helper that retries a call.
+"""Exponential backoff with jitter, a helper that retries a call, and one that fails over.
 
 Jitter spreads the retries of many callers that failed together, so they do
 not hit a recovering device in lockstep: "full" waits a uniform time below the
@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Literal, TypeVar
 
 import msgspec
 
 from kowalski.common.config import ControllerConfig
-from kowalski.common.errors import KowalskiError
+from kowalski.common.errors import KowalskiError, NoDevicesAvailableError
 
 T = TypeVar("T")
+Target = TypeVar("Target")
+Key = TypeVar("Key", bound=Hashable)
 
 Jitter = Literal["full", "decorrelated"]
 
@@ -114,3 +116,39 @@ async def retry(
                 on_retry(attempt, error, delay_ms)
         # Sleep outside the except block so the failed attempt's traceback is released.
         await sleep(delay_ms / 1000.0)
+
+
+async def with_failover(
+    call: Callable[[Target], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    choose: Callable[[frozenset[Key]], Target],
+    key: Callable[[Target], Key],
+    is_retryable: Callable[[Exception], bool] = is_recoverable,
+    on_retry: Callable[[int, Exception, float], object] | None = None,
+    rng: random.Random | None = None,
+) -> T:
+    """Run ``call`` on the best target, then on the next best each time one fails.
+
+    ``choose(exclude)`` picks the best target whose key is not in ``exclude``, or raises
+    NoDevicesAvailableError. A target whose call failed retryably is excluded; once every
+    target was tried, the choice starts over from all of them (after the back-off).
+    """
+    tried: set[Key] = set()
+
+    async def attempt() -> T:
+        try:
+            target = choose(frozenset(tried))
+        except NoDevicesAvailableError:
+            if not tried:
+                raise
+            tried.clear()
+            target = choose(frozenset())
+        try:
+            return await call(target)
+        except Exception as error:
+            if is_retryable(error):
+                tried.add(key(target))
+            raise
+
+    return await retry(attempt, policy, is_retryable=is_retryable, on_retry=on_retry, rng=rng)

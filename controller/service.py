@@ -1,12 +1,22 @@
-"""The controller daemon: composes cluster, router, dispatcher and the HTTP API."""
+"""The controller daemon: cluster, model router, dispatcher and HTTP API as one component.
+
+Lifecycle, the same shape as the agent's: ``Controller(config=..., secret=...)`` only keeps
+its arguments. ``await run()`` reads the secrets and certificates first (a bad file fails
+before anything starts), opens the HTTP client, starts the embedded model when no exo
+endpoint is set, binds the socket, serves the API through AppRunner + SockSite, and then
+runs the background loops (the cluster's discovery, heartbeats and failure detector; the
+router's exo health polls) in a TaskGroup until ``close()``. Its ``finally`` stops them all
+in reverse order. ``close()`` may be called any number of times, before, during or after
+``run()``. In-process callers (the CLI's local mode, tests, benchmarks) write
+``async with Controller(...) as controller``: it runs ``run()`` in a task, returns once the
+API answers (a start-up error is raised there) and closes on the way out.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +24,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from kowalski.common.addresses import host_addresses
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config, read_api_token
 from kowalski.common.ratelimit import RateLimiter
@@ -22,6 +33,7 @@ from kowalski.common.tls import client_ssl_context, server_ssl_context
 from kowalski.controller.api.app import make_app
 from kowalski.controller.api.state import ControllerState
 from kowalski.controller.circuit import CircuitPolicy
+from kowalski.controller.fleet.agent_client import AgentClient
 from kowalski.controller.fleet.cluster import Cluster
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.models.cache import CachedBackend, ResultCache
@@ -31,13 +43,14 @@ from kowalski.controller.retry import RetryPolicy
 from kowalski.controller.rlm.runs import RunRegistry
 
 log = logging.getLogger("kowalski.controller")
+# Time open requests (an event stream, a run) get to finish when the controller stops.
+_SHUTDOWN_TIMEOUT_S = 5.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Services:
     """The running pieces, for the HTTP app and for in-process callers such as the CLI."""
 
-    config: Config
     cluster: Cluster
     dispatcher: Dispatcher
     router: LlmRouter
@@ -47,81 +60,197 @@ class Services:
     port: int
 
 
-@asynccontextmanager
-async def services(config: Config, *, secret: bytes | None, embedded_model: bool = True,
-                   mdns_interfaces: list[str] | None = None) -> AsyncIterator[Services]:
-    """Start everything, the HTTP site included; everything stops on exit."""
-    # Secrets and certificates first: a bad file fails before anything starts.
-    api_token = read_api_token(config.security)
-    tls = server_ssl_context(config.security)
-    async with AsyncExitStack() as stack:
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        ssl = client_ssl_context(config.security)
-        client = SignedClient(http, secret=secret, ssl=ssl)
-        scheme = "https" if config.security.tls_ca_file else "http"
-        cluster = Cluster(config=config.controller, client=client, scheme=scheme,
-                          mdns_interfaces=mdns_interfaces)
-        urls = list(config.exo.endpoints)
-        exo_config = config.exo
-        if not urls and embedded_model and config.exo.embedded:
-            model = EmbeddedModel.from_config(config.exo)
-            stack.push_async_callback(model.close)
-            urls = [await model.start()]
-            if not exo_config.default_model:
-                exo_config = msgspec.structs.replace(exo_config, default_model=MODEL_NAME)
-        router = LlmRouter(config=exo_config, urls=urls, session=http,
-                           policy=RetryPolicy.from_config(config.controller),
-                           circuit_policy=CircuitPolicy.from_config(config.controller))
-        stack.push_async_callback(router.close)
-        await router.refresh()
-        dispatcher = Dispatcher(cluster=cluster, client=client,
-                                policy=RetryPolicy.from_config(config.controller))
-        verifier = None if secret is None else Verifier(
-            secret, clock_skew_s=config.security.clock_skew_s)
-        settings = config.controller
-        # Bound first: sessions need the callback address before the first run.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((settings.host, settings.port))
-        stack.callback(sock.close)
-        port = sock.getsockname()[1]
-        base_url = f"{'https' if tls else 'http'}://{_reachable(settings.host)}:{port}"
-        cache = ResultCache.from_config(config.exo)
-        backend = CachedBackend(router, cache)
-        runs = RunRegistry(config=config.rlm, dispatcher=dispatcher, backend=backend,
-                           callback_url=base_url + "/v1/llm/query",
-                           cell_timeout_s=config.rlm.run_timeout_s)
-        state = ControllerState(cluster=cluster, dispatcher=dispatcher, router=router,
-                                cache=cache, backend=backend, runs=runs, verifier=verifier,
-                                api_token=api_token)
-        app = make_app(state, max_body_bytes=settings.max_body_bytes, secret=secret,
-                       rate_limiter=RateLimiter.from_config(config.security))
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        await web.SockSite(runner, sock, ssl_context=tls).start()
-        log.info("controller listening on %s", base_url)
-        group = await stack.enter_async_context(asyncio.TaskGroup())
-        tasks = [group.create_task(cluster.run(), name="cluster"),
-                 group.create_task(router.run(), name="exo-router")]
-        stack.callback(lambda: [task.cancel() for task in tasks])
-        yield Services(config=config, cluster=cluster, dispatcher=dispatcher, router=router,
-                       state=state, http=http, base_url=base_url, port=port)
+class Controller:
+    """The daemon: device table, dispatcher, model router, RLM runs and the HTTP API."""
+
+    def __init__(self, *, config: Config, secret: bytes | None, embedded_model: bool = True,
+                 mdns_interfaces: list[str] | None = None,
+                 port_file: Path | None = None) -> None:
+        self.config = config
+        self._secret = secret
+        self._embedded_model = embedded_model
+        self._mdns_interfaces = mdns_interfaces
+        self._port_file = port_file
+        self._services: Services | None = None
+        self._run_called = False
+        self._started = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def services(self) -> Services:
+        """The running pieces; there are none before run() has started them."""
+        if self._services is None:
+            raise RuntimeError("the controller has not started: await run() or use async with")
+        return self._services
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.services.cluster
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.services.dispatcher
+
+    @property
+    def router(self) -> LlmRouter:
+        return self.services.router
+
+    @property
+    def state(self) -> ControllerState:
+        return self.services.state
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        return self.services.http
+
+    @property
+    def base_url(self) -> str:
+        return self.services.base_url
+
+    @property
+    def port(self) -> int:
+        return self.services.port
+
+    async def run(self) -> None:
+        """Start everything, serve until close(), then stop everything."""
+        if self._run_called:
+            raise RuntimeError("Controller.run() was already called")
+        self._run_called = True
+        config, settings = self.config, self.config.controller
+        http: aiohttp.ClientSession | None = None
+        model: EmbeddedModel | None = None
+        router: LlmRouter | None = None
+        sock: socket.socket | None = None
+        runner: web.AppRunner | None = None
+        try:
+            if self._stop.is_set():
+                return
+            # Secrets and certificates first: a bad file fails before anything starts.
+            api_token = read_api_token(config.security)
+            tls = server_ssl_context(config.security)
+            http = aiohttp.ClientSession()
+            agents = AgentClient(SignedClient(http, secret=self._secret,
+                                              ssl=client_ssl_context(config.security)))
+            cluster = Cluster(config=settings, agents=agents,
+                              scheme="https" if config.security.tls_ca_file else "http",
+                              mdns_interfaces=self._mdns_interfaces)
+            urls = list(config.exo.endpoints)
+            exo_config = config.exo
+            if not urls and self._embedded_model and config.exo.embedded:
+                model = EmbeddedModel.from_config(config.exo)
+                urls = [await model.start()]
+                if not exo_config.default_model:
+                    exo_config = msgspec.structs.replace(exo_config, default_model=MODEL_NAME)
+            router = LlmRouter(config=exo_config, urls=urls, session=http,
+                               policy=RetryPolicy.from_config(settings),
+                               circuit_policy=CircuitPolicy.from_config(settings),
+                               load_penalty=settings.load_penalty)
+            await router.refresh()
+            dispatcher = Dispatcher(cluster=cluster, agents=agents,
+                                    policy=RetryPolicy.from_config(settings))
+            verifier = None if self._secret is None else Verifier(
+                self._secret, clock_skew_s=config.security.clock_skew_s)
+            # Bound first: sessions need the callback address before the first run.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((settings.host, settings.port))
+            port = sock.getsockname()[1]
+            base_url = f"{'https' if tls else 'http'}://{_reachable(settings.host)}:{port}"
+            cache = ResultCache.from_config(config.exo)
+            backend = CachedBackend(router, cache)
+            runs = RunRegistry(config=config.rlm, dispatcher=dispatcher, backend=backend,
+                               callback_url=base_url + "/v1/llm/query",
+                               cell_timeout_s=config.rlm.run_timeout_s)
+            state = ControllerState(cluster=cluster, dispatcher=dispatcher, router=router,
+                                    cache=cache, backend=backend, runs=runs, verifier=verifier,
+                                    api_token=api_token)
+            app = make_app(state, max_body_bytes=settings.max_body_bytes, secret=self._secret,
+                           rate_limiter=RateLimiter.from_config(config.security))
+            runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                   shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+            await runner.setup()
+            await web.SockSite(runner, sock, ssl_context=tls).start()
+            log.info("controller listening on %s", base_url)
+            self._services = Services(cluster=cluster, dispatcher=dispatcher, router=router,
+                                      state=state, http=http, base_url=base_url, port=port)
+            if self._port_file is not None:
+                await asyncio.to_thread(self._port_file.write_text, f"{port}\n")
+            self._started.set()
+            async with asyncio.TaskGroup() as group:
+                loops = [group.create_task(cluster.run(), name="cluster"),
+                         group.create_task(router.run(), name="exo-router")]
+                await self._stop.wait()
+                for task in loops:
+                    task.cancel()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            if sock is not None:
+                sock.close()
+            if router is not None:
+                await router.close()
+            if model is not None:
+                await model.close()
+            if http is not None:
+                await http.close()
+            self._stopped.set()
+
+    async def close(self) -> None:
+        """Stop run() and wait for its cleanup; safe to call twice, or before run()."""
+        self._stop.set()
+        if self._run_called:
+            await self._stopped.wait()
+
+    async def stopped(self) -> None:
+        """Return once run() has ended, by close() or by a failure."""
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Controller:
+        """Run in a task; return once the API answers, or raise why it could not start."""
+        task = self._task = asyncio.create_task(self.run(), name="controller")
+        started = asyncio.create_task(self._started.wait())
+        try:
+            await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        finally:
+            started.cancel()
+        if not self._started.is_set():
+            await task
+            raise RuntimeError("the controller was closed before it started")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        await self.close()
+        task = self._task
+        if task is None:
+            return
+        await asyncio.wait({task})
+        if not task.cancelled():
+            error = task.exception()
+            # A background loop that failed is this block's failure, unless it has its own.
+            if error is not None and exc_type is None:
+                raise error
 
 
 def _reachable(host: str) -> str:
     """An address agents can call back on: the bound one, or the host's first."""
     if host not in ("0.0.0.0", ""):
         return host
-    from kowalski.agent.mdns import host_addresses
-
     return next(iter(host_addresses()), "127.0.0.1")
 
 
 async def serve(config: Config, *, secret: bytes | None, stop: asyncio.Event,
                 port_file: Path | None = None) -> None:
-    """kowalski-ctl serve: run until stop is set."""
-    async with services(config, secret=secret) as running:
-        if port_file is not None:
-            await asyncio.to_thread(port_file.write_text, f"{running.port}\n")
-        await stop.wait()
+    """kowalski-ctl serve: run until stop is set, or until the controller fails."""
+    async with Controller(config=config, secret=secret, port_file=port_file) as controller:
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(controller.stopped())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()

@@ -12,7 +12,7 @@ from procs import SECRET, AgentProcess
 from kowalski.common import config as config_module
 from kowalski.common.config import Config
 from kowalski.controller.fleet.device_table import DeviceTable
-from kowalski.controller.service import Services, services
+from kowalski.controller.service import Controller
 
 
 def controller_config(agents: list[AgentProcess], exo_urls: list[str], tmp: Path,
@@ -41,8 +41,8 @@ def healthy_ids(table: DeviceTable) -> set[str]:
 
 
 @asynccontextmanager
-async def running_controller(config: Config) -> AsyncIterator[Services]:
-    async with services(config, secret=SECRET.encode(), embedded_model=False) as running:
+async def running_controller(config: Config) -> AsyncIterator[Controller]:
+    async with Controller(config=config, secret=SECRET.encode(), embedded_model=False) as running:
         yield running
 
 

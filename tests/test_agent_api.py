@@ -11,7 +11,8 @@ import aiohttp
 import pytest
 from procs import SECRET, AgentProcess
 
-from kowalski.common.client import RemoteError, SignedClient
+from kowalski.common.client import SignedClient
+from kowalski.common.errors import RemoteError
 from kowalski.common.messages import (
     CellRequest,
     CellResult,

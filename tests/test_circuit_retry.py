@@ -15,6 +15,7 @@ from kowalski.common.errors import (
     ConfigError,
     ExoApiError,
     NetworkError,
+    NoDevicesAvailableError,
     RateLimitedError,
     ReplError,
 )
@@ -29,7 +30,7 @@ from kowalski.controller.circuit import (
     on_success,
     phase,
 )
-from kowalski.controller.retry import Jitter, RetryPolicy, is_recoverable, retry
+from kowalski.controller.retry import Jitter, RetryPolicy, is_recoverable, retry, with_failover
 
 POLICY = CircuitPolicy(failure_threshold=3, reset_s=10.0)
 
@@ -332,3 +333,68 @@ async def test_cancelling_during_the_backoff_stops_the_retries() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert flaky.calls == 1
+
+
+# Failover over ranked targets
+
+
+class Ranked:
+    """Targets ranked best first; each fails with the errors queued for it, then answers."""
+
+    def __init__(self, names: str, **errors: list[Exception]) -> None:
+        self.names = list(names)
+        self.errors = errors
+        self.calls: list[str] = []
+        self.excluded: list[frozenset[str]] = []
+
+    def choose(self, exclude: frozenset[str]) -> str:
+        self.excluded.append(exclude)
+        for name in self.names:
+            if name not in exclude:
+                return name
+        raise NoDevicesAvailableError(f"all of {''.join(self.names)} excluded")
+
+    async def call(self, name: str) -> str:
+        self.calls.append(name)
+        queued = self.errors.get(name, [])
+        if queued:
+            raise queued.pop(0)
+        return f"answer from {name}"
+
+
+FAST = RetryPolicy(max_attempts=5, base_delay_ms=1, max_delay_ms=2)
+
+
+async def failover(targets: Ranked, policy: RetryPolicy = FAST) -> str:
+    return await with_failover(targets.call, policy, choose=targets.choose,
+                               key=lambda name: name, rng=random.Random(3))
+
+
+async def test_failover_moves_to_the_next_best_target_after_a_fault() -> None:
+    targets = Ranked("abc", a=[NetworkError("a down")])
+    assert await failover(targets) == "answer from b"
+    assert targets.calls == ["a", "b"]
+    assert targets.excluded == [frozenset(), frozenset("a")]
+
+
+async def test_failover_starts_over_once_every_target_was_tried() -> None:
+    targets = Ranked("ab", a=[NetworkError("a down")], b=[NetworkError("b down")])
+    assert await failover(targets) == "answer from a"
+    assert targets.calls == ["a", "b", "a"]
+
+
+async def test_failover_keeps_a_target_that_refused_the_input_and_stops() -> None:
+    refused = ConfigError("bad input")
+    targets = Ranked("ab", a=[refused])
+    with pytest.raises(ConfigError) as caught:
+        await failover(targets)
+    assert caught.value is refused
+    assert targets.calls == ["a"]
+
+
+async def test_failover_with_no_target_raises_why_after_the_attempts() -> None:
+    targets = Ranked("")
+    policy = RetryPolicy(max_attempts=2, base_delay_ms=1, max_delay_ms=2)
+    with pytest.raises(NoDevicesAvailableError, match="excluded"):
+        await failover(targets, policy)
+    assert (targets.calls, len(targets.excluded)) == ([], 2)

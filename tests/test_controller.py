@@ -20,7 +20,7 @@ from kowalski.common.errors import NoDevicesAvailableError
 from kowalski.common.messages import JobRequest
 from kowalski.controller.fleet.sessions import RemoteSession
 from kowalski.controller.models.chat_types import ChatMessage, ChatRequest
-from kowalski.controller.service import Services
+from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,7 +42,7 @@ async def agents(tmp_path: Path) -> AsyncIterator[list[AgentProcess]]:
 
 @pytest.fixture
 async def controller(agents: list[AgentProcess], exo: Any, tmp_path: Path
-                     ) -> AsyncIterator[Services]:
+                     ) -> AsyncIterator[Controller]:
     config = controller_config(agents, [str(exo.make_url("")).rstrip("/")], tmp_path)
     async with running_controller(config) as running:
         assert await running.cluster.wait_for(
@@ -51,7 +51,7 @@ async def controller(agents: list[AgentProcess], exo: Any, tmp_path: Path
 
 
 async def test_static_agents_appear_healthy_with_metrics_and_scores(
-    controller: Services, agents: list[AgentProcess],
+    controller: Controller, agents: list[AgentProcess],
 ) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(controller.base_url + "/v1/status") as response:
@@ -75,7 +75,7 @@ async def test_static_agents_appear_healthy_with_metrics_and_scores(
 
 
 async def test_status_and_devices_commands_print_the_live_table(
-    controller: Services, agents: list[AgentProcess],
+    controller: Controller, agents: list[AgentProcess],
 ) -> None:
     for command in ("status", "devices"):
         process = await asyncio.create_subprocess_exec(
@@ -104,7 +104,7 @@ async def test_status_command_without_a_controller_says_so() -> None:
 
 
 async def test_jobs_spread_over_agents_and_come_back_through_the_api(
-    controller: Services, agents: list[AgentProcess],
+    controller: Controller, agents: list[AgentProcess],
 ) -> None:
     jobs = [JobRequest(job_id=f"spread-{n}", language="bash", code="sleep 0.5; echo hi")
             for n in range(4)]
@@ -120,7 +120,7 @@ async def test_jobs_spread_over_agents_and_come_back_through_the_api(
 
 
 async def test_agent_killed_mid_job_reroutes_without_loss_and_comes_back(
-    controller: Services, agents: list[AgentProcess],
+    controller: Controller, agents: list[AgentProcess],
 ) -> None:
     cluster = controller.cluster
     job = JobRequest(job_id="survivor", language="python",
@@ -146,7 +146,7 @@ async def test_agent_killed_mid_job_reroutes_without_loss_and_comes_back(
 
 
 async def test_paused_agent_is_judged_down_and_its_job_finishes_elsewhere(
-    controller: Services, agents: list[AgentProcess],
+    controller: Controller, agents: list[AgentProcess],
 ) -> None:
     cluster = controller.cluster
     job = JobRequest(job_id="paused", language="bash", code="sleep 1; echo ok")
@@ -168,7 +168,7 @@ async def test_paused_agent_is_judged_down_and_its_job_finishes_elsewhere(
 
 
 async def test_session_on_a_killed_agent_is_rebuilt_by_replaying_its_cells(
-    controller: Services, agents: list[AgentProcess],
+    controller: Controller, agents: list[AgentProcess],
 ) -> None:
     session = RemoteSession(dispatcher=controller.dispatcher, session_id="replayed",
                             context=["alpha", "beta"], llm_callback=None, timeout_s=30)
@@ -200,7 +200,7 @@ async def test_no_agents_gives_a_clear_error(exo: Any, tmp_path: Path) -> None:
 
 
 async def test_chat_goes_to_the_endpoint_with_the_model_ready(
-    controller: Services, exo: Any,
+    controller: Controller, exo: Any,
 ) -> None:
     request = ChatRequest(model="", messages=[ChatMessage(role="user", content="ping")])
     result = await controller.router.chat(request)
@@ -211,15 +211,16 @@ async def test_chat_goes_to_the_endpoint_with_the_model_ready(
 
 
 async def test_a_busy_agent_gets_work_elsewhere_without_opening_its_circuit(
-    controller: Services, agents: list[AgentProcess],
+    controller: Controller, agents: list[AgentProcess],
 ) -> None:
-    from kowalski.common.client import RemoteError
+    from kowalski.common.errors import RemoteError
     from kowalski.common.messages import DeviceId
 
     busy = DeviceId(agents[0].agent_id)
 
     async def full(row: Any) -> None:
-        raise RemoteError(503, "busy", "agent is running 4 jobs with 64 queued", True)
+        raise RemoteError(status=503, code="busy", retryable=True,
+                          message="agent is running 4 jobs with 64 queued")
 
     for attempt in range(5):
         with pytest.raises(RemoteError):

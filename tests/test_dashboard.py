@@ -22,7 +22,7 @@ from procs import AgentProcess
 from kowalski.common.messages import DeviceId, JobRequest
 from kowalski.controller.api.dashboard import RECONNECT_MS
 from kowalski.controller.fleet.device_table import DeviceDiscovered
-from kowalski.controller.service import Services
+from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -63,7 +63,7 @@ async def read_event(stream: aiohttp.StreamReader) -> dict[str, str]:
 
 
 @pytest.fixture
-async def bare_controller(tmp_path: Path) -> AsyncIterator[Services]:
+async def bare_controller(tmp_path: Path) -> AsyncIterator[Controller]:
     """A controller with no agents and no exo endpoint: the stream and files alone."""
     async with running_controller(controller_config([], [], tmp_path)) as running:
         yield running
@@ -101,7 +101,7 @@ async def test_event_stream_sends_retry_then_pushes_changes_and_ends_on_shutdown
 
 
 async def test_page_and_its_files_are_served_with_a_strict_policy(
-    bare_controller: Services,
+    bare_controller: Controller,
 ) -> None:
     base = bare_controller.base_url
     async with aiohttp.ClientSession() as session:
@@ -163,7 +163,7 @@ async def browser_page(tmp_path: Path) -> AsyncIterator[Any]:
     assert errors == []
 
 
-def dense_history(controller: Services) -> None:
+def dense_history(controller: Controller) -> None:
     """A sample at about every heartbeat, so the charts fill within seconds."""
     cluster = controller.cluster
     settings = msgspec.structs.replace(cluster.table.settings, history_window_s=60.0,
@@ -171,7 +171,7 @@ def dense_history(controller: Services) -> None:
     cluster.table = msgspec.structs.replace(cluster.table, settings=settings)
 
 
-async def take_screenshot(page: Any, controller: Services) -> None:
+async def take_screenshot(page: Any, controller: Controller) -> None:
     """docs/dashboard.png: charts with some history, and work in flight on both agents."""
     from playwright.async_api import expect
 

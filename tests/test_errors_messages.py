@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from kowalski.common import errors, messages
+from kowalski.common.http import error_response
 
 
 def test_each_error_says_whether_a_retry_helps() -> None:
@@ -47,15 +48,25 @@ def test_errors_subclass_the_builtin_they_resemble() -> None:
     assert isinstance(errors.ConfigError("x"), ValueError)
 
 
-def test_wire_error_round_trip_rebuilds_the_class() -> None:
-    error = errors.NetworkError("agent unreachable")
-    wire = messages.WireError(code=error.code, message=error.message, retryable=True)
-    decoded = messages.decode(messages.encode(wire), messages.WireError)
-    rebuilt = errors.error_from_wire(decoded.code, decoded.message, decoded.retryable)
-    assert isinstance(rebuilt, errors.NetworkError)
-    assert rebuilt.message == "agent unreachable"
-    unknown = errors.error_from_wire("from_the_future", "new", True)
-    assert unknown.is_recoverable
+def test_an_error_crosses_the_wire_with_its_code_and_one_retry_flag() -> None:
+    busy = error_response(errors.BusyError("agent is full", retry_after_s=2.0))
+    assert isinstance(busy.body, bytes)
+    wire = messages.decode(busy.body, messages.ErrorBody).error
+    received = errors.error_from_wire(wire, status=busy.status,
+                                      retry_after_s=float(busy.headers["Retry-After"]))
+    assert (received.status, received.remote_code, received.retry_after_s) == (503, "busy", 2.0)
+    assert received.is_recoverable
+    assert received.message.startswith("agent is full. Retry after")
+    refused = error_response(errors.ParseError("bad body"))
+    assert isinstance(refused.body, bytes)
+    wire = messages.decode(refused.body, messages.ErrorBody).error
+    passed_on = errors.error_from_wire(wire, status=refused.status)
+    assert not passed_on.is_recoverable
+    # Passed on by a middle hop: the caller's own mistake keeps its code and status.
+    again = error_response(passed_on)
+    assert again.status == 400
+    assert isinstance(again.body, bytes)
+    assert messages.decode(again.body, messages.ErrorBody).error.code == "parse_error"
 
 
 def test_job_request_refuses_unknown_fields_and_bad_ids() -> None:

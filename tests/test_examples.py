@@ -18,7 +18,7 @@ from controller_env import controller_config, healthy_ids, running_controller
 from exo_standin import DEFAULT_MODEL, STANDIN, ExoStandin, make_exo_app
 from procs import AgentProcess
 
-from kowalski.controller.service import Services
+from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(60)
 # The controller, agent and stand-in are started once, for every test here.
@@ -75,7 +75,7 @@ async def exo() -> AsyncIterator[tuple[str, ExoStandin]]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def controller(exo: tuple[str, ExoStandin], tmp_path_factory: pytest.TempPathFactory
-                     ) -> AsyncIterator[Services]:
+                     ) -> AsyncIterator[Controller]:
     tmp = tmp_path_factory.mktemp("examples")
     agent = await AgentProcess(tmp, name="agent0").start()
     try:
@@ -107,7 +107,7 @@ def test_every_example_script_has_a_test() -> None:
 
 @module_loop
 async def test_needle_in_haystack_streams_the_run_and_finds_the_number(
-    controller: Services,
+    controller: Controller,
 ) -> None:
     code, out, err = await example("needle_in_haystack.py", "--url", controller.base_url,
                                    "--lines", "20000")
@@ -121,7 +121,7 @@ async def test_needle_in_haystack_streams_the_run_and_finds_the_number(
 
 @module_loop
 async def test_openai_client_lists_models_chats_streams_and_runs_rlm(
-    controller: Services, exo: tuple[str, ExoStandin],
+    controller: Controller, exo: tuple[str, ExoStandin],
 ) -> None:
     code, out, err = await example("openai_client.py", "--url", controller.base_url)
     assert code == 0, out + err
@@ -140,7 +140,7 @@ async def test_openai_client_lists_models_chats_streams_and_runs_rlm(
 
 @module_loop
 async def test_submit_job_runs_code_in_a_sandbox_and_reports_failures(
-    controller: Services,
+    controller: Controller,
 ) -> None:
     code, out, err = await example("submit_job.py", "--url", controller.base_url)
     assert code == 0, out + err
@@ -157,7 +157,7 @@ async def test_submit_job_runs_code_in_a_sandbox_and_reports_failures(
 
 @module_loop
 async def test_run_batch_answers_every_line_in_input_order(
-    controller: Services, tmp_path: Path,
+    controller: Controller, tmp_path: Path,
 ) -> None:
     output = tmp_path / "answers.jsonl"
     code, out, err = await example("run_batch.py", "--url", controller.base_url,

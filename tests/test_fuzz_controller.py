@@ -42,7 +42,7 @@ from kowalski.controller.api import dashboard, openai_front, status
 from kowalski.controller.api.app import make_app as make_controller_app
 from kowalski.controller.rlm import events as rlm_events
 from kowalski.controller.rlm import runs, trajectory
-from kowalski.controller.service import Services
+from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -120,7 +120,7 @@ def test_published_schemas_are_the_wire_structs() -> None:
                        "run `python tests/test_fuzz_controller.py` to regenerate it")
 
 
-async def test_every_api_route_is_in_the_spec_and_the_reference(controller: Services) -> None:
+async def test_every_api_route_is_in_the_spec_and_the_reference(controller: Controller) -> None:
     agent_app = make_agent_app(cast(AgentState, None), verifier=None, max_body_bytes=1)
     controller_app = make_controller_app(controller.state, max_body_bytes=1)
     assert api_routes(agent_app) == spec_operations("agent")
@@ -134,7 +134,7 @@ async def test_every_api_route_is_in_the_spec_and_the_reference(controller: Serv
 
 
 @pytest.fixture
-async def controller(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Services]:
+async def controller(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Controller]:
     exo = await aiohttp_server(make_exo_app(models=(DEFAULT_MODEL,)))
     agents = await start_agents(tmp_path, 1, sandbox={"timeout_ms_python": 3000,
                                                       "timeout_ms_bash": 3000})
@@ -221,7 +221,7 @@ def run_spec_cases(base_url: str, mode: schemathesis.GenerationMode, examples: i
 
 
 async def test_spec_cases_get_documented_answers_and_never_a_500(
-    controller: Services, caplog: pytest.LogCaptureFixture,
+    controller: Controller, caplog: pytest.LogCaptureFixture,
 ) -> None:
     sent = await asyncio.to_thread(run_spec_cases, controller.base_url,
                                    schemathesis.GenerationMode.POSITIVE, 10)
@@ -275,7 +275,7 @@ def run_raw_requests(base_url: str, examples: int) -> None:
 
 
 async def test_hostile_raw_requests_get_json_errors_and_the_controller_stays_up(
-    controller: Services, caplog: pytest.LogCaptureFixture,
+    controller: Controller, caplog: pytest.LogCaptureFixture,
 ) -> None:
     await asyncio.to_thread(run_raw_requests, controller.base_url, 250)
     await asyncio.to_thread(still_up, controller.base_url, caplog)
@@ -290,7 +290,7 @@ RUN_LIMITS: list[dict[str, Any]] = [
 
 
 async def test_run_limits_out_of_range_are_refused_or_bounded(
-    controller: Services, caplog: pytest.LogCaptureFixture,
+    controller: Controller, caplog: pytest.LogCaptureFixture,
 ) -> None:
     def post(overrides: dict[str, Any]) -> requests.Response:
         body = {"query": "say hi", "max_iterations": 1, "run_timeout_s": 5.0, **overrides}
@@ -309,7 +309,7 @@ async def test_run_limits_out_of_range_are_refused_or_bounded(
 
 
 async def test_event_stream_opens_and_a_garbage_query_does_not_break_it(
-    controller: Services,
+    controller: Controller,
 ) -> None:
     def first_event(query: str) -> bytes:
         with requests.get(controller.base_url + "/v1/events" + query, stream=True,

@@ -34,7 +34,8 @@ def make_router(urls: list[str], http: aiohttp.ClientSession, **exo: Any) -> Llm
                                   retry_max_delay_ms=20, circuit_failure_threshold=2)
     return LlmRouter(config=ExoConfig(endpoints=urls, poll_interval_s=0.1, **exo), urls=urls,
                      session=http, policy=RetryPolicy.from_config(controller),
-                     circuit_policy=CircuitPolicy.from_config(controller))
+                     circuit_policy=CircuitPolicy.from_config(controller),
+                     load_penalty=controller.load_penalty)
 
 
 def url(server: Any) -> str:

@@ -19,7 +19,7 @@ from exo_standin import DEFAULT_MODEL, STANDIN, make_exo_app
 from procs import AgentProcess
 
 from kowalski.controller.rlm.runs import RunRequest
-from kowalski.controller.service import Services
+from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,7 +53,7 @@ async def agents(tmp_path: Path) -> AsyncIterator[list[AgentProcess]]:
 
 @pytest.fixture
 async def controller(agents: list[AgentProcess], exo: Any, tmp_path: Path
-                     ) -> AsyncIterator[Services]:
+                     ) -> AsyncIterator[Controller]:
     config = controller_config(agents, [str(exo.make_url("")).rstrip("/")], tmp_path)
     async with running_controller(config) as running:
         assert await running.cluster.wait_for(lambda t: len(healthy_ids(t)) == 1, timeout_s=15)
@@ -65,7 +65,7 @@ EXPECTED = str(sum(len(line) for line in CONTEXT.splitlines()))
 
 
 async def test_run_over_http_answers_from_the_repl_with_a_sub_call(
-    controller: Services, exo: Any, agents: list[AgentProcess],
+    controller: Controller, exo: Any, agents: list[AgentProcess],
 ) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.post(controller.base_url + "/v1/runs",
@@ -91,7 +91,7 @@ async def test_run_over_http_answers_from_the_repl_with_a_sub_call(
     assert f"what is {EXPECTED}" in prompts
 
 
-async def test_streamed_run_sends_events_then_the_result(controller: Services) -> None:
+async def test_streamed_run_sends_events_then_the_result(controller: Controller) -> None:
     kinds = []
     async with aiohttp.ClientSession() as session, session.post(
         controller.base_url + "/v1/runs",
@@ -104,7 +104,7 @@ async def test_streamed_run_sends_events_then_the_result(controller: Services) -
     assert kinds[-1] == "result"
 
 
-async def test_bad_run_bodies_are_refused_with_the_reason(controller: Services) -> None:
+async def test_bad_run_bodies_are_refused_with_the_reason(controller: Controller) -> None:
     async with aiohttp.ClientSession() as session:
         for body, says in (({"context": "x"}, "missing required field `query`"),
                            ({"query": 1}, "Expected `str`"),
@@ -127,7 +127,7 @@ async def test_context_over_the_limit_is_refused_before_anything_runs(
     assert exo.app[STANDIN].counts["/v1/chat/completions"] == 0
 
 
-async def test_openai_client_runs_rlm_and_plain_models(controller: Services) -> None:
+async def test_openai_client_runs_rlm_and_plain_models(controller: Controller) -> None:
     client = openai.AsyncOpenAI(base_url=controller.base_url + "/v1", api_key="unused")
     try:
         models = [m.id async for m in client.models.list()]
@@ -163,7 +163,7 @@ async def _ctl(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str,
 
 
 async def test_cli_run_streams_iterations_and_runs_show_prints_the_trajectory(
-    controller: Services, tmp_path: Path,
+    controller: Controller, tmp_path: Path,
 ) -> None:
     context = tmp_path / "context.txt"
     context.write_text(CONTEXT)

@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from procs import SECRET, AgentProcess
 
 from kowalski.common import errors
-from kowalski.common.client import RemoteError, SignedClient
+from kowalski.common.client import SignedClient
 from kowalski.common.config import SecurityConfig, read_api_token
+from kowalski.common.errors import RemoteError
 from kowalski.common.http import RESPONSE_SIGNATURE_HEADER, response_signature
 from kowalski.common.messages import Heartbeat, JobRequest, JobResult, Metrics, encode
 from kowalski.common.ratelimit import RateLimiter
@@ -455,6 +456,6 @@ async def test_a_refused_call_carries_the_peers_retry_after(start_agent: StartAg
                               JobRequest(job_id="second", language="bash", code="true"),
                               timeout_s=30)
     assert (caught.value.status, caught.value.remote_code) == (429, "rate_limited")
-    assert caught.value.retryable
+    assert caught.value.is_recoverable
     # retry() waits at least this long before the next attempt.
     assert caught.value.retry_after_s in (2.0, 3.0, 4.0)

@@ -16,7 +16,7 @@ import msgspec
 
 from kowalski.common.config import Config
 from kowalski.common.errors import ExecutionError
-from kowalski.controller.service import Services, services
+from kowalski.controller.service import Controller
 
 # Time the local agent gets to probe its toolchains and bind.
 AGENT_START_TIMEOUT_S = 60.0
@@ -84,7 +84,7 @@ async def local_agent(config: Config, secret: bytes) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def local_cluster(config: Config) -> AsyncIterator[Services]:
+async def local_cluster(config: Config) -> AsyncIterator[Controller]:
     """A local agent and a controller on 127.0.0.1 sharing a fresh secret."""
     secret = secrets.token_hex(32).encode()
     async with local_agent(config, secret) as address:
@@ -92,7 +92,7 @@ async def local_cluster(config: Config) -> AsyncIterator[Services]:
             config.controller, host="127.0.0.1", port=0, discover_mdns=False,
             static_agents=[address])
         local = msgspec.structs.replace(config, controller=controller)
-        async with services(local, secret=secret) as running:
+        async with Controller(config=local, secret=secret) as running:
             healthy = await running.cluster.wait_for(
                 lambda table: any(row.health == "healthy" for row in table.devices.values()),
                 timeout_s=AGENT_START_TIMEOUT_S)

@@ -155,12 +155,12 @@ async def _batch(config: Config, args: argparse.Namespace) -> int:
     from kowalski.controller.batch.runner import run_batch_file
     from kowalski.controller.models.cache import CachedBackend, ResultCache
     from kowalski.controller.retry import RetryPolicy
-    from kowalski.controller.service import services
+    from kowalski.controller.service import Controller
 
     controller = msgspec.structs.replace(config.controller, host="127.0.0.1", port=0,
                                          discover_mdns=False, static_agents=[])
     local = msgspec.structs.replace(config, controller=controller)
-    async with services(local, secret=None) as running:
+    async with Controller(config=local, secret=None) as running:
         backend = CachedBackend(running.router, ResultCache.from_config(config.exo))
         model = args.model or running.router.resolve_model("")
         # The router already retries across endpoints; one more round per item is enough.

@@ -7,10 +7,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from kowalski.common.client import SignedClient
 from kowalski.common.config import ControllerConfig
 from kowalski.common.errors import KowalskiError
-from kowalski.common.messages import DeviceId, Heartbeat
+from kowalski.common.messages import DeviceId
+from kowalski.controller.fleet.agent_client import AgentClient
 from kowalski.controller.fleet.device_table import (
     DeviceDiscovered,
     DeviceEvent,
@@ -33,11 +33,11 @@ _TICK_S = 0.25
 class Cluster:
     """Owns the device table; run() browses mDNS, polls heartbeats and ticks the detector."""
 
-    def __init__(self, *, config: ControllerConfig, client: SignedClient,
+    def __init__(self, *, config: ControllerConfig, agents: AgentClient,
                  clock: Callable[[], float] = time.monotonic, scheme: str = "http",
                  mdns_interfaces: list[str] | None = None) -> None:
         self._config = config
-        self._client = client
+        self._agents = agents
         self.clock = clock
         self._scheme = scheme
         self._mdns_interfaces = mdns_interfaces
@@ -48,7 +48,6 @@ class Cluster:
         # Static entries are keyed by the agent id their first heartbeat reports.
         self._static_urls = [static_agent_url(entry, scheme=scheme)
                              for entry in config.static_agents]
-        self._static_ids: dict[str, DeviceId] = {}
         self._static_errors: dict[str, str] = {}
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -130,8 +129,7 @@ class Cluster:
     async def _beat(self, url: str, device_id: DeviceId | None) -> None:
         sent = self.clock()
         try:
-            beat = await self._client.call("GET", url + "/v1/heartbeat", Heartbeat,
-                                           timeout_s=self._config.heartbeat_timeout_s)
+            beat = await self._agents.heartbeat(url, timeout_s=self._config.heartbeat_timeout_s)
         except KowalskiError as exc:
             if device_id is not None:
                 self.apply(HeartbeatFailed(device_id=device_id, reason=str(exc), at=self.clock()))
@@ -146,7 +144,6 @@ class Cluster:
         received = self.clock()
         if device_id is None:
             device_id = DeviceId(beat.agent_id)
-            self._static_ids[url] = device_id
             if device_id not in self.table.devices:
                 self.apply(DeviceDiscovered(device_id=device_id, name=beat.name, url=url,
                                             source="static", at=received))

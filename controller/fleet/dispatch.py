@@ -10,13 +10,13 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from kowalski.common.client import RemoteError, SignedClient
-from kowalski.common.errors import ExecutionError, KowalskiError, NetworkError
+from kowalski.common.errors import ExecutionError, NetworkError, RemoteError
 from kowalski.common.messages import DeviceId, JobRequest, JobResult
+from kowalski.controller.fleet.agent_client import AgentClient
 from kowalski.controller.fleet.cluster import Cluster
 from kowalski.controller.fleet.device_table import DeviceRow, DeviceTable, JobAssigned, JobReleased
 from kowalski.controller.fleet.selection import select
-from kowalski.controller.retry import RetryPolicy, retry
+from kowalski.controller.retry import RetryPolicy, is_recoverable, with_failover
 from kowalski.controller.scoring import Operation
 
 T = TypeVar("T")
@@ -49,28 +49,22 @@ def _device_down(device_id: DeviceId) -> Callable[[DeviceTable], bool]:
     return down
 
 
-def _is_device_fault(error: BaseException) -> bool:
-    """Faults of the device (as opposed to the caller's input) open its circuit."""
-    if isinstance(error, RemoteError):
-        return error.retryable
-    return isinstance(error, KowalskiError) and error.is_recoverable
-
-
-def _outcome(error: BaseException) -> str:
+def _outcome(error: Exception) -> str:
     """What a failed call says about its device, for the circuit breaker."""
     if isinstance(error, RemoteError) and error.remote_code in _BUSY_CODES:
         # A full agent is working, not failing: try elsewhere, but do not open its circuit.
         return "cancelled"
-    return "failure" if _is_device_fault(error) else "success"
+    # Faults of the device (as opposed to the caller's input) open its circuit.
+    return "failure" if is_recoverable(error) else "success"
 
 
 class Dispatcher:
     """Picks devices by score and runs calls on them with retries and failover."""
 
-    def __init__(self, *, cluster: Cluster, client: SignedClient, policy: RetryPolicy,
+    def __init__(self, *, cluster: Cluster, agents: AgentClient, policy: RetryPolicy,
                  rng: random.Random | None = None) -> None:
         self.cluster = cluster
-        self.client = client
+        self.agents = agents
         self._policy = policy
         self._rng = rng or random.Random()
         self.counters = JobCounters()
@@ -120,37 +114,22 @@ class Dispatcher:
                             call: Callable[[DeviceRow], Awaitable[T]], *,
                             language: str | None = None) -> T:
         """Try the best device; on a device fault, the next best, with backoff."""
-        tried: set[DeviceId] = set()
-
-        async def attempt() -> T:
-            try:
-                row = self.select(operation, language=language, exclude=frozenset(tried))
-            except KowalskiError:
-                if not tried:
-                    raise
-                # Every device was tried once: start over after the back-off.
-                tried.clear()
-                row = self.select(operation, language=language)
-            try:
-                return await self.on_device(row.device_id, job_id, call)
-            except Exception as exc:
-                if _is_device_fault(exc):
-                    tried.add(row.device_id)
-                raise
 
         def rerouted(attempt: int, error: Exception, delay_ms: float) -> None:
             self.counters.rerouted += 1
 
-        return await retry(attempt, self._policy, is_retryable=_is_device_fault, rng=self._rng,
-                           on_retry=rerouted)
+        return await with_failover(
+            lambda row: self.on_device(row.device_id, job_id, call), self._policy,
+            choose=lambda exclude: self.select(operation, language=language, exclude=exclude),
+            key=lambda row: row.device_id, on_retry=rerouted, rng=self._rng)
 
     async def run_job(self, request: JobRequest) -> JobResult:
         """Run a code job somewhere; the same job id goes with every attempt."""
         timeout_s = (request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_JOB_TIMEOUT_S)
 
         async def call(row: DeviceRow) -> JobResult:
-            result = await self.client.call("POST", row.url + "/v1/jobs", JobResult, request,
-                                            timeout_s=timeout_s + CALL_MARGIN_S)
+            result = await self.agents.run_job(row.url, request,
+                                               timeout_s=timeout_s + CALL_MARGIN_S)
             if result.status == "failed" and result.error is not None and result.error.retryable:
                 raise ExecutionError(f"{row.device_id} could not run the job: "
                                      f"{result.error.message}")

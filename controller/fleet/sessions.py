@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
-from kowalski.common.client import RemoteError
-from kowalski.common.errors import KowalskiError, SessionLostError
+from kowalski.common.errors import KowalskiError, RemoteError, SessionLostError
 from kowalski.common.messages import (
     CellRequest,
     CellResult,
     DeviceId,
     LlmCallback,
     SessionCreate,
-    SessionInfo,
+    SessionId,
     VariableValue,
 )
 from kowalski.controller.fleet.device_table import DeviceRow
@@ -35,7 +33,8 @@ class RemoteSession:
                  llm_callback: LlmCallback | None, timeout_s: float = 300.0,
                  on_close: Callable[[], None] | None = None) -> None:
         self._dispatcher = dispatcher
-        self.session_id = session_id
+        self._agents = dispatcher.agents
+        self.session_id = SessionId(session_id)
         self._context = context
         self._callback = llm_callback
         self._timeout_s = timeout_s
@@ -49,13 +48,11 @@ class RemoteSession:
     async def _open_on(self, row: DeviceRow) -> None:
         create = SessionCreate(session_id=self.session_id, context=self._context,
                                llm_callback=self._callback)
-        await self._dispatcher.client.call("POST", row.url + "/v1/sessions", SessionInfo, create,
-                                           timeout_s=self._timeout_s)
+        await self._agents.create_session(row.url, create, timeout_s=self._timeout_s)
         for cell, status in zip(self._cells, self._statuses, strict=True):
             if status in _REPLAYABLE:
-                await self._dispatcher.client.call(
-                    "POST", f"{row.url}/v1/sessions/{self.session_id}/exec", CellResult, cell,
-                    timeout_s=self._timeout_s)
+                await self._agents.execute(row.url, self.session_id, cell,
+                                           timeout_s=self._timeout_s)
         if self._cells:
             self.rebuilds += 1
             log.warning("session %s rebuilt on %s by replaying %d cells", self.session_id,
@@ -100,9 +97,8 @@ class RemoteSession:
                            timeout_ms=timeout_ms)
 
         async def run(row: DeviceRow) -> CellResult:
-            return await self._dispatcher.client.call(
-                "POST", f"{row.url}/v1/sessions/{self.session_id}/exec", CellResult, cell,
-                timeout_s=self._timeout_s)
+            return await self._agents.execute(row.url, self.session_id, cell,
+                                              timeout_s=self._timeout_s)
 
         result: CellResult = await self._on_session_device(cell.cell_id, run)
         self._cells.append(cell)
@@ -111,10 +107,9 @@ class RemoteSession:
 
     async def get_variable(self, name: str, max_chars: int = 100_000) -> VariableValue:
         async def read(row: DeviceRow) -> VariableValue:
-            path = f"/v1/sessions/{self.session_id}/vars/{quote(name, safe='')}"
-            return await self._dispatcher.client.call(
-                "GET", f"{row.url}{path}?max_chars={max_chars}", VariableValue,
-                timeout_s=self._timeout_s)
+            return await self._agents.get_variable(row.url, self.session_id, name,
+                                                   max_chars=max_chars,
+                                                   timeout_s=self._timeout_s)
 
         value: VariableValue = await self._on_session_device(f"{self.session_id}-var", read)
         return value
@@ -128,8 +123,7 @@ class RemoteSession:
         if row is None:
             return
         try:
-            await self._dispatcher.client.call(
-                "DELETE", f"{row.url}/v1/sessions/{self.session_id}", dict, timeout_s=10)
+            await self._agents.delete_session(row.url, self.session_id, timeout_s=10)
         except KowalskiError as exc:
             log.info("closing session %s on %s: %s", self.session_id, device_id, exc)
 

@@ -17,14 +17,12 @@ from kowalski.common.errors import KowalskiError, NoModelAvailableError
 from kowalski.controller import circuit as breaker
 from kowalski.controller.models.chat_types import ChatDelta, ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
-from kowalski.controller.retry import RetryPolicy, is_recoverable, retry
+from kowalski.controller.retry import RetryPolicy, with_failover
 from kowalski.controller.scoring import Operation, formula
 
 log = logging.getLogger(__name__)
 # Latency moving-average weight of the newest sample.
 _ALPHA = 0.3
-# Score taken off an endpoint per call in flight, so concurrent calls spread.
-_LOAD_PENALTY = 0.02
 
 
 @dataclass
@@ -74,10 +72,12 @@ class LlmRouter:
     """Keeps endpoint health and ready models fresh, and sends each call to the best one."""
 
     def __init__(self, *, config: ExoConfig, urls: list[str], session: aiohttp.ClientSession,
-                 policy: RetryPolicy, circuit_policy: breaker.CircuitPolicy,
+                 policy: RetryPolicy, circuit_policy: breaker.CircuitPolicy, load_penalty: float,
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None) -> None:
         self._config = config
+        # Score taken off an endpoint per call in flight, so concurrent calls spread.
+        self._load_penalty = load_penalty
         self._policy = policy
         self._circuit_policy = circuit_policy
         self._clock = clock
@@ -156,7 +156,7 @@ class LlmRouter:
                 f"every endpoint serving {model!r} has failed or has its circuit open")
         return max(open_ok, key=lambda e: formula(
             operation, latency_ms=e.latency_ms or 0.0, memory_free_fraction=0.0,
-        ) - _LOAD_PENALTY * e.in_flight)
+        ) - self._load_penalty * e.in_flight)
 
     async def _ensure_model(self, model: str) -> None:
         """Place an instance of a model nobody serves, when the config allows it."""
@@ -185,27 +185,12 @@ class LlmRouter:
         model = self.resolve_model(request.model)
         request = msgspec.structs.replace(request, model=model)
         await self._ensure_model(model)
-        tried: set[str] = set()
         op: Operation = "context_compression" if operation == "context_compression" \
             else "llm_inference"
-
-        async def attempt() -> ChatResult:
-            try:
-                endpoint = self.choose(model, op, frozenset(tried))
-            except NoModelAvailableError:
-                if not tried:
-                    raise
-                tried.clear()
-                endpoint = self.choose(model, op)
-            try:
-                result = await self._call(endpoint, request)
-            except KowalskiError as exc:
-                if exc.is_recoverable:
-                    tried.add(endpoint.url)
-                raise
-            return result
-
-        return await retry(attempt, self._policy, is_retryable=is_recoverable, rng=self._rng)
+        return await with_failover(
+            lambda endpoint: self._call(endpoint, request), self._policy,
+            choose=lambda exclude: self.choose(model, op, exclude),
+            key=lambda endpoint: endpoint.url, rng=self._rng)
 
     async def _call(self, endpoint: Endpoint, request: ChatRequest) -> ChatResult:
         now = self._clock()

@@ -1,0 +1,74 @@
+"""The agent's HTTP API as typed calls: the one place the controller spells an agent URL."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from kowalski.common.client import SignedClient
+from kowalski.common.messages import (
+    CellRequest,
+    CellResult,
+    Heartbeat,
+    JobRequest,
+    JobResult,
+    Metrics,
+    SessionCreate,
+    SessionDeleted,
+    SessionId,
+    SessionInfo,
+    VariableValue,
+)
+
+
+class AgentClient:
+    """Signed calls to any agent, addressed by its base URL (``scheme://host:port``).
+
+    Each call raises what SignedClient raises: NetworkError when the agent cannot be
+    reached, RemoteError when it answers with an error, ParseError on a bad answer.
+    """
+
+    def __init__(self, client: SignedClient) -> None:
+        self._client = client
+
+    async def heartbeat(self, agent_url: str, *, timeout_s: float) -> Heartbeat:
+        return await self._client.call("GET", f"{agent_url}/v1/heartbeat", Heartbeat,
+                                       timeout_s=timeout_s)
+
+    async def metrics(self, agent_url: str, *, timeout_s: float) -> Metrics:
+        return await self._client.call("GET", f"{agent_url}/v1/metrics", Metrics,
+                                       timeout_s=timeout_s)
+
+    async def run_job(self, agent_url: str, job: JobRequest, *, timeout_s: float) -> JobResult:
+        """Run a job to its end; the same job id answers with the same result."""
+        return await self._client.call("POST", f"{agent_url}/v1/jobs", JobResult, job,
+                                       timeout_s=timeout_s)
+
+    async def create_session(self, agent_url: str, create: SessionCreate, *,
+                             timeout_s: float) -> SessionInfo:
+        return await self._client.call("POST", f"{agent_url}/v1/sessions", SessionInfo, create,
+                                       timeout_s=timeout_s)
+
+    async def execute(self, agent_url: str, session_id: SessionId, cell: CellRequest, *,
+                      timeout_s: float) -> CellResult:
+        """Run one cell in a session; the same cell id is not run twice."""
+        return await self._client.call("POST", f"{_session(agent_url, session_id)}/exec",
+                                       CellResult, cell, timeout_s=timeout_s)
+
+    async def get_variable(self, agent_url: str, session_id: SessionId, name: str, *,
+                           max_chars: int, timeout_s: float) -> VariableValue:
+        """str() of a session variable, cut at max_chars characters."""
+        url = (f"{_session(agent_url, session_id)}/vars/{quote(name, safe='')}"
+               f"?max_chars={max_chars}")
+        return await self._client.call("GET", url, VariableValue, timeout_s=timeout_s)
+
+    async def delete_session(self, agent_url: str, session_id: SessionId, *,
+                             timeout_s: float) -> bool:
+        """End a session; False if the agent did not have it."""
+        answer = await self._client.call("DELETE", _session(agent_url, session_id),
+                                         SessionDeleted, timeout_s=timeout_s)
+        return answer.deleted
+
+
+def _session(agent_url: str, session_id: SessionId) -> str:
+    # Session ids are Identifiers (a URL-safe alphabet): no quoting needed.
+    return f"{agent_url}/v1/sessions/{session_id}"
