@@ -16,6 +16,7 @@ from aiohttp import web
 
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config, read_api_token
+from kowalski.common.http import ServerLog
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
 from kowalski.common.tls import client_ssl_context, server_ssl_context
@@ -96,7 +97,8 @@ async def services(config: Config, *, secret: bytes | None, embedded_model: bool
                                 api_token=api_token)
         app = make_app(state, max_body_bytes=settings.max_body_bytes, secret=secret,
                        rate_limiter=RateLimiter.from_config(config.security))
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0,
+                               logger=ServerLog())
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await web.SockSite(runner, sock, ssl_context=tls).start()
