@@ -18,6 +18,10 @@ log = logging.getLogger("kowalski.agent.cgroups")
 # Names of the per-agent parent cgroups; the pid lets a new agent clear a dead one's leftovers.
 BASE_PREFIX = "kowalski-"
 CONTROLLERS = ("memory", "pids")
+# Used when present: the per-job CPU quota (sandbox.cpu_limit_cores).
+CPU = "cpu"
+# The CPU quota is counted per period of this length.
+CPU_PERIOD_US = 100_000
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ def parse_mountinfo(text: str) -> list[Mount]:
         if fs_type == "cgroup2":
             mounts.append(Mount(root, mount_point, 2, frozenset()))
         elif fs_type == "cgroup":
-            mounts.append(Mount(root, mount_point, 1, frozenset(options) & set(CONTROLLERS)))
+            mounts.append(Mount(root, mount_point, 1,
+                                frozenset(options) & {*CONTROLLERS, CPU}))
     return mounts
 
 
@@ -174,9 +179,11 @@ class JobCgroup:
 class CgroupManager:
     """Makes job cgroups under a parent cgroup of its own, below the agent's cgroup."""
 
-    def __init__(self, version: int, bases: dict[str, Path]) -> None:
+    def __init__(self, version: int, bases: dict[str, Path], *, v2_cpu: bool = False) -> None:
         self.version = version
         self._bases = bases
+        # Whether the v2 parent enabled the cpu controller for job cgroups.
+        self._v2_cpu = v2_cpu
 
     @classmethod
     def detect(cls) -> tuple[CgroupManager | None, str]:
@@ -194,15 +201,19 @@ class CgroupManager:
             available = set(_read(v2 / "cgroup.controllers").split())
             if set(CONTROLLERS) <= available:
                 at_root = any(Path(mount.mount_point) == v2 for mount in mounts)
+                cpu = CPU in available
+                names = (*CONTROLLERS, CPU) if cpu else CONTROLLERS
                 try:
-                    return cls(2, {"v2": _make_v2_base(v2, token, at_root=at_root)}), ""
+                    base = _make_v2_base(v2, token, at_root=at_root, controllers=names)
+                    return cls(2, {"v2": base}, v2_cpu=cpu), (
+                        "" if cpu else "cgroup v2 lacks cpu: no per-job CPU quota")
                 except OSError as exc:
                     reasons.append(f"cgroup v2 at {v2} is not writable ({exc.strerror})")
             else:
                 missing = " and ".join(sorted(set(CONTROLLERS) - available))
                 reasons.append(f"cgroup v2 lacks {missing}")
         bases: dict[str, Path] = {}
-        for controller in CONTROLLERS:
+        for controller in (*CONTROLLERS, CPU):
             own = found.get(controller)
             if own is None:
                 reasons.append(f"no cgroup v1 {controller} hierarchy")
@@ -229,19 +240,26 @@ class CgroupManager:
     @property
     def controllers(self) -> list[str]:
         if self.version == 2:
-            return list(CONTROLLERS)
+            return sorted((*CONTROLLERS, CPU) if self._v2_cpu else CONTROLLERS)
         return sorted(self._bases)
 
-    def create(self, name: str, *, memory_bytes: int, pids_max: int) -> JobCgroup:
+    def create(self, name: str, *, memory_bytes: int, pids_max: int,
+               cpu_cores: float | None = None) -> JobCgroup:
         """A fresh cgroup with the limits set; raises OSError if it cannot be made."""
+        quota_us = None if cpu_cores is None else max(1000, round(cpu_cores * CPU_PERIOD_US))
         if self.version == 2:
             path = self._bases["v2"] / name
             path.mkdir()
-            group = JobCgroup(2, {"memory": path, "pids": path})
+            shared = {"memory": path, "pids": path}
+            if self._v2_cpu:
+                shared[CPU] = path
+            group = JobCgroup(2, shared)
             _write(path / "memory.max", str(memory_bytes))
             # Without swap limits a job could page out instead of hitting memory.max.
             _write(path / "memory.swap.max", "0", required=False)
             _write(path / "pids.max", str(pids_max))
+            if self._v2_cpu and quota_us is not None:
+                _write(path / "cpu.max", f"{quota_us} {CPU_PERIOD_US}")
             return group
         dirs: dict[str, Path] = {}
         try:
@@ -255,6 +273,9 @@ class CgroupManager:
                        required=False)
             if "pids" in dirs:
                 _write(dirs["pids"] / "pids.max", str(pids_max))
+            if CPU in dirs and quota_us is not None:
+                _write(dirs[CPU] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _write(dirs[CPU] / "cpu.cfs_quota_us", str(quota_us))
         except OSError:
             for path in set(dirs.values()):
                 with contextlib.suppress(OSError):
@@ -279,12 +300,13 @@ def _write(path: Path, value: str, *, required: bool = True) -> None:
             raise
 
 
-def _make_v2_base(own: Path, token: str, *, at_root: bool) -> Path:
-    """A parent for job cgroups with memory and pids enabled for its children."""
+def _make_v2_base(own: Path, token: str, *, at_root: bool,
+                  controllers: tuple[str, ...] = CONTROLLERS) -> Path:
+    """A parent for job cgroups with the controllers enabled for its children."""
     _clear_stale(own)
-    enable = " ".join(f"+{name}" for name in CONTROLLERS)
+    enable = " ".join(f"+{name}" for name in controllers)
     subtree = set(_read(own / "cgroup.subtree_control").split())
-    if not set(CONTROLLERS) <= subtree:
+    if not set(controllers) <= subtree:
         if not at_root:
             # The no-internal-processes rule: a cgroup enables controllers for its children
             # only once no process sits in it, so the agent (and any process sharing its

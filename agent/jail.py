@@ -16,13 +16,16 @@ from typing import IO, Any
 
 import psutil
 
+from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager, JobCgroup
-from kowalski.agent.languages import SYSTEM_PATH, TOOLCHAIN_MOUNT, Toolchain
+from kowalski.agent.languages import SYSTEM_PATH, SYSTEM_ROOTS, TOOLCHAIN_MOUNT, Toolchain
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import ExecutionError
 
 # Where the job's own directory appears inside bubblewrap.
 INNER_WORKDIR = "/run/job"
+# Where the job's own cgroup appears (read-only, in a cgroup namespace rooted at it).
+INNER_CGROUP = "/sys/fs/cgroup"
 # The launcher's exit code and stderr prefix when it cannot start the job.
 LAUNCH_FAILED = 125
 LAUNCH_MARK = b"kowalski-launcher:"
@@ -176,17 +179,26 @@ class Jail:
         cgroup = None
         try:
             if self._cgroups is not None:
-                cgroup = self._cgroups.create(name, pids_max=self._config.pids_limit,
-                                              memory_bytes=self._config.memory_limit_mb << 20)
-            spec = {"procs": cgroup.procs_files if cgroup else [], "mark": LAUNCH_MARK.decode(),
-                    "rlimits": self._rlimits(toolchain, cgroup, cpu_limit),
-                    "argv": self._command(toolchain, argv, workdir)}
-            loop = asyncio.get_running_loop()
-            transport, protocol = await loop.subprocess_exec(
-                lambda: _Protocol(_STREAM_LIMIT, loop),
-                sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec),
-                stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=pass_fds,
-                start_new_session=True, cwd=workdir, env=self.environment(workdir))
+                cgroup = self._cgroups.create(
+                    name, pids_max=self._config.pids_limit,
+                    memory_bytes=self._config.memory_limit_mb << 20,
+                    cpu_cores=self._config.cpu_limit_cores)
+            filter_fd = seccomp.program_fd() if self._bwrap else -1
+            try:
+                spec = {"procs": cgroup.procs_files if cgroup else [],
+                        "mark": LAUNCH_MARK.decode(),
+                        "rlimits": self._rlimits(toolchain, cgroup, cpu_limit),
+                        "argv": self._command(toolchain, argv, workdir, cgroup, filter_fd)}
+                loop = asyncio.get_running_loop()
+                transport, protocol = await loop.subprocess_exec(
+                    lambda: _Protocol(_STREAM_LIMIT, loop),
+                    sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec),
+                    stdin=stdin, stdout=stdout, stderr=stderr,
+                    pass_fds=(*pass_fds, filter_fd) if filter_fd >= 0 else pass_fds,
+                    start_new_session=True, cwd=workdir, env=self.environment(workdir))
+            finally:
+                if filter_fd >= 0:
+                    os.close(filter_fd)
         except BaseException as exc:
             # Also when cancelled mid-start: asyncio kills a half-started child itself.
             await asyncio.shield(self._discard(workdir, cgroup))
@@ -217,7 +229,8 @@ class Jail:
         home = INNER_WORKDIR if self._bwrap else str(workdir)
         return {"PATH": SYSTEM_PATH, "HOME": home, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 
-    def _command(self, toolchain: Toolchain | None, argv: list[str], workdir: Path) -> list[str]:
+    def _command(self, toolchain: Toolchain | None, argv: list[str], workdir: Path,
+                 cgroup: JobCgroup | None = None, filter_fd: int = -1) -> list[str]:
         if self.job_user is not None:
             uid, gid = self.job_user
             # bwrap run as root keeps every capability; this drops them and the uid for good.
@@ -225,20 +238,38 @@ class Jail:
                     "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", *argv]
         if not self._bwrap:
             return argv
-        command = [self._bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                   "--perms", "1777", "--size", str(self._config.tmpfs_size_mb << 20),
-                   "--tmpfs", "/tmp",
-                   # Hides the host's sockets (D-Bus, journald), reachable without a network.
-                   "--perms", "0755", "--tmpfs", "/run",
-                   # Every job runs as the same uid: hide the other jobs' directories
-                   # (bind sources are host paths, so the job's own still binds below).
-                   "--tmpfs", str(self._work_root),
-                   "--bind", str(workdir), INNER_WORKDIR, "--chdir", INNER_WORKDIR]
+        # Only programs, libraries and configuration, read-only: no /home, /root, /var,
+        # /srv, /mnt or host /run, where sockets live (read-only does not stop connect()),
+        # and no /sys, which lists every cgroup with its pids.
+        command = [self._bwrap]
+        for root in SYSTEM_ROOTS:
+            if os.path.islink(root):
+                command += ["--symlink", os.readlink(root), root]
+            elif os.path.isdir(root):
+                command += ["--ro-bind", root, root]
+        command += ["--dev", "/dev", "--proc", "/proc",
+                    "--perms", "1777", "--size", str(self._config.tmpfs_size_mb << 20),
+                    "--tmpfs", "/tmp", "--perms", "0755", "--tmpfs", "/run",
+                    "--bind", str(workdir), INNER_WORKDIR, "--chdir", INNER_WORKDIR]
+        if cgroup is not None:
+            # The job's own cgroup only, where java and node read their memory limit; the
+            # cgroup namespace (rooted there: the launcher joins it before bwrap starts)
+            # makes /proc/self/cgroup and mountinfo agree with it.
+            command += ["--unshare-cgroup", "--perms", "0755", "--dir", "/sys",
+                        "--perms", "0755", "--dir", "/sys/fs",
+                        "--perms", "0755", "--dir", INNER_CGROUP]
+            if cgroup.version == 2:
+                command += ["--ro-bind", str(cgroup.dirs["memory"]), INNER_CGROUP]
+            else:
+                for controller, path in sorted(cgroup.dirs.items()):
+                    command += ["--ro-bind", str(path), f"{INNER_CGROUP}/{controller}"]
         if toolchain is not None and toolchain.mount:
             command += ["--perms", "0755", "--dir", TOOLCHAIN_MOUNT,
                         "--ro-bind", toolchain.home, toolchain.mount]
         command += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
                     "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv"]
+        if filter_fd >= 0:
+            command += ["--seccomp", str(filter_fd)]
         for key, value in self.environment(workdir).items():
             command += ["--setenv", key, value]
         return [*command, "--", *argv]

@@ -18,6 +18,9 @@ from kowalski.common.messages import LANGUAGES
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Toolchains the job user cannot reach at their own path are bound read-only under here.
 TOOLCHAIN_MOUNT = "/run/toolchains"
+# What bwrap mode shows a job of the host, read-only; a toolchain elsewhere is bound in.
+SYSTEM_ROOTS = ("/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+                "/libx32")
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,16 @@ def _rust_toolchain(sysroot: str, search_path: str) -> Toolchain:
     return Toolchain("rust", rustc, sysroot, shell=shell)
 
 
+def _visible(path: str) -> bool:
+    """Whether a path lies under the system roots bubblewrap shows a job."""
+    real = os.path.realpath(path)
+    return any(real == root or real.startswith(root + "/") for root in SYSTEM_ROOTS)
+
+
 def _place(toolchain: Toolchain, relocate: bool, job_user: tuple[int, int] | None) -> Toolchain:
     """Bind the toolchain under TOOLCHAIN_MOUNT if the job user cannot reach it."""
+    if relocate and not _visible(toolchain.executable):
+        return replace(toolchain, mount=f"{TOOLCHAIN_MOUNT}/{toolchain.language}")
     if job_user is None or reachable_by(toolchain.executable, *job_user):
         return toolchain
     if not relocate:

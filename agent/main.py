@@ -26,6 +26,7 @@ from kowalski.common.addresses import host_addresses
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config
 from kowalski.common.errors import ConfigError, KowalskiError
+from kowalski.common.http import ServerLog
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
 from kowalski.common.tls import client_ssl_context, loop_factory, server_ssl_context
@@ -87,7 +88,7 @@ class Agent:
                                rate_limiter=RateLimiter.from_config(self._config.security))
                 runner = web.AppRunner(app, handle_signals=False,
                                        shutdown_timeout=settings.shutdown_timeout_s,
-                                       access_log=None)
+                                       access_log=None, logger=ServerLog())
                 await runner.setup()
                 site = web.SockSite(runner, sock, ssl_context=tls)
                 await site.start()

@@ -27,8 +27,17 @@ LlmHandler = Callable[[LlmCallback, list[str]], Awaitable[list[str]]]
 
 _DRIVER = "repl_driver.py"
 _CONTEXT = "context.json"
-# One reply line holds a cell's capped output, JSON-escaped, or a variable's text.
-_REPLY_LIMIT = 256 * 1024 * 1024
+# Room on a control line beyond the output it carries: field names, flags, an error text.
+CONTROL_BUDGET_BYTES = 64 * 1024
+# llm_query() requests a session may have waiting at once; more are refused at once.
+_MAX_LLM_IN_FLIGHT = 64
+# Why a session was killed when its driver wrote a line over the limit.
+OUTPUT_LIMIT_REASON = "its control pipe carried a line over {limit} bytes"
+
+
+def message_limit(max_output_bytes: int) -> int:
+    """The longest line a driver may write: two streams of capped output, plus control."""
+    return 2 * max_output_bytes + CONTROL_BUDGET_BYTES
 
 
 @cache
@@ -60,6 +69,10 @@ class ReplSession:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stray = {"stdout": bytearray(), "stderr": bytearray()}
         self._seq = 0
+        # The agent reads no more than this per line: cell code cannot inflate its memory.
+        self.message_limit = message_limit(stray_cap)
+        self.output_limit_hit = False
+        self._llm_in_flight = 0
 
     def info(self, agent_id: str) -> SessionInfo:
         return SessionInfo(session_id=self.id, agent_id=agent_id, cells_run=self.cells_run,
@@ -92,7 +105,8 @@ class ReplSession:
             os.close(request_read)
             os.close(reply_write)
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=_REPLY_LIMIT)
+        # The reader buffers at most twice its limit before it stops reading the pipe.
+        reader = asyncio.StreamReader(limit=self.message_limit)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
                                      os.fdopen(reply_read, "rb", buffering=0))
         self._writer, _ = await loop.connect_write_pipe(
@@ -104,7 +118,8 @@ class ReplSession:
         self._spawn(self._collect(process.stdout, "stdout"))
         self._spawn(self._collect(process.stderr, "stderr"))
         init = {"op": "init", "llm": self.callback is not None,
-                "context_file": _CONTEXT if _CONTEXT in files else None}
+                "context_file": _CONTEXT if _CONTEXT in files else None,
+                "max_message_bytes": self.message_limit - CONTROL_BUDGET_BYTES // 2}
         try:
             await asyncio.wait_for(self._call(init), timeout_s)
         except TimeoutError:
@@ -152,7 +167,13 @@ class ReplSession:
                 with contextlib.suppress(SessionLostError):
                     await reply
                 return {"status": "killed", "stdout": "", "stderr": ""}, True
-            result = reply.result()
+            try:
+                result = reply.result()
+            except SessionLostError:
+                if not self.output_limit_hit:
+                    raise
+                return {"status": "output_limit", "stdout": "", "stderr": "",
+                        "message": self.lost}, True
             if result.get("op") != "result":
                 raise ExecutionError(f"session {self.id!r} could not run the cell: "
                                      f"{result.get('message', result)}")
@@ -172,7 +193,8 @@ class ReplSession:
     async def get_variable(self, name: str, max_chars: int, timeout_s: float) -> dict[str, Any]:
         try:
             return await asyncio.wait_for(
-                self._call({"op": "get_var", "name": name, "max_chars": max_chars}), timeout_s)
+                self._call({"op": "get_var", "name": name, "max_chars": max_chars,
+                            "max_bytes": self._stray_cap}), timeout_s)
         except TimeoutError:
             await self.kill(f"str() of {name!r} did not return within {timeout_s:g} s")
             self.check()
@@ -181,15 +203,32 @@ class ReplSession:
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         reason = ""
         try:
-            while line := await reader.readline():
+            while True:
+                line = await reader.readuntil(b"\n")
                 message = json.loads(line)
+                if not isinstance(message, dict):
+                    raise ValueError(f"a {type(message).__name__} where an object belongs")
                 if message.get("op") == "llm":
-                    self._spawn(self._answer(message))
+                    self._llm_request(message)
                 elif self._pending is not None and not self._pending.done():
                     self._pending.set_result(message)
+        except asyncio.IncompleteReadError:
+            pass
+        except asyncio.LimitOverrunError:
+            self.output_limit_hit = True
+            reason = OUTPUT_LIMIT_REASON.format(limit=self.message_limit)
         except ValueError as exc:
-            reason = f"its control pipe carried garbage ({exc})"
+            reason = f"its control pipe carried garbage ({str(exc)[:200]})"
         await self._ended(reason)
+
+    def _llm_request(self, message: dict[str, Any]) -> None:
+        if self._llm_in_flight >= _MAX_LLM_IN_FLIGHT:
+            self._send({"op": "llm_reply", "id": message.get("id"), "error": (
+                f"more than {_MAX_LLM_IN_FLIGHT} llm_query calls are waiting at once; "
+                "wait for some to return")})
+            return
+        self._llm_in_flight += 1
+        self._spawn(self._answer(message))
 
     async def _collect(self, stream: asyncio.StreamReader, name: str) -> None:
         """Keep what the driver process writes to fd 1/2 outside sys.stdout, up to the cap."""
@@ -210,6 +249,8 @@ class ReplSession:
             self._send({"op": "llm_reply", "id": request_id, "answers": list(answers)})
         except Exception as exc:
             self._send({"op": "llm_reply", "id": request_id, "error": str(exc) or repr(exc)})
+        finally:
+            self._llm_in_flight -= 1
 
     async def _ended(self, reason: str) -> None:
         """The driver's pipe closed: find out why, then free everything."""

@@ -63,6 +63,21 @@ class CappedText(io.TextIOBase):
         return b"".join(self._parts).decode("utf-8", "replace")
 
 
+def fit(text: str, limit: int) -> tuple[str, bool]:
+    """Text cut so that its JSON form takes at most limit bytes, and whether it was cut."""
+    def size(end: int) -> int:
+        # The escaped text between the quotes: a character takes 1 to 12 bytes of it.
+        return len(json.dumps(text[:end])) - 2
+
+    if size(len(text)) <= limit:
+        return text, False
+    low, high = 0, min(len(text), limit)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if size(middle) <= limit else (low, middle - 1)
+    return text[:low], True
+
+
 class _Channel:
     """JSON lines over two pipes; writes may come from several threads."""
 
@@ -105,6 +120,8 @@ class Driver:
         self._llm_ids = itertools.count(1)
         self._llm_waiters: dict[int, _Waiter] = {}
         self._llm_enabled = False
+        # The agent kills the session over a longer line; set by init.
+        self._max_message_bytes = 1 << 20
         self.namespace: dict[str, Any] = {
             "__name__": "__main__", "__builtins__": builtins, "context": None,
             "llm_query": self.llm_query, "llm_query_batched": self.llm_query_batched,
@@ -166,6 +183,7 @@ class Driver:
 
     def _init(self, message: dict[str, Any]) -> dict[str, Any]:
         self._llm_enabled = bool(message.get("llm"))
+        self._max_message_bytes = int(message.get("max_message_bytes", self._max_message_bytes))
         path = message.get("context_file")
         if path:
             with open(path, encoding="utf-8") as file:
@@ -201,9 +219,12 @@ class Driver:
         finally:
             self._running = 0
             sys.stdout, sys.stderr = saved
-        return {"op": "result", "seq": seq, "status": status, "stdout": out.getvalue(),
-                "stderr": err.getvalue(), "stdout_truncated": out.truncated,
-                "stderr_truncated": err.truncated}
+        # Escaped as JSON, text can grow sixfold: the cap holds for the line the agent reads.
+        stdout, stdout_cut = fit(out.getvalue(), cap)
+        stderr, stderr_cut = fit(err.getvalue(), cap)
+        return {"op": "result", "seq": seq, "status": status, "stdout": stdout,
+                "stderr": stderr, "stdout_truncated": out.truncated or stdout_cut,
+                "stderr_truncated": err.truncated or stderr_cut}
 
     def _run_cell(self, code: str, filename: str) -> None:
         """Run the cell; a last bare expression is echoed, as in an interactive shell."""
@@ -222,6 +243,7 @@ class Driver:
 
     def _get_var(self, message: dict[str, Any]) -> dict[str, Any]:
         name, limit = str(message["name"]), int(message["max_chars"])
+        max_bytes = int(message.get("max_bytes", self._max_message_bytes // 2))
         if name not in self.namespace:
             return {"op": "var", "found": False, "value": "", "truncated": False}
         try:
@@ -230,7 +252,9 @@ class Driver:
             text = f"<str() failed: {type(exc).__name__}: {exc}>"
         # Lone surrogates would not survive the trip to JSON and back.
         value = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
-        return {"op": "var", "found": True, "value": value, "truncated": len(text) > limit}
+        value, cut = fit(value, max_bytes)
+        return {"op": "var", "found": True, "value": value,
+                "truncated": len(text) > limit or cut}
 
     # --- llm sub-calls, from any thread -------------------------------------------------
 
@@ -250,8 +274,12 @@ class Driver:
         prompts = list(prompts)
         if not prompts:
             return []
-        waiter = _Waiter()
         request_id = next(self._llm_ids)
+        size = len(json.dumps({"op": "llm", "id": request_id, "prompts": prompts}))
+        if size > self._max_message_bytes:
+            raise ValueError(f"the prompts take {size} bytes as JSON, over the session's limit "
+                             f"of {self._max_message_bytes}; send fewer or shorter prompts")
+        waiter = _Waiter()
         self._llm_waiters[request_id] = waiter
         try:
             self._channel.send({"op": "llm", "id": request_id, "prompts": prompts})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager
 from kowalski.agent.jail import LAUNCH_FAILED, LAUNCH_MARK, Jail, SandboxedProcess
 from kowalski.agent.languages import SPECS, SYSTEM_PATH, Toolchain, reachable_by, resolve
@@ -86,6 +87,11 @@ class Sandbox:
         return None if self._cgroups is None else self._cgroups.version
 
     @property
+    def cgroup_controllers(self) -> list[str]:
+        """The controllers each job's cgroup has (memory, pids, and cpu where available)."""
+        return [] if self._cgroups is None else self._cgroups.controllers
+
+    @property
     def cgroup_dirs(self) -> list[Path]:
         """The parent cgroups under which each job gets its own."""
         return [] if self._cgroups is None else self._cgroups.bases
@@ -105,6 +111,11 @@ class Sandbox:
                                   'uid; run the agent as root or set mode = "rlimit"',
                                   key="sandbox.mode")
             bwrap = self._require("bwrap", "bubblewrap")
+            try:
+                await asyncio.to_thread(seccomp.program)
+            except seccomp.SeccompUnavailableError as exc:
+                raise ConfigError(f'mode "bwrap" loads a seccomp filter: {exc}; or set '
+                                  'mode = "rlimit"', key="sandbox.mode") from None
         if self.mode != "none" and is_root:
             self._setpriv = self._require("setpriv", "util-linux")
         if self.mode == "none":

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from kowalski.agent.repl_client import LlmHandler, ReplSession
-from kowalski.agent.sandbox import Sandbox
+from kowalski.agent.sandbox import OUTPUT_LIMIT, Sandbox
 from kowalski.common.errors import (
     BusyError,
     ExecutionError,
@@ -171,7 +171,12 @@ def _cell_result(session_id: SessionId, cell_id: str, reply: dict[str, Any], kil
     status = reply.get("status")
     error: WireError | None = None
     stderr = str(reply.get("stderr", ""))
-    if killed:
+    if killed and status == "output_limit":
+        error = WireError(code=OUTPUT_LIMIT, message=(
+            f"output limit exceeded: the session was killed because {reply.get('message')}; "
+            "its variables are lost. Print less, or write large results to a file"),
+            retryable=False)
+    elif killed:
         lost = SessionLostError(f"the cell ran past its {timeout_ms} ms limit and ignored the "
                                 "interrupt, so the session was killed and its variables are lost")
         error = WireError(code=lost.code, message=lost.message, retryable=False)
@@ -186,7 +191,9 @@ def _cell_result(session_id: SessionId, cell_id: str, reply: dict[str, Any], kil
         error = WireError(code=ExecutionError.code,
                           message=f"the session answered {reply.get('message', reply)!r}")
     outcome: JobStatus = "ok"
-    if killed or status == "interrupted":
+    if killed and status == "output_limit":
+        outcome = "killed"
+    elif killed or status == "interrupted":
         outcome = "timeout"
     elif error is not None:
         outcome = "error"

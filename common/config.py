@@ -101,6 +101,8 @@ class SandboxConfig(_Section, frozen=True):
     memory_limit_mb: PositiveInt = 1024
     pids_limit: PositiveInt = 256
     cpu_time_limit_s: PositiveInt = 300
+    # CPU time per wall second a job or session may use (cgroup cpu quota); 1.5 = 1.5 cores.
+    cpu_limit_cores: Annotated[float, Meta(gt=0, le=1024)] = 1.0
     file_size_limit_mb: PositiveInt = 64
     open_files_limit: PositiveInt = 256
     tmpfs_size_mb: PositiveInt = 64

@@ -67,6 +67,7 @@ KEYS: dict[str, str] = {
     "sandbox.memory_limit_mb": "Memory of one job or session (cgroup).",
     "sandbox.pids_limit": "Processes and threads of one job or session (cgroup).",
     "sandbox.cpu_time_limit_s": "CPU seconds of one process (RLIMIT_CPU).",
+    "sandbox.cpu_limit_cores": "Cores one job or session may keep busy (cgroup CPU quota).",
     "sandbox.file_size_limit_mb": "Largest file a job may write (RLIMIT_FSIZE).",
     "sandbox.open_files_limit": "Open files of one process (RLIMIT_NOFILE).",
     "sandbox.tmpfs_size_mb": "Size of the job's private /tmp.",

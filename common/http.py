@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+import sys
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
 from kowalski.common import errors
@@ -90,6 +93,10 @@ async def read_body(request: web.Request, kind: type[T]) -> T:
         raise errors.ParseError(f"invalid {kind.__name__}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise errors.ParseError(f"body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # msgspec checks UTF-8 only inside strings, and says so with a plain ValueError.
+        raise errors.ParseError(f"body is not valid UTF-8: byte {exc.start} of a string "
+                                "cannot be decoded; send JSON encoded as UTF-8") from None
     except RecursionError:
         # Free-form fields (a context) decode to Python objects, as deep as the JSON is.
         raise errors.ParseError("body is nested too deeply") from None
@@ -110,6 +117,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return json_response(ErrorBody(error=wire), status=exc.status,
                              headers={k: v for k, v in exc.headers.items()
                                       if k.lower() in ("allow", "retry-after")})
+    except HttpProcessingError as exc:
+        # The body's framing was broken (bad chunked encoding, short Content-Length).
+        server_log(request).malformed(remote_address(request), exc)
+        wire = WireError(code="parse_error", message=f"malformed HTTP request: {exc.message}",
+                         retryable=False)
+        return json_response(ErrorBody(error=wire), status=400)
     except ConnectionResetError:
         # The client hung up before its body arrived: no fault here, and nobody left to answer.
         log.debug("client left during %s %s", request.method, request.path)
@@ -189,3 +202,57 @@ def rate_limit_middleware(limiter: RateLimiter | None, *, limited: frozenset[tup
         return await handler(request)
 
     return middleware
+
+
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server log: a malformed request is one WARNING per peer per interval."""
+
+    def __init__(self, logger: logging.Logger | None = None, *, interval_s: float = 60.0,
+                 max_peers: int = 10_000) -> None:
+        super().__init__(logger or logging.getLogger("aiohttp.server"), {})
+        self._interval_s = interval_s
+        self._max_peers = max_peers
+        # Peer to when it was last logged and how many it sent since.
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc_info = kwargs.get("exc_info")
+        error = sys.exc_info()[1] if exc_info is True else exc_info
+        if isinstance(error, HttpProcessingError):
+            # aiohttp logs "Error handling request from %s" with the peer as the argument.
+            peer = str(args[0]) if args and args[0] is not None else "unknown"
+            self.malformed(peer, error)
+            return
+        super().log(level, msg, *args, **kwargs)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]
+                ) -> tuple[Any, MutableMapping[str, Any]]:
+        return msg, kwargs
+
+    def malformed(self, peer: str, error: HttpProcessingError) -> None:
+        """Log a malformed request from peer unless one was logged within the interval."""
+        now = time.monotonic()
+        last, dropped = self._last.get(peer, (float("-inf"), 0))
+        if now - last < self._interval_s:
+            self._last[peer] = (last, dropped + 1)
+            return
+        if len(self._last) >= self._max_peers:
+            # A flood from many addresses must not grow the table without end.
+            self._last = {key: value for key, value in self._last.items()
+                          if now - value[0] < self._interval_s}
+        self._last[peer] = (now, 0)
+        more = f" ({dropped} more since the last line)" if dropped else ""
+        # Peer-chosen text: one short line of printable characters.
+        first = (error.message or type(error).__name__).strip().splitlines() or ["?"]
+        reason = "".join(c if c.isprintable() else "?" for c in first[0][:200])
+        self.logger.warning("malformed HTTP request from %s: %s%s", peer, reason, more)
+
+
+# For apps served without a ServerLog of their own (tests' in-process servers).
+_DEFAULT_SERVER_LOG = ServerLog()
+
+
+def server_log(request: web.Request) -> ServerLog:
+    """The ServerLog the daemon passed to its AppRunner as logger=, which counts each peer."""
+    logger = getattr(request.protocol, "logger", None)
+    return logger if isinstance(logger, ServerLog) else _DEFAULT_SERVER_LOG

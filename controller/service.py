@@ -27,6 +27,7 @@ from aiohttp import web
 from kowalski.common.addresses import host_addresses
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config, read_api_token
+from kowalski.common.http import ServerLog
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
 from kowalski.common.tls import client_ssl_context, server_ssl_context
@@ -169,7 +170,7 @@ class Controller:
             app = make_app(state, max_body_bytes=settings.max_body_bytes, secret=self._secret,
                            rate_limiter=RateLimiter.from_config(config.security))
             runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                   shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+                                   shutdown_timeout=_SHUTDOWN_TIMEOUT_S, logger=ServerLog())
             await runner.setup()
             await web.SockSite(runner, sock, ssl_context=tls).start()
             log.info("controller listening on %s", base_url)

@@ -11,6 +11,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 have bwrap || need_apt+=(bubblewrap)
 have setpriv || need_apt+=(util-linux)
+# The jobs' seccomp filter is built with libseccomp (through the pyseccomp package).
+dpkg -s libseccomp2 >/dev/null 2>&1 || need_apt+=(libseccomp2)
 have ip || need_apt+=(iproute2)
 have node || need_apt+=(nodejs)
 have javac || need_apt+=(default-jdk-headless)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
+import psutil
 import pytest
 import tomli_w
 from controller_env import controller_config, healthy_ids, running_controller, start_agents
@@ -23,6 +24,7 @@ from procs import SECRET, AgentProcess
 
 from kowalski.common.config import Config
 from kowalski.common.messages import JobRequest, JobResult
+from kowalski.common.signing import sign
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -364,3 +366,85 @@ async def test_a_job_on_a_partitioned_agent_finishes_elsewhere(lan: Lan, tmp_pat
         await asyncio.wait_for(controller.wait(), 20)
         for agent in agents:
             await agent.stop()
+
+
+# --- hostile session code against the agent's memory -----------------------------------------
+
+# Cell code that writes straight to the driver's reply pipe (its second argument), 1 MiB at
+# a time, as a line with no end or as one enormous, well-formed JSON line.
+PIPE_FLOOD = {
+    "endless": "import os, sys\nfd = int(sys.argv[2])\nfor _ in range(250):\n"
+               "    os.write(fd, b'x' * (1 << 20))\n",
+    "json_line": "import os, sys\nfd = int(sys.argv[2])\n"
+                 "os.write(fd, b'{\"op\": \"result\", \"stdout\": \"')\nfor _ in range(250):\n"
+                 "    os.write(fd, b'a' * (1 << 20))\nos.write(fd, b'\"}\\n')\n",
+}
+
+
+def agent_rss_peak(pid: int, stop: asyncio.Event, peak: list[int]) -> None:
+    """Sample the agent's resident memory every 10 ms until stop is set."""
+    process = psutil.Process(pid)
+    while not stop.is_set():
+        peak[0] = max(peak[0], process.memory_info().rss)
+        time.sleep(0.01)
+
+
+async def test_session_code_flooding_its_pipe_is_killed_and_agent_memory_stays_bounded(
+    tmp_path: Path,
+) -> None:
+    agent = await AgentProcess(tmp_path, name="flood", agent={"max_sessions": 4},
+                               sandbox={"max_output_bytes": 1 << 20}).start()
+    assert agent.process is not None
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def post(path: str, body: dict[str, Any]) -> tuple[int, Any]:
+                data = json.dumps(body).encode()
+                headers = {"Content-Type": "application/json"}
+                headers.update(sign(SECRET.encode(), "POST", path, data))
+                async with http.post(agent.url + path, data=data, headers=headers) as answer:
+                    return answer.status, await answer.json()
+
+            names = [f"{kind}-{n}" for kind in PIPE_FLOOD for n in range(2)]
+            for name in names:
+                status, _ = await post("/v1/sessions", {"session_id": name})
+                assert status == 201
+            baseline = psutil.Process(agent.process.pid).memory_info().rss
+            stop, peak = asyncio.Event(), [baseline]
+            sampler = asyncio.ensure_future(asyncio.to_thread(
+                agent_rss_peak, agent.process.pid, stop, peak))
+            try:
+                results = await asyncio.gather(*(
+                    post(f"/v1/sessions/{name}/exec",
+                         {"cell_id": "c1", "code": PIPE_FLOOD[name.rsplit("-", 1)[0]]})
+                    for name in names))
+            finally:
+                stop.set()
+                await sampler
+            for status, result in results:
+                assert status == 200, result
+                assert result["status"] == "killed", result
+                assert result["error"]["code"] == "output_limit", result
+                assert "control pipe carried a line over" in result["error"]["message"]
+            # Four sessions wrote 1 GB between them; the agent read at most 2 lines' worth each.
+            grown_mb = (peak[0] - baseline) / 2**20
+            assert grown_mb < 64, f"agent RSS grew by {grown_mb:.0f} MB"
+            status, answer = await post("/v1/sessions", {"session_id": "after"})
+            assert status == 201, answer
+            status, answer = await post("/v1/sessions/after/exec",
+                                        {"cell_id": "c1", "code": "print(6 * 7)"})
+            assert (status, answer["stdout"]) == (200, "42\n"), answer
+    finally:
+        assert await agent.stop() == 0, agent.read_log()
+
+
+@pytest.mark.parametrize("text", ["y" * 1000, "\x00" * 1000, "\U0001f600" * 1000, "é\n\"" * 300])
+def test_driver_output_fits_its_cap_as_json_however_it_escapes(text: str) -> None:
+    from kowalski.agent.repl_driver import fit
+
+    kept, cut = fit(text, 100)
+    assert cut
+    # Within one character (at most 12 escaped bytes) of the cap, never over it.
+    assert 88 <= len(json.dumps(kept)) - 2 <= 100, kept
+    assert text.startswith(kept)
+    assert fit("y" * 100, 100) == ("y" * 100, False)

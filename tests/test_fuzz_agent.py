@@ -83,11 +83,11 @@ def still_up(agent: AgentProcess) -> None:
 
 
 def logged_errors(path: Path) -> list[str]:
-    """Error records in a server log, less aiohttp's notes on requests that are not HTTP."""
+    """Error records and tracebacks in a server log."""
     records = re.split(r"\n(?=\d{4}-\d\d-\d\d )", path.read_text(errors="replace"))
     return [record[:3000] for record in records
             if re.search(r" (ERROR|CRITICAL) ", record.split("\n", 1)[0])
-            and not (" aiohttp.server: " in record and "aiohttp.http_exceptions." in record)]
+            or "Traceback (most recent call last)" in record]
 
 
 @pytest.fixture
@@ -285,6 +285,54 @@ async def test_broken_http_is_refused_without_a_500(agent: AgentProcess) -> None
     for request_bytes in BROKEN_HTTP:
         answer = await asyncio.to_thread(_exchange, agent.port, request_bytes)
         assert not answer.startswith(b"HTTP/1.1 500"), (request_bytes[:80], answer[:500])
+    still_up(agent)
+
+
+# What an unauthenticated peer can send to flood the log; each once, then all again.
+MALFORMED_HTTP = [
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-H%d: v\r\n" % i for i in range(10_000)) + b"\r\n",
+    b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\nzz\r\nabc\r\n",
+]
+
+
+def malformed_http_lines(log_text: str) -> list[str]:
+    return [line for line in log_text.splitlines() if "malformed HTTP request from" in line]
+
+
+async def test_malformed_http_is_one_warning_per_peer_and_never_a_traceback(
+    agent: AgentProcess,
+) -> None:
+    assert agent.port is not None
+    for request_bytes in MALFORMED_HTTP * 2:
+        answer = await asyncio.to_thread(_exchange, agent.port, request_bytes)
+        assert not answer.startswith(b"HTTP/1.1 500"), (request_bytes[:80], answer[:500])
+    still_up(agent)
+    lines = malformed_http_lines((agent.dir / "agent.log").read_text(errors="replace"))
+    assert len(lines) == 1, lines
+    assert " WARNING aiohttp.server: malformed HTTP request from 127.0.0.1: " in lines[0]
+
+
+# Bodies that are not UTF-8 (inside a string, and a UTF-16 body) or not JSON at all.
+UNDECODABLE = [b'{"job_id": "a\xff", "session_id": "s\xfe", "code": "\xc0"}',
+               '{"session_id": "x"}'.encode("utf-16"), b"\xff\xfe\xfd", b"{\"a\": \x00}"]
+
+
+async def test_undecodable_bodies_get_400_parse_error_on_every_route(
+    agent: AgentProcess,
+) -> None:
+    with requests.Session() as http:
+        create_session(http, agent.url)
+        for path in ("/v1/jobs", "/v1/sessions", f"/v1/sessions/{SESSION_ID}/exec"):
+            for body in UNDECODABLE:
+                answer = await asyncio.to_thread(
+                    http.post, agent.url + path, data=body, auth=Signer(),
+                    headers={"Content-Type": "application/json"}, timeout=REQUEST_TIMEOUT_S)
+                assert answer.status_code == 400, (path, body, answer.text)
+                assert answer.json()["error"]["code"] == "parse_error", answer.text
     still_up(agent)
 
 

@@ -26,11 +26,14 @@ from test_fuzz_agent import (
     CHECKS,
     CONTENT_TYPES,
     FUZZ,
+    MALFORMED_HTTP,
     METHODS,
     QUERIES,
     REQUEST_TIMEOUT_S,
     SEGMENTS,
+    UNDECODABLE,
     Signer,
+    _exchange,
     check_answer,
     sendable,
 )
@@ -161,12 +164,13 @@ async def controller(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Contr
 
 
 def still_up(base_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    """The controller answers and logged no unhandled error through the barrage."""
+    """The controller answers and logged no error or traceback through the barrage."""
     answer = requests.get(base_url + "/v1/status", timeout=5)
     assert answer.status_code == 200, answer.text
     assert answer.json()["version"]
-    errors = [record.getMessage() for record in caplog.records
-              if record.levelno >= logging.ERROR and record.name.startswith("kowalski")]
+    errors = [f"{record.name}: {record.getMessage()}" for record in caplog.records
+              if record.levelno >= logging.ERROR
+              or (record.exc_info and record.name.startswith(("kowalski", "aiohttp")))]
     assert not errors, errors
 
 
@@ -278,6 +282,36 @@ async def test_hostile_raw_requests_get_json_errors_and_the_controller_stays_up(
     controller: Controller, caplog: pytest.LogCaptureFixture,
 ) -> None:
     await asyncio.to_thread(run_raw_requests, controller.base_url, 250)
+    await asyncio.to_thread(still_up, controller.base_url, caplog)
+
+
+async def test_malformed_http_is_one_warning_per_peer_and_never_a_traceback(
+    controller: Services, caplog: pytest.LogCaptureFixture,
+) -> None:
+    for request_bytes in MALFORMED_HTTP * 2:
+        answer = await asyncio.to_thread(_exchange, controller.port, request_bytes)
+        assert not answer.startswith(b"HTTP/1.1 500"), (request_bytes[:80], answer[:500])
+    await asyncio.to_thread(still_up, controller.base_url, caplog)
+    lines = [record for record in caplog.records
+             if record.getMessage().startswith("malformed HTTP request from 127.0.0.1: ")]
+    assert len(lines) == 1, [record.getMessage() for record in lines]
+    assert lines[0].levelno == logging.WARNING
+    assert lines[0].exc_info is None
+
+
+async def test_undecodable_bodies_get_400_parse_error_on_every_route(
+    controller: Services, caplog: pytest.LogCaptureFixture,
+) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    with requests.Session() as http:
+        for path in ("/v1/jobs", "/v1/runs", "/v1/chat/completions", "/v1/llm/query"):
+            for body in UNDECODABLE:
+                answer = await asyncio.to_thread(
+                    http.post, controller.base_url + path, data=body, headers=headers,
+                    auth=Signer() if path == "/v1/llm/query" else None,
+                    timeout=REQUEST_TIMEOUT_S)
+                assert answer.status_code == 400, (path, body, answer.text)
+                assert answer.json()["error"]["code"] == "parse_error", answer.text
     await asyncio.to_thread(still_up, controller.base_url, caplog)
 
 
