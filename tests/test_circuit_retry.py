@@ -17,6 +17,7 @@ from kowalski.common.errors import (
     NetworkError,
     RateLimitedError,
     ReplError,
+    ReplTimeoutError,
 )
 from kowalski.controller.circuit import (
     CLOSED,
@@ -29,7 +30,7 @@ from kowalski.controller.circuit import (
     on_success,
     phase,
 )
-from kowalski.controller.retry import Jitter, RetryPolicy, is_recoverable, retry
+from kowalski.controller.retry import Jitter, RetryPolicy, retry, retry_helps
 
 POLICY = CircuitPolicy(failure_threshold=3, reset_s=10.0)
 
@@ -276,13 +277,15 @@ async def test_retry_reraises_the_last_error_when_attempts_run_out() -> None:
         (ExoApiError(503, "busy"), True),
         (ExoApiError(400, "bad request"), False),
         (ConfigError("bad"), False),
+        # Recoverable (the model can fix the code), but the same code fails anywhere.
+        (ReplTimeoutError("python", 1000), False),
         (ValueError("not ours"), False),
     ],
 )
-async def test_default_retryability_follows_is_recoverable(
+async def test_default_retryability_follows_retry_elsewhere(
     error: Exception, retried: bool,
 ) -> None:
-    assert is_recoverable(error) is retried
+    assert retry_helps(error) is retried
     flaky = Flaky(error)
     if retried:
         assert await retry(flaky, RETRY, sleep=Sleeps()) == "done"

@@ -22,6 +22,8 @@ from kowalski.controller.scoring import Operation
 T = TypeVar("T")
 # Time a call may take beyond the job's own limit (queueing, compile, transfer).
 CALL_MARGIN_S = 30.0
+# Compiled languages compile before their limit starts (the agent's compile_timeout_ms_*).
+COMPILE_MARGIN_S = {"rust": 60.0, "java": 60.0}
 DEFAULT_JOB_TIMEOUT_S = 300.0
 _BUSY_CODES = frozenset({"busy", "rate_limited"})
 
@@ -53,7 +55,7 @@ def _is_device_fault(error: BaseException) -> bool:
     """Faults of the device (as opposed to the caller's input) open its circuit."""
     if isinstance(error, RemoteError):
         return error.retryable
-    return isinstance(error, KowalskiError) and error.is_recoverable
+    return isinstance(error, KowalskiError) and error.retry_elsewhere
 
 
 def _outcome(error: BaseException) -> str:
@@ -147,6 +149,7 @@ class Dispatcher:
     async def run_job(self, request: JobRequest) -> JobResult:
         """Run a code job somewhere; the same job id goes with every attempt."""
         timeout_s = (request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_JOB_TIMEOUT_S)
+        timeout_s += COMPILE_MARGIN_S.get(request.language, 0.0)
 
         async def call(row: DeviceRow) -> JobResult:
             result = await self.client.call("POST", row.url + "/v1/jobs", JobResult, request,
