@@ -35,6 +35,8 @@ class JobCounters(msgspec.Struct, kw_only=True):
     succeeded: int = 0
     failed: int = 0
     rerouted: int = 0
+    # Refusals by a full agent (503 busy, 429): each one sent the job elsewhere.
+    busy: int = 0
 
 
 
@@ -142,6 +144,8 @@ class Dispatcher:
 
         def rerouted(attempt: int, error: Exception, delay_ms: float) -> None:
             self.counters.rerouted += 1
+            if isinstance(error, RemoteError) and error.remote_code in _BUSY_CODES:
+                self.counters.busy += 1
 
         return await retry(attempt, self._policy, is_retryable=_is_device_fault, rng=self._rng,
                            on_retry=rerouted)
