@@ -83,6 +83,11 @@ class Toolchain:
         return os.path.join(self.mount, os.path.relpath(path, self.home))
 
     @property
+    def inner_compiler(self) -> str:
+        """The compiler's path as the job sees it."""
+        return self._inner(self.compiler)
+
+    @property
     def compiled(self) -> bool:
         return bool(self.compiler)
 
@@ -91,7 +96,7 @@ class Toolchain:
 
     def compile_argv(self, program: Program) -> list[str]:
         """The command that compiles the program in its work dir, warnings off."""
-        compiler = self._inner(self.compiler)
+        compiler = self.inner_compiler
         if self.language == "rust":
             return [compiler, "--edition", "2021", "-C", "opt-level=1", "-C", "strip=symbols",
                     "-A", "warnings", "-o", "main", program.source_file]
