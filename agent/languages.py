@@ -9,6 +9,7 @@ import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kowalski.agent.snippets import JAVA_MAIN_CLASS, Program, java_program, rust_program
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import ConfigError
 from kowalski.common.messages import LANGUAGES
@@ -32,19 +33,24 @@ class LanguageSpec:
     source_file: str
     # Runtimes that reserve large virtual areas (JVM, V8, LLVM) break under RLIMIT_AS.
     address_space_limit: bool
+    # Compiled languages: the glob of what compilation leaves for the run to use.
+    artifacts: str = ""
 
 
 SPECS: dict[str, LanguageSpec] = {
     "python": LanguageSpec("python", ("python3",), "python_path", "main.py", True),
     "bash": LanguageSpec("bash", ("bash",), "bash_path", "main.sh", True),
     "javascript": LanguageSpec("javascript", ("node", "nodejs"), "node_path", "main.js", False),
-    "rust": LanguageSpec("rust", ("rustc",), "rustc_path", "main.rs", False),
-    "java": LanguageSpec("java", ("java",), "java_path", "Main.java", False),
+    "rust": LanguageSpec("rust", ("rustc",), "rustc_path", "main.rs", False, "main"),
+    "java": LanguageSpec("java", ("java",), "java_path", "Main.java", False, "*.class"),
 }
 assert set(SPECS) == set(LANGUAGES)
 
-# Compile, then replace the shell with the program so its exit code is the job's.
-_RUST_SCRIPT = 'set -e; "$0" --edition 2021 -C opt-level=1 -o main main.rs; exec ./main'
+# The compiled binary arrives in the run's fresh work dir as a plain file.
+_RUST_RUN_SCRIPT = "chmod u+x main && exec ./main"
+# The JVM flags of both javac and the program: the serial collector keeps threads and
+# memory low; no perf data file in the work dir.
+_JVM_FLAGS = ("-XX:+UseSerialGC", "-XX:-UsePerfData")
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,10 @@ class Toolchain:
     # Where home is bound inside the sandbox; empty when it is used at its own path.
     mount: str = ""
     version: str = ""
-    # rust: the shell that compiles and then runs.
+    # rust: the shell that starts the compiled binary.
     shell: str = ""
+    # Compiled languages: the compiler (rustc, javac) on the host.
+    compiler: str = ""
 
     @property
     def spec(self) -> LanguageSpec:
@@ -70,23 +78,55 @@ class Toolchain:
         """The executable's path as the job sees it."""
         if not self.mount:
             return self.executable
-        return os.path.join(self.mount, os.path.relpath(self.executable, self.home))
+        return self._inner(self.executable)
+
+    def _inner(self, path: str) -> str:
+        if not self.mount:
+            return path
+        return os.path.join(self.mount, os.path.relpath(path, self.home))
+
+    @property
+    def inner_compiler(self) -> str:
+        """The compiler's path as the job sees it."""
+        return self._inner(self.compiler)
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self.compiler)
 
     def probe_argv(self) -> list[str]:
         return [self.inner_executable, "--version"]
 
-    def run_argv(self) -> list[str]:
-        """The command that runs the source file from the job's working directory."""
-        exe, source = self.inner_executable, self.spec.source_file
+    def compile_argv(self, program: Program) -> list[str]:
+        """The command that compiles the program in its work dir, warnings off."""
+        compiler = self.inner_compiler
+        if self.language == "rust":
+            return [compiler, "--edition", "2021", "-C", "opt-level=1", "-C", "strip=symbols",
+                    "-A", "warnings", "-o", "main", program.source_file]
+        return [compiler, *(f"-J{flag}" for flag in _JVM_FLAGS), "-Xlint:none", "-nowarn",
+                "-encoding", "UTF-8", "-d", ".", program.source_file]
+
+    def run_argv(self, program: Program | None = None) -> list[str]:
+        """The command that runs the job (compiled: its artifacts) in its work dir."""
+        exe = self.inner_executable
+        if self.language == "rust":
+            return [self.shell, "-c", _RUST_RUN_SCRIPT]
+        if self.language == "java":
+            main_class = program.main_class if program else JAVA_MAIN_CLASS
+            return [exe, *_JVM_FLAGS, "-cp", ".", main_class]
         if self.language == "python":
             # Unbuffered, so output written before a timeout is not lost.
-            return [exe, "-u", source]
-        if self.language == "rust":
-            return [self.shell, "-c", _RUST_SCRIPT, exe]
-        if self.language == "java":
-            # Single-file source launch; the serial collector keeps threads and memory low.
-            return [exe, "-XX:+UseSerialGC", "-XX:-UsePerfData", source]
-        return [exe, source]
+            return [exe, "-u", self.spec.source_file]
+        return [exe, self.spec.source_file]
+
+
+def program_for(language: str, code: str) -> Program:
+    """The source to compile for a compiled language's job, snippets completed."""
+    if language == "rust":
+        return rust_program(code)
+    if language == "java":
+        return java_program(code)
+    return Program(SPECS[language].source_file, code)
 
 
 def reachable_by(path: str | Path, uid: int, gid: int) -> bool:
@@ -169,7 +209,15 @@ def _rust_toolchain(sysroot: str, search_path: str) -> Toolchain:
     shell = shutil.which("sh", path=search_path)
     if shutil.which("cc", path=search_path) is None or shell is None:
         raise LookupError(f"rustc needs sh and a C linker (cc) on {search_path}: install gcc")
-    return Toolchain("rust", rustc, sysroot, shell=shell)
+    return Toolchain("rust", rustc, sysroot, shell=shell, compiler=rustc)
+
+
+def _java_toolchain(java: str) -> Toolchain:
+    javac = os.path.join(os.path.dirname(java), "javac")
+    if not os.access(javac, os.X_OK):
+        raise LookupError(f"no javac beside {java}: install a JDK, not only a runtime "
+                          "(apt-get install default-jdk-headless)")
+    return Toolchain("java", java, _prefix(java), compiler=javac)
 
 
 def _visible(path: str) -> bool:
@@ -209,5 +257,6 @@ async def resolve(language: str, config: SandboxConfig, *, search_path: str,
         toolchain = _rust_toolchain(await _rust_sysroot(executable), search_path)
     else:
         real = _real_path(executable)
-        toolchain = Toolchain(language, real, _prefix(real))
+        toolchain = (_java_toolchain(real) if language == "java"
+                     else Toolchain(language, real, _prefix(real)))
     return _place(toolchain, relocate, job_user)

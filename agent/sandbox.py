@@ -9,14 +9,21 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager
 from kowalski.agent.jail import LAUNCH_FAILED, LAUNCH_MARK, Jail, SandboxedProcess
-from kowalski.agent.languages import SPECS, SYSTEM_PATH, Toolchain, reachable_by, resolve
+from kowalski.agent.languages import (
+    SPECS,
+    SYSTEM_PATH,
+    Toolchain,
+    program_for,
+    reachable_by,
+    resolve,
+)
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import (
     ConfigError,
@@ -53,6 +60,8 @@ class _Outcome:
     flood_limit: int
     memory_exceeded: bool
     pids_exhausted: bool
+    # What the run left in its work dir that the caller asked to keep (compilers' output).
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def launch_failed(self) -> bool:
@@ -191,6 +200,10 @@ class Sandbox:
         timeout: int = getattr(self._config, f"timeout_ms_{language}")
         return timeout
 
+    def compile_timeout_ms(self, language: str) -> int:
+        timeout: int = getattr(self._config, f"compile_timeout_ms_{language}")
+        return timeout
+
     def output_cap(self, requested: int | None) -> int:
         """A request may lower the configured output cap, not raise it."""
         cap = self._config.max_output_bytes
@@ -200,15 +213,32 @@ class Sandbox:
         """Run one job; code failures come back as data, never as exceptions."""
         toolchain = self.toolchain(request.language)
         timeout_ms = request.timeout_ms or self.default_timeout_ms(request.language)
+        cap = self.output_cap(request.max_output_bytes)
+        compile_ms = 0.0
         try:
+            if toolchain.compiled:
+                program = program_for(request.language, request.code)
+                compile_timeout_ms = self.compile_timeout_ms(request.language)
+                built = await self._run(
+                    f"build-{request.job_id}", toolchain, toolchain.compile_argv(program),
+                    files={program.source_file: program.source.encode()},
+                    timeout_s=compile_timeout_ms / 1000, cap=cap, keep=toolchain.spec.artifacts)
+                if built.returncode != 0 or not built.artifacts:
+                    return _job_result(request, built, compile_timeout_ms, self._config,
+                                       phase="compile")
+                compile_ms = built.wall_time_ms
+                argv, files = toolchain.run_argv(program), built.artifacts
+            else:
+                argv = toolchain.run_argv()
+                files = {toolchain.spec.source_file: request.code.encode()}
             outcome = await self._run(
-                f"job-{request.job_id}", toolchain, toolchain.run_argv(),
-                files={toolchain.spec.source_file: request.code.encode()},
-                stdin=request.stdin.encode(), timeout_s=timeout_ms / 1000,
-                cap=self.output_cap(request.max_output_bytes))
+                f"job-{request.job_id}", toolchain, argv, files=files,
+                stdin=request.stdin.encode(), timeout_s=timeout_ms / 1000, cap=cap)
         except ExecutionError as exc:
             return JobResult(job_id=request.job_id, status="failed", exit_code=None,
                              stdout="", stderr="", error=wire_error(exc))
+        # The caller waited for both steps.
+        outcome.wall_time_ms += compile_ms
         return _job_result(request, outcome, timeout_ms, self._config)
 
     async def spawn(self, name: str, toolchain: Toolchain | None, argv: list[str], *,
@@ -224,7 +254,8 @@ class Sandbox:
 
     async def _run(self, name: str, toolchain: Toolchain | None, argv: list[str], *,
                    files: Mapping[str, bytes], timeout_s: float, cap: int,
-                   stdin: bytes = b"") -> _Outcome:
+                   stdin: bytes = b"", keep: str = "") -> _Outcome:
+        """Run argv to its end or timeout_s; keep: a glob of work dir files to return."""
         pipe = asyncio.subprocess.PIPE
         started = time.monotonic()
         handle = await self.spawn(name, toolchain, argv, files=files, stdin=pipe,
@@ -252,13 +283,16 @@ class Sandbox:
             drained, _ = await asyncio.wait(drains, timeout=_DRAIN_TIMEOUT_S)
             out, out_truncated = drains[0].result() if drains[0] in drained else (b"", True)
             err, err_truncated = drains[1].result() if drains[1] in drained else (b"", True)
+            artifacts = (await asyncio.to_thread(_collect, handle.workdir, keep)
+                         if keep and returncode == 0 else {})
             return _Outcome(
                 returncode=returncode,
                 stdout=out, stderr=err, stdout_truncated=out_truncated,
                 stderr_truncated=err_truncated, wall_time_ms=wall_time_ms,
                 timed_out=returncode is None and not flood.stream,
                 flooded="" if returncode is not None else flood.stream, flood_limit=limit,
-                memory_exceeded=handle.memory_exceeded(), pids_exhausted=handle.pids_exhausted())
+                memory_exceeded=handle.memory_exceeded(), pids_exhausted=handle.pids_exhausted(),
+                artifacts=artifacts)
         finally:
             for task in [feeder, *drains, exited, flooded]:
                 task.cancel()
@@ -276,11 +310,16 @@ class Sandbox:
 
 
 def wire_error(error: ExecutionError) -> WireError:
-    return WireError(code=error.code, message=error.message, retryable=error.is_recoverable)
+    return WireError(code=error.code, message=error.message, retryable=error.retry_elsewhere)
+
+
+def _collect(workdir: Path, pattern: str) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in workdir.glob(pattern) if path.is_file()}
 
 
 def _job_result(request: JobRequest, outcome: _Outcome, timeout_ms: int,
-                config: SandboxConfig) -> JobResult:
+                config: SandboxConfig, *, phase: str = "code") -> JobResult:
+    """The job's result from its last step: its run, or a compilation that failed."""
     error: WireError | None = None
     status: JobStatus
     exit_code = outcome.returncode
@@ -302,13 +341,14 @@ def _job_result(request: JobRequest, outcome: _Outcome, timeout_ms: int,
             "and was killed"))
     elif outcome.timed_out:
         status = "timeout"
-        timeout = ReplTimeoutError(request.language, timeout_ms)
+        timeout = ReplTimeoutError(request.language, timeout_ms, phase=phase)
         error = WireError(code=timeout.code, message=timeout.message + process_note)
-    elif exit_code == 0:
+    elif exit_code == 0 and phase == "code":
         status = "ok"
     else:
         status = "error"
-        failure = ReplError(request.language, outcome.stderr.decode(errors="replace"), exit_code)
+        failure = ReplError(request.language, outcome.stderr.decode(errors="replace"), exit_code,
+                            phase=phase)
         error = WireError(code=failure.code, message=failure.message + process_note)
     return JobResult(
         job_id=request.job_id, status=status, exit_code=exit_code,

@@ -167,8 +167,8 @@ async def _languages(dispatcher: Dispatcher, sandbox: Sandbox, ids: itertools.co
             "The same one-line program (print 1) per language as a cold job through the "
             "dispatcher, against the same command run bare by the harness in a temporary "
             "directory (same toolchain and command line, no sandbox, no HTTP), taking turns. "
-            "Rust compiles "
-            "then runs (`rustc -C opt-level=1`); Java uses single-file source launch."),
+            "Rust and Java compile in a step of their own (`rustc -C opt-level=1`, `javac`), "
+            "then run."),
         tables=[Table(headers=["language", "toolchain", "runs", "bare p50 ms", "cold job p50 ms",
                                "added ms", "ratio"], rows=rows)],
         raw=raw, notes=notes)

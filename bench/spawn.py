@@ -10,8 +10,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kowalski.agent.jail import INNER_WORKDIR
-from kowalski.agent.languages import SPECS, SYSTEM_PATH, Toolchain
+from kowalski.agent.languages import SYSTEM_PATH, Toolchain, program_for
 from kowalski.agent.sandbox import Sandbox
+from kowalski.agent.snippets import Program
 
 DEVNULL = asyncio.subprocess.DEVNULL
 
@@ -86,18 +87,23 @@ PROGRAMS = {
 }
 
 
-def bare_argv(toolchain: Toolchain) -> list[str]:
-    """The job's command line with the toolchain at its host path (outside any sandbox)."""
-    inner = toolchain.inner_executable
-    return [toolchain.executable if part == inner else part for part in toolchain.run_argv()]
+def bare_argvs(toolchain: Toolchain, program: Program) -> list[list[str]]:
+    """The job's command lines (compile, then run) with the toolchain at its host paths."""
+    host = {toolchain.inner_executable: toolchain.executable}
+    steps = [toolchain.run_argv(program)]
+    if toolchain.compiled:
+        host[toolchain.inner_compiler] = toolchain.compiler
+        steps.insert(0, toolchain.compile_argv(program))
+    return [[host.get(part, part) for part in argv] for argv in steps]
 
 
 async def run_bare(toolchain: Toolchain) -> None:
     """Run the language's one-line program as the agent would, but unconfined."""
+    program = program_for(toolchain.language, PROGRAMS[toolchain.language])
     with tempfile.TemporaryDirectory(prefix="kowalski-bench-") as workdir:
-        source = Path(workdir) / SPECS[toolchain.language].source_file
-        source.write_text(PROGRAMS[toolchain.language])
+        (Path(workdir) / program.source_file).write_text(program.source)
         env = {"PATH": SYSTEM_PATH, "HOME": workdir, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
-        out = await run_process(bare_argv(toolchain), cwd=workdir, env=env)
+        for argv in bare_argvs(toolchain, program):
+            out = await run_process(argv, cwd=workdir, env=env)
     if out.strip() != b"1":
         raise RuntimeError(f"{toolchain.language} printed {out[:100]!r}")

@@ -106,14 +106,17 @@ class SandboxConfig(_Section, frozen=True):
     file_size_limit_mb: PositiveInt = 64
     open_files_limit: PositiveInt = 256
     tmpfs_size_mb: PositiveInt = 64
-    max_output_bytes: PositiveInt = 1024 * 1024
+    max_output_bytes: PositiveInt = 1_000_000
     unprivileged_uid: Annotated[int, Meta(ge=1)] = 65534
     unprivileged_gid: Annotated[int, Meta(ge=1)] = 65534
     timeout_ms_python: PositiveInt = 30_000
     timeout_ms_bash: PositiveInt = 30_000
     timeout_ms_javascript: PositiveInt = 30_000
-    timeout_ms_rust: PositiveInt = 120_000
-    timeout_ms_java: PositiveInt = 120_000
+    # The run's limit; compiled languages get their compilation's beside it.
+    timeout_ms_rust: PositiveInt = 30_000
+    timeout_ms_java: PositiveInt = 30_000
+    compile_timeout_ms_rust: PositiveInt = 60_000
+    compile_timeout_ms_java: PositiveInt = 60_000
     # Interpreter overrides; empty means found on PATH at start-up.
     python_path: str = ""
     node_path: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 from kowalski.common.messages import WireError
@@ -11,13 +12,23 @@ class KowalskiError(Exception):
     """Base of every error Kowalski raises on purpose."""
 
     code: ClassVar[str] = "internal"
-    # Whether trying again (elsewhere, later) can help.
+    # Whether the work can go on past the error: the caller (or the model) acts on it.
     is_recoverable: ClassVar[bool] = False
     hint: ClassVar[str] = ""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def is_fatal(self) -> bool:
+        """Whether the work must stop here."""
+        return not self.is_recoverable
+
+    @property
+    def retry_elsewhere(self) -> bool:
+        """Whether sending the same work again (to another agent, or later) can help."""
+        return bool(self.is_recoverable)
 
     def user_message(self) -> str:
         """The message plus what a person can do about it."""
@@ -59,30 +70,67 @@ class ExecutionError(KowalskiError):
     hint = "The job may succeed on another agent; see the agent's log for the cause"
 
 
-class ReplTimeoutError(ExecutionError, TimeoutError):
-    code = "repl_timeout"
-    is_recoverable = False
-    hint = "Raise timeout_ms or make the code do less per call"
+def seconds_text(milliseconds: float) -> str:
+    """A duration in seconds for people: 30000 -> "30 s", 1500 -> "1.5 s"."""
+    return f"{milliseconds / 1000:.3f}".rstrip("0").rstrip(".") + " s"
 
-    def __init__(self, language: str, timeout_ms: int) -> None:
-        KowalskiError.__init__(self, f"{language} code ran past its {timeout_ms} ms limit")
+
+class ReplTimeoutError(ExecutionError, TimeoutError):
+    """The code ran past its time limit; the session or run goes on, the code must change."""
+
+    code = "repl_timeout"
+    # The model (or person) can make the code faster; the same code elsewhere would time out too.
+    is_recoverable = True
+    hint = ("make the code faster or do less per call, or raise timeout_ms "
+            "(sandbox.timeout_ms_<language> sets the default)")
+
+    def __init__(self, language: str, timeout_ms: int, *, phase: str = "code") -> None:
+        what = f"{language} compilation" if phase == "compile" else f"{language} code"
+        KowalskiError.__init__(self, f"{what} exceeded the {seconds_text(timeout_ms)} limit")
         self.language = language
         self.timeout_ms = timeout_ms
+        self.phase = phase
+
+    @property
+    def retry_elsewhere(self) -> bool:
+        return False
+
+    def user_message(self) -> str:
+        if self.phase == "compile":
+            return (f"{self.message}; make the program smaller or raise "
+                    f"sandbox.compile_timeout_ms_{self.language}")
+        return f"{self.message}; {self.hint}"
 
 
 class ReplError(ExecutionError):
-    """The code ran and failed: a non-zero exit or an exception in the REPL."""
+    """The code ran and failed: a non-zero exit, an exception, or a compile error."""
 
     code = "repl_error"
-    is_recoverable = False
+    # The model reads the error and fixes its code; another agent would fail the same way.
+    is_recoverable = True
     hint = "Read stderr: the error is in the code, not in Kowalski"
 
-    def __init__(self, language: str, stderr: str, exit_code: int | None) -> None:
-        tail = stderr.strip().splitlines()[-1] if stderr.strip() else "no stderr"
-        KowalskiError.__init__(self, f"{language} code failed (exit {exit_code}): {tail}")
+    @property
+    def retry_elsewhere(self) -> bool:
+        return False
+
+    def __init__(self, language: str, stderr: str, exit_code: int | None, *,
+                 phase: str = "code") -> None:
+        lines = stderr.strip().splitlines()
+        if phase == "compile":
+            # Compilers end with a summary ("aborting due to 1 previous error"); the first
+            # error line says what is wrong.
+            first = next((line for line in lines if "error" in line.lower()), None)
+            detail = (first or (lines[0] if lines else "no compiler output")).strip()
+            message = f"{language} compilation failed: {detail}"
+        else:
+            tail = lines[-1] if lines else "no stderr"
+            message = f"{language} code failed (exit {exit_code}): {tail}"
+        KowalskiError.__init__(self, message)
         self.language = language
         self.stderr = stderr
         self.exit_code = exit_code
+        self.phase = phase
 
 
 class ContextSizeExceededError(KowalskiError, ValueError):
@@ -244,9 +292,29 @@ class RemoteError(KowalskiError):
         self.retry_after_s = retry_after_s
 
     @property
-    def is_recoverable(self) -> bool:  # type: ignore[override]
-        # The peer knows whether its failure may pass; that is the one flag.
+    def retry_elsewhere(self) -> bool:
+        # The peer knows whether sending the work again may help; the wire carries that flag.
         return self._retryable
+
+    @property
+    def is_recoverable(self) -> bool:  # type: ignore[override]
+        # Whether the work can go on is a property of the kind of error: a code failure
+        # reported by an agent (REPL error, timeout) is as recoverable as a local one.
+        kind = _by_code().get(self.remote_code)
+        return bool(kind.is_recoverable) if kind is not None else self._retryable
+
+
+@functools.cache
+def _by_code() -> dict[str, type[KowalskiError]]:
+    """Every error class with a code of its own and a fixed is_recoverable, by code."""
+    found: dict[str, type[KowalskiError]] = {}
+    pending: list[type[KowalskiError]] = [KowalskiError]
+    while pending:
+        kind = pending.pop(0)
+        if "code" in kind.__dict__ and isinstance(kind.is_recoverable, bool):
+            found.setdefault(kind.code, kind)
+        pending.extend(kind.__subclasses__())
+    return found
 
 
 def error_from_wire(wire: WireError, *, status: int, retry_after_s: float | None = None

@@ -75,7 +75,7 @@ def error_response(error: errors.KowalskiError) -> web.Response:
         # The peer's other failures (its auth, its faults) are a bad gateway from here.
         code = error.remote_code
         status = error.status if error.status in _PASSED_ON else 502
-    wire = WireError(code=code, message=error.user_message(), retryable=error.is_recoverable)
+    wire = WireError(code=code, message=error.user_message(), retryable=error.retry_elsewhere)
     headers = {}
     if isinstance(error, errors.RateLimitedError | errors.BusyError):
         headers["Retry-After"] = str(max(1, round(error.retry_after_s)))

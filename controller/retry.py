@@ -71,9 +71,10 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
             yield previous
 
 
-def is_recoverable(error: Exception) -> bool:
-    """The default retry rule: Kowalski errors that say a retry can help."""
-    return isinstance(error, KowalskiError) and bool(error.is_recoverable)
+def retry_helps(error: Exception) -> bool:
+    """The default retry rule: Kowalski errors that say sending the work again can help."""
+    return isinstance(error, KowalskiError) and bool(error.retry_elsewhere)
+
 
 
 def _server_wait_ms(error: Exception, policy: RetryPolicy) -> float:
@@ -89,7 +90,7 @@ async def retry(
     fn: Callable[[], Awaitable[T]],
     policy: RetryPolicy,
     *,
-    is_retryable: Callable[[Exception], bool] = is_recoverable,
+    is_retryable: Callable[[Exception], bool] = retry_helps,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     on_retry: Callable[[int, Exception, float], object] | None = None,
     rng: random.Random | None = None,
@@ -124,7 +125,7 @@ async def with_failover(
     *,
     choose: Callable[[frozenset[Key]], Target],
     key: Callable[[Target], Key],
-    is_retryable: Callable[[Exception], bool] = is_recoverable,
+    is_retryable: Callable[[Exception], bool] = retry_helps,
     on_retry: Callable[[int, Exception, float], object] | None = None,
     rng: random.Random | None = None,
 ) -> T:

@@ -2,8 +2,9 @@
 # Sets everything up, then runs ruff, mypy (strict on kowalski.*) and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# chromium: the dashboard's browser tests (driven by Playwright, never downloaded).
-KOWALSKI_EXTRA_APT="chromium" bash scripts/setup.sh "model,test"
+# chromium: the dashboard's browser tests (driven by Playwright, never downloaded);
+# prometheus: promtool checks the shipped alerting rules.
+KOWALSKI_EXTRA_APT="chromium prometheus" bash scripts/setup.sh "model,test"
 
 .venv/bin/ruff check .
 # mypy reads the sources through a tree shaped like the installed namespace.

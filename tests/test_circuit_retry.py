@@ -18,6 +18,7 @@ from kowalski.common.errors import (
     NoDevicesAvailableError,
     RateLimitedError,
     ReplError,
+    ReplTimeoutError,
 )
 from kowalski.controller.circuit import (
     CLOSED,
@@ -30,7 +31,7 @@ from kowalski.controller.circuit import (
     on_success,
     phase,
 )
-from kowalski.controller.retry import Jitter, RetryPolicy, is_recoverable, retry, with_failover
+from kowalski.controller.retry import Jitter, RetryPolicy, retry, retry_helps, with_failover
 
 POLICY = CircuitPolicy(failure_threshold=3, reset_s=10.0)
 
@@ -277,13 +278,15 @@ async def test_retry_reraises_the_last_error_when_attempts_run_out() -> None:
         (ExoApiError(503, "busy"), True),
         (ExoApiError(400, "bad request"), False),
         (ConfigError("bad"), False),
+        # Recoverable (the model can fix the code), but the same code fails anywhere.
+        (ReplTimeoutError("python", 1000), False),
         (ValueError("not ours"), False),
     ],
 )
-async def test_default_retryability_follows_is_recoverable(
+async def test_default_retryability_follows_retry_elsewhere(
     error: Exception, retried: bool,
 ) -> None:
-    assert is_recoverable(error) is retried
+    assert retry_helps(error) is retried
     flaky = Flaky(error)
     if retried:
         assert await retry(flaky, RETRY, sleep=Sleeps()) == "done"

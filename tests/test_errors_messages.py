@@ -10,12 +10,49 @@ from kowalski.common.http import error_response
 
 
 def test_each_error_says_whether_a_retry_helps() -> None:
-    assert errors.NetworkError("refused").is_recoverable
-    assert errors.NoDevicesAvailableError("none discovered").is_recoverable
-    assert not errors.ReplError("python", "ZeroDivisionError: x", 1).is_recoverable
-    assert not errors.ContextSizeExceededError(10, 5).is_recoverable
-    assert errors.ExoApiError(503, "busy").is_recoverable
-    assert not errors.ExoApiError(404, "No instance found for model x").is_recoverable
+    assert errors.NetworkError("refused").retry_elsewhere
+    assert errors.NoDevicesAvailableError("none discovered").retry_elsewhere
+    assert errors.BusyError("queue full").retry_elsewhere
+    assert not errors.ReplError("python", "ZeroDivisionError: x", 1).retry_elsewhere
+    assert not errors.ReplTimeoutError("python", 30_000).retry_elsewhere
+    assert not errors.ContextSizeExceededError(10, 5).retry_elsewhere
+    assert errors.ExoApiError(503, "busy").retry_elsewhere
+    assert not errors.ExoApiError(404, "No instance found for model x").retry_elsewhere
+
+
+def test_code_errors_are_recoverable_because_the_code_can_be_fixed() -> None:
+    # The run goes on: the model reads the error and changes its code.
+    for error in (errors.ReplError("python", "ZeroDivisionError: x", 1),
+                  errors.ReplTimeoutError("python", 30_000)):
+        assert error.is_recoverable
+        assert not error.is_fatal
+        # Running the same code on another agent fails the same way.
+        assert not error.retry_elsewhere
+    assert errors.ConfigError("bad").is_fatal
+    assert errors.ContextSizeExceededError(10, 5).is_fatal
+    assert not errors.NetworkError("refused").is_fatal
+
+
+def test_the_timeout_speaks_in_seconds_with_advice() -> None:
+    timeout = errors.ReplTimeoutError("python", 30_000)
+    assert timeout.message == "python code exceeded the 30 s limit"
+    assert timeout.user_message() == (
+        "python code exceeded the 30 s limit; make the code faster or do less per call, "
+        "or raise timeout_ms (sandbox.timeout_ms_<language> sets the default)")
+    assert errors.ReplTimeoutError("bash", 1500).message == "bash code exceeded the 1.5 s limit"
+    compile_timeout = errors.ReplTimeoutError("rust", 60_000, phase="compile")
+    assert compile_timeout.user_message() == (
+        "rust compilation exceeded the 60 s limit; make the program smaller or raise "
+        "sandbox.compile_timeout_ms_rust")
+
+
+def test_a_compile_error_names_the_first_error_not_the_summary() -> None:
+    stderr = ("error[E0425]: cannot find value `x` in this scope\n --> main.rs:2:20\n\n"
+              "error: aborting due to 1 previous error\n")
+    failure = errors.ReplError("rust", stderr, 1, phase="compile")
+    assert failure.message == (
+        "rust compilation failed: error[E0425]: cannot find value `x` in this scope")
+    assert failure.stderr == stderr
 
 
 def test_errors_keep_structured_fields() -> None:

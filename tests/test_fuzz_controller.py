@@ -286,7 +286,7 @@ async def test_hostile_raw_requests_get_json_errors_and_the_controller_stays_up(
 
 
 async def test_malformed_http_is_one_warning_per_peer_and_never_a_traceback(
-    controller: Services, caplog: pytest.LogCaptureFixture,
+    controller: Controller, caplog: pytest.LogCaptureFixture,
 ) -> None:
     for request_bytes in MALFORMED_HTTP * 2:
         answer = await asyncio.to_thread(_exchange, controller.port, request_bytes)
@@ -300,7 +300,7 @@ async def test_malformed_http_is_one_warning_per_peer_and_never_a_traceback(
 
 
 async def test_undecodable_bodies_get_400_parse_error_on_every_route(
-    controller: Services, caplog: pytest.LogCaptureFixture,
+    controller: Controller, caplog: pytest.LogCaptureFixture,
 ) -> None:
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     with requests.Session() as http:

@@ -328,7 +328,7 @@ async def test_a_cell_past_its_time_limit_is_interrupted_and_the_session_lives_o
     assert (result.answer, result.stop_reason) == ("still here", "final_var")
     feedback = last_user(harness.model.root_requests[1])
     assert "KeyboardInterrupt" in feedback
-    assert "ran past its 300 ms limit" in feedback
+    assert "exceeded the 0.3 s limit" in feedback
 
 
 async def test_blocks_in_other_languages_or_untagged_are_not_run(harness: Harness) -> None:

@@ -262,7 +262,7 @@ async def test_an_infinite_loop_times_out_and_is_killed(sandbox: Sandbox) -> Non
     assert (result.status, result.exit_code) == ("timeout", None)
     assert result.error is not None
     assert result.error.code == "repl_timeout"
-    assert "1000 ms" in result.error.message
+    assert "exceeded the 1 s limit" in result.error.message
     assert_nothing_left(sandbox)
 
 

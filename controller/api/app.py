@@ -78,7 +78,7 @@ async def post_llm_query(request: web.Request) -> web.Response:
         answers = await state.runs.answer(query.token, query.prompts, query.model)
     except KowalskiError as exc:
         error = WireError(code=exc.code, message=exc.user_message(),
-                          retryable=exc.is_recoverable)
+                          retryable=exc.retry_elsewhere)
         return json_response(LlmAnswer(answers=[], error=error))
     if answers is None:
         raise AuthError("unknown or finished run token")
@@ -107,7 +107,7 @@ async def post_run(request: web.Request) -> web.StreamResponse:
         result: Any = {"kind": "result", "result": task.result()}
     except KowalskiError as exc:
         result = {"kind": "error", "error": WireError(
-            code=exc.code, message=exc.user_message(), retryable=exc.is_recoverable)}
+            code=exc.code, message=exc.user_message(), retryable=exc.retry_elsewhere)}
     finally:
         if not task.done():
             task.cancel()

@@ -151,7 +151,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except KowalskiError as exc:
             # As OpenAI's servers do: an error event, and the stream ends without [DONE].
             error = {"code": exc.code, "message": exc.user_message(), "type": "server_error",
-                     "retryable": exc.is_recoverable}
+                     "retryable": exc.retry_elsewhere}
             await response.write(b"data: " + msgspec.json.encode({"error": error}) + b"\n\n")
             await response.write_eof()
             return response

@@ -88,30 +88,38 @@ class StatusCollector(Collector):
                                     labels=["device"])
         in_flight = GaugeMetricFamily("kowalski_device_jobs_in_flight", "Jobs sent, not done",
                                       labels=["device"])
+        circuit = GaugeMetricFamily("kowalski_device_circuit_open",
+                                    "1 while the agent's circuit is open (no work sent)",
+                                    labels=["device"])
         for device in status.devices:
             labels = [device.device_id]
             up.add_metric(labels, 1.0 if device.health == "healthy" else 0.0)
+            circuit.add_metric(labels, 1.0 if device.circuit == "open" else 0.0)
             in_flight.add_metric(labels, len(device.in_flight))
             if device.metrics is not None:
                 memory.add_metric(labels, device.metrics.memory_available_bytes)
                 cpu.add_metric(labels, device.metrics.cpu_percent)
             if device.latency_ms is not None:
                 latency.add_metric(labels, device.latency_ms)
-        yield from (up, memory, cpu, latency, in_flight)
+        yield from (up, memory, cpu, latency, in_flight, circuit)
         endpoint_up = GaugeMetricFamily("kowalski_exo_endpoint_up", "1 if exo answers",
                                         labels=["endpoint"])
+        endpoint_circuit = GaugeMetricFamily(
+            "kowalski_exo_endpoint_circuit_open",
+            "1 while the endpoint's circuit is open (no calls sent)", labels=["endpoint"])
         requests = CounterMetricFamily("kowalski_exo_requests", "Model calls sent",
                                        labels=["endpoint"])
         tokens = CounterMetricFamily("kowalski_exo_tokens", "Tokens used",
                                      labels=["endpoint", "kind"])
         for endpoint in status.endpoints:
             endpoint_up.add_metric([endpoint.url], 1.0 if endpoint.healthy else 0.0)
+            endpoint_circuit.add_metric([endpoint.url], 1.0 if endpoint.circuit == "open" else 0.0)
             requests.add_metric([endpoint.url], endpoint.requests)
             tokens.add_metric([endpoint.url, "prompt"], endpoint.prompt_tokens)
             tokens.add_metric([endpoint.url, "completion"], endpoint.completion_tokens)
-        yield from (endpoint_up, requests, tokens)
+        yield from (endpoint_up, endpoint_circuit, requests, tokens)
         jobs = CounterMetricFamily("kowalski_jobs", "Code jobs by outcome", labels=["outcome"])
-        for outcome in ("submitted", "succeeded", "failed", "rerouted"):
+        for outcome in ("submitted", "succeeded", "failed", "rerouted", "busy"):
             jobs.add_metric([outcome], getattr(status.jobs, outcome))
         yield jobs
         cache = CounterMetricFamily("kowalski_cache", "Model call cache", labels=["kind"])
@@ -120,6 +128,12 @@ class StatusCollector(Collector):
         yield cache
         yield GaugeMetricFamily("kowalski_rlm_runs_active", "RLM runs under way",
                                 value=sum(1 for r in status.runs if r.status == "running"))
+        runs = GaugeMetricFamily("kowalski_rlm_runs", "Runs the controller holds (the recent "
+                                 "finished ones and those under way) by status",
+                                 labels=["status"])
+        for run_status in ("running", "finished", "failed"):
+            runs.add_metric([run_status], sum(1 for r in status.runs if r.status == run_status))
+        yield runs
 
 
 def prometheus_text(snapshot: Callable[[], Status]) -> bytes:

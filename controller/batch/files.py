@@ -25,7 +25,7 @@ class ItemError(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def of(cls, error: Exception) -> ItemError:
         if isinstance(error, KowalskiError):
-            return cls(code=error.code, message=error.message, retryable=bool(error.is_recoverable))
+            return cls(code=error.code, message=error.message, retryable=error.retry_elsewhere)
         return cls(code="internal", message=f"{type(error).__name__}: {error}", retryable=False)
 
 

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KowalskiError as exc:
         print(f"kowalski-ctl: {exc.user_message()}", file=sys.stderr)
-        return EXIT_UNAVAILABLE if exc.is_recoverable else EXIT_FAILED
+        return EXIT_UNAVAILABLE if exc.retry_elsewhere else EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     except OSError as exc:

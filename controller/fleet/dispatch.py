@@ -16,12 +16,14 @@ from kowalski.controller.fleet.agent_client import AgentClient
 from kowalski.controller.fleet.cluster import Cluster
 from kowalski.controller.fleet.device_table import DeviceRow, DeviceTable, JobAssigned, JobReleased
 from kowalski.controller.fleet.selection import select
-from kowalski.controller.retry import RetryPolicy, is_recoverable, with_failover
+from kowalski.controller.retry import RetryPolicy, retry_helps, with_failover
 from kowalski.controller.scoring import Operation
 
 T = TypeVar("T")
 # Time a call may take beyond the job's own limit (queueing, compile, transfer).
 CALL_MARGIN_S = 30.0
+# Compiled languages compile before their limit starts (the agent's compile_timeout_ms_*).
+COMPILE_MARGIN_S = {"rust": 60.0, "java": 60.0}
 DEFAULT_JOB_TIMEOUT_S = 300.0
 _BUSY_CODES = frozenset({"busy", "rate_limited"})
 
@@ -33,6 +35,8 @@ class JobCounters(msgspec.Struct, kw_only=True):
     succeeded: int = 0
     failed: int = 0
     rerouted: int = 0
+    # Refusals by a full agent (503 busy, 429): each one sent the job elsewhere.
+    busy: int = 0
 
 
 
@@ -54,8 +58,9 @@ def _outcome(error: Exception) -> str:
     if isinstance(error, RemoteError) and error.remote_code in _BUSY_CODES:
         # A full agent is working, not failing: try elsewhere, but do not open its circuit.
         return "cancelled"
-    # Faults of the device (as opposed to the caller's input) open its circuit.
-    return "failure" if is_recoverable(error) else "success"
+    # Faults of the device (as opposed to the caller's input, or code that fails wherever
+    # it runs) open its circuit.
+    return "failure" if retry_helps(error) else "success"
 
 
 class Dispatcher:
@@ -117,6 +122,8 @@ class Dispatcher:
 
         def rerouted(attempt: int, error: Exception, delay_ms: float) -> None:
             self.counters.rerouted += 1
+            if isinstance(error, RemoteError) and error.remote_code in _BUSY_CODES:
+                self.counters.busy += 1
 
         return await with_failover(
             lambda row: self.on_device(row.device_id, job_id, call), self._policy,
@@ -126,6 +133,7 @@ class Dispatcher:
     async def run_job(self, request: JobRequest) -> JobResult:
         """Run a code job somewhere; the same job id goes with every attempt."""
         timeout_s = (request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_JOB_TIMEOUT_S)
+        timeout_s += COMPILE_MARGIN_S.get(request.language, 0.0)
 
         async def call(row: DeviceRow) -> JobResult:
             result = await self.agents.run_job(row.url, request,

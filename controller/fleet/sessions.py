@@ -81,7 +81,7 @@ class RemoteSession:
                 return await self._dispatcher.on_device(DeviceId(self.device_id), job_id,
                                                         attempt)
             except KowalskiError as exc:
-                if not exc.is_recoverable:
+                if not exc.retry_elsewhere:
                     raise
                 log.warning("session %s: %s; moving it", self.session_id, exc)
         self.device_id = ""
