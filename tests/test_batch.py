@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from exo_standin import DEFAULT_MODEL, STANDIN, ExoStandin, make_exo_app
+from exo_standin import DEFAULT_MODEL, ExoStandin
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -63,16 +63,6 @@ def ok(result: ItemResult) -> ItemSuccess:
 def failed(result: ItemResult) -> ItemFailure:
     assert isinstance(result, ItemFailure), result
     return result
-
-
-@pytest.fixture
-def serve(aiohttp_server: Any) -> Serve:
-    async def start(**kwargs: Any) -> tuple[ExoStandin, str]:
-        app = make_exo_app(**kwargs)
-        server = await aiohttp_server(app)
-        return app[STANDIN], str(server.make_url("")).rstrip("/")
-
-    return start
 
 
 @pytest.fixture
