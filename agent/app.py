@@ -32,8 +32,8 @@ from kowalski.common.messages import (
 )
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
+from kowalski.common.version import VERSION as VERSION
 
-VERSION = "0.1.0"
 # Liveness for process supervisors and load balancers; carries nothing secret.
 OPEN_PATHS = frozenset({"/healthz"})
 # Counted per client after the signature check. Sessions are bounded by max_sessions

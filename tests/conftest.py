@@ -1,13 +1,24 @@
-"""Shared fixtures: a guard against leaked processes, configs with shrunk timers."""
+"""Shared fixtures: a guard against leaked processes, a stand-in exo, agents, a controller.
+
+A test module changes what the shared fixtures start by overriding a small one:
+``exo_reply`` (what the stand-in model says) or ``agent_count``.
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+from controller_env import controller_config, healthy_ids, running_controller, start_agents
+from exo_standin import DEFAULT_MODEL, STANDIN, ExoStandin, make_exo_app
+from procs import AgentProcess
+
+from kowalski.controller.service import Controller
 
 
 def _descendants() -> set[int]:
@@ -44,3 +55,61 @@ def no_leaked_processes() -> Iterator[None]:
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+# --- a stand-in exo ---------------------------------------------------------------------------
+
+ServeExo = Callable[..., Awaitable[tuple[ExoStandin, str]]]
+
+
+@pytest.fixture
+def serve(aiohttp_server: Any) -> ServeExo:
+    """Start a stand-in exo (make_exo_app's keyword arguments); gives it and its base URL."""
+    async def start(**kwargs: Any) -> tuple[ExoStandin, str]:
+        app = make_exo_app(**kwargs)
+        server = await aiohttp_server(app)
+        return app[STANDIN], str(server.make_url("")).rstrip("/")
+
+    return start
+
+
+@pytest.fixture
+def exo_reply() -> Callable[[dict[str, Any]], Any]:
+    """What the ``exo`` fixture's model answers to a chat request's body."""
+    return lambda body: "pong"
+
+
+@pytest.fixture
+async def exo(aiohttp_server: Any, exo_reply: Callable[[dict[str, Any]], Any]) -> Any:
+    """A stand-in exo v1 server with DEFAULT_MODEL ready, answering with ``exo_reply``."""
+    return await aiohttp_server(make_exo_app(flavour="v1", models=(DEFAULT_MODEL,),
+                                             reply=exo_reply))
+
+
+# --- agents and a controller ------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent_count() -> int:
+    """How many agent processes the ``agents`` fixture starts."""
+    return 2
+
+
+@pytest.fixture
+async def agents(tmp_path: Path, agent_count: int) -> AsyncIterator[list[AgentProcess]]:
+    """``agent_count`` real agent processes, stopped after the test."""
+    started = await start_agents(tmp_path, agent_count)
+    yield started
+    for agent in started:
+        await agent.stop()
+
+
+@pytest.fixture
+async def controller(agents: list[AgentProcess], exo: Any, tmp_path: Path
+                     ) -> AsyncIterator[Controller]:
+    """A controller in the test process with every agent healthy and ``exo`` as endpoint."""
+    config = controller_config(agents, [str(exo.make_url("")).rstrip("/")], tmp_path)
+    async with running_controller(config) as running:
+        assert await running.cluster.wait_for(
+            lambda t: len(healthy_ids(t)) == len(agents), timeout_s=15), running.cluster.table
+        yield running

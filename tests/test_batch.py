@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from exo_standin import DEFAULT_MODEL, STANDIN, ExoStandin, make_exo_app
+from exo_standin import DEFAULT_MODEL, ExoStandin
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -63,16 +63,6 @@ def ok(result: ItemResult) -> ItemSuccess:
 def failed(result: ItemResult) -> ItemFailure:
     assert isinstance(result, ItemFailure), result
     return result
-
-
-@pytest.fixture
-def serve(aiohttp_server: Any) -> Serve:
-    async def start(**kwargs: Any) -> tuple[ExoStandin, str]:
-        app = make_exo_app(**kwargs)
-        server = await aiohttp_server(app)
-        return app[STANDIN], str(server.make_url("")).rstrip("/")
-
-    return start
 
 
 @pytest.fixture
@@ -366,11 +356,15 @@ def batch_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
-async def start_batch(url: str, *args: str) -> asyncio.subprocess.Process:
+async def start_batch(url: str, source: Path | str, *args: str, config: Path | None = None,
+                      ) -> asyncio.subprocess.Process:
+    """kowalski-ctl batch against one endpoint, without the router."""
+    config_args = ("--config", str(config)) if config else ()
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kowalski.controller.batch.runner", "--endpoint", url,
-        "--model", DEFAULT_MODEL, *args, env=batch_env(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "kowalski.controller", *config_args, "batch", str(source),
+        "--endpoint", url, "--model", DEFAULT_MODEL, *args, env=batch_env(),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -400,9 +394,8 @@ async def test_killed_batch_resumes_without_asking_finished_items_again(
                               for i in range(total)))
     output = tmp_path / "out.jsonl"
     journal = journal_path(output)
-    args = ("--input", str(source), "--output", str(output), "--concurrency", str(concurrency),
-            "--quiet")
-    process = await start_batch(url, *args)
+    args = ("-o", str(output), "--concurrency", str(concurrency), "--quiet")
+    process = await start_batch(url, source, *args)
     try:
         deadline = asyncio.get_running_loop().time() + 30
         while len(finished_in(journal)) < finish_first or len(standin.chat_requests) < (
@@ -420,7 +413,7 @@ async def test_killed_batch_resumes_without_asking_finished_items_again(
     assert not output.exists()
 
     gate.set()
-    process = await start_batch(url, *args, "--resume")
+    process = await start_batch(url, source, *args, "--resume")
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0, stderr.decode()
     assert f"{total} items: {total} ok" in stderr.decode()
@@ -435,19 +428,45 @@ async def test_killed_batch_resumes_without_asking_finished_items_again(
     assert not journal.exists()
 
 
-async def test_entry_point_streams_results_to_stdout_in_order(
+async def test_endpoint_batch_from_stdin_streams_results_to_stdout_in_order(
     serve: Serve, tmp_path: Path,
 ) -> None:
     _, url = await serve(reply=InFlight(lambda prompt: 0.03 if prompt == "p0" else 0))
-    source = tmp_path / "in.jsonl"
-    source.write_text('{"prompt": "p0"}\n{"prompt": "p1", "model": "gone"}\n{"prompt": "p2"}\n')
-    process = await start_batch(url, "--input", str(source), "--concurrency", "3", "--quiet",
-                                "--config", str(write_config(tmp_path)))
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
-    assert process.returncode == 1, stderr.decode()
+    lines = b'{"prompt": "p0"}\n{"prompt": "p1", "model": "gone"}\n{"prompt": "p2"}\n'
+    process = await start_batch(url, "-", "--concurrency", "3", "--quiet",
+                                config=write_config(tmp_path))
+    stdout, stderr = await asyncio.wait_for(process.communicate(lines), timeout=30)
+    # 5: the batch ran, and some items failed.
+    assert process.returncode == 5, stderr.decode()
     results = [decode_result(line) for line in stdout.splitlines()]
     assert [(r.line, r.ok) for r in results] == [(1, True), (2, False), (3, True)]
     assert "3 items: 2 ok, 1 failed" in stderr.decode()
+
+
+@pytest.mark.parametrize(("args", "complaint"), [
+    (["-o", "-", "--resume"], "--resume needs an output file"),
+    (["-", "--resume"], "--resume needs an output file"),
+    (["--concurrency", "0"], "must be at least 1"),
+    (["--concurrency", "many"], "not a whole number"),
+])
+def test_batch_usage_errors_exit_2_and_say_what_is_wrong(
+    args: list[str], complaint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kowalski.controller.cli.main import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "p0"}\n')
+    argv = ["batch", *(args if args[0] == "-" else [str(source), *args]),
+            "--endpoint", "http://127.0.0.1:9"]
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert complaint in err
+    assert "Traceback" not in err
+    assert not source.with_suffix(".out.jsonl").exists()
 
 
 def write_config(tmp_path: Path) -> Path:

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from exo_standin import DEFAULT_MODEL, STANDIN, ExoStandin, make_exo_app
+from exo_standin import DEFAULT_MODEL, ExoStandin
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -59,16 +59,6 @@ class CountingBackend:
         if self.fail is not None:
             raise self.fail
         return answer(request.messages[-1].content)
-
-
-@pytest.fixture
-def serve(aiohttp_server: Any) -> Serve:
-    async def start(**kwargs: Any) -> tuple[ExoStandin, str]:
-        app = make_exo_app(**kwargs)
-        server = await aiohttp_server(app)
-        return app[STANDIN], str(server.make_url("")).rstrip("/")
-
-    return start
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from controller_env import controller_config, healthy_ids, running_controller, start_agents
-from exo_standin import DEFAULT_MODEL, STANDIN, make_exo_app
+from controller_env import controller_config, running_controller
+from exo_standin import DEFAULT_MODEL, STANDIN
 from procs import AgentProcess
 
 from kowalski.common.errors import NoDevicesAvailableError
@@ -23,31 +22,6 @@ from kowalski.controller.models.chat_types import ChatMessage, ChatRequest
 from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def exo(aiohttp_server: Any) -> Any:
-    app = make_exo_app(flavour="v1", models=(DEFAULT_MODEL,), reply=lambda body: "pong")
-    server = await aiohttp_server(app)
-    return server
-
-
-@pytest.fixture
-async def agents(tmp_path: Path) -> AsyncIterator[list[AgentProcess]]:
-    started = await start_agents(tmp_path, 2)
-    yield started
-    for agent in started:
-        await agent.stop()
-
-
-@pytest.fixture
-async def controller(agents: list[AgentProcess], exo: Any, tmp_path: Path
-                     ) -> AsyncIterator[Controller]:
-    config = controller_config(agents, [str(exo.make_url("")).rstrip("/")], tmp_path)
-    async with running_controller(config) as running:
-        assert await running.cluster.wait_for(
-            lambda t: len(healthy_ids(t)) == len(agents), timeout_s=15), running.cluster.table
-        yield running
 
 
 async def test_static_agents_appear_healthy_with_metrics_and_scores(

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 import pytest
-from controller_env import controller_config, healthy_ids, running_controller, start_agents
-from exo_standin import DEFAULT_MODEL, make_exo_app
+from controller_env import controller_config, healthy_ids, running_controller
+from exo_standin import DEFAULT_MODEL
 from procs import AgentProcess
 
 from kowalski.common.messages import DeviceId, JobRequest
@@ -127,17 +127,8 @@ async def test_page_and_its_files_are_served_with_a_strict_policy(
 
 
 @pytest.fixture
-async def exo(aiohttp_server: Any) -> Any:
-    return await aiohttp_server(make_exo_app(flavour="v1", models=(DEFAULT_MODEL,),
-                                             reply=scripted))
-
-
-@pytest.fixture
-async def agents(tmp_path: Path) -> AsyncIterator[list[AgentProcess]]:
-    started = await start_agents(tmp_path, 2)
-    yield started
-    for agent in started:
-        await agent.stop()
+def exo_reply() -> Callable[[dict[str, Any]], str]:
+    return scripted
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from exo_standin import DATA_DIR, STANDIN, ExoStandin, make_exo_app, sample, split_tokens
+from exo_standin import DATA_DIR, ExoStandin, sample, split_tokens
 
 from kowalski.common.config import ExoConfig
 from kowalski.common.errors import ExoApiError, NetworkError, ParseError
@@ -64,12 +64,11 @@ async def chat_once(exo: ExoClient, request: ChatRequest, stream: bool) -> ChatR
 
 
 @pytest.fixture
-def serve(aiohttp_server: Any) -> Serve:
+def serve(serve: Serve) -> Serve:
+    """The shared stand-in exo, answering REPLY unless a test says otherwise."""
     async def start(**kwargs: Any) -> tuple[ExoStandin, str]:
         kwargs.setdefault("reply", lambda body: REPLY)
-        app = make_exo_app(**kwargs)
-        server = await aiohttp_server(app)
-        return app[STANDIN], str(server.make_url("")).rstrip("/")
+        return await serve(**kwargs)
 
     return start
 

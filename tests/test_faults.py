@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,7 +17,7 @@ import aiohttp
 import psutil
 import pytest
 import tomli_w
-from controller_env import controller_config, healthy_ids, running_controller, start_agents
+from controller_env import controller_config, healthy_ids, running_controller
 from exo_standin import CHAT_PATH, DEFAULT_MODEL, STANDIN, ExoStandin, FailMode, make_exo_app
 from netns import Lan, make_lan, require_netns
 from procs import SECRET, AgentProcess
@@ -172,17 +172,14 @@ async def test_an_error_mid_stream_ends_the_stream_with_an_error_event(
 
 
 @pytest.fixture
-async def three_agents(tmp_path: Path) -> AsyncIterator[list[AgentProcess]]:
-    started = await start_agents(tmp_path, 3)
-    yield started
-    for agent in started:
-        await agent.stop()
+def agent_count() -> int:
+    return 3
 
 
 async def test_concurrent_jobs_each_get_one_result_when_an_agent_dies_among_them(
-    three_agents: list[AgentProcess], tmp_path: Path,
+    agents: list[AgentProcess], tmp_path: Path,
 ) -> None:
-    async with running_controller(controller_config(three_agents, [], tmp_path)) as running:
+    async with running_controller(controller_config(agents, [], tmp_path)) as running:
         cluster = running.cluster
         assert await cluster.wait_for(lambda t: len(healthy_ids(t)) == 3, timeout_s=15)
         # Every third job is short and done before the kill; the others are in flight.
@@ -205,7 +202,7 @@ async def test_concurrent_jobs_each_get_one_result_when_an_agent_dies_among_them
                                     key=lambda item: len(item[1].in_flight))
         on_victim = set(victim_row.in_flight)
         assert on_victim
-        victim = next(agent for agent in three_agents if agent.agent_id == victim_id)
+        victim = next(agent for agent in agents if agent.agent_id == victim_id)
         await victim.kill()
         killed_at = time.monotonic()
         results = await asyncio.wait_for(asyncio.gather(*tasks), 40)

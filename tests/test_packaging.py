@@ -48,3 +48,14 @@ def test_entry_points_answer_help(command: str) -> None:
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+def test_agent_and_controller_report_the_version_in_pyproject() -> None:
+    import tomllib
+
+    from kowalski.agent import app as agent_app
+    from kowalski.controller.api import state as controller_state
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert agent_app.VERSION == controller_state.VERSION == declared

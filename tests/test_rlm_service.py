@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,8 @@ import aiohttp
 import openai
 import pytest
 import tomli_w
-from controller_env import controller_config, healthy_ids, running_controller, start_agents
-from exo_standin import DEFAULT_MODEL, STANDIN, make_exo_app
+from controller_env import controller_config, running_controller
+from exo_standin import DEFAULT_MODEL, STANDIN
 from procs import AgentProcess
 
 from kowalski.controller.rlm.runs import RunRequest
@@ -38,26 +38,13 @@ def scripted(body: dict[str, Any]) -> str:
 
 
 @pytest.fixture
-async def exo(aiohttp_server: Any) -> Any:
-    return await aiohttp_server(make_exo_app(flavour="v1", models=(DEFAULT_MODEL,),
-                                             reply=scripted))
+def exo_reply() -> Callable[[dict[str, Any]], str]:
+    return scripted
 
 
 @pytest.fixture
-async def agents(tmp_path: Path) -> AsyncIterator[list[AgentProcess]]:
-    started = await start_agents(tmp_path, 1)
-    yield started
-    for agent in started:
-        await agent.stop()
-
-
-@pytest.fixture
-async def controller(agents: list[AgentProcess], exo: Any, tmp_path: Path
-                     ) -> AsyncIterator[Controller]:
-    config = controller_config(agents, [str(exo.make_url("")).rstrip("/")], tmp_path)
-    async with running_controller(config) as running:
-        assert await running.cluster.wait_for(lambda t: len(healthy_ids(t)) == 1, timeout_s=15)
-        yield running
+def agent_count() -> int:
+    return 1
 
 
 CONTEXT = "alpha\nbeta\ngamma\n"

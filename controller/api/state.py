@@ -10,14 +10,13 @@ from aiohttp import web
 
 from kowalski.common.errors import AuthError
 from kowalski.common.signing import Verifier
+from kowalski.common.version import VERSION
 from kowalski.controller.api.status import Status, device_statuses
 from kowalski.controller.fleet.cluster import Cluster
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.models.cache import CachedBackend, ResultCache
 from kowalski.controller.models.router import LlmRouter
 from kowalski.controller.rlm.runs import RunRegistry
-
-VERSION = "0.1.0"
 
 
 @dataclass

@@ -7,7 +7,6 @@ again; the output file itself is written whole, in input order, at the end.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
@@ -41,7 +40,7 @@ from kowalski.controller.batch.files import (
     write_atomically,
 )
 from kowalski.controller.batch.progress import Progress, ProgressBar, format_duration
-from kowalski.controller.models.cache import CachedBackend, CacheOutcome, ResultCache
+from kowalski.controller.models.cache import CachedBackend, CacheOutcome
 from kowalski.controller.models.chat_types import ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.retry import RetryPolicy, retry
@@ -61,7 +60,6 @@ __all__ = [
     "encode_result",
     "journal_path",
     "load_finished",
-    "main",
     "parse_batch_line",
     "read_batch",
     "run_batch",
@@ -306,7 +304,7 @@ async def run_batch_file(
             bar.close()
 
 
-# --- a stand-alone entry: one exo endpoint, no routing ---------------------------------------
+# --- one exo endpoint as a backend, no routing ----------------------------------------------
 
 
 class ExoClientBackend:
@@ -321,59 +319,3 @@ class ExoClientBackend:
         """One completion from the client's endpoint."""
         return await self.client.chat(request)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m kowalski.controller.batch.runner",
-        description="Run a JSONL batch of chat requests against one exo endpoint.",
-    )
-    parser.add_argument("--config", help="config file (TOML); [exo] and [controller] apply")
-    parser.add_argument("--endpoint", required=True, help="exo or OpenAI-compatible base URL")
-    parser.add_argument("--input", required=True, help='JSONL requests ("-": stdin)')
-    parser.add_argument("--output", default="-", help='JSONL results ("-": stdout)')
-    parser.add_argument("--model", default="", help="model for lines that name none")
-    parser.add_argument("--concurrency", type=int, default=0,
-                        help="requests at a time (default: exo.max_concurrency)")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep what an earlier run of this batch finished")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return parser
-
-
-async def _run_main(args: argparse.Namespace, config: config_module.Config) -> BatchSummary:
-    exo = config.exo
-    async with ExoClient.from_config(args.endpoint, exo) as client:
-        backend = CachedBackend(ExoClientBackend(client), ResultCache.from_config(exo))
-        return await run_batch_file(
-            args.input, args.output, backend,
-            concurrency=args.concurrency or exo.max_concurrency,
-            default_model=args.model or exo.default_model, resume=args.resume,
-            show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller),
-        )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """0 when every item succeeded, 1 when some failed or the batch could not run, 130 on ^C."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.resume and args.output == "-":
-        parser.error("--resume needs --output FILE")
-    if args.concurrency < 0:
-        parser.error("--concurrency must be positive")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = asyncio.run(_run_main(args, config_module.load(args.config)))
-    except KowalskiError as exc:
-        print(f"batch: {exc.user_message()}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"batch: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    print(summary.describe(), file=sys.stderr)
-    return 0 if summary.failed == 0 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,14 +9,14 @@ from pathlib import Path
 from kowalski.common import config as config_module
 from kowalski.common.config_docs import render_commented
 from kowalski.common.errors import ConfigError, KowalskiError
-
-# Exit codes scripts can rely on.
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
-EXIT_UNAVAILABLE = 4
-EXIT_INCOMPLETE = 5
+from kowalski.controller.cli.exit_codes import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 
 
 def _config_init(args: argparse.Namespace) -> int:
@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from kowalski.controller.cli.run import batch_command
+    from kowalski.controller.cli.batch import batch_command
 
     return batch_command(args, _load(args))
 
@@ -144,9 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         sub.set_defaults(handler=_status)
 
+    # Imported here, not at the top: they pull in aiohttp and the RLM loop, which
+    # `config` and `status` do not need.
+    from kowalski.controller.cli.batch import add_command as add_batch
     from kowalski.controller.cli.run import add_commands
 
     add_commands(commands)
+    add_batch(commands)
     for name, handler in (("run", _run), ("batch", _batch), ("runs", _runs)):
         commands.choices[name].set_defaults(handler=handler)
     return parser
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kowalski-ctl: {exc.user_message()}", file=sys.stderr)
         return EXIT_UNAVAILABLE if exc.retry_elsewhere else EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except OSError as exc:
         print(f"kowalski-ctl: {exc}", file=sys.stderr)
         return EXIT_FAILED

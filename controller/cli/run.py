@@ -1,4 +1,4 @@
-"""kowalski-ctl run / batch / runs: the main job, many prompts, and past runs."""
+"""kowalski-ctl run / runs: one RLM job, and past runs."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any, TextIO
 import aiohttp
 import msgspec
 
-from kowalski.common import config as config_module
 from kowalski.common.config import Config, read_api_token
 from kowalski.common.errors import NetworkError, ParseError
 from kowalski.common.tls import client_ssl_context, loop_factory
+from kowalski.controller.cli.exit_codes import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
 from kowalski.controller.rlm.loop import RlmEvent, RlmResult
 from kowalski.controller.rlm.runs import RunRequest
 from kowalski.controller.rlm.trajectory import (
@@ -78,8 +78,6 @@ def print_result(result: RlmResult, out: TextIO) -> None:
 
 
 def exit_code(result: RlmResult) -> int:
-    from kowalski.controller.cli.main import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
-
     if result.stop_reason in ANSWERED:
         return EXIT_OK
     return EXIT_FAILED if result.stop_reason == "error" else EXIT_INCOMPLETE
@@ -151,38 +149,6 @@ def run_command(args: argparse.Namespace, config: Config, url: str) -> int:
     return exit_code(result)
 
 
-async def _batch(config: Config, args: argparse.Namespace) -> int:
-    from kowalski.controller.batch.runner import run_batch_file
-    from kowalski.controller.models.cache import CachedBackend, ResultCache
-    from kowalski.controller.retry import RetryPolicy
-    from kowalski.controller.service import Controller
-
-    controller = msgspec.structs.replace(config.controller, host="127.0.0.1", port=0,
-                                         discover_mdns=False, static_agents=[])
-    local = msgspec.structs.replace(config, controller=controller)
-    async with Controller(config=local, secret=None) as running:
-        backend = CachedBackend(running.router, ResultCache.from_config(config.exo))
-        model = args.model or running.router.resolve_model("")
-        # The router already retries across endpoints; one more round per item is enough.
-        policy = msgspec.structs.replace(RetryPolicy.from_config(config.controller),
-                                         max_attempts=2)
-        summary = await run_batch_file(
-            args.file, args.output, backend, concurrency=args.concurrency or
-            config.exo.max_concurrency, default_model=model, resume=args.resume,
-            show_progress=sys.stderr.isatty(), policy=policy)
-    print(summary.describe(), file=sys.stderr)
-    from kowalski.controller.cli.main import EXIT_INCOMPLETE, EXIT_OK
-
-    return EXIT_OK if summary.failed == 0 else EXIT_INCOMPLETE
-
-
-def batch_command(args: argparse.Namespace, config: Config) -> int:
-    if args.output is None:
-        args.output = str(Path(args.file).with_suffix(".out.jsonl"))
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(_batch(config, args))
-
-
 def runs_command(args: argparse.Namespace, config: Config) -> int:
     directory = args.dir or config.rlm.trajectory_dir
     if args.runs_command == "list":
@@ -190,13 +156,13 @@ def runs_command(args: argparse.Namespace, config: Config) -> int:
             print(f"{summary.run_id}  {summary.stop_reason or 'unfinished':<14} "
                   f"{summary.iterations if summary.iterations is not None else '-':>3} it  "
                   f"{summary.query[:60]!r}")
-        return 0
+        return EXIT_OK
     print(render_trajectory(read_trajectory(args.run_id, directory)))
-    return 0
+    return EXIT_OK
 
 
 def add_commands(commands: Any) -> None:
-    """The run, batch and runs sub-commands of kowalski-ctl."""
+    """The run and runs sub-commands of kowalski-ctl."""
     run = commands.add_parser("run", help="run one RLM job and stream its iterations")
     run.add_argument("prompt", help="the question or task")
     run.add_argument("--context-file", help="a (large) text file the model works on")
@@ -208,12 +174,6 @@ def add_commands(commands: Any) -> None:
     where.add_argument("--local", action="store_true",
                        help="start a local agent and controller (and the embedded model when "
                             "no exo endpoint is configured) for this run")
-    batch = commands.add_parser("batch", help="run a JSONL file of prompts")
-    batch.add_argument("file", help="input JSONL: {\"id\", \"prompt\"} or {\"messages\"} a line")
-    batch.add_argument("-o", "--output", help="output JSONL (default: FILE.out.jsonl)")
-    batch.add_argument("--model", help="model for lines that name none")
-    batch.add_argument("--concurrency", type=int, help="calls in flight (exo.max_concurrency)")
-    batch.add_argument("--resume", action="store_true", help="skip items already done")
     runs = commands.add_parser("runs", help="past RLM runs (trajectory files)")
     runs.add_argument("--dir", help="trajectory directory (default: rlm.trajectory_dir)")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)
@@ -222,6 +182,3 @@ def add_commands(commands: Any) -> None:
     show = runs_commands.add_parser("show", help="print one run's trajectory")
     show.add_argument("run_id")
 
-
-def load(args: argparse.Namespace) -> Config:
-    return config_module.load(args.config)
