@@ -440,6 +440,26 @@ async def test_run_timeout_stops_a_long_cell_with_the_last_reply(harness: Harnes
     assert len(harness.manager) == 0
 
 
+async def test_a_cancelled_run_still_ends_its_trajectory_and_its_session(
+        harness: Harness) -> None:
+    harness.model.script("", repl("import time\ntime.sleep(8)"), "FINAL(never reached)")
+    run = harness.new_run("q", "c")
+    task = asyncio.create_task(run.run())
+    deadline = time.monotonic() + 10
+    while not any(isinstance(event, ModelReplied) for event in harness.events):
+        assert time.monotonic() < deadline, "the model never replied"
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    trajectory = read_trajectory(run.run_id, harness.runs_dir)
+    assert trajectory.finished is not None
+    assert trajectory.finished.result.stop_reason == "cancelled"
+    assert trajectory.events == harness.events
+    assert harness.manager is not None
+    assert len(harness.manager) == 0
+
+
 async def test_too_large_context_fails_before_anything_runs(harness: Harness) -> None:
     run = harness.new_run("q", "x" * 11, max_context_length=10)
     with pytest.raises(ContextSizeExceededError) as caught:
