@@ -12,8 +12,8 @@ from kowalski.common.config import RlmConfig
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.fleet.sessions import RemoteSession
 from kowalski.controller.models.chat_types import ChatRequest, ChatResult, Usage
+from kowalski.controller.rlm.events import IterationStarted, RlmEvent
 from kowalski.controller.rlm.loop import RlmRun
-from kowalski.controller.rlm.trajectory import IterationStarted, RlmEvent
 
 TARGET_MS = 2.0
 

@@ -54,8 +54,6 @@ SPEC_PATH = DOCS / "openapi.yaml"
 GENERATED = ("    # Generated from the wire structs by `python tests/test_fuzz_controller.py`;"
              " do not edit below.\n")
 TOKEN = "fuzz-token-" + "t" * 24
-# Struct names that are not unique across modules get a name of their own.
-RENAMED = {"kowalski.controller.rlm.trajectory.RunSummary": "StoredRunSummary"}
 # Pages for people, and streams that never end, are not fuzzed as JSON operations.
 NOT_FUZZED = {"/v1/events"}
 
@@ -67,18 +65,19 @@ def wire_schemas() -> dict[str, Any]:
         messages.SessionInfo, messages.CellRequest, messages.CellResult, messages.VariableValue,
         messages.Heartbeat, messages.Metrics, messages.LlmQuery, messages.LlmAnswer,
         runs.RunRequest, openai_front.CompletionBody, status.Status, status.DeviceStatus,
-        runs.LiveRunSummary, trajectory.RunSummary, trajectory.Trajectory, rlm_events.RlmResult,
-        dashboard.Snapshot, rlm_events.AnyRlmEvent,
+        runs.LiveRunSummary, trajectory.StoredRunSummary, trajectory.Trajectory,
+        rlm_events.RlmResult, dashboard.Snapshot, runs.RunStreamLine, rlm_events.AnyRlmEvent,
     ]
     schemas, components = msgspec.json.schema_components(
         kinds, ref_template="#/components/schemas/{name}")
     components["RlmEvent"] = {"title": "RlmEvent",
                               "description": "One line of a streamed run, before its result.",
                               **schemas[-1]}
-    text = json.dumps(components)
-    for qualified, short in RENAMED.items():
-        text = text.replace(qualified, short)
-    loaded: dict[str, Any] = json.loads(text)
+    components["RunStreamLine"] = {
+        "title": "RunStreamLine",
+        "description": "One line of a streamed run; the last is the result or the error.",
+        **schemas[-2]}
+    loaded: dict[str, Any] = json.loads(json.dumps(components))
     return loaded
 
 

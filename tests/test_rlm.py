@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from exo_standin import make_exo_app
@@ -18,7 +18,7 @@ from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common.code_blocks import extract_code_blocks
 from kowalski.common.config import RlmConfig, SandboxConfig
-from kowalski.common.errors import ContextSizeExceededError
+from kowalski.common.errors import ContextSizeExceededError, ParseError
 from kowalski.common.messages import (
     CellRequest,
     CellResult,
@@ -29,21 +29,28 @@ from kowalski.common.messages import (
 from kowalski.controller.models.chat_types import ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.rlm import prompts as rlm_prompts
-from kowalski.controller.rlm.loop import RlmRun
-from kowalski.controller.rlm.trajectory import (
+from kowalski.controller.rlm.events import (
     CodeExecuted,
+    CodeSkipped,
+    ContextFolded,
+    IterationFinished,
     IterationStarted,
     ModelReplied,
     RlmEvent,
     RunFinished,
     RunStarted,
     SubCallAnswered,
+)
+from kowalski.controller.rlm.loop import RlmRun
+from kowalski.controller.rlm.trajectory import (
+    Trajectory,
     list_runs,
     read_trajectory,
     render_trajectory,
 )
 
 MODEL = "scripted/model"
+Event = TypeVar("Event", bound=RlmEvent)
 SUMMARY_PREFIX = "Below are earlier steps of your work"
 Step = str | Callable[[list[dict[str, str]]], str]
 
@@ -191,6 +198,11 @@ def repl(code: str) -> str:
     return f"```repl\n{code}\n```"
 
 
+def of_kind(trajectory: Trajectory, kind: type[Event]) -> list[Event]:
+    """The trajectory's events of one kind, in order."""
+    return [event for event in trajectory.events if isinstance(event, kind)]
+
+
 # --- reading FINAL ----------------------------------------------------------------------------
 
 
@@ -250,7 +262,8 @@ async def test_code_runs_before_final_and_its_output_is_the_next_message(
     assert result.tokens.total_tokens > 0
     kinds = [type(event) for event in harness.events]
     assert kinds == [RunStarted, IterationStarted, ModelReplied, CodeExecuted,
-                     IterationStarted, ModelReplied, RunFinished]
+                     IterationFinished, IterationStarted, ModelReplied, IterationFinished,
+                     RunFinished]
     finished = harness.events[-1]
     assert isinstance(finished, RunFinished)
     assert finished.result == result
@@ -415,8 +428,8 @@ async def test_sub_calls_stop_when_the_token_budget_is_spent(harness: Harness) -
     assert (result.stop_reason, result.iterations) == ("token_budget", 1)
     assert result.sub_calls == 3
     assert result.sub_call_tokens.total_tokens > 5000 - 1000
-    [iteration] = read_trajectory(result.run_id, harness.runs_dir).iterations
-    output = iteration.code[0].output
+    [block] = of_kind(read_trajectory(result.run_id, harness.runs_dir), CodeExecuted)
+    output = block.output
     assert "['answer to w w w w w ', 'answer to w w w w w ', \"Error: the run's tok\"]" in output
     assert "RuntimeError: llm_query failed:" in output
     assert "spent its token budget of 5000" in output
@@ -431,6 +444,26 @@ async def test_run_timeout_stops_a_long_cell_with_the_last_reply(harness: Harnes
     assert time.monotonic() - started < 5
     assert (result.stop_reason, result.answer) == ("timeout", slow)
     assert "time limit of 1 s" in result.detail
+    assert harness.manager is not None
+    assert len(harness.manager) == 0
+
+
+async def test_a_cancelled_run_still_ends_its_trajectory_and_its_session(
+        harness: Harness) -> None:
+    harness.model.script("", repl("import time\ntime.sleep(8)"), "FINAL(never reached)")
+    run = harness.new_run("q", "c")
+    task = asyncio.create_task(run.run())
+    deadline = time.monotonic() + 10
+    while not any(isinstance(event, ModelReplied) for event in harness.events):
+        assert time.monotonic() < deadline, "the model never replied"
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    trajectory = read_trajectory(run.run_id, harness.runs_dir)
+    assert trajectory.finished is not None
+    assert trajectory.finished.result.stop_reason == "cancelled"
+    assert trajectory.events == harness.events
     assert harness.manager is not None
     assert len(harness.manager) == 0
 
@@ -454,12 +487,14 @@ async def test_depth_below_max_depth_makes_sub_calls_recursive_runs(harness: Har
     assert len(harness.runs) == 2
     child_id = next(run_id for run_id in harness.runs if run_id != result.run_id)
     child = read_trajectory(child_id, harness.runs_dir)
-    assert child.meta.parent_run_id == result.run_id
-    assert child.meta.depth == 1
-    assert child.final is not None
-    assert child.final.stop_reason == "final_var"
+    assert child.started.parent_run_id == result.run_id
+    assert child.started.depth == 1
+    assert child.finished is not None
+    assert child.finished.result.stop_reason == "final_var"
+    assert {event.run_id for event in child.events} == {child_id}
     parent = read_trajectory(result.run_id, harness.runs_dir)
-    assert parent.iterations[0].sub_calls[0].child_run_id == child_id
+    assert of_kind(parent, SubCallAnswered)[0].child_run_id == child_id
+    assert {event.run_id for event in parent.events} == {result.run_id}
     assert result.sub_calls == 1
     assert harness.model.sub_prompts == []
 
@@ -493,43 +528,49 @@ async def test_long_conversations_fold_and_final_var_still_works(harness: Harnes
     summary_request = harness.model.summary_requests[0]
     assert "first_var = 'kept across the fold'" in summary_request[-1]["content"]
     trajectory = read_trajectory(result.run_id, harness.runs_dir)
-    folds = [record.fold for record in trajectory.iterations if record.fold is not None]
+    folds = of_kind(trajectory, ContextFolded)
     # Early on only the newest output is too long: it is cut, nothing is summarised yet.
     assert [(f.method, f.folded_turns > 0) for f in folds][-1] == ("model", True)
     assert all(f.tokens_after < f.tokens_before for f in folds)
 
 
 async def test_trajectory_file_holds_the_whole_run(harness: Harness) -> None:
-    harness.model.script("", repl("r = llm_query('sub')\nprint(r)"), "FINAL(all done)")
+    harness.model.script(
+        "", "Look:\n```bash\nls\n```\n" + repl("r = llm_query('sub')\nprint(r)"),
+        "FINAL(all done)")
     result = await harness.new_run("what happened?", ["a", "bb"]).run()
     path = Path(result.trajectory_path)
     assert path.parent == harness.runs_dir
     lines = json_lines(path)
-    assert [line["kind"] for line in lines] == ["meta", "iteration", "iteration", "final"]
+    assert [line["kind"] for line in lines] == [
+        "run_started", "iteration_started", "model_replied", "code_skipped", "sub_call",
+        "code_executed", "iteration_finished", "iteration_started", "model_replied",
+        "iteration_finished", "run_finished"]
     trajectory = read_trajectory(result.run_id, harness.runs_dir)
     assert trajectory == read_trajectory(path)
-    meta = trajectory.meta
-    assert (meta.query, meta.model, meta.context_type, meta.context_chars,
-            meta.context_chunks) == ("what happened?", MODEL, "list", 3, 2)
-    assert meta.config.trajectory_dir == str(harness.runs_dir)
-    assert "list of 2 items" in meta.system_prompt
-    first = trajectory.iterations[0]
-    assert first.code[0].executed
-    assert first.code[0].status == "ok"
-    assert first.code[0].output == "answer to sub"
-    assert first.sub_calls[0].prompt == "sub"
-    assert first.sub_calls[0].answer == "answer to sub"
-    assert first.sub_calls[0].tokens.total_tokens > 0
-    assert "REPL output:\nanswer to sub" in first.feedback
-    second = trajectory.iterations[1]
+    # The file holds the very events the observer saw, in the same order.
+    assert trajectory.events == harness.events
+    start = trajectory.started
+    assert (start.query, start.model, start.context_type, start.context_chars,
+            start.context_chunks) == ("what happened?", MODEL, "list", 3, 2)
+    assert start.config.trajectory_dir == str(harness.runs_dir)
+    assert "list of 2 items" in start.system_prompt
+    [skipped] = of_kind(trajectory, CodeSkipped)
+    assert (skipped.block, skipped.language, skipped.code) == (1, "bash", "ls\n")
+    [block] = of_kind(trajectory, CodeExecuted)
+    assert (block.block, block.status, block.output) == (2, "ok", "answer to sub")
+    [call] = of_kind(trajectory, SubCallAnswered)
+    assert (call.prompt, call.answer, call.iteration) == ("sub", "answer to sub", 1)
+    assert call.tokens.total_tokens > 0
+    first, second = of_kind(trajectory, IterationFinished)
+    assert "REPL output of block 2:\nanswer to sub" in first.feedback
     assert (second.final_kind, second.final_value, second.feedback) == ("final", "all done", "")
-    assert trajectory.final is not None
-    assert (trajectory.final.answer, trajectory.final.stop_reason,
-            trajectory.final.sub_calls) == ("all done", "final", 1)
-    assert trajectory.final.tokens == result.tokens
+    assert trajectory.finished is not None
+    assert trajectory.finished.result == result
     text = render_trajectory(trajectory)
     for piece in ("what happened?", "Iteration 1", "Iteration 2", "r = llm_query('sub')",
-                  "| answer to sub", "Finished: final", "all done"):
+                  "[block 1: ```bash not run]", "| answer to sub", "[sub-call 1: 3 chars in",
+                  "Finished: final", "all done"):
         assert piece in text
     [summary] = list_runs(harness.runs_dir)
     assert (summary.run_id, summary.stop_reason, summary.iterations,
@@ -537,12 +578,67 @@ async def test_trajectory_file_holds_the_whole_run(harness: Harness) -> None:
 
 
 def test_a_trajectory_cut_off_mid_write_still_reads(tmp_path: Path) -> None:
+    start = {"kind": "run_started", "run_id": "r1", "depth": 0, "query": "q", "model": "m",
+             "context_type": "str", "context_chars": 1, "context_chunks": 1, "config": {},
+             "started_at": 1.0, "trajectory_path": str(tmp_path / "r1.jsonl")}
+    path = tmp_path / "r1.jsonl"
+    path.write_text(json.dumps(start) + '\n{"kind": "iteration_started", "run_id": "r1", "it')
+    trajectory = read_trajectory("r1", tmp_path)
+    assert [type(event) for event in trajectory.events] == [RunStarted]
+    assert trajectory.finished is None
+    assert "Not finished" in render_trajectory(trajectory)
+    [summary] = list_runs(tmp_path)
+    assert (summary.run_id, summary.stop_reason) == ("r1", None)
+
+
+def test_a_damaged_line_mid_file_is_named_with_its_number(tmp_path: Path) -> None:
+    start = {"kind": "run_started", "run_id": "r1", "depth": 0, "query": "q", "model": "m",
+             "context_type": "str", "context_chars": 1, "context_chunks": 1, "config": {},
+             "started_at": 1.0, "trajectory_path": ""}
+    (tmp_path / "r1.jsonl").write_text(json.dumps(start) + '\n{"kind": "nonsense"}\n\n')
+    with pytest.raises(ParseError, match=r"r1.jsonl:2: not a trajectory line"):
+        read_trajectory("r1", tmp_path)
+
+
+V1_FIXTURE = Path(__file__).parent / "data" / "trajectory"
+V1_RUN = "rlm-20260101-120000-0a1b2c3d"
+
+
+def test_a_trajectory_of_the_first_format_reads_as_events() -> None:
+    trajectory = read_trajectory(V1_RUN, V1_FIXTURE)
+    assert trajectory.started.query == "what is kept?"
+    assert trajectory.started.trajectory_path == str(V1_FIXTURE / f"{V1_RUN}.jsonl")
+    assert [event.iteration for event in of_kind(trajectory, IterationStarted)] == [1, 2, 3, 4]
+    [skipped] = of_kind(trajectory, CodeSkipped)
+    assert (skipped.language, skipped.code) == ("bash", "ls -l\n")
+    [call] = of_kind(trajectory, SubCallAnswered)
+    assert (call.prompt, call.answer) == ("what is in the box?", "answer to what is in the box?")
+    assert [fold.method for fold in of_kind(trajectory, ContextFolded)] == ["truncation", "model"]
+    notes = [event.final_note for event in of_kind(trajectory, IterationFinished)]
+    assert "FINAL_VAR(missing) is not final" in notes[1]
+    assert trajectory.finished is not None
+    result = trajectory.finished.result
+    assert (result.answer, result.stop_reason, result.iterations, result.sub_calls,
+            result.folds) == ("kept across the fold", "final_var", 4, 1, 2)
+    assert [step.iteration for step in result.steps] == [1, 2, 3, 4]
+    assert result.agents == ["local-agent"]
+    text = render_trajectory(trajectory)
+    for piece in ("Run rlm-20260101-120000-0a1b2c3d", "Iteration 4", "[block 1: ```bash not run]",
+                  "[context folded by model: 2 turns", "[sub-call 1: 19 chars in",
+                  "Finished: final_var", "kept across the fold"):
+        assert piece in text
+    [summary] = list_runs(V1_FIXTURE)
+    assert (summary.run_id, summary.stop_reason, summary.iterations,
+            summary.answer) == (V1_RUN, "final_var", 4, "kept across the fold")
+
+
+def test_a_first_format_trajectory_cut_off_mid_write_still_reads(tmp_path: Path) -> None:
     meta = {"kind": "meta", "run_id": "r1", "query": "q", "model": "m", "context_type": "str",
             "context_chars": 1, "context_chunks": 1, "config": {}, "started_at": 1.0}
     path = tmp_path / "r1.jsonl"
     path.write_text(json.dumps(meta) + '\n{"kind": "iteration", "run_id": "r1", "itera')
     trajectory = read_trajectory("r1", tmp_path)
-    assert (trajectory.iterations, trajectory.final) == ([], None)
+    assert [type(event) for event in trajectory.events] == [RunStarted]
     assert "Not finished" in render_trajectory(trajectory)
     [summary] = list_runs(tmp_path)
     assert (summary.run_id, summary.stop_reason) == ("r1", None)

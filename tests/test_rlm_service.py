@@ -66,7 +66,8 @@ async def test_run_over_http_answers_from_the_repl_with_a_sub_call(
         assert agents[0].agent_id in result["devices"]
         async with session.get(f"{controller.base_url}/v1/runs/{result['run_id']}") as response:
             trajectory = await response.json()
-        assert trajectory["final"]["answer"] == EXPECTED
+        assert trajectory["events"][0]["kind"] == "run_started"
+        assert trajectory["events"][-1]["result"]["answer"] == EXPECTED
         async with session.get(f"{controller.base_url}/v1/runs/rlm-nope") as response:
             assert response.status == 404
         async with session.get(controller.base_url + "/v1/status") as response:
@@ -168,6 +169,48 @@ async def test_cli_run_streams_iterations_and_runs_show_prints_the_trajectory(
     assert EXPECTED in out
     code, out, _ = await _ctl("runs", "--dir", str(tmp_path / "runs"), "list")
     assert run_id in out
+
+
+FIRST_FORMAT = Path(__file__).parent / "data" / "trajectory"
+FIRST_FORMAT_RUN = "rlm-20260101-120000-0a1b2c3d"
+
+
+async def test_a_trajectory_of_the_first_format_is_served_as_events(
+    controller: Controller, tmp_path: Path,
+) -> None:
+    source = FIRST_FORMAT / f"{FIRST_FORMAT_RUN}.jsonl"
+    (tmp_path / "runs").mkdir(exist_ok=True)
+    (tmp_path / "runs" / source.name).write_bytes(source.read_bytes())
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{controller.base_url}/v1/runs/{FIRST_FORMAT_RUN}") as response:
+            assert response.status == 200, await response.text()
+            trajectory = await response.json()
+        async with session.get(f"{controller.base_url}/v1/runs") as response:
+            listed = await response.json()
+    kinds = [event["kind"] for event in trajectory["events"]]
+    assert (kinds[0], kinds[-1]) == ("run_started", "run_finished")
+    assert kinds.count("iteration_started") == 4
+    assert "code_skipped" in kinds
+    assert "sub_call" in kinds
+    assert trajectory["events"][0]["query"] == "what is kept?"
+    assert trajectory["events"][-1]["result"]["answer"] == "kept across the fold"
+    [stored] = [run for run in listed["stored"] if run["run_id"] == FIRST_FORMAT_RUN]
+    assert (stored["stop_reason"], stored["iterations"]) == ("final_var", 4)
+
+
+async def test_runs_show_prints_a_trajectory_of_the_first_format() -> None:
+    code, out, err = await _ctl("runs", "--dir", str(FIRST_FORMAT), "show", FIRST_FORMAT_RUN)
+    assert code == 0, err
+    for piece in (f"Run {FIRST_FORMAT_RUN} (model scripted/model, depth 0)", "what is kept?",
+                  "── Iteration 1 ──", "[block 1: ```bash not run]",
+                  "  > first_var = 'kept across the fold'", "[sub-call 1: 19 chars in",
+                  "[context folded by truncation", "FINAL_VAR(missing) is not final",
+                  "── Finished: final_var ── after 4 iterations, 1 sub-calls",
+                  "Answer:\n  kept across the fold"):
+        assert piece in out, piece
+    code, out, _ = await _ctl("runs", "--dir", str(FIRST_FORMAT), "list")
+    assert code == 0
+    assert f"{FIRST_FORMAT_RUN}  final_var" in out
 
 
 async def test_cli_run_without_a_controller_says_how_to_start_one() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -25,8 +24,8 @@ from kowalski.controller.api.dashboard import add_dashboard_routes
 from kowalski.controller.api.openai_front import chat_completions, list_models
 from kowalski.controller.api.state import STATE, ControllerState, require_token
 from kowalski.controller.api.status import device_statuses, prometheus_text
-from kowalski.controller.rlm.loop import RlmEvent
-from kowalski.controller.rlm.runs import RunRequest
+from kowalski.controller.rlm.events import RlmEvent
+from kowalski.controller.rlm.runs import RunRequest, RunStreamError, RunStreamResult
 from kowalski.controller.rlm.trajectory import list_runs, read_trajectory, run_dir
 
 _encoder = msgspec.json.Encoder()
@@ -104,14 +103,14 @@ async def post_run(request: web.Request) -> web.StreamResponse:
                 await response.write(_encoder.encode(getter.result()) + b"\n")
             else:
                 getter.cancel()
-        result: Any = {"kind": "result", "result": task.result()}
+        last: RunStreamResult | RunStreamError = RunStreamResult(result=task.result())
     except KowalskiError as exc:
-        result = {"kind": "error", "error": WireError(
-            code=exc.code, message=exc.user_message(), retryable=exc.retry_elsewhere)}
+        last = RunStreamError(error=WireError(
+            code=exc.code, message=exc.user_message(), retryable=exc.retry_elsewhere))
     finally:
         if not task.done():
             task.cancel()
-    await response.write(_encoder.encode(result) + b"\n")
+    await response.write(_encoder.encode(last) + b"\n")
     await response.write_eof()
     return response
 

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import TextIO
 
 import msgspec
 
@@ -41,7 +41,7 @@ from kowalski.controller.batch.files import (
 )
 from kowalski.controller.batch.progress import Progress, ProgressBar, format_duration
 from kowalski.controller.models.cache import CachedBackend, CacheOutcome
-from kowalski.controller.models.chat_types import ChatRequest, ChatResult
+from kowalski.controller.models.chat_types import ChatBackend, ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.retry import RetryPolicy, retry
 
@@ -49,7 +49,6 @@ __all__ = [
     "BatchItem",
     "BatchRun",
     "BatchSummary",
-    "ChatBackend",
     "ExoClientBackend",
     "ItemError",
     "ItemFailure",
@@ -69,14 +68,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_OPERATION = "llm_inference"
-
-
-class ChatBackend(Protocol):
-    async def chat(
-        self, request: ChatRequest, *, operation: str = DEFAULT_OPERATION,
-    ) -> ChatResult:
-        """One completion; failures raise KowalskiError subclasses."""
-        ...
 
 
 # --- running ---------------------------------------------------------------------------------

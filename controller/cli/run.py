@@ -16,23 +16,27 @@ from kowalski.common.config import Config, read_api_token
 from kowalski.common.errors import NetworkError, ParseError
 from kowalski.common.tls import client_ssl_context, loop_factory
 from kowalski.controller.cli.exit_codes import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
-from kowalski.controller.rlm.loop import RlmEvent, RlmResult
-from kowalski.controller.rlm.runs import RunRequest
-from kowalski.controller.rlm.trajectory import (
-    AnyRlmEvent,
+from kowalski.controller.rlm.events import (
     CodeExecuted,
     ContextFolded,
     ModelReplied,
+    RlmEvent,
+    RlmResult,
     RunStarted,
     SubCallAnswered,
-    list_runs,
-    read_trajectory,
-    render_trajectory,
 )
+from kowalski.controller.rlm.runs import (
+    RunRequest,
+    RunStreamError,
+    RunStreamLine,
+    RunStreamResult,
+)
+from kowalski.controller.rlm.trajectory import list_runs, read_trajectory, render_trajectory
 
 # Stop reasons that mean the model gave its answer.
 ANSWERED = frozenset({"final", "final_var", "direct"})
 _SHOWN_CHARS = 1500
+_stream_decoder = msgspec.json.Decoder(RunStreamLine)
 
 
 def _cut(text: str, limit: int = _SHOWN_CHARS) -> str:
@@ -118,13 +122,13 @@ async def _run_remote(url: str, request: RunRequest, show: bool, token: str | No
                 raise NetworkError(f"{url}/v1/runs answered {response.status}: "
                                    f"{(await response.text())[:500]}")
             async for line in response.content:
-                item = msgspec.json.decode(line)
-                if item.get("kind") == "result":
-                    return msgspec.convert(item["result"], RlmResult)
-                if item.get("kind") == "error":
-                    raise NetworkError(f"the run failed: {item['error']['message']}")
+                item = _stream_decoder.decode(line)
+                if isinstance(item, RunStreamResult):
+                    return item.result
+                if isinstance(item, RunStreamError):
+                    raise NetworkError(f"the run failed: {item.error.message}")
                 if show:
-                    print_event(msgspec.convert(item, AnyRlmEvent), sys.stdout)
+                    print_event(item, sys.stdout)
     except aiohttp.ClientError as exc:
         raise NetworkError(f"no controller answers at {url}: {exc}; start one with "
                            "`kowalski-ctl serve`, or pass --local") from None

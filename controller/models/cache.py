@@ -9,15 +9,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
 from kowalski.common.config import ExoConfig
-from kowalski.controller.models.chat_types import ChatRequest, ChatResult
-
-if TYPE_CHECKING:
-    from kowalski.controller.batch.runner import ChatBackend
+from kowalski.controller.models.chat_types import ChatBackend, ChatRequest, ChatResult
 
 # Fields that change how an answer is delivered, not what it says.
 _NON_SEMANTIC = ("stream", "stream_options", "user")

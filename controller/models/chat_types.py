@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 
@@ -45,6 +45,15 @@ class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
     # The server's completion id; on exo v1 it is also the command id that /v1/cancel takes.
     id: str
     model: str = ""
+
+
+class ChatBackend(Protocol):
+    """Where model calls go: the router over exo endpoints, a cache before it, or one client."""
+
+    async def chat(self, request: ChatRequest, *, operation: str = "llm_inference"
+                   ) -> ChatResult:
+        """One completion; failures raise KowalskiError subclasses."""
+        ...
 
 
 class ChatDelta(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,23 +1,22 @@
-"""A run's interfaces and reports: what it talks to, its events, its result, its tokens.
+"""A run's interfaces and its one event family: what it talks to, what happened, how it ended.
 
-A run sends model calls to a `ChatBackend` and code to a `CodeSession`. Observers (the CLI,
-the dashboard) receive `RlmEvent`s live; the last one, `RunFinished`, carries the
-`RlmResult`. The trajectory file stores its own records (see trajectory.py).
+A run sends model calls to a `ChatBackend` and code to a `CodeSession`. Every step is an
+`RlmEvent`: observers (the CLI, the dashboard) receive them live, and the trajectory file
+stores the same events, one JSON line each. The last one, `RunFinished`, carries the
+`RlmResult`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 
+from kowalski.common.config import RlmConfig
 from kowalski.common.messages import CellResult, VariableValue, WireError
-from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, ChatResult
+from kowalski.controller.models.chat_types import ChatMessage, ChatResult
 from kowalski.controller.rlm.folding import CHARS_PER_TOKEN, estimate_tokens
-
-if TYPE_CHECKING:
-    from kowalski.controller.rlm.loop import RlmRun
 
 StopReason = Literal[
     "final", "final_var", "max_iterations", "timeout", "token_budget", "error", "cancelled",
@@ -111,7 +110,7 @@ class RlmResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RlmEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
-    """Something that happened in a run, sent to its observer as it happens."""
+    """Something that happened in a run: sent to its observer and stored in its trajectory."""
 
     run_id: str
     depth: int
@@ -123,12 +122,21 @@ class RunStarted(RlmEvent, frozen=True, tag="run_started"):
     context_type: str
     context_chars: int
     trajectory_path: str
+    # Pieces of a list or dict context (1 for a string).
+    context_chunks: int
+    started_at: float
+    config: RlmConfig
     parent_run_id: str = ""
+    # The first two messages of the conversation, so the file can rebuild it.
+    system_prompt: str = ""
+    task: str = ""
 
 
 class IterationStarted(RlmEvent, frozen=True, tag="iteration_started"):
     iteration: int
+    # "turn": a normal step; "final_request": the extra request at the iteration limit.
     phase: str
+    started_at: float
 
 
 class ContextFolded(RlmEvent, frozen=True, tag="context_folded"):
@@ -137,6 +145,8 @@ class ContextFolded(RlmEvent, frozen=True, tag="context_folded"):
     folded_turns: int
     tokens_before: int
     tokens_after: int
+    summary: str = ""
+    error: str = ""
 
 
 class ModelReplied(RlmEvent, frozen=True, tag="model_replied"):
@@ -146,6 +156,19 @@ class ModelReplied(RlmEvent, frozen=True, tag="model_replied"):
     model_ms: float
     tokens: TokenCount
     endpoint: str
+    # The request: how many messages, and their characters.
+    messages_sent: int
+    prompt_chars: int
+    finish_reason: str | None = None
+
+
+class CodeSkipped(RlmEvent, frozen=True, tag="code_skipped"):
+    """A block of the reply that was not run (not ```repl / ```python, or not fenced)."""
+
+    iteration: int
+    block: int
+    language: str
+    code: str
 
 
 class CodeExecuted(RlmEvent, frozen=True, tag="code_executed"):
@@ -153,9 +176,11 @@ class CodeExecuted(RlmEvent, frozen=True, tag="code_executed"):
     block: int
     code: str
     status: str
+    # The output as the model saw it (cut at rlm.max_output_chars).
     output: str
     wall_time_ms: float
     device_id: str
+    language: str
 
 
 class SubCallAnswered(RlmEvent, frozen=True, tag="sub_call"):
@@ -165,21 +190,37 @@ class SubCallAnswered(RlmEvent, frozen=True, tag="sub_call"):
     latency_ms: float
     tokens: TokenCount
     error: str = ""
+    # The prompt and the answer, cut to SUB_CALL_CHARS.
+    prompt: str = ""
+    answer: str = ""
+    endpoint: str = ""
+    # Set when the sub-call was itself an RLM run (depth below max_depth).
+    child_run_id: str = ""
+
+
+class IterationFinished(RlmEvent, frozen=True, tag="iteration_finished"):
+    """The end of an iteration: its code time, the FINAL marker found, the reply sent back."""
+
+    iteration: int
+    phase: str
+    code_ms: float
+    # FINAL / FINAL_VAR as found in the reply, and why it did not end the run (if it did not).
+    final_kind: str = ""
+    final_value: str = ""
+    final_note: str = ""
+    # The user message sent back (REPL output and notes); empty when the run ended here.
+    feedback: str = ""
 
 
 class RunFinished(RlmEvent, frozen=True, tag="run_finished"):
     result: RlmResult
+    finished_at: float
 
 
-AnyRlmEvent = (RunStarted | IterationStarted | ContextFolded | ModelReplied | CodeExecuted
-               | SubCallAnswered | RunFinished)
-
-
-class ChatBackend(Protocol):
-    """Where model calls go (the router over exo endpoints, or one client)."""
-
-    async def chat(self, request: ChatRequest, *, operation: str = "llm_inference"
-                   ) -> ChatResult: ...
+AnyRlmEvent = (RunStarted | IterationStarted | ContextFolded | ModelReplied | CodeSkipped
+               | CodeExecuted | SubCallAnswered | IterationFinished | RunFinished)
+# Sub-call prompts and answers are stored cut to this many characters.
+SUB_CALL_CHARS = 2000
 
 
 class CodeSession(Protocol):
@@ -195,5 +236,17 @@ class CodeSession(Protocol):
     async def close(self) -> None: ...
 
 
-SessionFactory = Callable[[Any, "RlmRun"], Awaitable[CodeSession]]
+class RunHandle(Protocol):
+    """What a session factory needs from its run: who it is, and where llm_query goes."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def depth(self) -> int: ...
+
+    async def answer_sub_calls(self, prompts: list[str], *, model: str = "") -> list[str]: ...
+
+
+SessionFactory = Callable[[Any, RunHandle], Awaitable[CodeSession]]
 Observer = Callable[[RlmEvent], "Awaitable[None] | None"]

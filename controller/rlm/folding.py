@@ -13,12 +13,17 @@ from __future__ import annotations
 import ast
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Literal, Protocol
+from typing import Literal
 
 import msgspec
 
 from kowalski.common.errors import KowalskiError
-from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, ChatResult
+from kowalski.controller.models.chat_types import (
+    ChatBackend,
+    ChatMessage,
+    ChatRequest,
+    ChatResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +44,6 @@ they produced. Summarise all your progress so far (with any earlier summary in t
 yourself in a few short paragraphs: what you have found (keep numbers, names, variable names \
 and exact values), what you tried that did not work, and what to do next. Write only the \
 summary."""
-
-
-class _Chat(Protocol):
-    async def chat(self, request: ChatRequest, *, operation: str = ...) -> ChatResult: ...
 
 
 class FoldResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -232,7 +233,7 @@ def shrink(messages: list[ChatMessage], target_tokens: int) -> list[ChatMessage]
 async def fold(
     messages: list[ChatMessage],
     *,
-    backend: _Chat,
+    backend: ChatBackend,
     model: str,
     keep_last_turns: int,
     variable_names: Sequence[str],

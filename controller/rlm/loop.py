@@ -23,14 +23,19 @@ from kowalski.common.code_blocks import CodeBlock, extract_code_blocks
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ContextSizeExceededError, KowalskiError
 from kowalski.common.messages import WireError
-from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, ChatResult
+from kowalski.controller.models.chat_types import (
+    ChatBackend,
+    ChatMessage,
+    ChatRequest,
+    ChatResult,
+)
 from kowalski.controller.rlm import prompts as prompts
 from kowalski.controller.rlm.events import (
-    AnyRlmEvent,
-    ChatBackend,
     CodeExecuted,
     CodeSession,
+    CodeSkipped,
     ContextFolded,
+    IterationFinished,
     IterationStarted,
     ModelReplied,
     Observer,
@@ -41,31 +46,16 @@ from kowalski.controller.rlm.events import (
     SessionFactory,
     StepTiming,
     Stop,
-    StopReason,
-    SubCallAnswered,
-    TokenCount,
     budget_stop,
     chat_tokens,
     limit_stop,
 )
 from kowalski.controller.rlm.folding import estimate_tokens, fold, names_in, needs_fold
-from kowalski.controller.rlm.subcalls import SubCalls
-from kowalski.controller.rlm.trajectory import (
-    CodeRecord,
-    FinalRecord,
-    FoldRecord,
-    IterationRecord,
-    RunMeta,
-    TrajectoryWriter,
-)
+from kowalski.controller.rlm.ledger import RunLedger
+from kowalski.controller.rlm.subcalls import SubCalls, max_prompt_chars
+from kowalski.controller.rlm.trajectory import TrajectoryWriter
 
-# The interfaces, events and result are defined in rlm_events and re-exported for callers.
-__all__ = [
-    "AnyRlmEvent", "ChatBackend", "CodeExecuted", "CodeSession", "ContextFolded",
-    "IterationStarted", "ModelReplied", "Observer", "RlmEvent", "RlmResult", "RlmRun",
-    "RunFinished", "RunStarted", "SessionFactory", "StepTiming", "StopReason",
-    "SubCallAnswered", "TokenCount", "new_run_id",
-]
+__all__ = ["RlmRun", "new_run_id"]
 
 log = logging.getLogger(__name__)
 
@@ -119,32 +109,29 @@ class RlmRun:
         self._messages: list[ChatMessage] = []
         # (tokens the server counted for messages[:count], count), from the last reply.
         self._known: tuple[int, int] | None = None
-        self._tokens = TokenCount()
         self._cells: list[str] = []
         self._steps: list[StepTiming] = []
-        self._agents: dict[str, None] = {}
-        self._endpoints: dict[str, None] = {}
-        self._iteration = 0
         self._folds = 0
         self._last_reply = ""
         self._session: CodeSession | None = None
-        self._deadline = 0.0
         self._started = False
-        self._finished = False
-        self._subs = SubCalls(self)
+        self._ledger = RunLedger()
+        self._subs = SubCalls(
+            run_id=self.run_id, depth=depth, config=self.config, backend=backend,
+            ledger=self._ledger, emit=self._emit, run_child=self._run_child,
+            temperature=temperature)
 
     # --- bookkeeping ------------------------------------------------------------------------
 
     @property
     def tokens_used(self) -> int:
         """Tokens spent so far, sub-calls included."""
-        return self._tokens.total_tokens + self._subs.tokens.total_tokens
-
-    def _note(self, table: dict[str, None], name: str) -> None:
-        if name:
-            table.setdefault(name, None)
+        return self._ledger.tokens_used
 
     async def _emit(self, event: RlmEvent) -> None:
+        """Store the event in the trajectory, then tell the observer."""
+        # The file must hold the run's end even when the run is being cancelled.
+        await asyncio.shield(self._writer.write(event))
         if self._observer is None:
             return
         try:
@@ -171,23 +158,20 @@ class RlmRun:
         if info.total_chars > self.config.max_context_length:
             raise ContextSizeExceededError(info.total_chars, self.config.max_context_length)
         started_at, started = time.time(), time.monotonic()
-        self._deadline = asyncio.get_running_loop().time() + self.config.run_timeout_s
+        self._ledger.deadline = asyncio.get_running_loop().time() + self.config.run_timeout_s
         recursive = self.depth + 1 < self.config.max_depth
         system = prompts.system_prompt(
             info, output_chars=self.config.max_output_chars,
-            sub_chars=self._subs.max_prompt_chars(), recursive_sub_calls=recursive)
+            sub_chars=max_prompt_chars(self.config), recursive_sub_calls=recursive)
         task = prompts.task_prompt(self.query)
         self._messages = [ChatMessage(role="system", content=system),
                           ChatMessage(role="user", content=task)]
-        await self._writer.write(RunMeta(
-            run_id=self.run_id, query=self.query, model=self.model, context_type=info.type,
-            context_chars=info.total_chars, context_chunks=len(info.chunk_chars),
-            config=self.config, started_at=started_at, depth=self.depth,
-            parent_run_id=self.parent_run_id, system_prompt=system, task=task))
         await self._emit(RunStarted(
             run_id=self.run_id, depth=self.depth, query=self.query, model=self.model,
             context_type=info.type, context_chars=info.total_chars,
-            trajectory_path=self.trajectory_path, parent_run_id=self.parent_run_id))
+            context_chunks=len(info.chunk_chars), started_at=started_at, config=self.config,
+            trajectory_path=self.trajectory_path, parent_run_id=self.parent_run_id,
+            system_prompt=system, task=task))
         try:
             stop = await self._guarded()
         except BaseException as exc:
@@ -202,13 +186,13 @@ class RlmRun:
 
     async def _guarded(self) -> Stop:
         """The loop under the run's deadline; budget and errors become a stop."""
-        timeout = asyncio.timeout_at(self._deadline)
+        timeout = asyncio.timeout_at(self._ledger.deadline)
         try:
             async with timeout:
                 if self.depth >= self.config.max_depth:
                     return await self._direct()
                 self._session = await self._factory(self.context, self)
-                self._note(self._agents, self._session.device_id)
+                self._ledger.note_agent(self._session.device_id)
                 return await self._loop()
         except (TimeoutError, KowalskiError) as exc:
             if timeout.expired():
@@ -237,25 +221,27 @@ class RlmRun:
         assert stop is not None  # the final request always stops
         return stop
 
-    async def _ask(self, phase: str) -> tuple[ChatResult, float, TokenCount]:
+    async def _ask(self, phase: str) -> tuple[ChatResult, float]:
         """Send the conversation, append the reply, count its tokens."""
+        sent, prompt_chars = len(self._messages), sum(len(m.content) for m in self._messages)
         request = ChatRequest(model=self.model, messages=list(self._messages),
                               max_tokens=self._reply_max_tokens, temperature=self._temperature)
         started = time.monotonic()
         result = await self._backend.chat(request, operation="llm_inference")
         model_ms = (time.monotonic() - started) * 1000
         tokens = chat_tokens(result, self._messages)
-        self._tokens += tokens
-        self._note(self._endpoints, result.endpoint)
+        self._ledger.tokens += tokens
+        self._ledger.note_endpoint(result.endpoint)
         self._messages.append(ChatMessage(role="assistant", content=result.text))
         self._known = (tokens.total_tokens, len(self._messages))
         self._last_reply = result.text
         await self._emit(ModelReplied(
-            run_id=self.run_id, depth=self.depth, iteration=self._iteration, phase=phase,
-            text=result.text, model_ms=model_ms, tokens=tokens, endpoint=result.endpoint))
-        return result, model_ms, tokens
+            run_id=self.run_id, depth=self.depth, iteration=self._ledger.iteration, phase=phase,
+            text=result.text, model_ms=model_ms, tokens=tokens, endpoint=result.endpoint,
+            finish_reason=result.finish_reason, messages_sent=sent, prompt_chars=prompt_chars))
+        return result, model_ms
 
-    async def _maybe_fold(self) -> FoldRecord | None:
+    async def _maybe_fold(self) -> None:
         tokens = self._window_tokens()
         window, threshold = self.config.context_window_tokens, self.config.fold_threshold
         if not needs_fold(tokens, window_tokens=window, threshold=threshold):
@@ -265,49 +251,43 @@ class RlmRun:
             keep_last_turns=self.config.keep_last_turns, variable_names=names_in(self._cells),
             window_tokens=window, threshold=threshold, tokens=tokens)
         if folded.method == "none":
-            return None
+            return
         self._messages, self._known = folded.messages, None
         self._folds += 1
         if folded.chat is not None:
-            self._tokens += chat_tokens(folded.chat, [])
-            self._note(self._endpoints, folded.chat.endpoint)
-        record = FoldRecord(method=folded.method, folded_turns=folded.folded_turns,
-                            tokens_before=tokens, tokens_after=folded.tokens_after,
-                            summary=folded.summary, error=folded.error)
+            self._ledger.tokens += chat_tokens(folded.chat, [])
+            self._ledger.note_endpoint(folded.chat.endpoint)
         await self._emit(ContextFolded(
-            run_id=self.run_id, depth=self.depth, iteration=self._iteration,
+            run_id=self.run_id, depth=self.depth, iteration=self._ledger.iteration,
             method=folded.method, folded_turns=folded.folded_turns, tokens_before=tokens,
-            tokens_after=folded.tokens_after))
-        return record
+            tokens_after=folded.tokens_after, summary=folded.summary, error=folded.error))
 
-    async def _run_blocks(self, blocks: list[CodeBlock]) -> tuple[list[CodeRecord], list[str]]:
+    async def _run_blocks(self, blocks: list[CodeBlock]) -> list[str]:
         """Run the Python blocks in order; the feedback for each block, run or not."""
         assert self._session is not None
-        records: list[CodeRecord] = []
+        iteration = self._ledger.iteration
         feedback: list[str] = []
         for number, block in enumerate(blocks, start=1):
             if not (block.fenced and block.language == "python"):
-                records.append(CodeRecord(index=number, language=block.raw_language,
-                                          code=block.code, executed=False))
                 feedback.append(prompts.skipped_block_note(number, block))
+                await self._emit(CodeSkipped(
+                    run_id=self.run_id, depth=self.depth, iteration=iteration, block=number,
+                    language=block.raw_language, code=block.code))
                 continue
             started = time.monotonic()
             result = await self._session.execute(block.code, timeout_ms=self._cell_timeout_ms)
             wall_ms = (time.monotonic() - started) * 1000
             self._cells.append(block.code)
             device = result.agent_id or self._session.device_id
-            self._note(self._agents, self._session.device_id)
+            self._ledger.note_agent(self._session.device_id)
             output = prompts.format_output(result, self.config.max_output_chars)
-            records.append(CodeRecord(
-                index=number, language=block.raw_language, code=block.code, executed=True,
-                status=result.status, output=output, wall_time_ms=wall_ms, device_id=device))
             title = "REPL output" if len(blocks) == 1 else f"REPL output of block {number}"
             feedback.append(f"{title}:\n{output}")
             await self._emit(CodeExecuted(
-                run_id=self.run_id, depth=self.depth, iteration=self._iteration, block=number,
+                run_id=self.run_id, depth=self.depth, iteration=iteration, block=number,
                 code=block.code, status=result.status, output=output, wall_time_ms=wall_ms,
-                device_id=device))
-        return records, feedback
+                device_id=device, language=block.raw_language))
+        return feedback
 
     async def _resolve(self, marker: prompts.FinalMarker) -> tuple[Stop | None, str]:
         """The stop a FINAL marker makes, or why it does not end the run."""
@@ -332,18 +312,16 @@ class RlmRun:
     async def _turn(self, iteration: int, phase: Literal["turn", "final_request"]
                     ) -> Stop | None:
         """One model call and, in a normal turn, its code; the stop it makes, if any."""
-        self._iteration = iteration
-        self._subs.records = []
-        started_at = time.time()
+        self._ledger.iteration = iteration
         await self._emit(IterationStarted(run_id=self.run_id, depth=self.depth,
-                                          iteration=iteration, phase=phase))
-        fold_record = await self._maybe_fold()
-        sent, prompt_chars = len(self._messages), sum(len(m.content) for m in self._messages)
-        result, model_ms, tokens = await self._ask(phase)
+                                          iteration=iteration, phase=phase,
+                                          started_at=time.time()))
+        await self._maybe_fold()
+        result, model_ms = await self._ask(phase)
         blocks = extract_code_blocks(result.text)
         code_started = time.monotonic()
         # The extra request at the limit asks for an answer only: its code is not run.
-        records, feedback = await self._run_blocks(blocks) if phase == "turn" else ([], [])
+        feedback = await self._run_blocks(blocks) if phase == "turn" else []
         marker = prompts.find_final(result.text, blocks)
         stop, note = await self._resolve(marker) if marker is not None else (None, "")
         code_ms = (time.monotonic() - code_started) * 1000
@@ -362,12 +340,9 @@ class RlmRun:
             message = "\n\n".join([*feedback, ending])
             self._messages.append(ChatMessage(role="user", content=message))
         self._steps.append(StepTiming(iteration=iteration, model_ms=model_ms, code_ms=code_ms))
-        await self._writer.write(IterationRecord(
-            run_id=self.run_id, iteration=iteration, phase=phase, started_at=started_at,
-            messages_sent=sent, prompt_chars=prompt_chars, response=result.text,
-            finish_reason=result.finish_reason, endpoint=result.endpoint, tokens=tokens,
-            model_ms=model_ms, code_ms=code_ms, code=records, sub_calls=self._subs.records,
-            fold=fold_record, final_kind=marker.kind if marker else "",
+        await self._emit(IterationFinished(
+            run_id=self.run_id, depth=self.depth, iteration=iteration, phase=phase,
+            code_ms=code_ms, final_kind=marker.kind if marker else "",
             final_value=marker.value if marker else "", final_note=note, feedback=message))
         return stop
 
@@ -376,39 +351,45 @@ class RlmRun:
         text = self.context if isinstance(self.context, str) else msgspec.json.encode(
             self.context).decode()
         self._messages = [ChatMessage(role="user", content=f"{text}\n\n{self.query}")]
-        result, model_ms, _ = await self._ask("direct")
+        result, model_ms = await self._ask("direct")
         self._steps.append(StepTiming(iteration=0, model_ms=model_ms, code_ms=0.0))
         return Stop(reason="direct", answer=result.text.strip(),
                     detail="max_depth is 0: one plain model call, no REPL")
 
     async def _finish(self, stop: Stop, started: float) -> RlmResult:
-        self._finished = True
+        ledger = self._ledger
+        ledger.finished = True
         session, self._session = self._session, None
         if session is not None:
             try:
                 await asyncio.shield(session.close())
             except KowalskiError as exc:
                 log.info("run %s: closing its session: %s", self.run_id, exc)
-        latency_ms = (time.monotonic() - started) * 1000
-        devices = [*self._agents, *self._endpoints]
-        iterations = min(self._iteration, self.config.max_iterations)
         result = RlmResult(
             run_id=self.run_id, answer=stop.answer, stop_reason=stop.reason, detail=stop.detail,
-            iterations=iterations, sub_calls=self._subs.count,
-            tokens=self._tokens + self._subs.tokens, sub_call_tokens=self._subs.tokens,
-            steps=self._steps, latency_ms=latency_ms, devices=devices,
-            agents=list(self._agents), endpoints=list(self._endpoints),
-            trajectory_path=self.trajectory_path, folds=self._folds, error=stop.error)
-        await asyncio.shield(self._writer.write(FinalRecord(
-            run_id=self.run_id, answer=stop.answer, stop_reason=stop.reason, detail=stop.detail,
-            iterations=iterations, sub_calls=self._subs.count, tokens=result.tokens,
-            sub_call_tokens=self._subs.tokens, latency_ms=latency_ms, finished_at=time.time(),
-            devices=devices, error=stop.error)))
-        await self._emit(RunFinished(run_id=self.run_id, depth=self.depth, result=result))
+            iterations=min(ledger.iteration, self.config.max_iterations),
+            sub_calls=ledger.sub_calls, tokens=ledger.tokens + ledger.sub_call_tokens,
+            sub_call_tokens=ledger.sub_call_tokens, steps=self._steps,
+            latency_ms=(time.monotonic() - started) * 1000,
+            devices=[*ledger.agents, *ledger.endpoints], agents=list(ledger.agents),
+            endpoints=list(ledger.endpoints), trajectory_path=self.trajectory_path,
+            folds=self._folds, error=stop.error)
+        await self._emit(RunFinished(run_id=self.run_id, depth=self.depth, result=result,
+                                     finished_at=time.time()))
         return result
 
     # --- sub-calls ------------------------------------------------------------------------
 
     async def answer_sub_calls(self, prompts: list[str], *, model: str = "") -> list[str]:
         """Answers to llm_query / llm_query_batched, in order; a failed one reads "Error: ..."."""
-        return await self._subs.answer(prompts, model=model)
+        return await self._subs.answer(prompts, model=model or self.model)
+
+    async def _run_child(self, query: str, context: str, *, config: RlmConfig, model: str,
+                         run_id: str) -> RlmResult:
+        """A sub-call's own run, one level deeper, of the same class as this one."""
+        child = type(self)(
+            query, context, backend=self._backend, session_factory=self._factory,
+            config=config, model=model, observer=self._observer, run_id=run_id,
+            depth=self.depth + 1, parent_run_id=self.run_id, temperature=self._temperature,
+            cell_timeout_ms=self._cell_timeout_ms)
+        return await child.run()

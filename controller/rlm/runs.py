@@ -15,16 +15,21 @@ from msgspec import Meta
 
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ContextSizeExceededError, ParseError
-from kowalski.common.messages import LlmCallback
+from kowalski.common.messages import LlmCallback, WireError
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.fleet.sessions import RemoteSession
-from kowalski.controller.rlm.loop import ChatBackend, RlmEvent, RlmResult, RlmRun, new_run_id
-from kowalski.controller.rlm.trajectory import (
+from kowalski.controller.models.chat_types import ChatBackend
+from kowalski.controller.rlm.events import (
+    AnyRlmEvent,
     CodeExecuted,
     ModelReplied,
+    RlmEvent,
+    RlmResult,
     RunFinished,
+    RunHandle,
     SubCallAnswered,
 )
+from kowalski.controller.rlm.loop import RlmRun, new_run_id
 
 log = logging.getLogger(__name__)
 EventListener = Callable[[RlmEvent], None]
@@ -33,7 +38,7 @@ _KEEP_FINISHED = 50
 
 
 class LiveRunSummary(msgspec.Struct, frozen=True, kw_only=True):
-    """A run the controller holds in memory, as status shows it."""
+    """A run of this controller, counted from its events as they come: running or done is known."""
 
     run_id: str
     query: str
@@ -44,7 +49,6 @@ class LiveRunSummary(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float
     devices: list[str]
     stop_reason: str = ""
-
 
 
 class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -60,6 +64,24 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     run_timeout_s: Annotated[float, Meta(gt=0)] | None = None
     # Stream events as NDJSON while the run goes, then the result.
     stream: bool = False
+
+
+class RunStreamResult(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind",
+                      tag="result"):
+    """The last line of a streamed run that ended with a result."""
+
+    result: RlmResult
+
+
+class RunStreamError(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind",
+                     tag="error"):
+    """The last line of a streamed run that could not run (or failed in Kowalski)."""
+
+    error: WireError
+
+
+# One line of POST /v1/runs with "stream": true: events, then a result or an error.
+RunStreamLine = AnyRlmEvent | RunStreamResult | RunStreamError
 
 
 class _Live:
@@ -103,7 +125,7 @@ class RunRegistry:
         self._callback_url = callback_url
         self._cell_timeout_s = cell_timeout_s
         # Token -> run, for sub-calls; tokens die with their run.
-        self._tokens: dict[str, RlmRun] = {}
+        self._tokens: dict[str, RunHandle] = {}
         self._live: OrderedDict[str, _Live] = OrderedDict()
         self._listeners: list[EventListener] = []
 
@@ -121,7 +143,7 @@ class RunRegistry:
             return None
         return await run.answer_sub_calls(prompts, model=model)
 
-    async def _session(self, context: Any, run: RlmRun) -> RemoteSession:
+    async def _session(self, context: Any, run: RunHandle) -> RemoteSession:
         token = secrets.token_urlsafe(24)
         self._tokens[token] = run
         session = RemoteSession(

@@ -1,4 +1,4 @@
-// One run's trajectory (GET /v1/runs/{id}): each iteration's reply, code and output.
+// One run's trajectory (GET /v1/runs/{id}): its events, shown per iteration.
 // Fetched when a run is selected, and again when the stream says that run moved on.
 
 import {badge, formatClock, formatCount, formatMs, h, runOutcome} from "./dom.js";
@@ -22,9 +22,9 @@ function tokens(count) {
 }
 
 function codeBlock(code) {
-  if (!code.executed) {
+  if (code.kind === "code_skipped") {
     return h("div", {class: "code-cell skipped"},
-      h("div", {class: "cell-head"}, `Block ${code.index}: ${code.language || "untagged"} — not run`));
+      h("div", {class: "cell-head"}, `Block ${code.block}: ${code.language || "untagged"} — not run`));
   }
   const where = code.device_id ? ` on ${code.device_id}` : "";
   return h("div", {class: "code-cell"},
@@ -48,20 +48,36 @@ function subCalls(calls) {
       block("Answer", call.answer, "sub-answer"))));
 }
 
-function iteration(record) {
-  const title = record.phase === "final_request" ? "Final request" : `Iteration ${record.iteration}`;
-  const facts = [`model ${formatMs(record.model_ms)}`, `code ${formatMs(record.code_ms)}`,
-    tokens(record.tokens), record.endpoint].filter(Boolean).join(" · ");
-  const fold = record.fold;
-  return h("article", {class: "iteration", dataset: {iteration: record.iteration}},
+/** The events between run_started and run_finished, one group per iteration. */
+function byIteration(events) {
+  const groups = [];
+  for (const event of events) {
+    if (event.kind === "run_started" || event.kind === "run_finished") continue;
+    if (event.kind === "iteration_started" || groups.length === 0) groups.push([]);
+    groups[groups.length - 1].push(event);
+  }
+  return groups;
+}
+
+function iteration(events) {
+  const find = (kind) => events.find((event) => event.kind === kind);
+  const reply = find("model_replied") ?? {};
+  const finished = find("iteration_finished") ?? {};
+  const number = events[0].iteration;
+  const phase = reply.phase ?? finished.phase;
+  const title = {final_request: "Final request", direct: "Direct call"}[phase] ?? `Iteration ${number}`;
+  const facts = [`model ${formatMs(reply.model_ms)}`, `code ${formatMs(finished.code_ms)}`,
+    tokens(reply.tokens), reply.endpoint].filter(Boolean).join(" · ");
+  const fold = find("context_folded");
+  return h("article", {class: "iteration", dataset: {iteration: number}},
     h("header", {class: "iteration-head"}, h("h3", {}, title), h("span", {class: "sub"}, facts)),
     fold ? h("div", {class: "note"}, `Context folded by ${fold.method}: ${fold.folded_turns} turns, ` +
       `~${fold.tokens_before} → ~${fold.tokens_after} tokens${fold.error ? ` (${fold.error})` : ""}`) : null,
-    block("Model reply", record.response, "reply"),
-    (record.code ?? []).map(codeBlock),
-    subCalls(record.sub_calls),
-    record.final_kind ? h("div", {class: "note"},
-      record.final_note || `${record.final_kind.toUpperCase()}(${record.final_value})`) : null);
+    block("Model reply", reply.text, "reply"),
+    events.filter((event) => event.kind === "code_executed" || event.kind === "code_skipped").map(codeBlock),
+    subCalls(events.filter((event) => event.kind === "sub_call")),
+    finished.final_kind ? h("div", {class: "note"},
+      finished.final_note || `${finished.final_kind.toUpperCase()}(${finished.final_value})`) : null);
 }
 
 function finalPart(final) {
@@ -153,7 +169,9 @@ function signatureOf(run) {
 }
 
 function render(trajectory) {
-  const meta = trajectory.meta ?? {};
+  const events = trajectory.events ?? [];
+  const meta = events[0]?.kind === "run_started" ? events[0] : {};
+  const last = events[events.length - 1];
   const facts = [
     ["Model", meta.model || "default"],
     ["Context", `${meta.context_type ?? "?"}, ${formatCount(meta.context_chars)} characters in ` +
@@ -164,7 +182,7 @@ function render(trajectory) {
   return [
     h("dl", {class: "facts"}, facts.map(([name, value]) => [h("dt", {}, name), h("dd", {}, value)])),
     block("Query", meta.query, "query"),
-    (trajectory.iterations ?? []).map(iteration),
-    finalPart(trajectory.final),
+    byIteration(events).map(iteration),
+    finalPart(last?.kind === "run_finished" ? last.result : null),
   ];
 }
