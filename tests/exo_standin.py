@@ -148,6 +148,10 @@ class ExoStandin:
     # (endpoints of one cluster all report the whole topology).
     default_model: str = V0_DEFAULT_MODEL
     peer_node_ids: list[str] = field(default_factory=list)
+    # openai: serve only /v1/models and /v1/chat/completions, as many gateways do.
+    bare: bool = False
+    # When set, every request must carry `Authorization: Bearer <api_key>` (else 401).
+    api_key: str = ""
     # Requests received, by path; chat request bodies in arrival order.
     counts: Counter[str] = field(default_factory=Counter)
     chat_requests: list[dict[str, Any]] = field(default_factory=list)
@@ -214,9 +218,10 @@ class ExoStandin:
             get("/models", self._models_v0)
             get("/v1/topology", self._answer(self._topology_v0))
         else:
-            get("/health", self._answer(lambda: sample("openai/health.json")))
             get("/v1/models", self._models_openai)
-            get("/models", self._models_openai)
+            if not self.bare:
+                get("/health", self._answer(lambda: sample("openai/health.json")))
+                get("/models", self._models_openai)
         return app
 
     # --- plumbing --------------------------------------------------------------------------
@@ -230,6 +235,11 @@ class ExoStandin:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.counts[request.path] += 1
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            # OpenAI's answer to a missing or wrong key.
+            body = {"error": {"message": "Incorrect API key provided", "type":
+                              "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+            return self._json(body, 401)
         if self.fail_scope == "all" and request.path != CHAT_PATH:
             mode = self._take_failure(("http_500", "malformed_json", "hang"))
             if mode == "hang":
@@ -536,6 +546,11 @@ class ExoStandin:
             dict(template, id=card, ready=True) for card in self._cards()]})
 
     async def _models_openai(self, _request: web.Request) -> web.Response:
+        if self.bare:
+            # The OpenAI API's own shape, nothing more.
+            return self._json({"object": "list", "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "standin"}
+                for m in self._models]})
         answer = sample("openai/models.json")
         answer["data"] = self._listed(answer["data"][0])
         answer["models"] = [dict(answer["models"][0], name=m, model=m) for m in self._models]
@@ -633,12 +648,15 @@ def make_exo_app(
     default_model: str = V0_DEFAULT_MODEL,
     peer_node_ids: tuple[str, ...] = (),
     node_id: str = "",
+    bare: bool = False,
+    api_key: str = "",
 ) -> web.Application:
     """A stand-in app serving `models`, Ready (or, with ready=False, Loading on exo v1)."""
     standin = ExoStandin(
         flavour=flavour, reply=reply, latency_s=latency_s, token_delay_s=token_delay_s,
         load_delay_s=load_delay_s, node_name=node_name, default_model=default_model,
-        peer_node_ids=list(peer_node_ids), **({"node_id": node_id} if node_id else {}),
+        peer_node_ids=list(peer_node_ids), bare=bare, api_key=api_key,
+        **({"node_id": node_id} if node_id else {}),
     )
     for model_id in models:
         standin.set_model(model_id, "Ready" if ready else "Loading")
