@@ -25,7 +25,7 @@ from kowalski.controller.circuit import CircuitPolicy
 from kowalski.controller.fleet.cluster import Cluster
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.models.cache import CachedBackend, ResultCache
-from kowalski.controller.models.embedded import MODEL_NAME, EmbeddedModel
+from kowalski.controller.models.embedded import EmbeddedModel
 from kowalski.controller.models.router import LlmRouter
 from kowalski.controller.retry import RetryPolicy
 from kowalski.controller.rlm.runs import RunRegistry
@@ -68,7 +68,7 @@ async def services(config: Config, *, secret: bytes | None, embedded_model: bool
             stack.push_async_callback(model.close)
             urls = [await model.start()]
             if not exo_config.default_model:
-                exo_config = msgspec.structs.replace(exo_config, default_model=MODEL_NAME)
+                exo_config = msgspec.structs.replace(exo_config, default_model=model.model_name)
         router = LlmRouter(config=exo_config, urls=urls, session=http,
                            policy=RetryPolicy.from_config(config.controller),
                            circuit_policy=CircuitPolicy.from_config(config.controller))

@@ -4,6 +4,10 @@ and llama.cpp's own server started as an ordinary endpoint."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import tomli_w
 from exo_standin import STANDIN, ExoStandin, make_exo_app
 
 from kowalski.common import config as configuration
@@ -259,3 +264,83 @@ async def test_llama_cpp_server_with_an_api_key_as_an_ordinary_endpoint(
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+# --- kowalski-ctl run --endpoint / --model-file, without a config file ---------------------
+
+
+async def _ctl(*argv: str, home: Path, timeout_s: float = 60) -> tuple[int, str, str]:
+    # A fresh HOME: no config file, and runs are written under it.
+    env = {**os.environ, "HOME": str(home)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kowalski.controller", *argv, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    finally:
+        if process.returncode is None:
+            # Ctrl-C: the CLI stops its agent and model on the way out.
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_cli_run_against_an_endpoint_that_wants_a_key(
+    aiohttp_server: Any, tmp_path: Path,
+) -> None:
+    standin, url = await start(aiohttp_server, api_key=KEY, bare=True,
+                               reply=lambda b: "FINAL(42)")
+    (tmp_path / "key").write_text(KEY)
+    code, out, err = await _ctl("run", "what is six times seven", "--endpoint", url,
+                                "--api-key-file", str(tmp_path / "key"), "--json",
+                                home=tmp_path)
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["answer"], result["stop_reason"]) == ("42", "final")
+    assert result["endpoints"] == [url]
+    assert standin.chat_requests[0]["model"] == MODEL
+    code, _, err = await _ctl("run", "q", "--endpoint", url, "--json", home=tmp_path)
+    assert code != 0
+    assert "HTTP 401" in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model-file", "/nonexistent/model.gguf"], "no such file; give the path of a .gguf"),
+    (["--api-key-file", "k"], "--api-key-file goes with --endpoint URL"),
+    (["--endpoint", "localhost:8080"], "expected an http:// or https:// URL"),
+    (["--endpoint", "http://x", "--url", "http://y"], "leave out --url"),
+])
+async def test_cli_model_flags_say_what_is_wrong(
+    argv: list[str], message: str, tmp_path: Path,
+) -> None:
+    code, _, err = await _ctl("run", "q", *argv, home=tmp_path)
+    assert code != 0
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.model
+@pytest.mark.timeout(300)
+async def test_cli_run_with_a_model_file_serves_that_gguf(tmp_path: Path) -> None:
+    pytest.importorskip("xllamacpp")
+    gguf = tmp_path / "my-model.gguf"
+    shutil.copyfile(locate_weights(), gguf)
+    # A small window keeps each reply short: on 2 busy cores a long one takes minutes.
+    config = tmp_path / "small.toml"
+    config.write_text(tomli_w.dumps({
+        "rlm": {"context_window_tokens": 2048, "run_timeout_s": 200},
+        "sandbox": {"memory_limit_mb": 256},
+    }))
+    code, out, err = await _ctl("--config", str(config), "run", "Say hello.", "--model-file",
+                                str(gguf), "--max-iterations", "1", "--json", home=tmp_path,
+                                timeout_s=250)
+    assert code in (0, 5), err
+    result = json.loads(out)
+    assert result["iterations"] == 1, result
+    assert result["tokens"]["completion_tokens"] > 0, result
+    assert result["endpoints"][0].startswith("http://127.0.0.1:")

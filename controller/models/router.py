@@ -156,6 +156,9 @@ class LlmRouter:
             return self._config.default_model
         ready = self.ready_models()
         if not ready:
+            down = [f"{e.url}: {e.last_error}" for e in self.endpoints if not e.healthy]
+            if down and len(down) == len(self.endpoints):
+                raise NoModelAvailableError(f"every model endpoint is down ({'; '.join(down)})")
             raise NoModelAvailableError(
                 "no endpoint has a model known to be ready: set exo.default_model, or list "
                 "the models of each endpoint (exo v0 calls every model ready)")
