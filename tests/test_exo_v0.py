@@ -22,7 +22,10 @@ from exo_standin import (
 
 from kowalski.common.config import ControllerConfig, ExoConfig
 from kowalski.common.errors import ExoApiError, NoModelAvailableError
+from kowalski.controller.api.status import Status
 from kowalski.controller.circuit import CircuitPolicy
+from kowalski.controller.cli.status import status_text
+from kowalski.controller.fleet.dispatch import JobCounters
 from kowalski.controller.models.chat_types import ChatDelta, ChatMessage, ChatRequest
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.models.exo_errors import (
@@ -350,6 +353,11 @@ async def test_two_endpoints_of_one_cluster_are_one_cluster(
         endpoint.latency_ms = 1.0
     router.endpoints[0].in_flight = 3
     assert router.choose(DUMMY, "llm_inference").url == other
+    status = Status(version="test", time=0.0, devices=[], endpoints=router.views(),
+                    jobs=JobCounters(), runs=[], cache={})
+    text = status_text(status)
+    assert text.count("cluster node-a (2 nodes)") == 2
+    assert "2 clusters, 3 nodes" in text
     await router.close()
     assert node_a.counts["/v1/topology"] == node_b.counts["/v1/topology"] == 1
 
