@@ -92,8 +92,9 @@ class ExoConfig(_Section, frozen=True):
     default_model: str = ""
     request_timeout_s: PositiveFloat = 300.0
     connect_timeout_s: PositiveFloat = 5.0
-    # A chat whose answer has not begun by then is abandoned and tried elsewhere.
-    first_byte_timeout_s: PositiveFloat = 120.0
+    # A chat whose answer has not begun by then is abandoned and tried elsewhere. A server
+    # that answers only once the whole generation is done begins late: hence the default.
+    first_byte_timeout_s: PositiveFloat = 300.0
     # After "unsupported model", an endpoint is not asked for that model again for this long.
     unservable_model_s: NonNegativeFloat = 300.0
     poll_interval_s: PositiveFloat = 2.0

@@ -55,7 +55,8 @@ KEYS: dict[str, str] = {
     "exo.request_timeout_s": "Total time one model call may take.",
     "exo.connect_timeout_s": "Time to connect to an exo endpoint.",
     "exo.first_byte_timeout_s": "A chat with no answer begun by then is tried on another "
-                                "endpoint.",
+                                "endpoint; lower it (e.g. 20) for exo v0 clusters, whose "
+                                "nodes hang while a peer is lost.",
     "exo.unservable_model_s": "An endpoint that called a model unsupported is not asked for "
                               "it again for this long.",
     "exo.poll_interval_s": "How often exo's /state (or /v1/topology) is read.",
