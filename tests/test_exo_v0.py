@@ -137,7 +137,7 @@ async def test_an_unknown_model_is_an_error_naming_the_model_asked_for(
     assert caught.value.model_id == asked
     assert caught.value.substitute == V0_DEFAULT_MODEL
     assert f"does not know the model {asked!r}" in caught.value.message
-    assert caught.value.is_recoverable
+    assert not caught.value.is_recoverable
 
 
 async def test_with_a_servable_default_the_wrong_model_is_never_passed_on(

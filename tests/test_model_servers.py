@@ -338,11 +338,11 @@ async def test_cli_run_with_a_model_file_serves_that_gguf(tmp_path: Path) -> Non
         "sandbox": {"memory_limit_mb": 256},
     }))
     code, out, err = await _ctl("--config", str(config), "run", "Say hello.", "--model-file",
-                                str(gguf), "--max-iterations", "1", "--json", home=tmp_path,
-                                timeout_s=360)
+                                str(gguf), "--model", "my-model", "--max-iterations", "1",
+                                "--json", home=tmp_path, timeout_s=360)
     assert code in (0, 5), err
     result = json.loads(out)
-    # The file is served under its own name, without a config naming any model.
+    # The file is served under its own name: a run asking for it reaches the model.
     started = json.loads(Path(result["trajectory_path"]).read_text().splitlines()[0])
     assert started["model"] == "my-model", started
     assert result["iterations"] == 1, result

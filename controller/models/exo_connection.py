@@ -232,17 +232,20 @@ class EndpointConnection:
         started = time.monotonic()
         try:
             flavour = await self.detect()
-            if flavour == "openai" and self._has_health is not False:
-                try:
-                    _, latency_ms = await self._call("GET", "/health", record=False)
-                    self._has_health = True
-                except ExoApiError as exc:
-                    if exc.status != 404 or self._has_health:
-                        raise
-                    self._has_health = False
-            if flavour != "openai" or self._has_health is False:
-                path = "/v1/models" if flavour == "openai" else _HEALTH_PATHS[flavour]
+            path = _HEALTH_PATHS[flavour]
+            if flavour == "openai" and self._has_health is False:
+                path = "/v1/models"
+            try:
                 _, latency_ms = await self._call("GET", path, record=False)
+            except ExoApiError as exc:
+                if path != "/health" or exc.status != 404 or self._has_health:
+                    raise
+                # Not part of the OpenAI API: many servers have none. Never asked again.
+                self._has_health = False
+                _, latency_ms = await self._call("GET", "/v1/models", record=False)
+            else:
+                if path == "/health":
+                    self._has_health = True
         except KowalskiError as exc:
             latency_ms = (time.monotonic() - started) * 1000
             return Health(ok=False, latency_ms=latency_ms, flavour=self._flavour, error=exc.message)

@@ -74,6 +74,11 @@ class UnknownModelError(ModelNotServedError):
     code = "exo_unknown_model"
     hint = "Check the model id against GET /v1/models of a server that serves it"
 
+    @property
+    def is_recoverable(self) -> bool:  # type: ignore[override]
+        # A misspelt or absent model id: asking again, anywhere, gives the same answer.
+        return False
+
     def __init__(self, status: int, body: str, *, url: str = "", model_id: str = "",
                  substitute: str = "") -> None:
         super().__init__(status, body, url=url, model_id=model_id)
