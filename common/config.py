@@ -72,12 +72,31 @@ class ControllerConfig(_Section, frozen=True):
     max_body_bytes: PositiveInt = 64 * 1024 * 1024
 
 
+class EndpointConfig(_Section, frozen=True):
+    """One model server: an exo node or any OpenAI-compatible server."""
+
+    url: str
+    # The API key, sent as a Bearer token, read from a file or an environment variable.
+    api_key_file: str = ""
+    api_key_env: str = ""
+    # Models this endpoint serves; empty: what the server itself says it serves.
+    models: list[str] = msgspec.field(default_factory=list)
+    # Calls in flight at once on this endpoint; 0: no limit of its own.
+    max_concurrency: Annotated[int, Meta(ge=0)] = 0
+
+
 class ExoConfig(_Section, frozen=True):
-    # exo API base URLs; empty starts the embedded local model instead.
-    endpoints: list[str] = msgspec.field(default_factory=list)
+    # Model servers: base URLs, or tables with a url and per-endpoint settings;
+    # empty starts the embedded local model instead.
+    endpoints: list[str | EndpointConfig] = msgspec.field(default_factory=list)
     default_model: str = ""
     request_timeout_s: PositiveFloat = 300.0
     connect_timeout_s: PositiveFloat = 5.0
+    # A chat whose answer has not begun by then is abandoned and tried elsewhere. A server
+    # that answers only once the whole generation is done begins late: hence the default.
+    first_byte_timeout_s: PositiveFloat = 300.0
+    # After "unsupported model", an endpoint is not asked for that model again for this long.
+    unservable_model_s: NonNegativeFloat = 300.0
     poll_interval_s: PositiveFloat = 2.0
     # Place an instance of a model that has none (exo v1 only).
     place_instances: bool = False
@@ -89,6 +108,13 @@ class ExoConfig(_Section, frozen=True):
     embedded_threads: PositiveInt = 2
     embedded_context_tokens: PositiveInt = 8192
     embedded_startup_timeout_s: PositiveFloat = 120.0
+    # A GGUF file for the embedded server; empty: the SmolLM2 weights package.
+    embedded_model_file: str = ""
+
+    def endpoint_settings(self) -> list[EndpointConfig]:
+        """Every endpoint as a table, plain URLs given default settings."""
+        return [e if isinstance(e, EndpointConfig) else EndpointConfig(url=e)
+                for e in self.endpoints]
 
 
 SandboxMode = Literal["bwrap", "rlimit", "none"]
@@ -192,11 +218,16 @@ def _check(config: Config, source: str) -> Config:
             "must be at least controller.retry_base_delay_ms", path=source,
             key="controller.retry_max_delay_ms",
         )
-    for index, url in enumerate(config.exo.endpoints):
-        if not url.startswith(("http://", "https://")):
+    for index, endpoint in enumerate(config.exo.endpoint_settings()):
+        key = f"exo.endpoints.{index}"
+        if not endpoint.url.startswith(("http://", "https://")):
             raise ConfigError(
-                f"expected an http:// or https:// URL, got {url!r}", path=source,
-                key=f"exo.endpoints.{index}",
+                f"expected an http:// or https:// URL, got {endpoint.url!r}", path=source,
+                key=key if isinstance(config.exo.endpoints[index], str) else f"{key}.url",
+            )
+        if endpoint.api_key_file and endpoint.api_key_env:
+            raise ConfigError(
+                "set api_key_file or api_key_env, not both", path=source, key=key,
             )
     tls = config.security
     if bool(tls.tls_cert_file) != bool(tls.tls_key_file):

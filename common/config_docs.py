@@ -50,10 +50,16 @@ KEYS: dict[str, str] = {
         "Score taken off a device (or exo endpoint) per call in flight, so work spreads."),
     "controller.state_dir": "Where the controller keeps journals and run logs.",
     "controller.max_body_bytes": "Largest request body the controller's API accepts.",
-    "exo.endpoints": 'exo API base URLs, e.g. ["http://10.0.0.5:52415"].',
+    "exo.endpoints": 'Model servers (exo or any OpenAI-compatible server): URLs, e.g. '
+                     '["http://10.0.0.5:52415"], or `[[exo.endpoints]]` tables (see below).',
     "exo.default_model": "Model used when a request names none; empty picks a ready one.",
     "exo.request_timeout_s": "Total time one model call may take.",
     "exo.connect_timeout_s": "Time to connect to an exo endpoint.",
+    "exo.first_byte_timeout_s": "A chat with no answer begun by then is tried on another "
+                                "endpoint; lower it (e.g. 20) for exo v0 clusters, whose "
+                                "nodes hang while a peer is lost.",
+    "exo.unservable_model_s": "An endpoint that called a model unsupported is not asked for "
+                              "it again for this long.",
     "exo.poll_interval_s": "How often exo's /state (or /v1/topology) is read.",
     "exo.place_instances": "Place an instance of a model that has none (exo v1).",
     "exo.max_concurrency": "Model calls in flight at once, over all endpoints.",
@@ -63,6 +69,7 @@ KEYS: dict[str, str] = {
     "exo.embedded_threads": "CPU threads for the embedded model.",
     "exo.embedded_context_tokens": "Context window of the embedded model.",
     "exo.embedded_startup_timeout_s": "How long the embedded model may take to start.",
+    "exo.embedded_model_file": "A GGUF file the embedded server loads instead of SmolLM2-135M.",
     "sandbox.mode": '"bwrap" (bubblewrap + cgroup + rlimits), "rlimit", or "none".',
     "sandbox.memory_limit_mb": "Memory of one job or session (cgroup).",
     "sandbox.pids_limit": "Processes and threads of one job or session (cgroup).",
@@ -109,6 +116,21 @@ KEYS: dict[str, str] = {
 }
 
 
+ENDPOINT_TABLE = [
+    "An entry of `exo.endpoints` may be a table instead of a URL, for settings of its own. "
+    "The API key is never written in the file: it is read from a file or an environment "
+    "variable and sent as `Authorization: Bearer KEY`.",
+    "",
+    "```toml",
+    "[[exo.endpoints]]",
+    'url = "https://llm.example.com"    # required',
+    'api_key_file = "~/.config/kowalski/llm.key"   # or api_key_env = "LLM_API_KEY"',
+    'models = ["qwen2.5-7b-instruct"]   # served here; empty: what the server lists',
+    "max_concurrency = 4                # calls in flight here; 0: no limit of its own",
+    "```",
+]
+
+
 def render_commented(config: Config | None = None) -> str:
     """The config as TOML, each section and key with its description as a comment."""
     config = config or Config()
@@ -146,6 +168,10 @@ def render_markdown() -> str:
             return "boolean"
         if isinstance(kind, inspect.StrType):
             return "string"
+        if isinstance(kind, inspect.UnionType):
+            return " or ".join(type_text(t) for t in kind.types)
+        if isinstance(kind, inspect.StructType):
+            return "table"
         raise TypeError(f"no description for the config type {kind!r}")
 
     def default_text(field: inspect.Field) -> str:
@@ -188,6 +214,7 @@ def render_markdown() -> str:
         "- `controller.failure_timeout_s` is at least `controller.heartbeat_interval_s`;",
         "- `controller.retry_max_delay_ms` is at least `controller.retry_base_delay_ms`;",
         "- every `exo.endpoints` entry is an `http://` or `https://` URL;",
+        "- an endpoint table sets `api_key_file` or `api_key_env`, not both;",
         "- `security.tls_cert_file` and `security.tls_key_file` are set together.",
         "",
         *paragraph(
@@ -206,4 +233,6 @@ def render_markdown() -> str:
                   "| key | type | default | description |", "|---|---|---|---|"]
         lines += [f"| `{field.name}` | {type_text(field.type)} | {default_text(field)} "
                   f"| {KEYS[f'{section.name}.{field.name}']} |" for field in struct.fields]
+        if section.name == "exo":
+            lines += ["", *ENDPOINT_TABLE]
     return "\n".join(lines) + "\n"

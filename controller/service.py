@@ -38,7 +38,7 @@ from kowalski.controller.fleet.agent_client import AgentClient
 from kowalski.controller.fleet.cluster import Cluster
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.models.cache import CachedBackend, ResultCache
-from kowalski.controller.models.embedded import MODEL_NAME, EmbeddedModel
+from kowalski.controller.models.embedded import EmbeddedModel
 from kowalski.controller.models.router import LlmRouter
 from kowalski.controller.retry import RetryPolicy
 from kowalski.controller.rlm.runs import RunRegistry
@@ -143,7 +143,7 @@ class Controller:
                 model = EmbeddedModel.from_config(config.exo)
                 urls = [await model.start()]
                 if not exo_config.default_model:
-                    exo_config = msgspec.structs.replace(exo_config, default_model=MODEL_NAME)
+                    exo_config = msgspec.structs.replace(exo_config, default_model=model.model_name)
             router = LlmRouter(config=exo_config, urls=urls, session=http,
                                policy=RetryPolicy.from_config(settings),
                                circuit_policy=CircuitPolicy.from_config(settings),

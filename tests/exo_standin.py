@@ -13,7 +13,12 @@ while it runs through the handle stored at `app[STANDIN]`:
 
 Behaviour as in the real servers: exo v1 answers 404 `No instance found for model X` when a
 model has no instance, and holds a chat request while the instance's runners are not Ready;
-exo v0 answers 400 for a model it does not list; llama-server answers any model name.
+llama-server answers any model name. exo v0 behaves as the live cluster captured in
+tests/data/exo/v0_real/ did: every one of its 73 model cards is listed `ready`, a model it
+does not know is replaced by its default model (`default_model`), a model its engine cannot
+run gets 400 `Unsupported model`, `max_tokens`, `stop` and `seed` are ignored, malformed
+bodies get 500 text/plain, unknown paths 404 with an empty body, and streams end without
+`[DONE]`. The models set with set_model(..., "Ready") are the ones its engine can run.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ from aiohttp import web
 DATA_DIR = Path(__file__).parent / "data" / "exo"
 DEFAULT_MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 CHAT_PATH = "/v1/chat/completions"
+# exo v0's own default model, put in place of any model id it does not know.
+V0_DEFAULT_MODEL = "llama-3.2-1b"
+V0_ENGINE = "DummyInferenceEngine"
+V0_TROUBLE = "500 Internal Server Error\n\nServer got itself in trouble"
 
 Flavour = Literal["v1", "v0", "openai"]
 # http_500: HTTP 500 in the flavour's error envelope. no_instance: exo v1's 404 (v0: 400
@@ -76,6 +85,23 @@ def sse_sample(relative: str) -> list[tuple[str, str]]:
         elif line.startswith("data:"):
             events.append(("data", line[5:].strip()))
     return events
+
+
+@functools.cache
+def captured_http(name: str) -> tuple[int, dict[str, str], bytes]:
+    """A raw answer from tests/data/exo/v0_real/: status, headers, body."""
+    raw = (DATA_DIR / "v0_real" / name).read_bytes()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    if headers.get("Transfer-Encoding") == "chunked" and not body.strip():
+        body = b""
+    return int(status_line.split()[1]), headers, body
+
+
+def v0_cards() -> list[str]:
+    """The ids of the 73 model cards real exo v0 lists."""
+    return [entry["id"] for entry in json.loads(captured_http("models.http")[2])["data"]]
 
 
 def split_tokens(text: str) -> list[str]:
@@ -118,6 +144,14 @@ class ExoStandin:
     fail_times: int | None = None
     # "chat": only chat requests fail; "all": other GETs too (http_500, malformed_json, hang).
     fail_scope: Literal["chat", "all"] = "chat"
+    # exo v0: the model put in place of unknown ones, and the cluster's other node ids
+    # (endpoints of one cluster all report the whole topology).
+    default_model: str = V0_DEFAULT_MODEL
+    peer_node_ids: list[str] = field(default_factory=list)
+    # openai: serve only /v1/models and /v1/chat/completions, as many gateways do.
+    bare: bool = False
+    # When set, every request must carry `Authorization: Bearer <api_key>` (else 401).
+    api_key: str = ""
     # Requests received, by path; chat request bodies in arrival order.
     counts: Counter[str] = field(default_factory=Counter)
     chat_requests: list[dict[str, Any]] = field(default_factory=list)
@@ -164,7 +198,8 @@ class ExoStandin:
         self.fail_mode, self.fail_times = None, None
 
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware])
+        middlewares = [self._middleware, *([_v0_not_found] if self.flavour == "v0" else [])]
+        app = web.Application(middlewares=middlewares)
         app[STANDIN] = self
         app.on_shutdown.append(self._on_shutdown)
         get, post = app.router.add_get, app.router.add_post
@@ -180,11 +215,13 @@ class ExoStandin:
         elif self.flavour == "v0":
             get("/healthcheck", self._answer(lambda: {"status": "ok"}))
             get("/v1/models", self._models_v0)
+            get("/models", self._models_v0)
             get("/v1/topology", self._answer(self._topology_v0))
         else:
-            get("/health", self._answer(lambda: sample("openai/health.json")))
             get("/v1/models", self._models_openai)
-            get("/models", self._models_openai)
+            if not self.bare:
+                get("/health", self._answer(lambda: sample("openai/health.json")))
+                get("/models", self._models_openai)
         return app
 
     # --- plumbing --------------------------------------------------------------------------
@@ -198,6 +235,11 @@ class ExoStandin:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.counts[request.path] += 1
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            # OpenAI's answer to a missing or wrong key.
+            body = {"error": {"message": "Incorrect API key provided", "type":
+                              "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+            return self._json(body, 401)
         if self.fail_scope == "all" and request.path != CHAT_PATH:
             mode = self._take_failure(("http_500", "malformed_json", "hang"))
             if mode == "hang":
@@ -245,6 +287,8 @@ class ExoStandin:
         return {"error": {"code": status, "message": message, "type": kind}}
 
     def _error(self, status: int, message: str) -> web.Response:
+        if self.flavour == "v0" and status == 500:
+            return _v0_trouble()
         return self._json(self._error_body(status, message), status)
 
     def _invalid(self, body: Any, missing: str) -> web.Response:
@@ -255,13 +299,15 @@ class ExoStandin:
             return self._json({"detail": [detail]}, 422)
         if self.flavour == "openai":
             return self._json(sample("openai/error_400.json"), 400)
-        return self._error(400, f"Invalid request: '{missing}' is required")
+        return _v0_trouble()
 
     def _no_instance(self, model: str) -> web.Response:
         if self.flavour == "v1":
             return self._error(404, f"No instance found for model {model}")
         if self.flavour == "v0":
-            return self._error(400, f"Unsupported model: {model}")
+            served = [m for m in self._models if self.model_status(m) in ("Ready", "Running")]
+            return self._error(400, f"Unsupported model: {model} with inference engine "
+                                    f"{V0_ENGINE}. Supported models for this engine: {served}")
         return self._error(404, "model not found")
 
     # --- chat ------------------------------------------------------------------------------
@@ -270,7 +316,7 @@ class ExoStandin:
         try:
             body = await request.json()
         except ValueError:
-            return self._error(400, "the body is not JSON")
+            return self._error(500 if self.flavour == "v0" else 400, "the body is not JSON")
         self.chat_requests.append(body)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
@@ -280,13 +326,17 @@ class ExoStandin:
         if mode == "http_500":
             return self._error(500, "Internal Server Error")
         messages = body.get("messages") if isinstance(body, dict) else None
-        if mode == "validation_422" or not isinstance(messages, list):
+        if mode == "validation_422" or not isinstance(messages, list) or (
+                self.flavour == "v0" and not all("content" in m for m in messages)):
             return self._invalid(body, "messages")
         model = str(body.get("model", ""))
+        if self.flavour == "v0" and model not in self._cards():
+            model = self.default_model
         if mode == "no_instance" or not await self._wait_serving(model):
             return self._no_instance(model)
         pieces = split_tokens(await self._reply(body))
-        limit = body.get("max_tokens")
+        # exo v0 ignores max_tokens (and stop, top_p, seed).
+        limit = body.get("max_tokens") if self.flavour != "v0" else None
         finish = "length" if isinstance(limit, int) and len(pieces) > limit else "stop"
         pieces = pieces[:limit] if finish == "length" else pieces
         prompt = max(1, sum(len(str(m.get("content", "")).split()) for m in messages))
@@ -295,7 +345,8 @@ class ExoStandin:
             "total_tokens": prompt + len(pieces),
         }
         if body.get("stream"):
-            return await self._stream(request, body, pieces, finish, usage, mode)
+            return await self._stream(request, dict(body, model=model), pieces, finish, usage,
+                                      mode)
         if mode == "malformed_json":
             return web.Response(text='{"id": "', content_type="application/json")
         if mode == "truncated_stream":
@@ -485,30 +536,39 @@ class ExoStandin:
         answer["data"] = entries
         return self._json(answer)
 
+    def _cards(self) -> list[str]:
+        return list(dict.fromkeys([*v0_cards(), *self._models]))
+
     async def _models_v0(self, _request: web.Request) -> web.Response:
-        answer = sample("v0/v1_models.json")
-        answer["data"] = self._listed(answer["data"][0])
-        for entry in answer["data"]:
-            entry["ready"] = self.model_status(entry["id"]) in ("Ready", "Running")
-        return self._json(answer)
+        # Every card, each `ready`, whatever the engine can run.
+        template = sample("v0/v1_models.json")["data"][0]
+        return self._json({"object": "list", "data": [
+            dict(template, id=card, ready=True) for card in self._cards()]})
 
     async def _models_openai(self, _request: web.Request) -> web.Response:
+        if self.bare:
+            # The OpenAI API's own shape, nothing more.
+            return self._json({"object": "list", "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "standin"}
+                for m in self._models]})
         answer = sample("openai/models.json")
         answer["data"] = self._listed(answer["data"][0])
         answer["models"] = [dict(answer["models"][0], name=m, model=m) for m in self._models]
         return self._json(answer)
 
     def _topology_v0(self) -> Any:
-        # No sample was captured: the shape is exo v0's Topology.to_json (memory in MiB).
-        flops = {"fp32": 0.0, "fp16": 0.0, "int8": 0.0}
-        node = {
-            "model": self.node_name, "chip": "Unknown Chip",
-            "memory": self.memory_total_bytes // 2**20, "flops": flops,
-        }
-        return {
-            "nodes": {self.node_id: node}, "peer_graph": {self.node_id: []},
-            "active_node_id": self.node_id,
-        }
+        # The shape of the captured two-node answer (memory in MiB, FLOPS 0 on CPU).
+        captured = json.loads(captured_http("topology_nodeA.http")[2])
+        template = next(iter(captured["nodes"].values()))
+        ids = list(dict.fromkeys([self.node_id, *self.peer_node_ids]))
+        nodes = {node_id: dict(template, memory=self.memory_total_bytes // 2**20)
+                 for node_id in ids}
+        nodes[self.node_id]["model"] = self.node_name
+        graph = {} if len(ids) == 1 else {
+            node: [{"from_id": node, "to_id": other, "description": "Other (veth)"}
+                   for other in ids if other != node]
+            for node in ids}
+        return {"nodes": nodes, "peer_graph": graph, "active_node_id": None}
 
     async def _place(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -558,6 +618,21 @@ class ExoStandin:
 STANDIN = web.AppKey("exo_standin", ExoStandin)
 
 
+def _v0_trouble() -> web.Response:
+    """exo v0's answer to any body it cannot handle."""
+    return web.Response(status=500, text=V0_TROUBLE, content_type="text/plain")
+
+
+@web.middleware
+async def _v0_not_found(request: web.Request, handler: Any) -> web.StreamResponse:
+    """exo v0 answers an unknown path, or a known one with the wrong method, 404 and no body."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+        return web.Response(status=404, body=b"", content_type="application/octet-stream")
+    return response
+
+
 def make_exo_app(
     *,
     flavour: Flavour = "v1",
@@ -570,11 +645,18 @@ def make_exo_app(
     fail_mode: FailMode | None = None,
     fail_times: int | None = None,
     node_name: str = "standin",
+    default_model: str = V0_DEFAULT_MODEL,
+    peer_node_ids: tuple[str, ...] = (),
+    node_id: str = "",
+    bare: bool = False,
+    api_key: str = "",
 ) -> web.Application:
     """A stand-in app serving `models`, Ready (or, with ready=False, Loading on exo v1)."""
     standin = ExoStandin(
         flavour=flavour, reply=reply, latency_s=latency_s, token_delay_s=token_delay_s,
-        load_delay_s=load_delay_s, node_name=node_name,
+        load_delay_s=load_delay_s, node_name=node_name, default_model=default_model,
+        peer_node_ids=list(peer_node_ids), bare=bare, api_key=api_key,
+        **({"node_id": node_id} if node_id else {}),
     )
     for model_id in models:
         standin.set_model(model_id, "Ready" if ready else "Loading")

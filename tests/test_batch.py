@@ -137,7 +137,8 @@ async def test_a_failing_model_fails_its_items_but_not_the_batch(
                                 index=1, line=2, default_model=DEFAULT_MODEL)
     run = await run_batch(batch, backend_for(url), concurrency=2, policy=FAST)
     error = failed(run.results[1]).error
-    assert (error.code, error.retryable, failed(run.results[1]).attempts) == ("exo_api", False, 1)
+    assert (error.code, error.retryable, failed(run.results[1]).attempts) == \
+        ("exo_unknown_model", False, 1)
     assert "no-such-model" in error.message
     assert [ok(run.results[i]).text for i in (0, 2, 3)] == ["You said: a", "You said: c",
                                                             "You said: d"]
@@ -328,7 +329,7 @@ async def test_resume_keeps_finished_items_and_retries_recoverable_failures(
     assert (second.resumed, second.ok, second.failed) == (2, 2, 1)
     results = read_results(output)
     assert [r.ok for r in results] == [True, True, False]
-    assert failed(results[2]).error.code == "exo_api"
+    assert failed(results[2]).error.code == "exo_unknown_model"
 
 
 async def test_resume_redoes_items_whose_line_changed(

@@ -29,6 +29,7 @@ from kowalski.controller.models.exo_errors import (
     ExoTimeoutError,
     IncompleteStreamError,
     InstanceNotReadyError,
+    ModelNotServedError,
     NoInstanceError,
     StreamError,
     UnsupportedFlavourError,
@@ -266,13 +267,35 @@ async def test_ready_models_follow_runner_status_on_v1(serve: Serve, client: Mak
     }
 
 
-@pytest.mark.parametrize(("flavour", "expected"), [("v0", ["a"]), ("openai", ["a", "b"])])
-async def test_ready_models_on_v0_and_openai(
-    flavour: Flavour, expected: list[str], serve: Serve, client: MakeClient,
+async def test_ready_models_on_openai_are_the_listed_ones(
+    serve: Serve, client: MakeClient,
 ) -> None:
-    standin, url = await serve(flavour=flavour, models=("a", "b"))
+    _, url = await serve(flavour="openai", models=("a", "b"))
+    assert [m.model_id for m in await client(url).ready_models()] == ["a", "b"]
+
+
+async def test_ready_models_on_v0_are_those_that_answered(
+    serve: Serve, client: MakeClient,
+) -> None:
+    standin, url = await serve(flavour="v0", models=("a", "b"))
     standin.set_model("b", "Loading")
-    assert [m.model_id for m in await client(url).ready_models()] == expected
+    exo = client(url)
+    # exo v0 lists all 73 cards as ready; none counts until it has answered.
+    assert len([m for m in await exo.models()]) == 75
+    assert await exo.ready_models() == []
+    assert (await exo.chat(ask(model="a"))).model == "a"
+    assert [m.model_id for m in await exo.ready_models()] == ["a"]
+    with pytest.raises(ModelNotServedError, match="cannot serve the model 'b'"):
+        await exo.chat(ask(model="b"))
+    assert [m.model_id for m in await exo.ready_models()] == ["a"]
+
+
+async def test_an_explicit_model_list_wins_over_what_the_server_says(
+    serve: Serve, client: MakeClient,
+) -> None:
+    _, url = await serve(flavour="v0", models=("a",))
+    exo = client(url, models=("a", "not-listed"))
+    assert [m.model_id for m in await exo.ready_models()] == ["a", "not-listed"]
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -343,7 +366,13 @@ async def test_stream_assembles_to_the_same_text_as_a_plain_chat(
     whole = await exo.chat(ask(max_tokens=6))
     *pieces, last = await collect(exo.chat_stream(ask(max_tokens=6)))
     assert [p.text for p in pieces] == split_tokens(REPLY)[:6]
-    assert "".join(p.text for p in pieces) == whole.text
+    if flavour == "v0":
+        # v0 ignores max_tokens: the whole answer is cut here by its share of the tokens.
+        assert whole.usage is not None
+        assert (whole.finish_reason, whole.usage.completion_tokens) == ("length", 6)
+        assert whole.text == REPLY[: len(REPLY) * 6 // len(split_tokens(REPLY))]
+    else:
+        assert "".join(p.text for p in pieces) == whole.text
     assert not any(p.done for p in pieces)
     assert (last.done, last.text, last.finish_reason) == (True, "", "length")
     assert last.latency_ms is not None
@@ -517,6 +546,12 @@ async def test_failures_can_be_limited_to_the_next_requests(
 # --- replayed captures: the real bytes, not the stand-in's rendering --------------------------
 
 
+# The models the captured answers came from.
+CAPTURED_MODEL: dict[Flavour, str] = {
+    "v1": TINY, "v0": "dummy", "openai": "SmolLM2-135M-Instruct",
+}
+
+
 def _replay_app(path: Path, content_type: str) -> web.Application:
     body = path.read_bytes()
 
@@ -544,7 +579,7 @@ async def test_captured_streams_replay(
 ) -> None:
     app = _replay_app(DATA_DIR / flavour / "chat_stream.sse", "text/event-stream")
     exo = client(str((await aiohttp_server(app)).make_url("")), flavour=flavour)
-    *pieces, last = await collect(exo.chat_stream(ask()))
+    *pieces, last = await collect(exo.chat_stream(ask(model=CAPTURED_MODEL[flavour])))
     assert "".join(p.text for p in pieces) == text
     assert (last.finish_reason, last.usage) == (finish, usage)
 
@@ -556,7 +591,7 @@ async def test_captured_cancelled_stream_is_incomplete(
     exo = client(str((await aiohttp_server(app)).make_url("")), flavour="v1")
     seen: list[str] = []
     with pytest.raises(IncompleteStreamError, match="without a finish_reason"):
-        await drain(exo.chat_stream(ask()), seen)
+        await drain(exo.chat_stream(ask(model=TINY)), seen)
     assert "".join(seen).startswith("33oryru")
 
 
@@ -576,7 +611,7 @@ async def test_captured_answers_replay(
 ) -> None:
     app = _replay_app(DATA_DIR / flavour / "chat_nonstream.json", "application/json")
     exo = client(str((await aiohttp_server(app)).make_url("")), flavour=flavour)
-    result = await exo.chat(ask())
+    result = await exo.chat(ask(model=CAPTURED_MODEL[flavour]))
     assert (result.text, result.finish_reason, result.usage) == (text, finish, usage)
 
 
@@ -626,6 +661,11 @@ async def test_wait_ready_and_placement_on_other_flavours(
 ) -> None:
     _, url = await serve(flavour=flavour)
     exo = client(url)
+    if flavour == "v0":
+        # Listed as ready, but exo v0 says that of every card: only an answer counts.
+        with pytest.raises(InstanceNotReadyError):
+            await exo.wait_ready(MODEL, timeout_s=0.1, poll_interval_s=0.02)
+        await exo.chat(ask())
     assert (await exo.wait_ready(MODEL, timeout_s=1)).model_id == MODEL
     with pytest.raises(UnsupportedFlavourError):
         await exo.place_instance(MODEL)

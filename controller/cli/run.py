@@ -12,7 +12,7 @@ from typing import Any, TextIO
 import aiohttp
 import msgspec
 
-from kowalski.common.config import Config, read_api_token
+from kowalski.common.config import Config, EndpointConfig, read_api_token
 from kowalski.common.errors import NetworkError, ParseError
 from kowalski.common.tls import client_ssl_context, loop_factory
 from kowalski.controller.cli.exit_codes import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
@@ -135,7 +135,34 @@ async def _run_remote(url: str, request: RunRequest, show: bool, token: str | No
     raise NetworkError(f"{url} ended the run's stream without a result")
 
 
+def with_model_flags(args: argparse.Namespace, config: Config) -> Config:
+    """--endpoint or --model-file: the run's model, given on the command line, runs locally."""
+    if not (args.endpoint or args.model_file):
+        if args.api_key_file:
+            raise ParseError("--api-key-file goes with --endpoint URL")
+        return config
+    if args.url:
+        raise ParseError("--endpoint and --model-file run locally: leave out --url")
+    if args.endpoint and args.model_file:
+        raise ParseError("give --endpoint URL or --model-file PATH.gguf, not both")
+    if args.model_file:
+        path = Path(args.model_file).expanduser()
+        if not path.is_file():
+            raise ParseError(f"--model-file {path}: no such file; give the path of a .gguf file")
+        exo = msgspec.structs.replace(config.exo, endpoints=[], embedded=True,
+                                      embedded_model_file=str(path), default_model="")
+    else:
+        if not args.endpoint.startswith(("http://", "https://")):
+            raise ParseError(f"--endpoint {args.endpoint}: expected an http:// or https:// URL")
+        endpoint = EndpointConfig(url=args.endpoint, api_key_file=args.api_key_file or "")
+        exo = msgspec.structs.replace(config.exo, endpoints=[endpoint],
+                                      default_model=args.model or "")
+    args.local = True
+    return msgspec.structs.replace(config, exo=exo)
+
+
 def run_command(args: argparse.Namespace, config: Config, url: str) -> int:
+    config = with_model_flags(args, config)
     request = _request(args)
     show = not args.json
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
@@ -178,6 +205,12 @@ def add_commands(commands: Any) -> None:
     where.add_argument("--local", action="store_true",
                        help="start a local agent and controller (and the embedded model when "
                             "no exo endpoint is configured) for this run")
+    run.add_argument("--endpoint", metavar="URL",
+                     help="run locally against this OpenAI-compatible server (Ollama, LM Studio, "
+                          "llama-server, exo...), no config needed")
+    run.add_argument("--api-key-file", metavar="FILE", help="the --endpoint's API key")
+    run.add_argument("--model-file", metavar="PATH.gguf",
+                     help="run locally on this GGUF model, served by the embedded llama.cpp")
     runs = commands.add_parser("runs", help="past RLM runs (trajectory files)")
     runs.add_argument("--dir", help="trajectory directory (default: rlm.trajectory_dir)")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)

@@ -63,11 +63,18 @@ def device_table_text(devices: list[DeviceStatus]) -> str:
 def status_text(status: Status) -> str:
     lines = [device_table_text(status.devices)]
     lines.append("EXO ENDPOINTS")
+    # Endpoints reporting the same nodes are one cluster: its machines are counted once.
+    clusters: dict[str, int] = {}
+    for e in status.endpoints:
+        clusters.setdefault(e.cluster or e.url, e.nodes)
     for e in status.endpoints:
         state = "up" if e.healthy else "down"
         latency = "-" if e.latency_ms is None else f"{e.latency_ms:.1f} ms"
+        cluster = f"  cluster {e.cluster} ({e.nodes} nodes)" if e.nodes > 1 else ""
         lines.append(f"  {e.url}  {state}  {e.flavour or '?'}  {latency}  circuit {e.circuit}"
-                     f"  ready: {', '.join(e.ready_models) or 'none'}")
+                     f"{cluster}  ready: {', '.join(e.ready_models) or 'none'}")
+    if len(clusters) < len(status.endpoints):
+        lines.append(f"  {len(clusters)} clusters, {sum(clusters.values())} nodes")
     if not status.endpoints:
         lines.append("  none")
     jobs = status.jobs

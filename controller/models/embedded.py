@@ -106,10 +106,12 @@ class EmbeddedModel:
 
     @classmethod
     def from_config(cls, config: ExoConfig) -> EmbeddedModel:
+        model_file = config.embedded_model_file
         return cls(
             threads=config.embedded_threads,
             context_tokens=config.embedded_context_tokens,
             startup_timeout_s=config.embedded_startup_timeout_s,
+            model_path=Path(model_file).expanduser() if model_file else None,
         )
 
     @property
@@ -121,7 +123,8 @@ class EmbeddedModel:
 
     @property
     def model_name(self) -> str:
-        return MODEL_NAME
+        """The id it serves the model as: SmolLM2's, or the GGUF file's name without .gguf."""
+        return self._model_path.stem if self._model_path is not None else MODEL_NAME
 
     @property
     def pid(self) -> int | None:
@@ -144,6 +147,9 @@ class EmbeddedModel:
             # A server that died is replaced: start() after a crash is a restart.
             await self._stop(graceful=False)
             model_path = self._model_path or locate_weights(self._weights_package)
+            if not model_path.is_file():
+                raise EmbeddedModelError(
+                    f"the model file {model_path} does not exist: give the path of a .gguf file")
             require_server_package()
             self._closing = False
             self._log_tail.clear()
@@ -174,7 +180,8 @@ class EmbeddedModel:
                 await self._stop(graceful=False)
                 raise
             self._base_url = base_url
-            log.info("embedded model %s serving at %s (pid %d)", MODEL_NAME, base_url, process.pid)
+            log.info("embedded model %s serving at %s (pid %d)", self.model_name, base_url,
+                     process.pid)
             return base_url
 
     async def close(self) -> None:
@@ -200,7 +207,7 @@ class EmbeddedModel:
             "--model", str(model_path),
             "--threads", str(self._threads),
             "--context-tokens", str(self._context_tokens),
-            "--alias", MODEL_NAME,
+            "--alias", self.model_name,
             "--parent-pid", str(os.getpid()),
         ]
 

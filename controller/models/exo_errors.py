@@ -31,6 +31,80 @@ class NoInstanceError(ExoApiError):
         return True
 
 
+def _reworded(error: KowalskiError, message: str) -> None:
+    error.message = message
+    error.args = (message,)
+
+
+class EndpointAuthError(ExoApiError):
+    """The server wants an API key, or refused the one sent (HTTP 401 or 403)."""
+
+    code = "exo_unauthorized"
+    hint = "Give the endpoint its key: api_key_file or api_key_env in its [[exo.endpoints]] table"
+
+
+class FirstByteTimeoutError(ExoTimeoutError):
+    """No byte of the answer within exo.first_byte_timeout_s: another endpoint may do."""
+
+    code = "exo_first_byte_timeout"
+    hint = "The server may be waiting on a lost node; raise exo.first_byte_timeout_s if not"
+
+
+class ModelNotServedError(ExoApiError):
+    """The endpoint cannot run the model it was asked for (exo v0's `Unsupported model`)."""
+
+    code = "exo_model_not_served"
+    hint = "Use a model the endpoint serves, or list the endpoint's models in the config"
+
+    def __init__(self, status: int, body: str, *, url: str = "", model_id: str = "") -> None:
+        super().__init__(status, body, url=url)
+        self.model_id = model_id
+        _reworded(self, f"{url or 'the endpoint'} cannot serve the model {model_id!r}: "
+                  f"HTTP {status}: {body[:300]}")
+
+    @property
+    def is_recoverable(self) -> bool:  # type: ignore[override]
+        # Another endpoint may serve the model.
+        return True
+
+
+class UnknownModelError(ModelNotServedError):
+    """The endpoint does not know the model at all (exo v0 names its default model instead)."""
+
+    code = "exo_unknown_model"
+    hint = "Check the model id against GET /v1/models of a server that serves it"
+
+    @property
+    def is_recoverable(self) -> bool:  # type: ignore[override]
+        # A misspelt or absent model id: asking again, anywhere, gives the same answer.
+        return False
+
+    def __init__(self, status: int, body: str, *, url: str = "", model_id: str = "",
+                 substitute: str = "") -> None:
+        super().__init__(status, body, url=url, model_id=model_id)
+        self.substitute = substitute
+        instead = f" (it put its default model {substitute!r} in its place)" if substitute else ""
+        _reworded(self, f"{url or 'the endpoint'} does not know the model {model_id!r}{instead}: "
+                  f"HTTP {status}: {body[:300]}")
+
+
+class ModelMismatchError(ExoApiError):
+    """An answer from another model than the one asked for: never passed on as the answer."""
+
+    code = "exo_model_mismatch"
+    hint = "The server substituted its default model; use a model it serves"
+
+    def __init__(self, *, url: str, asked: str, answered: str) -> None:
+        super().__init__(200, f"asked for model {asked!r}, answered by {answered!r}", url=url)
+        self.model_id = asked
+        self.answered = answered
+        _reworded(self, f"{url}: asked for model {asked!r} but the answer came from {answered!r}")
+
+    @property
+    def is_recoverable(self) -> bool:  # type: ignore[override]
+        return True
+
+
 class StreamError(ExoApiError):
     """The server reported an error inside an HTTP 200 answer (mid-stream, or in the body)."""
 
@@ -81,6 +155,8 @@ def http_error(status: int, body: bytes, url: str) -> ExoApiError:
     match = _NO_INSTANCE.search(text)
     if status == 404 and match:
         return NoInstanceError(status, text, url=url, model_id=match.group("model"))
+    if status in (401, 403):
+        return EndpointAuthError(status, text, url=url)
     return ExoApiError(status, text, url=url)
 
 

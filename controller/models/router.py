@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -12,11 +13,13 @@ from dataclasses import dataclass, field
 import aiohttp
 import msgspec
 
-from kowalski.common.config import ExoConfig
+from kowalski.common.config import EndpointConfig, ExoConfig
 from kowalski.common.errors import KowalskiError, NoModelAvailableError
 from kowalski.controller import circuit as breaker
 from kowalski.controller.models.chat_types import ChatDelta, ChatRequest, ChatResult
+from kowalski.controller.models.endpoints import client_for
 from kowalski.controller.models.exo_client import ExoClient
+from kowalski.controller.models.exo_errors import ModelMismatchError, ModelNotServedError
 from kowalski.controller.retry import RetryPolicy, with_failover
 from kowalski.controller.scoring import Operation, formula
 
@@ -38,10 +41,19 @@ class Endpoint:
     last_error: str = ""
     in_flight: int = 0
     circuit: breaker.Circuit = field(default_factory=lambda: breaker.CLOSED)
+    # The machines behind it: endpoints reporting the same ones are one cluster.
+    node_ids: frozenset[str] = frozenset()
+    # Calls in flight at once here, from the endpoint's config; None: no limit of its own.
+    limit: asyncio.Semaphore | None = None
 
     @property
     def url(self) -> str:
         return self.client.base_url
+
+    @property
+    def cluster(self) -> str:
+        """One name per cluster: its first node id, or the URL before the nodes are known."""
+        return min(self.node_ids) if self.node_ids else self.url
 
     def observe_latency(self, latency_ms: float) -> None:
         if self.latency_ms is None:
@@ -59,6 +71,8 @@ class EndpointView(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: float | None
     ready_models: list[str]
     nodes: int
+    # Endpoints of one cluster (the same nodes) share this name.
+    cluster: str = ""
     in_flight: int
     circuit: str
     requests: int
@@ -68,10 +82,17 @@ class EndpointView(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str
 
 
+def _limit(entry: str | EndpointConfig) -> asyncio.Semaphore | None:
+    if isinstance(entry, EndpointConfig) and entry.max_concurrency:
+        return asyncio.Semaphore(entry.max_concurrency)
+    return None
+
+
 class LlmRouter:
     """Keeps endpoint health and ready models fresh, and sends each call to the best one."""
 
-    def __init__(self, *, config: ExoConfig, urls: list[str], session: aiohttp.ClientSession,
+    def __init__(self, *, config: ExoConfig, urls: list[str | EndpointConfig],
+                 session: aiohttp.ClientSession,
                  policy: RetryPolicy, circuit_policy: breaker.CircuitPolicy, load_penalty: float,
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None) -> None:
@@ -82,8 +103,8 @@ class LlmRouter:
         self._circuit_policy = circuit_policy
         self._clock = clock
         self._rng = rng or random.Random()
-        self.endpoints = [Endpoint(client=ExoClient.from_config(url, config, session=session))
-                          for url in urls]
+        self.endpoints = [Endpoint(client=client_for(entry, config, session=session),
+                                   limit=_limit(entry)) for entry in urls]
         self._placing: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
@@ -106,7 +127,9 @@ class LlmRouter:
         try:
             ready = await endpoint.client.ready_models()
             endpoint.ready_models = tuple(sorted(m.model_id for m in ready))
-            endpoint.nodes = len(await endpoint.client.nodes())
+            nodes = await endpoint.client.nodes()
+            endpoint.nodes = len(nodes)
+            endpoint.node_ids = frozenset(n.node_id for n in nodes)
         except KowalskiError as exc:
             endpoint.last_error = exc.message
 
@@ -114,7 +137,8 @@ class LlmRouter:
         now = self._clock()
         return [EndpointView(
             url=e.url, healthy=e.healthy, flavour=e.flavour, latency_ms=e.latency_ms,
-            ready_models=list(e.ready_models), nodes=e.nodes, in_flight=e.in_flight,
+            ready_models=list(e.ready_models), nodes=e.nodes, cluster=e.cluster,
+            in_flight=e.in_flight,
             circuit=breaker.phase(e.circuit, now, self._circuit_policy),
             requests=e.client.stats.requests, errors=e.client.stats.errors,
             prompt_tokens=e.client.stats.prompt_tokens,
@@ -132,7 +156,12 @@ class LlmRouter:
             return self._config.default_model
         ready = self.ready_models()
         if not ready:
-            raise NoModelAvailableError("no exo endpoint has a model ready")
+            down = [f"{e.url}: {e.last_error}" for e in self.endpoints if not e.healthy]
+            if down and len(down) == len(self.endpoints):
+                raise NoModelAvailableError(f"every model endpoint is down ({'; '.join(down)})")
+            raise NoModelAvailableError(
+                "no endpoint has a model known to be ready: set exo.default_model, or list "
+                "the models of each endpoint (exo v0 calls every model ready)")
         return ready[0]
 
     def choose(self, model: str, operation: Operation,
@@ -144,19 +173,30 @@ class LlmRouter:
         healthy = [e for e in self.endpoints if e.healthy]
         if not healthy:
             raise NoModelAvailableError(f"all {len(self.endpoints)} exo endpoints are down")
-        serving = [e for e in healthy if model in e.ready_models]
+        serving = [e for e in healthy if model in e.ready_models
+                   and e.client.served.allows(model)]
         if not serving:
+            # exo v0 calls every card ready: only asking shows whether it serves the model.
+            serving = [e for e in healthy if e.flavour == "v0" and e.client.served.allows(model)]
+        if not serving:
+            refused = [f"{e.url}: {e.last_error}" for e in healthy
+                       if e.client.served.is_refused(model)]
             raise NoModelAvailableError(
                 f"no healthy exo endpoint has {model!r} ready "
-                f"(ready: {', '.join(self.ready_models()) or 'none'})")
+                f"(ready: {', '.join(self.ready_models()) or 'none'})"
+                + (f"; refused by {'; '.join(refused)}" if refused else ""))
         open_ok = [e for e in serving if e.url not in exclude
                    and breaker.allows(e.circuit, now, self._circuit_policy)]
         if not open_ok:
             raise NoModelAvailableError(
                 f"every endpoint serving {model!r} has failed or has its circuit open")
+        # Endpoints of one cluster share its machines, so they share its load too.
+        load = {e.cluster: 0 for e in self.endpoints}
+        for e in self.endpoints:
+            load[e.cluster] += e.in_flight
         return max(open_ok, key=lambda e: formula(
             operation, latency_ms=e.latency_ms or 0.0, memory_free_fraction=0.0,
-        ) - self._load_penalty * e.in_flight)
+        ) - self._load_penalty * load[e.cluster])
 
     async def _ensure_model(self, model: str) -> None:
         """Place an instance of a model nobody serves, when the config allows it."""
@@ -198,9 +238,17 @@ class LlmRouter:
                                               job_id=f"chat-{id(request)}")
         endpoint.in_flight += 1
         try:
-            result = await endpoint.client.chat(request)
+            async with endpoint.limit or contextlib.nullcontext():
+                result = await endpoint.client.chat(request)
         except KowalskiError as exc:
-            if exc.is_recoverable:
+            if isinstance(exc, ModelNotServedError | ModelMismatchError):
+                # The endpoint is fine; it just does not serve this model.
+                endpoint.ready_models = tuple(m for m in endpoint.ready_models
+                                              if m != request.model)
+                endpoint.last_error = exc.message
+                endpoint.circuit = breaker.on_success(endpoint.circuit, self._clock(),
+                                                      self._circuit_policy)
+            elif exc.is_recoverable:
                 endpoint.circuit = breaker.on_failure(endpoint.circuit, self._clock(),
                                                       self._circuit_policy)
                 endpoint.last_error = exc.message
@@ -213,6 +261,8 @@ class LlmRouter:
         endpoint.circuit = breaker.on_success(endpoint.circuit, self._clock(),
                                               self._circuit_policy)
         endpoint.observe_latency(result.latency_ms)
+        if request.model not in endpoint.ready_models:
+            endpoint.ready_models = tuple(sorted({*endpoint.ready_models, request.model}))
         return result
 
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
@@ -223,8 +273,9 @@ class LlmRouter:
         endpoint = self.choose(model, "llm_inference")
         endpoint.in_flight += 1
         try:
-            async for delta in endpoint.client.chat_stream(request):
-                yield delta
+            async with endpoint.limit or contextlib.nullcontext():
+                async for delta in endpoint.client.chat_stream(request):
+                    yield delta
         finally:
             endpoint.in_flight -= 1
 
