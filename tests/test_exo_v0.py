@@ -68,7 +68,8 @@ def make_router(urls: list[str], http: aiohttp.ClientSession, **exo: Any) -> Llm
     config = ExoConfig(endpoints=list(urls), poll_interval_s=0.1, **exo)
     return LlmRouter(config=config, urls=list(urls), session=http,
                      policy=RetryPolicy.from_config(controller),
-                     circuit_policy=CircuitPolicy.from_config(controller))
+                     circuit_policy=CircuitPolicy.from_config(controller),
+                     load_penalty=controller.load_penalty)
 
 
 async def collect(exo: ExoClient, request: ChatRequest) -> list[ChatDelta]:

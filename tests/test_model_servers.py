@@ -57,7 +57,8 @@ def make_router(entries: list[str | EndpointConfig], http: aiohttp.ClientSession
     config = ExoConfig(endpoints=entries, poll_interval_s=0.1, **exo)
     return LlmRouter(config=config, urls=entries, session=http,
                      policy=RetryPolicy.from_config(controller),
-                     circuit_policy=CircuitPolicy.from_config(controller))
+                     circuit_policy=CircuitPolicy.from_config(controller),
+                     load_penalty=controller.load_penalty)
 
 
 async def test_a_server_with_only_models_and_chat_is_healthy_and_answers(
