@@ -165,6 +165,8 @@ class RlmConfig(_Section, frozen=True):
     context_window_tokens: PositiveInt = 8192
     fold_threshold: Fraction = 0.8
     keep_last_turns: Annotated[int, Meta(ge=1)] = 4
+    # Sent as max_tokens on every model call of the loop; a reply cut there is told so.
+    max_reply_tokens: PositiveInt = 1024
     trajectory_dir: str = "~/.local/state/kowalski/runs"
 
 

@@ -46,7 +46,8 @@ MakeBackend = Callable[[str], ExoClientBackend]
 
 
 def items(*prompts: str, model: str = DEFAULT_MODEL) -> list[BatchItem | ItemFailure]:
-    lines = [json.dumps({"id": f"q{i}", "prompt": text, "model": model})
+    # Temperature 0: only deterministic requests are answered from the cache.
+    lines = [json.dumps({"id": f"q{i}", "prompt": text, "model": model, "temperature": 0})
              for i, text in enumerate(prompts)]
     return read_batch("\n".join(lines).encode(), default_model=DEFAULT_MODEL)
 
@@ -293,8 +294,8 @@ async def test_file_batch_writes_every_line_in_input_order(
 ) -> None:
     standin, url = await serve(reply=InFlight(lambda prompt: 0.02 if prompt == "slow" else 0))
     source = tmp_path / "in.jsonl"
-    source.write_text('{"id": "s", "prompt": "slow"}\n{"prompt": "fast"}\nnot json\n'
-                      '{"prompt": "fast"}\n')
+    source.write_text('{"id": "s", "prompt": "slow"}\n{"prompt": "fast", "temperature": 0}\n'
+                      'not json\n{"prompt": "fast", "temperature": 0}\n')
     output = tmp_path / "out.jsonl"
     backend = CachedBackend(backend_for(url), ResultCache(ttl_s=60, max_entries=8))
     summary = await run_batch_file(source, output, backend, concurrency=4,

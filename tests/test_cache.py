@@ -23,7 +23,9 @@ Serve = Callable[..., Awaitable[tuple[ExoStandin, str]]]
 
 
 def ask(text: str = "hello", **kwargs: Any) -> ChatRequest:
+    """A deterministic request (temperature 0) unless kwargs say otherwise."""
     model = kwargs.pop("model", DEFAULT_MODEL)
+    kwargs.setdefault("temperature", 0)
     return ChatRequest(model=model, messages=[ChatMessage(role="user", content=text)], **kwargs)
 
 
@@ -225,6 +227,36 @@ async def test_a_cached_backend_inside_one_on_the_same_cache_does_not_wait_for_i
     first = await asyncio.wait_for(outer.chat_outcome(ask()), timeout=5)
     second = await outer.chat_outcome(ask())
     assert (first.cached, second.cached, backend.calls) == (False, True, 1)
+
+
+# --- only deterministic requests -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.7, None])
+async def test_sampled_requests_reach_the_backend_every_time(temperature: float | None) -> None:
+    cache = ResultCache(ttl_s=60.0, max_entries=8)
+    backend = CountingBackend()
+    cached = CachedBackend(backend, cache)
+    waiting = [asyncio.create_task(cached.chat_outcome(ask("same", temperature=temperature)))
+               for _ in range(6)]
+    await asyncio.sleep(0)
+    backend.release.set()
+    outcomes = await asyncio.gather(*waiting)
+    later = await cached.chat_outcome(ask("same", temperature=temperature))
+    assert backend.calls == 7
+    assert not any(outcome.cached for outcome in [*outcomes, later])
+    assert len(cache) == 0
+
+
+async def test_a_call_may_opt_in_to_the_cache_at_any_temperature() -> None:
+    cache = ResultCache(ttl_s=60.0, max_entries=8)
+    backend = CountingBackend()
+    backend.release.set()
+    cached = CachedBackend(backend, cache)
+    first = await cached.chat_outcome(ask("same", temperature=0.7), cache=True)
+    again = await cached.chat_outcome(ask("same", temperature=0.7), cache=True)
+    fresh = await cached.chat_outcome(ask("same", temperature=0.7))
+    assert (first.cached, again.cached, fresh.cached, backend.calls) == (False, True, False, 2)
 
 
 # --- against the exo stand-in --------------------------------------------------------------

@@ -18,7 +18,7 @@ from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common.code_blocks import extract_code_blocks
 from kowalski.common.config import RlmConfig, SandboxConfig
-from kowalski.common.errors import ContextSizeExceededError, ParseError
+from kowalski.common.errors import ContextSizeExceededError, NetworkError, ParseError
 from kowalski.common.messages import (
     CellRequest,
     CellResult,
@@ -26,6 +26,7 @@ from kowalski.common.messages import (
     SessionCreate,
     VariableValue,
 )
+from kowalski.controller.models.cache import CachedBackend, ResultCache
 from kowalski.controller.models.chat_types import ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.rlm import prompts as rlm_prompts
@@ -65,6 +66,8 @@ class ScriptedModel:
     def __init__(self, *replies: Step) -> None:
         self.queues: dict[str, deque[Step]] = {"": deque(replies)}
         self.root_requests: list[list[dict[str, str]]] = []
+        # max_tokens of each root request.
+        self.root_max_tokens: list[Any] = []
         self.sub_prompts: list[str] = []
         self.summary_requests: list[list[dict[str, str]]] = []
         self.sub_delay: Callable[[str], float] = lambda prompt: 0.0
@@ -90,6 +93,7 @@ class ScriptedModel:
             self.summary_requests.append(messages)
             return "SUMMARY: the first step stored its result in first_var."
         self.root_requests.append(messages)
+        self.root_max_tokens.append(body.get("max_tokens"))
         query = messages[1]["content"].split("\n\n", 1)[0].removeprefix("Query: ")
         queue = self.queues.get(query, self.queues[""])
         if not queue:
@@ -362,7 +366,7 @@ async def test_blocks_in_other_languages_or_untagged_are_not_run(harness: Harnes
 
 
 @pytest.mark.parametrize(("last_reply", "answer"), [
-    ("The answer is 7.", "The answer is 7."),
+    ("The answer is 7.", ""),
     ("FINAL(7)", "7"),
 ])
 async def test_iteration_limit_asks_once_more_for_an_answer(
@@ -370,6 +374,8 @@ async def test_iteration_limit_asks_once_more_for_an_answer(
     harness.model.script("", repl("a = 1"), repl("b = 2"), last_reply)
     result = await harness.new_run("q", "c", max_iterations=2).run()
     assert (result.answer, result.stop_reason, result.iterations) == (answer, "max_iterations", 2)
+    # Without FINAL the run has no answer; the raw reply is kept apart.
+    assert result.last_reply == last_reply
     assert len(harness.model.root_requests) == 3
     assert "You have used all 2 steps" in last_user(harness.model.root_requests[2])
     assert "iteration limit of 2" in result.detail
@@ -409,7 +415,7 @@ async def test_token_budget_stops_with_the_last_reply(harness: Harness) -> None:
     harness.model.script("", first, "FINAL(never reached)")
     result = await harness.new_run("q", "c", token_budget=100).run()
     assert result.stop_reason == "token_budget"
-    assert result.answer == first
+    assert (result.answer, result.last_reply) == ("", first)
     assert result.iterations == 1
     assert "token budget of 100" in result.detail
     assert result.tokens.total_tokens >= 100
@@ -442,7 +448,7 @@ async def test_run_timeout_stops_a_long_cell_with_the_last_reply(harness: Harnes
     started = time.monotonic()
     result = await harness.new_run("q", "c", run_timeout_s=1.0).run()
     assert time.monotonic() - started < 5
-    assert (result.stop_reason, result.answer) == ("timeout", slow)
+    assert (result.stop_reason, result.answer, result.last_reply) == ("timeout", "", slow)
     assert "time limit of 1 s" in result.detail
     assert harness.manager is not None
     assert len(harness.manager) == 0
@@ -660,3 +666,89 @@ async def test_needle_in_a_haystack_of_a_million_lines(harness: Harness) -> None
     assert f"str with {len(context)} total characters" in system
     assert "1 ['line 637281: the magic number is 9048213']" in last_user(
         harness.model.root_requests[1])
+
+
+# --- bounded replies, runs without an answer, the cache -------------------------------------
+
+
+async def test_every_root_call_sends_the_reply_limit_and_a_cut_reply_is_told_so(
+        harness: Harness) -> None:
+    rambling = " ".join(f"word{i}" for i in range(40))
+    harness.model.script("", rambling, "FINAL(short)")
+    result = await harness.new_run("q", "c", max_reply_tokens=12).run()
+    assert (result.answer, result.stop_reason) == ("short", "final")
+    assert harness.model.root_max_tokens == [12, 12]
+    [cut, _] = [event for event in harness.events if isinstance(event, ModelReplied)]
+    assert cut.finish_reason == "length"
+    feedback = last_user(harness.model.root_requests[1])
+    assert "cut off at 12 tokens" in feedback
+    assert "Be shorter" in feedback
+
+
+async def test_an_uncut_reply_gets_no_note_about_its_length(harness: Harness) -> None:
+    harness.model.script("", repl("x = 1"), "FINAL(1)")
+    await harness.new_run("q", "c").run()
+    assert harness.model.root_max_tokens == [RlmConfig().max_reply_tokens] * 2
+    assert "cut off" not in last_user(harness.model.root_requests[1])
+
+
+class DownBackend:
+    """A model that is never reached: every endpoint down."""
+
+    async def chat(self, request: ChatRequest, *, operation: str = "llm_inference"
+                   ) -> ChatResult:
+        raise NetworkError("all 1 exo endpoints are down")
+
+
+async def test_a_run_that_never_reached_the_model_reports_zero_iterations(
+        harness: Harness) -> None:
+    run = RlmRun("q", "c", backend=DownBackend(), session_factory=harness.factory,
+                 config=RlmConfig(trajectory_dir=str(harness.runs_dir)), model=MODEL)
+    result = await run.run()
+    assert (result.stop_reason, result.iterations, result.answer, result.last_reply) == (
+        "error", 0, "", "")
+    assert "endpoints are down" in result.detail
+
+
+def cached_run(harness: Harness, cache: ResultCache, *, temperature: float) -> RlmRun:
+    return RlmRun("q", "c", backend=CachedBackend(harness.backend, cache),
+                  session_factory=harness.factory, model=MODEL, temperature=temperature,
+                  config=RlmConfig(trajectory_dir=str(harness.runs_dir)),
+                  observer=harness.events.append)
+
+
+SIX_SAME = repl("answers = llm_query_batched(['same question'] * 6)\nprint(len(answers))")
+
+
+async def test_sampled_sub_calls_each_reach_the_model(harness: Harness) -> None:
+    harness.model.script("", SIX_SAME, "FINAL(done)")
+    cache = ResultCache(ttl_s=60, max_entries=64)
+    result = await cached_run(harness, cache, temperature=0.7).run()
+    assert result.answer == "done"
+    assert harness.model.sub_prompts == ["same question"] * 6
+    assert result.cached_tokens.total_tokens == 0
+    assert len(cache) == 0
+
+
+async def test_a_deterministic_rerun_is_served_by_the_cache_and_spends_no_tokens(
+        harness: Harness) -> None:
+    cache = ResultCache(ttl_s=60, max_entries=64)
+    harness.model.script("", SIX_SAME, "FINAL(done)")
+    first = await cached_run(harness, cache, temperature=0).run()
+    assert harness.model.sub_prompts == ["same question"]
+    assert first.tokens.total_tokens > 0
+    # Five of the six sub-calls shared the first one's answer.
+    assert first.cached_tokens.total_tokens == 5 * first.sub_call_tokens.total_tokens
+    calls = len(harness.model.root_requests)
+    harness.events.clear()
+    second = await cached_run(harness, cache, temperature=0).run()
+    assert second.answer == "done"
+    assert len(harness.model.root_requests) == calls
+    assert second.tokens.total_tokens == 0
+    assert second.cached_tokens.total_tokens == (first.tokens.total_tokens
+                                                  + first.cached_tokens.total_tokens)
+    replies = [event for event in harness.events if isinstance(event, ModelReplied)]
+    assert all(event.cached and event.tokens.total_tokens == 0 for event in replies)
+    subs = [event for event in harness.events if isinstance(event, SubCallAnswered)]
+    assert len(subs) == 6
+    assert all(event.cached_tokens.total_tokens > 0 for event in subs)

@@ -111,16 +111,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         usage = Usage(prompt_tokens=result.tokens.prompt_tokens,
                       completion_tokens=result.tokens.completion_tokens,
                       total_tokens=result.tokens.total_tokens)
-        finish = "stop" if result.stop_reason in ("final", "final_var") else "length"
+        finish, text = "stop", result.answer
+        if not result.answer and result.stop_reason not in ("final", "final_var", "direct"):
+            # Never pass the model's raw last reply (often code) off as the answer.
+            finish = "length"
+            text = (f"The run stopped without an answer ({result.stop_reason}"
+                    f"{': ' + result.detail if result.detail else ''}); its trajectory is run "
+                    f"{result.run_id}.")
         if body.stream:
             return await _stream(request, [
                 _chunk(completion_id=result.run_id, model=body.model,
-                       delta={"role": "assistant", "content": result.answer}, finish=None),
+                       delta={"role": "assistant", "content": text}, finish=None),
                 _chunk(completion_id=result.run_id, model=body.model, delta={},
                        finish=finish, usage=usage),
             ])
         return web.json_response(_completion(completion_id=result.run_id, model=body.model,
-                                             text=result.answer, finish=finish, usage=usage))
+                                             text=text, finish=finish, usage=usage))
     chat = ChatRequest(
         model=body.model,
         messages=[ChatMessage(role=m.role if m.role != "developer" else "system",

@@ -40,7 +40,7 @@ from kowalski.controller.batch.files import (
     write_atomically,
 )
 from kowalski.controller.batch.progress import Progress, ProgressBar, format_duration
-from kowalski.controller.models.cache import CachedBackend, CacheOutcome
+from kowalski.controller.models.cache import CacheOutcome, chat_outcome
 from kowalski.controller.models.chat_types import ChatBackend, ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.retry import RetryPolicy, retry
@@ -159,9 +159,7 @@ async def _run_item(
     async def attempt() -> CacheOutcome:
         nonlocal attempts
         attempts += 1
-        if isinstance(backend, CachedBackend):
-            return await backend.chat_outcome(item.request, operation=operation)
-        return CacheOutcome(await backend.chat(item.request, operation=operation), False)
+        return await chat_outcome(backend, item.request, operation=operation)
 
     def retried(attempt_number: int, error: Exception, delay_ms: float) -> None:
         tally.retries += 1

@@ -8,6 +8,6 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 # Nothing to run on: no controller, no agents, no model.
 EXIT_UNAVAILABLE = 4
-# Stopped at a limit with a partial answer, or a batch with failed items.
+# Stopped at a limit without an answer, or a batch with failed items.
 EXIT_INCOMPLETE = 5
 EXIT_INTERRUPTED = 130

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import ssl as ssl_module
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -15,15 +17,22 @@ import msgspec
 from kowalski.common.config import Config, EndpointConfig, read_api_token
 from kowalski.common.errors import NetworkError, ParseError
 from kowalski.common.tls import client_ssl_context, loop_factory
-from kowalski.controller.cli.exit_codes import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
+from kowalski.controller.cli.exit_codes import (
+    EXIT_FAILED,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+)
 from kowalski.controller.rlm.events import (
     CodeExecuted,
     ContextFolded,
     ModelReplied,
     RlmEvent,
     RlmResult,
+    RunFinished,
     RunStarted,
     SubCallAnswered,
+    TokenCount,
 )
 from kowalski.controller.rlm.runs import (
     RunRequest,
@@ -73,12 +82,70 @@ def _indent(text: str, prefix: str) -> str:
 
 
 def print_result(result: RlmResult, out: TextIO) -> None:
-    out.write(f"\n=== answer ({result.stop_reason}"
-              f"{': ' + result.detail if result.detail else ''}) ===\n{result.answer}\n")
+    why = f"{result.stop_reason}{': ' + result.detail if result.detail else ''}"
+    if result.answer or result.stop_reason in ANSWERED:
+        out.write(f"\n=== answer ({why}) ===\n{result.answer}\n")
+    else:
+        out.write(f"\n=== no answer ({why}) ===\n")
+        if result.last_reply.strip():
+            out.write(f"no answer; the model's last reply was:\n"
+                      f"{_indent(_cut(result.last_reply), '  ')}\n")
+    cached = result.cached_tokens.total_tokens
     out.write(f"--- {result.iterations} iterations, {result.sub_calls} sub-calls, "
-              f"{result.tokens.total_tokens} tokens, {result.latency_ms / 1000:.1f} s, "
+              f"{result.tokens.total_tokens} tokens"
+              f"{f' (+{cached} from the cache)' if cached else ''}, "
+              f"{result.latency_ms / 1000:.1f} s, "
               f"devices: {', '.join(result.devices) or '-'}\n"
               f"--- trajectory: {result.trajectory_path}\n")
+
+
+class RunWatch:
+    """Follows a run's events (printing them when asked) so a stopped run still has a result."""
+
+    def __init__(self, out: TextIO | None) -> None:
+        self._out = out
+        self._started = time.monotonic()
+        self.run_id = self.trajectory_path = self.last_reply = ""
+        self.iterations = 0
+        self.tokens = TokenCount()
+        self.result: RlmResult | None = None
+
+    def __call__(self, event: RlmEvent) -> None:
+        if self._out is not None:
+            print_event(event, self._out)
+        if event.depth != 0:
+            return
+        if isinstance(event, RunStarted):
+            self.run_id, self.trajectory_path = event.run_id, event.trajectory_path
+        elif isinstance(event, ModelReplied):
+            self.iterations = max(self.iterations, event.iteration)
+            self.last_reply, self.tokens = event.text, self.tokens + event.tokens
+        elif isinstance(event, RunFinished):
+            self.result = event.result
+
+    def stopped(self) -> RlmResult | None:
+        """The run's own result, or one pieced together from its events (None before it began)."""
+        if self.result is not None or not self.run_id:
+            return self.result
+        return RlmResult(
+            run_id=self.run_id, answer="", stop_reason="cancelled",
+            detail="stopped from kowalski-ctl before the controller sent the run's result",
+            iterations=self.iterations, sub_calls=0, tokens=self.tokens,
+            sub_call_tokens=TokenCount(), steps=[],
+            latency_ms=(time.monotonic() - self._started) * 1000, devices=[], agents=[],
+            endpoints=[], trajectory_path=self.trajectory_path, last_reply=self.last_reply)
+
+
+async def _until_stopped(run: Any) -> RlmResult:
+    """Await the run; SIGTERM cancels it as Ctrl-C does, so it ends cleanly either way."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        result: RlmResult = await run
+        return result
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def exit_code(result: RlmResult) -> int:
@@ -99,17 +166,17 @@ def _request(args: argparse.Namespace) -> RunRequest:
                       max_iterations=args.max_iterations, stream=True)
 
 
-async def _run_local(config: Config, request: RunRequest, show: bool) -> RlmResult:
+async def _run_local(config: Config, request: RunRequest, watch: RunWatch, show: bool
+                     ) -> RlmResult:
     from kowalski.controller.cli.local import local_cluster
 
     if show:
         print("starting a local agent, controller and model…", file=sys.stderr, flush=True)
     async with local_cluster(config) as running:
-        observer = (lambda event: print_event(event, sys.stdout)) if show else None
-        return await running.state.runs.run(request, observer=observer)
+        return await running.state.runs.run(request, observer=watch)
 
 
-async def _run_remote(url: str, request: RunRequest, show: bool, token: str | None,
+async def _run_remote(url: str, request: RunRequest, watch: RunWatch, token: str | None,
                       ssl: ssl_module.SSLContext | None) -> RlmResult:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
@@ -127,8 +194,7 @@ async def _run_remote(url: str, request: RunRequest, show: bool, token: str | No
                     return item.result
                 if isinstance(item, RunStreamError):
                     raise NetworkError(f"the run failed: {item.error.message}")
-                if show:
-                    print_event(item, sys.stdout)
+                watch(item)
     except aiohttp.ClientError as exc:
         raise NetworkError(f"no controller answers at {url}: {exc}; start one with "
                            "`kowalski-ctl serve`, or pass --local") from None
@@ -165,14 +231,25 @@ def run_command(args: argparse.Namespace, config: Config, url: str) -> int:
     config = with_model_flags(args, config)
     request = _request(args)
     show = not args.json
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        if args.local:
-            result = runner.run(_run_local(config, request, show))
+    watch = RunWatch(sys.stdout if show else None)
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            if args.local:
+                run = _run_local(config, request, watch, show)
+            else:
+                token = read_api_token(config.security)
+                run = _run_remote(url, request, watch, token.decode() if token else None,
+                                  client_ssl_context(config.security))
+            result = runner.run(_until_stopped(run))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        stopped = watch.stopped()
+        if stopped is None:
+            print("kowalski-ctl: stopped before the run began", file=sys.stderr)
+        elif args.json:
+            sys.stdout.write(msgspec.json.format(msgspec.json.encode(stopped)).decode() + "\n")
         else:
-            token = read_api_token(config.security)
-            result = runner.run(_run_remote(url, request, show,
-                                            token.decode() if token else None,
-                                            client_ssl_context(config.security)))
+            print_result(stopped, sys.stdout)
+        return EXIT_INTERRUPTED
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(result)).decode() + "\n")
     else:

@@ -1,4 +1,8 @@
-"""A result cache for chat calls: TTL, LRU size bound, single-flight, and counters."""
+"""A result cache for chat calls: TTL, LRU size bound, single-flight, and counters.
+
+Only deterministic requests are served from it: temperature 0, or a call that opts in.
+A request at any other temperature (or the server's default) is a fresh sample every time.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +42,11 @@ def cache_key(request: ChatRequest) -> str:
     if isinstance(body.get("stop"), str):
         body["stop"] = [body["stop"]]
     return hashlib.sha256(msgspec.json.encode(body, order="sorted")).hexdigest()
+
+
+def is_deterministic(request: ChatRequest) -> bool:
+    """Whether the request asks for the same answer every time (temperature 0)."""
+    return request.temperature is not None and float(request.temperature) == 0.0
 
 
 class CacheStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -185,14 +194,34 @@ class CachedBackend:
         self.backend = backend
         self.cache = cache
 
-    async def chat(self, request: ChatRequest, *, operation: str = "llm_inference") -> ChatResult:
-        """One completion, from the cache when an identical request was answered before."""
-        return (await self.chat_outcome(request, operation=operation)).result
+    async def chat(
+        self, request: ChatRequest, *, operation: str = "llm_inference", cache: bool = False,
+    ) -> ChatResult:
+        """One completion, from the cache when an identical deterministic request was answered."""
+        return (await self.chat_outcome(request, operation=operation, cache=cache)).result
 
     async def chat_outcome(
-        self, request: ChatRequest, *, operation: str = "llm_inference",
+        self, request: ChatRequest, *, operation: str = "llm_inference", cache: bool = False,
     ) -> CacheOutcome:
-        """Like chat, and says whether the answer came without a call of its own."""
-        return await self.cache.get_or_call(
-            cache_key(request), lambda: self.backend.chat(request, operation=operation),
-        )
+        """Like chat, and says whether the answer came without a call of its own.
+
+        Only a request at temperature 0 uses the cache, unless cache=True opts this call in;
+        any other request reaches the backend every time, even when an identical one is in
+        flight, so repeated samples stay independent.
+        """
+        async def call() -> ChatResult:
+            return await self.backend.chat(request, operation=operation)
+
+        if not (cache or is_deterministic(request)):
+            return CacheOutcome(await call(), False)
+        return await self.cache.get_or_call(cache_key(request), call)
+
+
+async def chat_outcome(
+    backend: ChatBackend, request: ChatRequest, *, operation: str = "llm_inference",
+    cache: bool = False,
+) -> CacheOutcome:
+    """One completion through any backend, and whether the cache answered it."""
+    if isinstance(backend, CachedBackend):
+        return await backend.chat_outcome(request, operation=operation, cache=cache)
+    return CacheOutcome(await backend.chat(request, operation=operation), False)

@@ -54,29 +54,29 @@ class Stop(msgspec.Struct, frozen=True, kw_only=True):
     """Why and with what answer a run stopped, before its totals are added."""
 
     reason: StopReason
-    answer: str
+    # Empty when the run stopped without an answer (at a limit, on an error, cancelled).
+    answer: str = ""
     detail: str = ""
     error: WireError | None = None
 
 
-def budget_stop(used: int, budget: int, last_reply: str) -> Stop | None:
+def budget_stop(used: int, budget: int) -> Stop | None:
     """The stop once the token budget is spent, else None."""
     if used < budget:
         return None
-    return Stop(reason="token_budget", answer=last_reply,
-                detail=f"the token budget of {budget} is spent ({used} used); "
-                       "the answer is the model's last reply")
+    return Stop(reason="token_budget",
+                detail=f"the token budget of {budget} is spent ({used} used) before an answer")
 
 
-def limit_stop(found: Stop | None, reply: str, limit: int) -> Stop:
-    """The stop after the iteration limit: the last reply's FINAL, or else its text."""
+def limit_stop(found: Stop | None, limit: int) -> Stop:
+    """The stop after the iteration limit: the last reply's FINAL, or else no answer."""
     if found is not None:
         return Stop(reason="max_iterations", answer=found.answer, detail=(
             f"the iteration limit of {limit} was reached; the model answered with "
             f"{found.reason.upper()} when asked once more"))
-    return Stop(reason="max_iterations", answer=reply.strip(), detail=(
+    return Stop(reason="max_iterations", detail=(
         f"the iteration limit of {limit} was reached and the last request got no "
-        "usable FINAL; the answer is the model's last reply"))
+        "usable FINAL"))
 
 
 class StepTiming(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,6 +107,10 @@ class RlmResult(msgspec.Struct, frozen=True, kw_only=True):
     detail: str = ""
     folds: int = 0
     error: WireError | None = None
+    # The root model's last reply, whatever the stop; `answer` is empty when no FINAL came.
+    last_reply: str = ""
+    # Tokens of answers the cache gave (not spent again, so not in `tokens`).
+    cached_tokens: TokenCount = msgspec.field(default_factory=TokenCount)
 
 
 class RlmEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -160,6 +164,9 @@ class ModelReplied(RlmEvent, frozen=True, tag="model_replied"):
     messages_sent: int
     prompt_chars: int
     finish_reason: str | None = None
+    # Answered by the cache: `tokens` is then zero and `cached_tokens` what it once cost.
+    cached: bool = False
+    cached_tokens: TokenCount = msgspec.field(default_factory=TokenCount)
 
 
 class CodeSkipped(RlmEvent, frozen=True, tag="code_skipped"):
@@ -196,6 +203,8 @@ class SubCallAnswered(RlmEvent, frozen=True, tag="sub_call"):
     endpoint: str = ""
     # Set when the sub-call was itself an RLM run (depth below max_depth).
     child_run_id: str = ""
+    # Answered by the cache (in part, for a child run): not counted in `tokens`.
+    cached_tokens: TokenCount = msgspec.field(default_factory=TokenCount)
 
 
 class IterationFinished(RlmEvent, frozen=True, tag="iteration_finished"):

@@ -13,6 +13,8 @@ class RunLedger:
         self.tokens = TokenCount()
         # Sub-calls, those of child runs included.
         self.sub_call_tokens = TokenCount()
+        # Answers the cache gave, root and sub-calls: reported, not spent.
+        self.cached_tokens = TokenCount()
         self.sub_calls = 0
         # Agents (session device ids) and model endpoints, in order of first use.
         self.agents: dict[str, None] = {}

@@ -5,7 +5,8 @@ agent. Each iteration the model replies; its ```repl blocks run in order and wha
 print goes back as the next user message. Code may call llm_query / llm_query_batched,
 which the session relays to `RlmRun.answer_sub_calls`. The run ends at FINAL(answer) or
 FINAL_VAR(name) starting a line outside code (read after that reply's code ran), at the
-iteration limit (after one last request for an answer), or at the time or token budget.
+iteration limit (after one last request for an answer), or at the time or token budget;
+a run stopped without FINAL has an empty answer and the model's last reply beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from kowalski.common.code_blocks import CodeBlock, extract_code_blocks
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ContextSizeExceededError, KowalskiError
 from kowalski.common.messages import WireError
+from kowalski.controller.models.cache import chat_outcome
 from kowalski.controller.models.chat_types import (
     ChatBackend,
     ChatMessage,
@@ -46,6 +48,7 @@ from kowalski.controller.rlm.events import (
     SessionFactory,
     StepTiming,
     Stop,
+    TokenCount,
     budget_stop,
     chat_tokens,
     limit_stop,
@@ -85,7 +88,6 @@ class RlmRun:
         depth: int = 0,
         parent_run_id: str = "",
         temperature: float | None = None,
-        reply_max_tokens: int | None = None,
         cell_timeout_ms: int | None = None,
     ) -> None:
         self.query = query
@@ -99,10 +101,6 @@ class RlmRun:
         self._factory = session_factory
         self._observer = observer
         self._temperature = temperature
-        window = self.config.context_window_tokens
-        # The reply gets the part of the window that folding keeps free.
-        self._reply_max_tokens = reply_max_tokens or max(
-            256, int(window * (1 - self.config.fold_threshold)))
         self._cell_timeout_ms = cell_timeout_ms
         self._writer = TrajectoryWriter(self.config.trajectory_dir, self.run_id)
         self.trajectory_path = str(self._writer.path)
@@ -113,6 +111,9 @@ class RlmRun:
         self._steps: list[StepTiming] = []
         self._folds = 0
         self._last_reply = ""
+        # The last iteration whose model call came back: a run that never reached the
+        # model reports 0 iterations.
+        self._replied = 0
         self._session: CodeSession | None = None
         self._started = False
         self._ledger = RunLedger()
@@ -178,7 +179,7 @@ class RlmRun:
             # Cancelled, or a fault in Kowalski itself: still close the session and the file.
             cancelled = isinstance(exc, asyncio.CancelledError)
             await self._finish(Stop(
-                reason="cancelled" if cancelled else "error", answer=self._last_reply,
+                reason="cancelled" if cancelled else "error",
                 detail="the run was cancelled" if cancelled else f"internal error: {exc!r}",
             ), started)
             raise
@@ -196,27 +197,26 @@ class RlmRun:
                 return await self._loop()
         except (TimeoutError, KowalskiError) as exc:
             if timeout.expired():
-                return Stop(reason="timeout", answer=self._last_reply,
+                return Stop(reason="timeout",
                             detail=f"the run passed its time limit of "
-                                   f"{self.config.run_timeout_s:g} s; the answer is the "
-                                   "model's last reply")
+                                   f"{self.config.run_timeout_s:g} s before an answer")
             if not isinstance(exc, KowalskiError):
                 raise
             log.warning("run %s failed: %s", self.run_id, exc)
-            return Stop(reason="error", answer=self._last_reply, detail=exc.user_message(),
+            return Stop(reason="error", detail=exc.user_message(),
                         error=WireError(code=exc.code, message=exc.message,
                                         retryable=exc.is_recoverable))
 
     async def _loop(self) -> Stop:
         limit = self.config.max_iterations
         for iteration in range(1, limit + 1):
-            stop = budget_stop(self.tokens_used, self.config.token_budget, self._last_reply)
+            stop = budget_stop(self.tokens_used, self.config.token_budget)
             if stop is not None:
                 return stop
             stop = await self._turn(iteration, "turn")
             if stop is not None:
                 return stop
-        stop = (budget_stop(self.tokens_used, self.config.token_budget, self._last_reply)
+        stop = (budget_stop(self.tokens_used, self.config.token_budget)
                 or await self._turn(limit + 1, "final_request"))
         assert stop is not None  # the final request always stops
         return stop
@@ -225,20 +225,25 @@ class RlmRun:
         """Send the conversation, append the reply, count its tokens."""
         sent, prompt_chars = len(self._messages), sum(len(m.content) for m in self._messages)
         request = ChatRequest(model=self.model, messages=list(self._messages),
-                              max_tokens=self._reply_max_tokens, temperature=self._temperature)
+                              max_tokens=self.config.max_reply_tokens,
+                              temperature=self._temperature)
         started = time.monotonic()
-        result = await self._backend.chat(request, operation="llm_inference")
+        result, cached = await chat_outcome(self._backend, request, operation="llm_inference")
         model_ms = (time.monotonic() - started) * 1000
-        tokens = chat_tokens(result, self._messages)
+        counted = chat_tokens(result, self._messages)
+        # A cached answer cost nothing now: it is reported apart from the tokens spent.
+        tokens, cached_tokens = (TokenCount(), counted) if cached else (counted, TokenCount())
         self._ledger.tokens += tokens
+        self._ledger.cached_tokens += cached_tokens
         self._ledger.note_endpoint(result.endpoint)
         self._messages.append(ChatMessage(role="assistant", content=result.text))
-        self._known = (tokens.total_tokens, len(self._messages))
-        self._last_reply = result.text
+        self._known = (counted.total_tokens, len(self._messages))
+        self._last_reply, self._replied = result.text, self._ledger.iteration
         await self._emit(ModelReplied(
             run_id=self.run_id, depth=self.depth, iteration=self._ledger.iteration, phase=phase,
             text=result.text, model_ms=model_ms, tokens=tokens, endpoint=result.endpoint,
-            finish_reason=result.finish_reason, messages_sent=sent, prompt_chars=prompt_chars))
+            finish_reason=result.finish_reason, messages_sent=sent, prompt_chars=prompt_chars,
+            cached=cached, cached_tokens=cached_tokens))
         return result, model_ms
 
     async def _maybe_fold(self) -> None:
@@ -328,13 +333,11 @@ class RlmRun:
         message = ""
         limit = self.config.max_iterations
         if phase == "final_request":
-            stop = limit_stop(stop, result.text, limit)
+            stop = limit_stop(stop, limit)
         elif stop is None:
-            if note:
-                feedback.append(note)
-            if not blocks and marker is None:
-                feedback.append("Your reply had no ```repl block and no FINAL(...) line, so "
-                                "nothing ran.")
+            feedback += prompts.reply_notes(
+                note, cut_at=self.config.max_reply_tokens if result.finish_reason == "length"
+                else 0, nothing_ran=not blocks and marker is None)
             ending = (prompts.final_request(limit) if iteration == limit
                       else prompts.continue_prompt(self.query))
             message = "\n\n".join([*feedback, ending])
@@ -367,13 +370,14 @@ class RlmRun:
                 log.info("run %s: closing its session: %s", self.run_id, exc)
         result = RlmResult(
             run_id=self.run_id, answer=stop.answer, stop_reason=stop.reason, detail=stop.detail,
-            iterations=min(ledger.iteration, self.config.max_iterations),
+            iterations=min(self._replied, self.config.max_iterations),
             sub_calls=ledger.sub_calls, tokens=ledger.tokens + ledger.sub_call_tokens,
             sub_call_tokens=ledger.sub_call_tokens, steps=self._steps,
             latency_ms=(time.monotonic() - started) * 1000,
             devices=[*ledger.agents, *ledger.endpoints], agents=list(ledger.agents),
             endpoints=list(ledger.endpoints), trajectory_path=self.trajectory_path,
-            folds=self._folds, error=stop.error)
+            folds=self._folds, error=stop.error, last_reply=self._last_reply,
+            cached_tokens=ledger.cached_tokens)
         await self._emit(RunFinished(run_id=self.run_id, depth=self.depth, result=result,
                                      finished_at=time.time()))
         return result

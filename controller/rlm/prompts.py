@@ -175,6 +175,19 @@ def final_request(iterations: int) -> str:
             "its own: FINAL(the answer) or FINAL_VAR(variable_name). Do not write more code.")
 
 
+def reply_notes(final_note: str, *, cut_at: int, nothing_ran: bool) -> list[str]:
+    """What the feedback says about the reply itself: a FINAL that did not end the run, a
+    reply cut at cut_at tokens (0: not cut), a reply with nothing to run."""
+    notes = [final_note] if final_note else []
+    if cut_at:
+        notes.append(f"Your last reply was cut off at {cut_at} tokens, the most a reply may "
+                     "have. Be shorter: one small ```repl block or a FINAL(...) line per "
+                     "reply, no long explanations.")
+    if nothing_ran:
+        notes.append("Your reply had no ```repl block and no FINAL(...) line, so nothing ran.")
+    return notes
+
+
 # --- reading replies ------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import msgspec
 
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import BudgetExceededError, CancelledJobError, KowalskiError
+from kowalski.controller.models.cache import chat_outcome
 from kowalski.controller.models.chat_types import ChatBackend, ChatMessage, ChatRequest
 from kowalski.controller.rlm.events import (
     SUB_CALL_CHARS,
@@ -101,15 +102,18 @@ class SubCalls:
         messages = [ChatMessage(role="user", content=prompt)]
         request = ChatRequest(model=model, messages=messages, temperature=self._temperature)
         try:
-            result = await self._backend.chat(request, operation="llm_inference")
+            result, cached = await chat_outcome(self._backend, request,
+                                                operation="llm_inference")
         except KowalskiError as exc:
             answer = f"Error: {exc.message}"
             await self._record(prompt, answer, TokenCount(),
                                (time.monotonic() - started) * 1000, error=exc.message)
             return answer
         self._ledger.note_endpoint(result.endpoint)
-        await self._record(prompt, result.text, chat_tokens(result, messages),
-                           (time.monotonic() - started) * 1000, endpoint=result.endpoint)
+        tokens = chat_tokens(result, messages)
+        await self._record(prompt, result.text, TokenCount() if cached else tokens,
+                           (time.monotonic() - started) * 1000, endpoint=result.endpoint,
+                           cached_tokens=tokens if cached else TokenCount())
         return result.text
 
     async def _child_call(self, prompt: str, model: str, started: float) -> str:
@@ -131,18 +135,23 @@ class SubCalls:
             ledger.note_endpoint(name)
         ledger.sub_calls += result.sub_calls
         error = result.detail if result.stop_reason == "error" else ""
-        await self._record(prompt, result.answer, result.tokens,
+        answer = result.answer or (f"Error: the sub-call's run stopped without an answer "
+                                   f"({result.stop_reason}: {result.detail})")
+        await self._record(prompt, answer, result.tokens,
                            (time.monotonic() - started) * 1000, error=error,
-                           child_run_id=child_run_id)
-        return result.answer
+                           child_run_id=child_run_id, cached_tokens=result.cached_tokens)
+        return answer
 
     async def _record(self, prompt: str, answer: str, tokens: TokenCount, latency_ms: float,
-                      *, endpoint: str = "", error: str = "", child_run_id: str = "") -> None:
+                      *, endpoint: str = "", error: str = "", child_run_id: str = "",
+                      cached_tokens: TokenCount | None = None) -> None:
         ledger = self._ledger
         ledger.sub_calls += 1
         ledger.sub_call_tokens += tokens
+        ledger.cached_tokens += cached_tokens or TokenCount()
         await self._emit(SubCallAnswered(
             run_id=self._run_id, depth=self._depth, iteration=ledger.iteration,
             prompt_chars=len(prompt), answer_chars=len(answer), latency_ms=latency_ms,
             tokens=tokens, error=error, prompt=prompt[:SUB_CALL_CHARS],
-            answer=answer[:SUB_CALL_CHARS], endpoint=endpoint, child_run_id=child_run_id))
+            answer=answer[:SUB_CALL_CHARS], endpoint=endpoint, child_run_id=child_run_id,
+            cached_tokens=cached_tokens or TokenCount()))
