@@ -13,9 +13,11 @@ import aiohttp
 import msgspec
 
 from kowalski.common.config import Config, read_api_token
-from kowalski.common.errors import NetworkError, ParseError
+from kowalski.common.errors import NetworkError, NotFoundError
 from kowalski.common.tls import client_ssl_context, loop_factory
+from kowalski.controller.cli.arguments import positive_int
 from kowalski.controller.cli.exit_codes import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
+from kowalski.controller.cli.status import no_controller
 from kowalski.controller.rlm.events import (
     CodeExecuted,
     ContextFolded,
@@ -94,7 +96,8 @@ def _request(args: argparse.Namespace) -> RunRequest:
         try:
             context = path.read_text(errors="replace")
         except OSError as exc:
-            raise ParseError(f"cannot read the context file {path}: {exc.strerror}") from None
+            raise NotFoundError(f"cannot read the context file {path}: {exc.strerror}",
+                                next_step="Check the path given to --context-file") from None
     return RunRequest(query=args.prompt, context=context, model=args.model or "",
                       max_iterations=args.max_iterations, stream=True)
 
@@ -130,8 +133,7 @@ async def _run_remote(url: str, request: RunRequest, show: bool, token: str | No
                 if show:
                     print_event(item, sys.stdout)
     except aiohttp.ClientError as exc:
-        raise NetworkError(f"no controller answers at {url}: {exc}; start one with "
-                           "`kowalski-ctl serve`, or pass --local") from None
+        raise no_controller(url, exc) from None
     raise NetworkError(f"{url} ended the run's stream without a result")
 
 
@@ -171,7 +173,8 @@ def add_commands(commands: Any) -> None:
     run.add_argument("prompt", help="the question or task")
     run.add_argument("--context-file", help="a (large) text file the model works on")
     run.add_argument("--model", help="model id (default: exo.default_model or a ready one)")
-    run.add_argument("--max-iterations", type=int, help="override rlm.max_iterations")
+    run.add_argument("--max-iterations", type=positive_int,
+                     help="override rlm.max_iterations (at least 1)")
     run.add_argument("--json", action="store_true", help="print only the result, as JSON")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running controller (default: from the config)")
@@ -182,7 +185,8 @@ def add_commands(commands: Any) -> None:
     runs.add_argument("--dir", help="trajectory directory (default: rlm.trajectory_dir)")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)
     listing = runs_commands.add_parser("list", help="newest first")
-    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--limit", type=positive_int, default=20,
+                         help="show at most this many runs (default: 20)")
     show = runs_commands.add_parser("show", help="print one run's trajectory")
-    show.add_argument("run_id")
+    show.add_argument("run_id", help="a run id from `runs list`, or a trajectory file's path")
 
