@@ -111,7 +111,8 @@ def batch_command(args: argparse.Namespace, config: Config) -> int:
     elif args.output is None:
         args.output = str(Path(args.file).with_suffix(".out.jsonl"))
     if args.resume and args.output == STDIO:
-        print("kowalski-ctl batch: --resume needs an output file (-o FILE)", file=sys.stderr)
+        print("kowalski-ctl batch: --resume needs an output file (-o FILE)\n"
+              "See `kowalski-ctl batch --help`.", file=sys.stderr)
         return EXIT_USAGE
     data = _checked_input(args, config)
     run = _through_endpoint if args.endpoint else _through_router
