@@ -25,7 +25,7 @@ from kowalski.common import config as config_module
 from kowalski.common.addresses import host_addresses
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config
-from kowalski.common.errors import ConfigError, KowalskiError
+from kowalski.common.errors import KowalskiError, MissingSecretError
 from kowalski.common.http import ServerLog
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args)
         secret = config_module.read_secret(config.security)
         if secret is None and not config.security.allow_unsigned:
-            raise ConfigError(
+            raise MissingSecretError(
                 "no shared secret: set KOWALSKI_SECRET or KOWALSKI_SECRET_FILE, "
                 "security.secret_file, or security.allow_unsigned = true on a trusted host",
                 key="security.secret_file")

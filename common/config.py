@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from kowalski.common.errors import ConfigError
+from kowalski.common.errors import ConfigError, ConfigFileError
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -256,7 +256,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read the file: {exc.strerror}", path=str(file)) from None
+        raise ConfigFileError(f"cannot read the file: {exc.strerror}", path=str(file)) from None
     return loads(data, source=str(file))
 
 

@@ -46,9 +46,38 @@ class ConfigError(KowalskiError, ValueError):
         self.key = key
 
 
+class ConfigFileError(ConfigError):
+    """The config file named cannot be read at all: its content is not at fault."""
+
+    hint = "Check the path given to --config; `kowalski-ctl config init PATH` writes a default"
+
+
+class MissingSecretError(ConfigError):
+    """No shared secret where the daemons look for one: nothing in the file is wrong."""
+
+    hint = ("Make one with `head -c 32 /dev/urandom | base64 > kowalski.secret && chmod 600 "
+            "kowalski.secret` and name it in security.secret_file or KOWALSKI_SECRET_FILE "
+            "(docs/DEPLOYMENT.md)")
+
+
 class ParseError(KowalskiError, ValueError):
     code = "parse_error"
     hint = "Check the input's format"
+
+
+class NotFoundError(KowalskiError, LookupError):
+    """A file or run the user named is not there or cannot be read: the format is not at fault."""
+
+    code = "not_found"
+    hint = "Check the name or path"
+
+    def __init__(self, message: str, *, next_step: str = "") -> None:
+        super().__init__(message)
+        # What to do instead, when the caller knows better than the generic hint.
+        self.next_step = next_step
+
+    def user_message(self) -> str:
+        return f"{self.message}. {self.next_step or self.hint}"
 
 
 class UnsupportedLanguageError(KowalskiError, ValueError):
@@ -202,6 +231,13 @@ class NetworkError(KowalskiError, ConnectionError):
     code = "network"
     is_recoverable = True
     hint = "Check that the peer is running and reachable"
+
+
+class NoControllerError(NetworkError):
+    """No controller answers at the URL a command was sent to."""
+
+    hint = ("Start one with `kowalski-ctl serve`, or pass --url (or --config) naming a running "
+            "one; `kowalski-ctl run ... --local` needs none")
 
 
 class UnverifiedAnswerError(NetworkError):

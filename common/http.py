@@ -37,6 +37,7 @@ _STATUS: dict[type[errors.KowalskiError], int] = {
     errors.AuthError: 401,
     errors.DeviceNotFoundError: 404,
     errors.SessionNotFoundError: 404,
+    errors.NotFoundError: 404,
     errors.ConflictError: 409,
     errors.SessionLostError: 410,
     errors.ContextSizeExceededError: 413,

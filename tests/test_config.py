@@ -132,12 +132,23 @@ def test_example_file_is_the_generated_default() -> None:
     assert (ROOT / "config.example.toml").read_text() == render_commented()
 
 
-def test_cli_config_init_then_validate(tmp_path: Path) -> None:
+def test_cli_config_init_then_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     from kowalski.controller.cli.main import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, main
 
     target = tmp_path / "kowalski.toml"
     assert main(["config", "init", str(target)]) == EXIT_OK
     assert main(["config", "init", str(target)]) == EXIT_USAGE
+    for name in ("KOWALSKI_SECRET", "KOWALSKI_SECRET_FILE", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    capsys.readouterr()
+    # The file is fine, but serve would stop for want of a secret: so does validate.
+    assert main(["config", "validate", str(target)]) == EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert f"{target}: valid" in out
+    assert "no shared secret" in err
+    assert "head -c 32 /dev/urandom" in err
+    monkeypatch.setenv("KOWALSKI_SECRET", "s" * 32)
     assert main(["config", "validate", str(target)]) == EXIT_OK
     target.write_text("[agent]\nport = -1\n")
     assert main(["config", "validate", str(target)]) == EXIT_CONFIG

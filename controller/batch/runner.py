@@ -250,17 +250,19 @@ async def run_batch_file(
     policy: RetryPolicy | None = None,
     progress_stream: TextIO | None = None,
     operation: str = DEFAULT_OPERATION,
+    input_data: bytes | None = None,
 ) -> BatchSummary:
     """Run a JSONL file into a JSONL file; "-" is stdin or stdout (in order, no resume).
 
     With ``resume``, items the output file or its journal already hold are not asked
     again. Without it, any earlier journal is discarded. Unreadable input or an
-    unwritable output raises OSError.
+    unwritable output raises OSError. ``input_data``, when given, is the input already read.
     """
     if resume and str(output_path) == "-":
         raise ValueError("resuming needs an output file")
-    items = read_batch(await asyncio.to_thread(read_input, str(input_path)),
-                       default_model=default_model)
+    if input_data is None:
+        input_data = await asyncio.to_thread(read_input, str(input_path))
+    items = read_batch(input_data, default_model=default_model)
     bar = ProgressBar(progress_stream or sys.stderr) if show_progress else None
 
     async def run(

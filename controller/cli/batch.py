@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,11 @@ from typing import Any
 import msgspec
 
 from kowalski.common.config import Config
+from kowalski.common.errors import NotFoundError, ParseError
 from kowalski.common.tls import loop_factory
+from kowalski.controller.batch.files import ItemFailure, read_batch, read_input
 from kowalski.controller.batch.runner import BatchSummary, ExoClientBackend, run_batch_file
+from kowalski.controller.cli.arguments import positive_int
 from kowalski.controller.cli.exit_codes import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
 from kowalski.controller.models.cache import CachedBackend, ResultCache
 from kowalski.controller.models.exo_client import ExoClient
@@ -20,16 +24,8 @@ from kowalski.controller.retry import RetryPolicy
 from kowalski.controller.service import Controller
 
 STDIO = "-"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+# Stands in for the model the router will pick, so lines without one pass the check.
+_ROUTER_PICKS = "(the router's choice)"
 
 
 def add_command(commands: Any) -> None:
@@ -41,7 +37,7 @@ def add_command(commands: Any) -> None:
                                               "when FILE is \"-\"; \"-\": stdout)")
     batch.add_argument("--model", help="model for lines that name none (default: "
                                        "exo.default_model, or a ready one through the router)")
-    batch.add_argument("--concurrency", type=_positive,
+    batch.add_argument("--concurrency", type=positive_int,
                        help="calls in flight (default: exo.max_concurrency)")
     batch.add_argument("--resume", action="store_true",
                        help="keep what an earlier run of this batch finished")
@@ -50,7 +46,37 @@ def add_command(commands: Any) -> None:
     batch.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
-async def _through_router(config: Config, args: argparse.Namespace) -> BatchSummary:
+def _checked_input(args: argparse.Namespace, config: Config) -> bytes:
+    """The whole input, read and checked before any model starts, and a writable output."""
+    try:
+        data = read_input(args.file)
+    except OSError as exc:
+        raise NotFoundError(f"cannot read the batch input {args.file}: {exc.strerror}",
+                            next_step='Check the path; "-" reads stdin') from None
+    default_model = args.model or config.exo.default_model
+    items = read_batch(data, default_model=default_model or ("" if args.endpoint
+                                                             else _ROUTER_PICKS))
+    source = "stdin" if args.file == STDIO else args.file
+    if not items:
+        raise ParseError(f"{source} holds no prompts: it should have one JSON object a line, "
+                         'like {"id": "q1", "prompt": "..."} (docs/BATCH.md)')
+    failures = [item for item in items if isinstance(item, ItemFailure)]
+    if len(failures) == len(items):
+        raise ParseError(f"{source}: none of its {len(items)} lines can be used; the first: "
+                         f"{failures[0].error.message}")
+    if args.output != STDIO:
+        folder = Path(args.output).parent
+        if not folder.is_dir():
+            raise NotFoundError(f"no directory {folder} for the output {args.output}",
+                                next_step="Create it, or pass -o with another path")
+        if not os.access(folder, os.W_OK):
+            raise NotFoundError(f"cannot write the output {args.output} in {folder}",
+                                next_step="Pass -o with a path you can write to")
+    return data
+
+
+async def _through_router(config: Config, args: argparse.Namespace, data: bytes
+                          ) -> BatchSummary:
     controller = msgspec.structs.replace(config.controller, host="127.0.0.1", port=0,
                                          discover_mdns=False, static_agents=[])
     local = msgspec.structs.replace(config, controller=controller)
@@ -63,17 +89,19 @@ async def _through_router(config: Config, args: argparse.Namespace) -> BatchSumm
             args.file, args.output, backend,
             concurrency=args.concurrency or config.exo.max_concurrency,
             default_model=args.model or running.router.resolve_model(""), resume=args.resume,
-            show_progress=not args.quiet, policy=policy)
+            show_progress=not args.quiet, policy=policy, input_data=data)
 
 
-async def _through_endpoint(config: Config, args: argparse.Namespace) -> BatchSummary:
+async def _through_endpoint(config: Config, args: argparse.Namespace, data: bytes
+                            ) -> BatchSummary:
     exo = config.exo
     async with ExoClient.from_config(args.endpoint, exo) as client:
         backend = CachedBackend(ExoClientBackend(client), ResultCache.from_config(exo))
         return await run_batch_file(
             args.file, args.output, backend, concurrency=args.concurrency or exo.max_concurrency,
             default_model=args.model or exo.default_model, resume=args.resume,
-            show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller))
+            show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller),
+            input_data=data)
 
 
 def batch_command(args: argparse.Namespace, config: Config) -> int:
@@ -83,11 +111,13 @@ def batch_command(args: argparse.Namespace, config: Config) -> int:
     elif args.output is None:
         args.output = str(Path(args.file).with_suffix(".out.jsonl"))
     if args.resume and args.output == STDIO:
-        print("kowalski-ctl batch: --resume needs an output file (-o FILE)", file=sys.stderr)
+        print("kowalski-ctl batch: --resume needs an output file (-o FILE)\n"
+              "See `kowalski-ctl batch --help`.", file=sys.stderr)
         return EXIT_USAGE
+    data = _checked_input(args, config)
     run = _through_endpoint if args.endpoint else _through_router
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        summary = runner.run(run(config, args))
+        summary = runner.run(run(config, args, data))
     print(summary.describe(), file=sys.stderr)
     return EXIT_OK if summary.failed == 0 else EXIT_INCOMPLETE
 

@@ -8,7 +8,15 @@ from pathlib import Path
 
 from kowalski.common import config as config_module
 from kowalski.common.config_docs import render_commented
-from kowalski.common.errors import ConfigError, KowalskiError
+from kowalski.common.errors import ConfigError, KowalskiError, MissingSecretError, NotFoundError
+from kowalski.common.tls import client_ssl_context, server_ssl_context
+from kowalski.controller.cli.arguments import (
+    Parser,
+    log_level,
+    port_number,
+    spread_global_options,
+    subcommands,
+)
 from kowalski.controller.cli.exit_codes import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -28,14 +36,37 @@ def _config_init(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         print(f"kowalski-ctl: {path} exists; pass --force to overwrite", file=sys.stderr)
         return EXIT_USAGE
-    path.write_text(text)
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise NotFoundError(f"cannot write {path}: {exc.strerror}",
+                            next_step="Name a file in a directory you can write to") from None
     print(f"wrote {path}")
     return EXIT_OK
 
 
+def _serve_checks(config: config_module.Config) -> bytes | None:
+    """What `serve` reads before it starts: the secret, the API token, the TLS files."""
+    secret = config_module.read_secret(config.security)
+    if secret is None and not config.security.allow_unsigned:
+        raise MissingSecretError(
+            "no shared secret: set KOWALSKI_SECRET or KOWALSKI_SECRET_FILE, "
+            "security.secret_file, or security.allow_unsigned = true on a trusted host",
+            key="security.secret_file")
+    config_module.read_api_token(config.security)
+    server_ssl_context(config.security)
+    client_ssl_context(config.security)
+    return secret
+
+
 def _config_validate(args: argparse.Namespace) -> int:
-    config_module.load(args.path)
-    print(f"{args.path}: ok")
+    path = args.path or getattr(args, "config", None)
+    config = config_module.load(path)
+    print(f"{path or 'the default config'}: valid")
+    secret = _serve_checks(config)
+    signing = "a shared secret" if secret is not None else "no secret: allow_unsigned is set"
+    print(f"what serve reads in this environment: ok ({signing}; API token and TLS files "
+          "readable)")
     return EXIT_OK
 
 
@@ -61,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kowalski.common.tls import loop_factory
     from kowalski.controller.service import serve
 
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _load(args)
     if args.port is not None:
@@ -69,12 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         config = msgspec.structs.replace(
             config, controller=msgspec.structs.replace(config.controller, port=args.port))
-    secret = config_module.read_secret(config.security)
-    if secret is None and not config.security.allow_unsigned:
-        raise ConfigError(
-            "no shared secret: set KOWALSKI_SECRET or KOWALSKI_SECRET_FILE, "
-            "security.secret_file, or security.allow_unsigned = true on a trusted host",
-            key="security.secret_file")
+    secret = _serve_checks(config)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -89,7 +115,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from kowalski.common.tls import client_ssl_context
     from kowalski.controller.cli.status import run_status
 
     args.url = _default_url(args)
@@ -117,24 +142,31 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kowalski-ctl", description=__doc__)
-    parser.add_argument("-c", "--config", help="config file (TOML)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="kowalski-ctl", description=__doc__)
+    parser.add_argument("-c", "--config", help="config file (TOML); may also follow the command")
+    parser.add_argument("--url", help="a running controller, for status, devices and run "
+                                      "(default: from the config); may also follow the command")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config_parser = commands.add_parser("config", help="write or check a config file")
-    config_commands = config_parser.add_subparsers(dest="config_command", required=True)
+    config_commands = config_parser.add_subparsers(dest="config_command", required=True,
+                                                   metavar="COMMAND")
     init = config_commands.add_parser("init", help="write the commented default config")
     init.add_argument("path", nargs="?", help="file to write (default: stdout)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.set_defaults(handler=_config_init)
-    validate = config_commands.add_parser("validate", help="check a config file")
-    validate.add_argument("path")
+    validate = config_commands.add_parser(
+        "validate", help="check a config file, and the secret, token and TLS files serve reads")
+    validate.add_argument("path", nargs="?",
+                          help="config file to check (default: --config, else the defaults)")
     validate.set_defaults(handler=_config_validate)
 
     serve = commands.add_parser("serve", help="run the controller daemon")
-    serve.add_argument("--port", type=int, help="override controller.port (0: a free one)")
+    serve.add_argument("--port", type=port_number,
+                       help="override controller.port (0: a free one)")
     serve.add_argument("--port-file", type=Path, help="write the bound port here when ready")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", type=log_level, default="INFO",
+                       help="debug, info, warning or error (default: info)")
     serve.set_defaults(handler=_serve)
 
     for name, text in (("status", "the cluster: devices, exo endpoints, jobs, runs"),
@@ -153,25 +185,70 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch(commands)
     for name, handler in (("run", _run), ("batch", _batch), ("runs", _runs)):
         commands.choices[name].set_defaults(handler=handler)
+    spread_global_options(parser)
     return parser
+
+
+def _check_globals(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A global option given before a command that cannot use it is a usage error."""
+    if getattr(args, "url", None) is None:
+        return
+    command = subcommands(parser)[args.command]
+    if not any(action.dest == "url" for action in command._actions):
+        command.error("--url is for status, devices and run; this command does not use it")
+    if getattr(args, "local", False):
+        command.error("argument --local: not allowed with argument --url")
+
+
+def _check_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """run's --endpoint, --model-file and --api-key-file go together only one way."""
+    if args.command != "run":
+        return
+    command = subcommands(parser)["run"]
+    if args.endpoint and args.model_file:
+        command.error("give --endpoint URL or --model-file PATH.gguf, not both")
+    if args.api_key_file and not args.endpoint:
+        command.error("--api-key-file goes with --endpoint URL")
+    if (args.endpoint or args.model_file) and getattr(args, "url", None):
+        command.error("--endpoint and --model-file run here, on this machine: leave out --url")
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The one error inside task-group wrappers, so it is reported like any other."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    if isinstance(error, BaseExceptionGroup):
+        # Several at once: the first of ours says the most.
+        ours = [e for e in error.exceptions if isinstance(_innermost(e), KowalskiError)]
+        return _innermost(ours[0]) if ours else error
+    return error
+
+
+def _report(error: BaseException) -> int:
+    if isinstance(error, ConfigError):
+        print(f"kowalski-ctl: {error.user_message()}", file=sys.stderr)
+        return EXIT_CONFIG
+    if isinstance(error, KowalskiError):
+        print(f"kowalski-ctl: {error.user_message()}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if error.retry_elsewhere else EXIT_FAILED
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, OSError):
+        print(f"kowalski-ctl: {error.strerror or error}"
+              f"{': ' + str(error.filename) if error.filename else ''}", file=sys.stderr)
+        return EXIT_FAILED
+    raise error
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_globals(parser, args)
+    _check_model_flags(parser, args)
     try:
         code: int = args.handler(args)
-    except ConfigError as exc:
-        print(f"kowalski-ctl: {exc.user_message()}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KowalskiError as exc:
-        print(f"kowalski-ctl: {exc.user_message()}", file=sys.stderr)
-        return EXIT_UNAVAILABLE if exc.retry_elsewhere else EXIT_FAILED
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except OSError as exc:
-        print(f"kowalski-ctl: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except (KowalskiError, KeyboardInterrupt, OSError, BaseExceptionGroup) as exc:
+        return _report(_innermost(exc))
     return code
 
 

@@ -15,14 +15,16 @@ import aiohttp
 import msgspec
 
 from kowalski.common.config import Config, EndpointConfig, read_api_token
-from kowalski.common.errors import NetworkError, ParseError
+from kowalski.common.errors import NetworkError, NotFoundError
 from kowalski.common.tls import client_ssl_context, loop_factory
+from kowalski.controller.cli.arguments import http_url, positive_int
 from kowalski.controller.cli.exit_codes import (
     EXIT_FAILED,
     EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
     EXIT_OK,
 )
+from kowalski.controller.cli.status import no_controller
 from kowalski.controller.rlm.events import (
     CodeExecuted,
     ContextFolded,
@@ -161,7 +163,8 @@ def _request(args: argparse.Namespace) -> RunRequest:
         try:
             context = path.read_text(errors="replace")
         except OSError as exc:
-            raise ParseError(f"cannot read the context file {path}: {exc.strerror}") from None
+            raise NotFoundError(f"cannot read the context file {path}: {exc.strerror}",
+                                next_step="Check the path given to --context-file") from None
     return RunRequest(query=args.prompt, context=context, model=args.model or "",
                       max_iterations=args.max_iterations, stream=True)
 
@@ -196,30 +199,22 @@ async def _run_remote(url: str, request: RunRequest, watch: RunWatch, token: str
                     raise NetworkError(f"the run failed: {item.error.message}")
                 watch(item)
     except aiohttp.ClientError as exc:
-        raise NetworkError(f"no controller answers at {url}: {exc}; start one with "
-                           "`kowalski-ctl serve`, or pass --local") from None
+        raise no_controller(url, exc) from None
     raise NetworkError(f"{url} ended the run's stream without a result")
 
 
 def with_model_flags(args: argparse.Namespace, config: Config) -> Config:
     """--endpoint or --model-file: the run's model, given on the command line, runs locally."""
     if not (args.endpoint or args.model_file):
-        if args.api_key_file:
-            raise ParseError("--api-key-file goes with --endpoint URL")
         return config
-    if args.url:
-        raise ParseError("--endpoint and --model-file run locally: leave out --url")
-    if args.endpoint and args.model_file:
-        raise ParseError("give --endpoint URL or --model-file PATH.gguf, not both")
     if args.model_file:
         path = Path(args.model_file).expanduser()
         if not path.is_file():
-            raise ParseError(f"--model-file {path}: no such file; give the path of a .gguf file")
+            raise NotFoundError(f"--model-file {path}: no such file",
+                                next_step="Give the path of a .gguf model file")
         exo = msgspec.structs.replace(config.exo, endpoints=[], embedded=True,
                                       embedded_model_file=str(path), default_model="")
     else:
-        if not args.endpoint.startswith(("http://", "https://")):
-            raise ParseError(f"--endpoint {args.endpoint}: expected an http:// or https:// URL")
         endpoint = EndpointConfig(url=args.endpoint, api_key_file=args.api_key_file or "")
         exo = msgspec.structs.replace(config.exo, endpoints=[endpoint],
                                       default_model=args.model or "")
@@ -275,14 +270,15 @@ def add_commands(commands: Any) -> None:
     run.add_argument("prompt", help="the question or task")
     run.add_argument("--context-file", help="a (large) text file the model works on")
     run.add_argument("--model", help="model id (default: exo.default_model or a ready one)")
-    run.add_argument("--max-iterations", type=int, help="override rlm.max_iterations")
+    run.add_argument("--max-iterations", type=positive_int,
+                     help="override rlm.max_iterations (at least 1)")
     run.add_argument("--json", action="store_true", help="print only the result, as JSON")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running controller (default: from the config)")
     where.add_argument("--local", action="store_true",
                        help="start a local agent and controller (and the embedded model when "
                             "no exo endpoint is configured) for this run")
-    run.add_argument("--endpoint", metavar="URL",
+    run.add_argument("--endpoint", metavar="URL", type=http_url,
                      help="run locally against this OpenAI-compatible server (Ollama, LM Studio, "
                           "llama-server, exo...), no config needed")
     run.add_argument("--api-key-file", metavar="FILE", help="the --endpoint's API key")
@@ -292,7 +288,8 @@ def add_commands(commands: Any) -> None:
     runs.add_argument("--dir", help="trajectory directory (default: rlm.trajectory_dir)")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)
     listing = runs_commands.add_parser("list", help="newest first")
-    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--limit", type=positive_int, default=20,
+                         help="show at most this many runs (default: 20)")
     show = runs_commands.add_parser("show", help="print one run's trajectory")
-    show.add_argument("run_id")
+    show.add_argument("run_id", help="a run id from `runs list`, or a trajectory file's path")
 

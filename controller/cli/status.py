@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import ssl as ssl_module
 import sys
 
 import aiohttp
 import msgspec
 
-from kowalski.common.errors import NetworkError, ParseError
+from kowalski.common.errors import NetworkError, NoControllerError, ParseError
 from kowalski.controller.api.status import DeviceStatus, Status
+
+
+def no_controller(url: str, error: BaseException) -> NoControllerError:
+    """The error for a controller URL that does not answer, with the cause in a few words."""
+    cause = getattr(error, "os_error", error)
+    if isinstance(cause, OSError) and cause.errno:
+        why = os.strerror(cause.errno).lower()
+    elif isinstance(error, TimeoutError):
+        why = "no answer in time"
+    else:
+        why = str(error) or type(error).__name__
+    return NoControllerError(f"no controller answers at {url} ({why})")
 
 
 async def fetch_status(url: str, *, timeout_s: float = 10.0,
@@ -24,8 +37,7 @@ async def fetch_status(url: str, *, timeout_s: float = 10.0,
             body = await response.read()
             status = response.status
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise NetworkError(f"no controller answers at {url}: {exc or type(exc).__name__}"
-                           ) from None
+        raise no_controller(url, exc) from None
     if status != 200:
         raise NetworkError(f"{url}/v1/status answered {status}: {body[:200]!r}")
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from kowalski.common.errors import ParseError
+from kowalski.common.errors import NotFoundError, ParseError
 from kowalski.controller.rlm.events import (
     AnyRlmEvent,
     CodeExecuted,
@@ -136,7 +136,9 @@ def read_trajectory(
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ParseError(f"no trajectory for {str(path_or_run_id)!r} at {path}") from None
+        raise NotFoundError(f"no trajectory for {str(path_or_run_id)!r} at {path}",
+                            next_step="List the runs there with `kowalski-ctl runs list`, "
+                                      "or pass --dir") from None
     lines = _lines(data, path)
     first = lines[0] if lines else None
     if isinstance(first, V1Meta):
