@@ -22,7 +22,7 @@ from kowalski.agent.metrics import MetricsSampler
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common import config as config_module
-from kowalski.common.addresses import host_addresses
+from kowalski.common.addresses import advertised_addresses
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config
 from kowalski.common.errors import KowalskiError, MissingSecretError
@@ -102,7 +102,7 @@ class Agent:
                     from kowalski.agent.mdns import Advertiser
 
                     addresses = ([settings.advertise_address] if settings.advertise_address
-                                 else host_addresses())
+                                 else advertised_addresses(settings.host))
                     advertiser = Advertiser(agent_id=agent_id, name=name, port=self.port,
                                             version=VERSION, addresses=addresses)
                     await advertiser.start()

@@ -7,15 +7,24 @@ import logging
 from zeroconf import IPVersion, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
+from kowalski.common.errors import ConfigError
+
 SERVICE_TYPE = "_kowalski._tcp.local."
 log = logging.getLogger(__name__)
 
 
 class Advertiser:
-    """Registers one service record for the agent's lifetime; close() is idempotent."""
+    """Registers one service record for the agent's lifetime; close() is idempotent.
+
+    addresses are those a peer can dial (see common/addresses.py); the controller tries
+    them in its own order and keeps the first that answers as this agent.
+    """
 
     def __init__(self, *, agent_id: str, name: str, port: int, version: str,
                  addresses: list[str], interfaces: list[str] | None = None) -> None:
+        if not addresses:
+            raise ConfigError("no IPv4 address to advertise: agent.host resolves to none; "
+                              "set agent.advertise_address", key="agent.host")
         self._info = ServiceInfo(
             SERVICE_TYPE,
             f"{agent_id}.{SERVICE_TYPE}",

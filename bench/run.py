@@ -48,6 +48,11 @@ def _failover() -> Measure:
     return failover.measure
 
 
+def _mdns() -> Measure:
+    from bench import mdns_discovery
+    return mdns_discovery.measure
+
+
 def _scale() -> Measure:
     from bench import scale
     return scale.measure
@@ -66,6 +71,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("failover", "Failure detection at default settings", _failover, 180.0),
     ("scale", "Scale: many agents heartbeating", _scale, 180.0),
     ("embedded", "Embedded model through the full stack", _embedded, 240.0),
+    ("mdns", "Discovery over mDNS at default settings", _mdns, 300.0),
 ]
 
 

@@ -24,7 +24,8 @@ KEYS: dict[str, str] = {
     "agent.port": "Port of the agent's HTTP API (0 picks a free one).",
     "agent.name": "Name shown in the device table; empty means the host name.",
     "agent.advertise_mdns": "Advertise the agent as _kowalski._tcp over mDNS.",
-    "agent.advertise_address": "Address put in the mDNS record; empty means the host's addresses.",
+    "agent.advertise_address": ("Address put in the mDNS record; empty means every address a "
+                                "peer can reach: the bound one, or all but loopback."),
     "agent.work_dir": "Where per-job directories are made.",
     "agent.max_concurrent_jobs": "Jobs run at once; more wait in the queue.",
     "agent.max_queued_jobs": "Jobs waiting beyond this are refused with 503 and Retry-After.",

@@ -55,6 +55,14 @@ class Lan:
         namespace, device = self.links[index - 1]
         _run("ip", "-n", namespace, "link", "set", device, "up" if up else "down")
 
+    def add_bridge(self, index: int, cidr: str) -> None:
+        """Give host index a bridge with no ports and the address cidr, as containers do."""
+        # Interface names are per namespace: every host may use the same one.
+        device = "kwdocker0"
+        _run("ip", "-n", self.names[index], "link", "add", device, "type", "bridge")
+        _run("ip", "-n", self.names[index], "addr", "add", cidr, "dev", device)
+        _run("ip", "-n", self.names[index], "link", "set", device, "up")
+
     def close(self) -> None:
         for name in self.names:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)

@@ -76,3 +76,17 @@ def test_quick_run_of_the_embedded_model_compares_router_and_direct(tmp_path: Pa
     assert all(value > 0 for value in section["raw"]["direct tokens/s"])
     assert all(value > 0 for value in section["raw"]["routed tokens/s"])
     assert "router / direct (p50 over p50)" in report
+
+
+@pytest.mark.netns
+def test_quick_run_of_mdns_discovery_files_every_agent_at_its_own_address(
+        tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "mdns")
+    (section,) = figures["sections"]
+    if section["skipped"]:
+        pytest.skip(section["skipped"])
+    check_section(section)
+    wrong = next(t for t in section["targets"] if t["name"] == "rows filed at a wrong address")
+    assert wrong["measured"] == 0
+    assert all(value > 0 for value in section["raw"]["listening → healthy (s)"])
+    assert "agent listening → its row healthy" in report

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from kowalski.common.config import ControllerConfig
 from kowalski.common.errors import KowalskiError
-from kowalski.common.messages import DeviceId
+from kowalski.common.messages import DeviceId, Heartbeat
 from kowalski.controller.fleet.agent_client import AgentClient
 from kowalski.controller.fleet.device_table import (
     DeviceDiscovered,
@@ -49,6 +50,12 @@ class Cluster:
         self._static_urls = [static_agent_url(entry, scheme=scheme)
                              for entry in config.static_agents]
         self._static_errors: dict[str, str] = {}
+        # An mDNS agent's advertised addresses as URLs, in the order to try them, and the
+        # one that last answered as that agent; until one has, every poll tries them all.
+        self._candidates: dict[DeviceId, list[str]] = {}
+        self._settled: dict[DeviceId, str] = {}
+        # Set by a discovery so the next poll round starts now, not an interval later.
+        self._wake = asyncio.Event()
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call listener after every change; returns a function that unsubscribes."""
@@ -83,10 +90,18 @@ class Cluster:
                 return predicate(self.table)
         return True
 
-    def _found(self, agent_id: str, name: str, url: str, source: str) -> None:
-        self.apply(DeviceDiscovered(device_id=DeviceId(agent_id), name=name, url=url,
-                                    source="mdns" if source == "mdns" else "static",
+    def _found(self, agent_id: str, name: str, urls: list[str]) -> None:
+        device_id = DeviceId(agent_id)
+        self._candidates[device_id] = urls
+        row = self.table.devices.get(device_id)
+        # The row keeps the address that answers while it is still advertised; a new one
+        # shows the most likely address until a heartbeat settles it.
+        url = row.url if row is not None and row.url in urls else urls[0]
+        if self._settled.get(device_id) != url:
+            self._settled.pop(device_id, None)
+        self.apply(DeviceDiscovered(device_id=device_id, name=name, url=url, source="mdns",
                                     at=self.clock()))
+        self._wake.set()
 
     def _lost(self, agent_id: str) -> None:
         self.apply(DeviceLost(device_id=DeviceId(agent_id), at=self.clock()))
@@ -104,7 +119,10 @@ class Cluster:
                     started = self.clock()
                     await self.poll_once()
                     elapsed = self.clock() - started
-                    await asyncio.sleep(max(0.0, self._config.heartbeat_interval_s - elapsed))
+                    remaining_s = max(0.0, self._config.heartbeat_interval_s - elapsed)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), remaining_s)
+                    self._wake.clear()
         finally:
             if browser is not None:
                 await browser.close()
@@ -119,21 +137,82 @@ class Cluster:
 
     async def poll_once(self) -> None:
         """Ask every known agent, and every static address not yet known, for a heartbeat."""
-        targets: dict[str, DeviceId | None] = {
-            row.url: device_id for device_id, row in self.table.devices.items()
-        }
-        for url in self._static_urls:
-            targets.setdefault(url, None)
-        await asyncio.gather(*(self._beat(url, device_id) for url, device_id in targets.items()))
+        devices = self.table.devices
+        for gone in (self._candidates.keys() | self._settled.keys()) - devices.keys():
+            self._candidates.pop(gone, None)
+            self._settled.pop(gone, None)
+        beats = [self._beat_device(device_id, self._urls_to_try(device_id))
+                 for device_id in devices]
+        known = {row.url for row in devices.values()}
+        beats += [self._beat_static(url) for url in self._static_urls if url not in known]
+        await asyncio.gather(*beats)
 
-    async def _beat(self, url: str, device_id: DeviceId | None) -> None:
-        sent = self.clock()
+    def _urls_to_try(self, device_id: DeviceId) -> list[str]:
+        row = self.table.devices[device_id]
+        candidates = self._candidates.get(device_id)
+        if row.source == "static" or not candidates or self._settled.get(device_id) == row.url:
+            return [row.url]
+        return candidates
+
+    async def _beat_device(self, device_id: DeviceId, urls: list[str]) -> None:
+        answer = await self._first_answer(device_id, urls)
+        if isinstance(answer, str):
+            self._settled.pop(device_id, None)
+            self.apply(HeartbeatFailed(device_id=device_id, reason=answer, at=self.clock()))
+            return
+        url, beat, sent, received = answer
+        row = self.table.devices.get(device_id)
+        if row is None:
+            return
+        if url != row.url:
+            log.info("mDNS agent %s answers at %s", device_id, url)
+            self.apply(DeviceDiscovered(device_id=device_id, name=row.name, url=url,
+                                        source=row.source, at=received))
+        self._settled[device_id] = url
+        self.apply(HeartbeatReceived(device_id=device_id, heartbeat=beat,
+                                     rtt_ms=(received - sent) * 1000.0, at=received))
+
+    async def _first_answer(
+        self, device_id: DeviceId, urls: list[str],
+    ) -> tuple[str, Heartbeat, float, float] | str:
+        """The first of urls whose signed heartbeat comes from device_id, or why none does.
+
+        All are asked at once; the answer is taken in the order of urls, so a preferred
+        address wins over one that merely answered sooner, and the round waits only as
+        long as the preferred addresses take to succeed or fail.
+        """
+        asks = [asyncio.create_task(self._ask(url)) for url in urls]
+        reasons: list[str] = []
         try:
-            beat = await self._agents.heartbeat(url, timeout_s=self._config.heartbeat_timeout_s)
+            for url, ask in zip(urls, asks, strict=True):
+                try:
+                    beat, sent, received = await ask
+                except KowalskiError as exc:
+                    reasons.append(exc.message)
+                    continue
+                if beat.agent_id != device_id:
+                    # Another agent answers here: its own loopback, a shared bridge address,
+                    # or a restart on a new id.
+                    reasons.append(f"{url} now answers as {beat.agent_id}")
+                    continue
+                return url, beat, sent, received
+        finally:
+            for ask in asks:
+                ask.cancel()
+            await asyncio.gather(*asks, return_exceptions=True)
+        return "; ".join(reasons)
+
+    async def _ask(self, url: str) -> tuple[Heartbeat, float, float]:
+        sent = self.clock()
+        beat = await self._agents.heartbeat(url, timeout_s=self._config.heartbeat_timeout_s)
+        return beat, sent, self.clock()
+
+    async def _beat_static(self, url: str) -> None:
+        """A configured address not in the table yet: filed under the id that answers."""
+        try:
+            beat, sent, received = await self._ask(url)
         except KowalskiError as exc:
-            if device_id is not None:
-                self.apply(HeartbeatFailed(device_id=device_id, reason=str(exc), at=self.clock()))
-            elif self._static_errors.get(url) != exc.message:
+            if self._static_errors.get(url) != exc.message:
                 # Not in the table yet, so nothing else would show why (a wrong secret, a
                 # typo in the address): say it once per change.
                 self._static_errors[url] = exc.message
@@ -141,18 +220,10 @@ class Cluster:
             return
         if self._static_errors.pop(url, None) is not None:
             log.info("static agent %s answers again", url)
-        received = self.clock()
-        if device_id is None:
-            device_id = DeviceId(beat.agent_id)
-            if device_id not in self.table.devices:
-                self.apply(DeviceDiscovered(device_id=device_id, name=beat.name, url=url,
-                                            source="static", at=received))
-        elif beat.agent_id != device_id:
-            # Another agent now answers at this address (a restart on a new id).
-            self.apply(HeartbeatFailed(device_id=device_id,
-                                       reason=f"{url} now answers as {beat.agent_id}",
-                                       at=received))
-            return
+        device_id = DeviceId(beat.agent_id)
+        if device_id not in self.table.devices:
+            self.apply(DeviceDiscovered(device_id=device_id, name=beat.name, url=url,
+                                        source="static", at=received))
         self.apply(HeartbeatReceived(device_id=device_id, heartbeat=beat,
                                      rtt_ms=(received - sent) * 1000.0, at=received))
 

@@ -10,13 +10,15 @@ from typing import Any
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from kowalski.common.addresses import by_preference, local_networks
 from kowalski.common.errors import ConfigError
 
 SERVICE_TYPE = "_kowalski._tcp.local."
 log = logging.getLogger(__name__)
 
-# (agent_id, name, url, source) when an agent appears or moves; (agent_id,) when it goes.
-FoundCallback = Callable[[str, str, str, str], None]
+# (agent_id, name, urls) when an agent appears or re-announces, its advertised addresses as
+# URLs in the order to try them; (agent_id,) when it goes.
+FoundCallback = Callable[[str, str, list[str]], None]
 LostCallback = Callable[[str], None]
 
 
@@ -81,11 +83,13 @@ class MdnsBrowser:
         }
         agent_id = properties.get("id") or name.removesuffix("." + SERVICE_TYPE)
         display = properties.get("name") or agent_id
-        # Loopback addresses are listed last by agents; a remote one is preferred.
-        url = f"{self._scheme}://{addresses[0]}:{info.port}"
+        # Which address answers is for heartbeats to settle; here only the order to try:
+        # an address on one of this host's subnets first, loopback last.
+        urls = [f"{self._scheme}://{address}:{info.port}"
+                for address in by_preference(addresses, local_networks())]
         self._ids[name] = agent_id
-        log.info("mDNS: found %s at %s", agent_id, url)
-        self._on_found(agent_id, display, url, "mdns")
+        log.info("mDNS: found %s at %s", agent_id, ", ".join(urls))
+        self._on_found(agent_id, display, urls)
 
     async def close(self) -> None:
         browser, self._browser = self._browser, None
