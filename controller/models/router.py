@@ -13,7 +13,11 @@ import aiohttp
 import msgspec
 
 from kowalski.common.config import ExoConfig
-from kowalski.common.errors import KowalskiError, NoModelAvailableError
+from kowalski.common.errors import (
+    KowalskiError,
+    ModelNotYetAvailableError,
+    NoModelAvailableError,
+)
 from kowalski.controller import circuit as breaker
 from kowalski.controller.models.chat_types import ChatDelta, ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
@@ -37,11 +41,25 @@ class Endpoint:
     nodes: int = 0
     last_error: str = ""
     in_flight: int = 0
+    # The circuit the run's own model calls depend on (what the status shows).
     circuit: breaker.Circuit = field(default_factory=lambda: breaker.CLOSED)
+    # Folding summaries keep their own failure count: a failing summariser must not shut
+    # the endpoint for the calls a run cannot do without.
+    summary_circuit: breaker.Circuit = field(default_factory=lambda: breaker.CLOSED)
 
     @property
     def url(self) -> str:
         return self.client.base_url
+
+    def circuit_for(self, operation: Operation) -> breaker.Circuit:
+        """The circuit that counts this operation's failures."""
+        return self.summary_circuit if operation == "context_compression" else self.circuit
+
+    def set_circuit(self, operation: Operation, circuit: breaker.Circuit) -> None:
+        if operation == "context_compression":
+            self.summary_circuit = circuit
+        else:
+            self.circuit = circuit
 
     def observe_latency(self, latency_ms: float) -> None:
         if self.latency_ms is None:
@@ -143,17 +161,26 @@ class LlmRouter:
             raise NoModelAvailableError("no exo endpoint configured")
         healthy = [e for e in self.endpoints if e.healthy]
         if not healthy:
-            raise NoModelAvailableError(f"all {len(self.endpoints)} exo endpoints are down")
+            # The next health check may find one back.
+            raise ModelNotYetAvailableError(f"all {len(self.endpoints)} exo endpoints are down",
+                                            wait_s=self._config.poll_interval_s)
         serving = [e for e in healthy if model in e.ready_models]
         if not serving:
             raise NoModelAvailableError(
                 f"no healthy exo endpoint has {model!r} ready "
                 f"(ready: {', '.join(self.ready_models()) or 'none'})")
+        policy = self._circuit_policy
         open_ok = [e for e in serving if e.url not in exclude
-                   and breaker.allows(e.circuit, now, self._circuit_policy)]
+                   and breaker.allows(e.circuit_for(operation), now, policy)]
         if not open_ok:
-            raise NoModelAvailableError(
-                f"every endpoint serving {model!r} has failed or has its circuit open")
+            reason = f"every endpoint serving {model!r} has failed or has its circuit open"
+            shut = [e.circuit_for(operation) for e in serving if e.url not in exclude]
+            if not shut or any(c.state == "closed" for c in shut):
+                raise NoModelAvailableError(reason)
+            # Only open circuits stand in the way: say when the first one lets a probe by
+            # (already, when one is half-open with its probe out).
+            wait_s = min(max(c.opened_at + policy.reset_s - now, 0.0) for c in shut)
+            raise ModelNotYetAvailableError(reason, wait_s=wait_s, probe_pending=wait_s <= 0)
         return max(open_ok, key=lambda e: formula(
             operation, latency_ms=e.latency_ms or 0.0, memory_free_fraction=0.0,
         ) - self._load_penalty * e.in_flight)
@@ -188,30 +215,36 @@ class LlmRouter:
         op: Operation = "context_compression" if operation == "context_compression" \
             else "llm_inference"
         return await with_failover(
-            lambda endpoint: self._call(endpoint, request), self._policy,
+            lambda endpoint: self._call(endpoint, request, op), self._policy,
             choose=lambda exclude: self.choose(model, op, exclude),
             key=lambda endpoint: endpoint.url, rng=self._rng)
 
-    async def _call(self, endpoint: Endpoint, request: ChatRequest) -> ChatResult:
-        now = self._clock()
-        endpoint.circuit = breaker.on_attempt(endpoint.circuit, now, self._circuit_policy,
-                                              job_id=f"chat-{id(request)}")
+    async def _call(self, endpoint: Endpoint, request: ChatRequest,
+                    operation: Operation = "llm_inference") -> ChatResult:
+        policy, job_id = self._circuit_policy, f"chat-{id(request)}"
+        endpoint.set_circuit(operation, breaker.on_attempt(
+            endpoint.circuit_for(operation), self._clock(), policy, job_id=job_id))
         endpoint.in_flight += 1
         try:
             result = await endpoint.client.chat(request)
+        except asyncio.CancelledError:
+            # A cancelled probe settles nothing; without this the circuit would wait forever.
+            endpoint.set_circuit(operation, breaker.on_abandon(
+                endpoint.circuit_for(operation), job_id=job_id))
+            raise
         except KowalskiError as exc:
             if exc.is_recoverable:
-                endpoint.circuit = breaker.on_failure(endpoint.circuit, self._clock(),
-                                                      self._circuit_policy)
+                endpoint.set_circuit(operation, breaker.on_failure(
+                    endpoint.circuit_for(operation), self._clock(), policy))
                 endpoint.last_error = exc.message
             else:
-                endpoint.circuit = breaker.on_success(endpoint.circuit, self._clock(),
-                                                      self._circuit_policy)
+                endpoint.set_circuit(operation, breaker.on_success(
+                    endpoint.circuit_for(operation), self._clock(), policy))
             raise
         finally:
             endpoint.in_flight -= 1
-        endpoint.circuit = breaker.on_success(endpoint.circuit, self._clock(),
-                                              self._circuit_policy)
+        endpoint.set_circuit(operation, breaker.on_success(
+            endpoint.circuit_for(operation), self._clock(), policy))
         endpoint.observe_latency(result.latency_ms)
         return result
 
