@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,12 @@ import msgspec
 from kowalski.common.config import Config
 from kowalski.common.tls import loop_factory
 from kowalski.controller.batch.runner import BatchSummary, ExoClientBackend, run_batch_file
-from kowalski.controller.cli.exit_codes import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
+from kowalski.controller.cli.exit_codes import (
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 from kowalski.controller.models.cache import CachedBackend, ResultCache
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.retry import RetryPolicy
@@ -50,34 +56,35 @@ def add_command(commands: Any) -> None:
     batch.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
-async def _through_router(config: Config, args: argparse.Namespace) -> BatchSummary:
+async def _through_router(config: Config, args: argparse.Namespace, stop: asyncio.Event
+                          ) -> BatchSummary:
     controller = msgspec.structs.replace(config.controller, host="127.0.0.1", port=0,
                                          discover_mdns=False, static_agents=[])
     local = msgspec.structs.replace(config, controller=controller)
     async with Controller(config=local, secret=None) as running:
         backend = CachedBackend(running.router, ResultCache.from_config(config.exo))
-        # The router already retries across endpoints; one more round per item is enough.
-        policy = msgspec.structs.replace(RetryPolicy.from_config(config.controller),
-                                         max_attempts=2)
         return await run_batch_file(
             args.file, args.output, backend,
             concurrency=args.concurrency or config.exo.max_concurrency,
             default_model=args.model or running.router.resolve_model(""), resume=args.resume,
-            show_progress=not args.quiet, policy=policy)
+            show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller),
+            stop=stop)
 
 
-async def _through_endpoint(config: Config, args: argparse.Namespace) -> BatchSummary:
+async def _through_endpoint(config: Config, args: argparse.Namespace, stop: asyncio.Event
+                            ) -> BatchSummary:
     exo = config.exo
     async with ExoClient.from_config(args.endpoint, exo) as client:
         backend = CachedBackend(ExoClientBackend(client), ResultCache.from_config(exo))
         return await run_batch_file(
             args.file, args.output, backend, concurrency=args.concurrency or exo.max_concurrency,
             default_model=args.model or exo.default_model, resume=args.resume,
-            show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller))
+            show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller),
+            stop=stop)
 
 
 def batch_command(args: argparse.Namespace, config: Config) -> int:
-    """0 when every item succeeded, 5 when some failed; errors are mapped by main."""
+    """0 when every item succeeded, 5 when some failed, 130 when stopped; errors by main."""
     if args.output is None and args.file == STDIO:
         args.output = STDIO
     elif args.output is None:
@@ -86,8 +93,26 @@ def batch_command(args: argparse.Namespace, config: Config) -> int:
         print("kowalski-ctl batch: --resume needs an output file (-o FILE)", file=sys.stderr)
         return EXIT_USAGE
     run = _through_endpoint if args.endpoint else _through_router
+
+    async def stoppable() -> BatchSummary:
+        # SIGTERM and Ctrl-C stop the batch, not the process: the journal keeps what
+        # finished and the summary is still printed.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            return await run(config, args, stop)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        summary = runner.run(run(config, args))
+        summary = runner.run(stoppable())
     print(summary.describe(), file=sys.stderr)
+    if summary.stopped:
+        resume = "" if args.output == STDIO else "; run it again with --resume to finish it"
+        print(f"kowalski-ctl batch: stopped by a signal{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK if summary.failed == 0 else EXIT_INCOMPLETE
 
