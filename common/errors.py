@@ -195,6 +195,17 @@ class NoModelAvailableError(NoDevicesAvailableError):
         self.reason = reason
 
 
+class ModelNotYetAvailableError(NoModelAvailableError):
+    """No endpoint can take the call now, but one may soon: wait_s says when to look again."""
+
+    def __init__(self, reason: str, *, wait_s: float, probe_pending: bool = False) -> None:
+        super().__init__(reason)
+        # Until an open circuit half-opens, or the next health check; 0 with a probe out.
+        self.wait_s = wait_s
+        # A half-open circuit's one probe is in flight: its outcome decides, not the clock.
+        self.probe_pending = probe_pending
+
+
 class DeviceNotFoundError(KowalskiError, KeyError):
     code = "device_not_found"
     hint = "List devices with `kowalski-ctl devices`"

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import ClientSession, web
 from exo_standin import DEFAULT_MODEL, ExoStandin
 from hypothesis import given
 from hypothesis import strategies as st
 
 import kowalski.controller
+from kowalski.common.config import ControllerConfig, ExoConfig
 from kowalski.controller.batch.progress import Progress, ProgressBar, render_bar
 from kowalski.controller.batch.runner import (
     BatchItem,
@@ -34,8 +36,10 @@ from kowalski.controller.batch.runner import (
     run_batch,
     run_batch_file,
 )
+from kowalski.controller.circuit import CircuitPolicy
 from kowalski.controller.models.cache import CachedBackend, ResultCache
 from kowalski.controller.models.exo_client import ExoClient
+from kowalski.controller.models.router import LlmRouter
 from kowalski.controller.retry import RetryPolicy
 
 CHAT = "/v1/chat/completions"
@@ -538,3 +542,128 @@ def test_narrow_terminal_drops_the_bar() -> None:
     assert render_bar(progress, 30).startswith("1/3")
     assert render_bar(progress, 120).startswith("[")
     assert "ETA 0:04" in render_bar(progress, 120)
+
+
+# --- outages and signals ---------------------------------------------------------------------
+
+
+class FlakyServer:
+    """A stand-in on a fixed port that really goes down (listener and connections closed)."""
+
+    def __init__(self, standin: ExoStandin) -> None:
+        self.standin = standin
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def up(self) -> None:
+        self._runner = web.AppRunner(self.standin.make_app(), shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def down(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+async def test_a_three_second_outage_fails_no_item_of_a_500_item_batch() -> None:
+    total, outage_s = 500, 3.0
+    done = [0]
+    fifth_done = asyncio.Event()
+
+    async def reply(body: dict[str, Any]) -> str:
+        await asyncio.sleep(0.02)
+        done[0] += 1
+        if done[0] >= total // 5:
+            fifth_done.set()
+        return f"You said: {prompt_of(body)}"
+
+    standin = ExoStandin(reply=reply)
+    standin.set_model(DEFAULT_MODEL)
+    server = FlakyServer(standin)
+    await server.up()
+    url = f"http://127.0.0.1:{server.port}"
+    settings = ControllerConfig(circuit_reset_s=2.0)
+    async with ClientSession() as http:
+        router = LlmRouter(config=ExoConfig(endpoints=[url], poll_interval_s=0.5), urls=[url],
+                           session=http, policy=RetryPolicy.from_config(settings),
+                           circuit_policy=CircuitPolicy.from_config(settings),
+                           load_penalty=settings.load_penalty)
+        refresher = asyncio.create_task(router.run())
+        outage: list[float] = []
+
+        async def go_down_and_back() -> None:
+            await fifth_done.wait()
+            outage.append(asyncio.get_running_loop().time())
+            await server.down()
+            await asyncio.sleep(outage_s)
+            await server.up()
+            outage.append(asyncio.get_running_loop().time())
+
+        flaky = asyncio.create_task(go_down_and_back())
+        try:
+            await router.refresh()
+            run = await run_batch(items(*(f"p{i}" for i in range(total))), router,
+                                  concurrency=16, policy=RetryPolicy.from_config(settings))
+            await flaky
+        finally:
+            refresher.cancel()
+            await asyncio.gather(refresher, return_exceptions=True)
+            await router.close()
+            await server.down()
+    assert len(outage) == 2
+    assert run.summary.failed == 0, [r for r in run.results if not r.ok][:3]
+    assert [ok(r).text for r in run.results] == [f"You said: p{i}" for i in range(total)]
+    assert run.summary.retries > 0
+    # Each item waited for the circuit instead of spending its attempts while it was open.
+    assert max(ok(r).attempts for r in run.results) <= settings.retry_max_attempts * 4
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_stops_a_batch_with_its_journal_and_a_summary(
+    serve: Serve, tmp_path: Path, signum: signal.Signals,
+) -> None:
+    total, finish_first = 20, 6
+    gate = asyncio.Event()
+
+    async def reply(body: dict[str, Any]) -> str:
+        if int(prompt_of(body)[1:]) >= finish_first:
+            await gate.wait()
+        return f"You said: {prompt_of(body)}"
+
+    _, url = await serve(reply=reply)
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"p{i}"}) + "\n"
+                              for i in range(total)))
+    output = tmp_path / "out.jsonl"
+    journal = journal_path(output)
+    args = ("-o", str(output), "--concurrency", "2", "--quiet")
+    process = await start_batch(url, source, *args)
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(finished_in(journal)) < finish_first:
+            assert process.returncode is None, await process.communicate()
+            assert asyncio.get_running_loop().time() < deadline, "the batch made no progress"
+            await asyncio.sleep(0.01)
+        process.send_signal(signum)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+    text = stderr.decode()
+    # 130: stopped by a signal; the summary and the way to finish are printed.
+    assert process.returncode == 130, text
+    assert f"{total} items: {finish_first} ok, 0 failed" in text
+    assert f"{total - finish_first} not done (stopped)" in text
+    assert "--resume" in text
+    assert "Traceback" not in text
+    assert sorted(r.id for r in finished_in(journal)) == [f"q{i}" for i in range(finish_first)]
+    assert not output.exists()
+    gate.set()
+    process = await start_batch(url, source, *args, "--resume")
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, stderr.decode()
+    assert f"{total} items: {total} ok" in stderr.decode()

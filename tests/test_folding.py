@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from exo_standin import STANDIN, ExoStandin, FailMode, make_exo_app
+from aiohttp import web
+from exo_standin import CHAT_PATH, STANDIN, ExoStandin, FailMode, make_exo_app
 
+from kowalski.agent.sandbox import Sandbox
+from kowalski.agent.sessions import SessionManager
+from kowalski.common.config import ControllerConfig, ExoConfig, RlmConfig, SandboxConfig
+from kowalski.common.messages import CellRequest, CellResult, SessionCreate, VariableValue
+from kowalski.controller.circuit import CircuitPolicy
 from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
+from kowalski.controller.models.router import LlmRouter
+from kowalski.controller.retry import RetryPolicy
+from kowalski.controller.rlm.events import ContextFolded, RlmEvent
 from kowalski.controller.rlm.folding import (
     assigned_names,
     estimate_tokens,
@@ -224,3 +237,177 @@ async def test_a_server_count_above_the_estimate_folds_deeper(
     assert result.tokens_before == server_count
     assert result.tokens_after <= 800
     assert estimate_tokens(result.messages) <= 400
+
+
+def shown_and_folded(text: str) -> int:
+    """Characters a cut text stands for: what is shown plus what its markers count."""
+    markers = list(re.finditer(r"\n\[\.\.\. (\d+) characters folded away \.\.\.\]\n", text))
+    return (len(text) - sum(len(m.group(0)) for m in markers)
+            + sum(int(m.group(1)) for m in markers))
+
+
+def test_the_folded_away_marker_counts_every_character_after_repeated_cuts() -> None:
+    original = "".join(str(i % 10) for i in range(10_000))
+    messages = [ChatMessage(role="system", content="s"), user("task"), user(original)]
+    counts = []
+    for target in (2000, 1200, 700, 300):
+        messages = shrink(messages, target)
+        text = messages[2].content
+        counts.append(int(re.findall(r"(\d+) characters folded away", text)[0]))
+        assert text.count("characters folded away") == 1
+        assert shown_and_folded(text) == len(original)
+    assert counts == sorted(counts)
+    assert counts[-1] > 8000
+
+
+async def test_kept_turns_stay_whole_and_fewer_are_kept_when_they_do_not_fit(
+        exo: tuple[ExoStandin, ClientBackend]) -> None:
+    _, backend = exo
+    # Four turns of about 320 tokens each; the window keeps room for one beside the summary.
+    messages = conversation(turns=4, output_chars=1200)
+    result = await fold(messages, backend=backend, model=MODEL, keep_last_turns=3,
+                        variable_names=[], window_tokens=1200, threshold=0.8)
+    assert result.method == "model"
+    kept = result.messages[2:]
+    assert kept == messages[len(messages) - len(kept):]
+    assert 2 <= len(kept) < 6
+    assert not any("folded away" in m.content for m in kept)
+    assert result.tokens_after <= fold_limit(1200, 0.8)
+    # The summariser saw every folded output whole, its middle included.
+    [(_, request)] = backend.calls
+    transcript = request.messages[-1].content
+    for turn in range(1, 5 - len(kept) // 2):
+        assert f"output {turn}: {str(turn) * 1200}" in transcript
+
+
+async def test_the_fallback_digest_keeps_a_fixed_budget_over_many_folds(
+        exo: tuple[ExoStandin, ClientBackend]) -> None:
+    standin, backend = exo
+    standin.fail("http_500")
+    messages = conversation(turns=2)
+    sizes = []
+    for turn in range(3, 43):
+        messages = [*messages, assistant(f"fact {turn}: value_{turn} = {turn * 7}"),
+                    user(f"output {turn}: " + "z" * 300)]
+        result = await fold(messages, backend=backend, model=MODEL, keep_last_turns=1,
+                            variable_names=["hits"], window_tokens=2000, threshold=0.8)
+        assert result.method == "truncation"
+        messages = result.messages
+        sizes.append(len(messages[1].content))
+    # The summary is capped at the summariser's own budget: 20 % of the window.
+    assert max(sizes) <= len("Query: how many lines match?") + 400 * 4 + 200
+    assert sizes[-1] <= sizes[20] + 50
+    task = messages[1].content
+    assert "fact 41" in task
+    assert "fact 3:" in task
+    assert shown_and_folded(task) > len(task)
+
+
+# --- a failing summariser inside a run -------------------------------------------------------
+
+
+SUMMARY_START = "Below are earlier steps of your work"
+
+
+def fail_summaries(app: web.Application) -> list[int]:
+    """Make the stand-in answer every summary request with HTTP 500; count them."""
+    seen = [0]
+
+    @web.middleware
+    async def middleware(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        if request.path == CHAT_PATH:
+            body = await request.json()
+            if body["messages"][-1]["content"].startswith(SUMMARY_START):
+                seen[0] += 1
+                return web.json_response({"error": {"message": "summariser broke"}},
+                                         status=500)
+        return await handler(request)
+
+    app.middlewares.insert(0, middleware)
+    return seen
+
+
+class LocalSession:
+    """The CodeSession protocol over an in-process SessionManager."""
+
+    def __init__(self, manager: SessionManager, session_id: str) -> None:
+        self.device_id = "local-agent"
+        self._manager, self._session_id, self._cells = manager, session_id, 0
+
+    async def execute(self, code: str, *, timeout_ms: int | None = None) -> CellResult:
+        self._cells += 1
+        return await self._manager.execute(self._session_id, CellRequest(
+            cell_id=f"{self._session_id}-{self._cells}", code=code, timeout_ms=timeout_ms))
+
+    async def get_variable(self, name: str, max_chars: int = 100_000) -> VariableValue:
+        return await self._manager.get_variable(self._session_id, name, max_chars)
+
+    async def close(self) -> None:
+        await self._manager.delete(self._session_id)
+
+
+async def test_a_failing_summariser_never_fails_the_run(
+        aiohttp_server: Any, tmp_path: Path) -> None:
+    from kowalski.controller.rlm.loop import RlmRun
+
+    root_calls = [0]
+
+    def reply(body: dict[str, Any]) -> str:
+        root_calls[0] += 1
+        if root_calls[0] < 9:
+            # The stand-in counts words as tokens: about 450 a turn.
+            return f"```repl\nprint('w{root_calls[0]} ' * 450)\n```"
+        return "FINAL(survived)"
+
+    app = make_exo_app(flavour="v1", models=(MODEL,), reply=reply)
+    summaries = fail_summaries(app)
+    server = await aiohttp_server(app)
+    endpoint = str(server.make_url("")).rstrip("/")
+    settings = ControllerConfig(retry_max_attempts=2, retry_base_delay_ms=1,
+                                retry_max_delay_ms=2, circuit_failure_threshold=2,
+                                circuit_reset_s=60)
+    mode = "bwrap" if os.geteuid() == 0 else "rlimit"
+    box = Sandbox(SandboxConfig(mode=mode, memory_limit_mb=512, pids_limit=64),
+                  work_root=tmp_path / "jobs")
+    await box.start()
+    async def no_sub_calls(callback: Any, prompts: list[str]) -> list[str]:
+        raise AssertionError("this run makes no sub-calls")
+
+    manager = SessionManager(box, max_sessions=2, idle_timeout_s=60, llm_handler=no_sub_calls)
+    events: list[RlmEvent] = []
+
+    async def factory(context: Any, run: Any) -> LocalSession:
+        await manager.create(SessionCreate(session_id=run.run_id, context=context))
+        return LocalSession(manager, run.run_id)
+
+    async with aiohttp.ClientSession() as http:
+        router = LlmRouter(config=ExoConfig(endpoints=[endpoint], poll_interval_s=0.1),
+                           urls=[endpoint], session=http,
+                           policy=RetryPolicy.from_config(settings),
+                           circuit_policy=CircuitPolicy.from_config(settings),
+                           load_penalty=settings.load_penalty)
+        try:
+            await router.refresh()
+            config = RlmConfig(trajectory_dir=str(tmp_path / "runs"), context_window_tokens=2048,
+                               keep_last_turns=1, max_iterations=12)
+            run = RlmRun("q", "c", backend=router, session_factory=factory, config=config,
+                         model=MODEL, observer=events.append)
+            result = await run.run()
+            [view] = router.views()
+        finally:
+            await router.close()
+            await manager.close()
+            await box.close()
+    assert (result.stop_reason, result.answer) == ("final", "survived")
+    folds = [e for e in events if isinstance(e, ContextFolded)]
+    # Every fold is in the trajectory, the fallback ones with the summariser's error.
+    assert len(folds) == result.folds >= 3
+    assert all(f.method == "truncation" and f.error for f in folds)
+    assert "HTTP 500" in folds[0].error
+    # Two failures opened the summaries' circuit, which spared the server the rest; the
+    # run's own calls kept theirs closed.
+    assert summaries[0] == 2
+    assert "circuit open" in folds[-1].error
+    assert view.circuit == "closed"

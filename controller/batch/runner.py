@@ -39,11 +39,12 @@ from kowalski.controller.batch.files import (
     read_input,
     write_atomically,
 )
+from kowalski.controller.batch.model_wait import ModelWait
 from kowalski.controller.batch.progress import Progress, ProgressBar, format_duration
 from kowalski.controller.models.cache import CacheOutcome, chat_outcome
 from kowalski.controller.models.chat_types import ChatBackend, ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
-from kowalski.controller.retry import RetryPolicy, retry
+from kowalski.controller.retry import RetryPolicy, retry, retry_helps
 
 __all__ = [
     "BatchItem",
@@ -87,10 +88,14 @@ class BatchSummary(msgspec.Struct, frozen=True, kw_only=True):
     wall_s: float
     items_per_s: float
     completion_tokens_per_s: float
+    # Stopped before every item was asked (a signal); the journal holds what finished.
+    stopped: bool = False
 
     def describe(self) -> str:
         """A line for people: counts, tokens, time and throughput."""
         parts = [f"{self.total} items: {self.ok} ok, {self.failed} failed, {self.cached} cached"]
+        if self.stopped:
+            parts.append(f"{self.total - self.ok - self.failed} not done (stopped)")
         if self.resumed:
             parts.append(f"{self.resumed} resumed")
         if self.retries:
@@ -138,9 +143,9 @@ class _Tally:
             completion_tokens=self.completion_tokens, elapsed_s=elapsed_s,
         )
 
-    def summary(self, wall_s: float) -> BatchSummary:
+    def summary(self, wall_s: float, *, stopped: bool = False) -> BatchSummary:
         per_s = 1 / wall_s if wall_s > 0 else 0.0
-        return BatchSummary(
+        return BatchSummary(stopped=stopped,
             total=self.total, ok=self.ok, failed=self.failed, cached=self.cached,
             resumed=self.resumed, retries=self.retries, prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
@@ -156,10 +161,23 @@ async def _run_item(
     attempts = 0
     started = time.monotonic()
 
-    async def attempt() -> CacheOutcome:
+    async def ask() -> CacheOutcome:
         nonlocal attempts
         attempts += 1
         return await chat_outcome(backend, item.request, operation=operation)
+
+    def waiting(wait_s: float, probe_pending: bool) -> None:
+        if not probe_pending:
+            tally.retries += 1
+            log.debug("item %r waits %.2f s for a circuit to half-open", item.id, wait_s)
+
+    wait = ModelWait(policy, waiting)
+
+    async def attempt() -> CacheOutcome:
+        return await wait.call(ask)
+
+    def gives_hope(error: Exception) -> bool:
+        return retry_helps(error) and not wait.gave_up
 
     def retried(attempt_number: int, error: Exception, delay_ms: float) -> None:
         tally.retries += 1
@@ -167,7 +185,8 @@ async def _run_item(
                  item.id, attempt_number, error, delay_ms)
 
     try:
-        result, cached = await retry(attempt, policy, on_retry=retried)
+        result, cached = await retry(attempt, policy, is_retryable=gives_hope,
+                                     on_retry=retried)
     except Exception as error:
         if not isinstance(error, KowalskiError):
             log.error("item %r failed unexpectedly", item.id, exc_info=error)
@@ -193,12 +212,15 @@ async def run_batch(
     on_result: Callable[[ItemResult], None] | None = None,
     finished: Sequence[ItemResult] = (),
     operation: str = DEFAULT_OPERATION,
+    stop: asyncio.Event | None = None,
 ) -> BatchRun:
     """Ask for every item, at most ``concurrency`` at a time; failed items do not stop the rest.
 
     ``finished`` holds results of an earlier run, kept as they are. ``on_result`` sees each
     new result as it lands (failed lines first), ``on_progress`` the counts after each one.
     Recoverable errors are retried per ``policy`` (the controller's retry settings if None).
+    Once ``stop`` is set, calls in flight are cancelled and the results so far are returned
+    (``results`` then lacks the items not done, and the summary says ``stopped``).
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -232,10 +254,28 @@ async def run_batch(
             land(await _run_item(pending.popleft(), backend, policy, operation, tally))
 
     async with asyncio.TaskGroup() as group:
-        for _ in range(min(concurrency, len(pending))):
-            group.create_task(worker())
+        workers = [group.create_task(worker()) for _ in range(min(concurrency, len(pending)))]
+        if stop is not None:
+            group.create_task(_cancel_when_set(stop, workers))
     ordered = [results[index] for index in sorted(results)]
-    return BatchRun(results=ordered, summary=tally.summary(time.monotonic() - started))
+    stopped = stop is not None and stop.is_set() and tally.done < tally.total
+    return BatchRun(results=ordered, summary=tally.summary(time.monotonic() - started,
+                                                           stopped=stopped))
+
+
+async def _cancel_when_set(stop: asyncio.Event, workers: list[asyncio.Task[None]]) -> None:
+    """Cancel the workers once stop is set; return when they are all done either way."""
+    stopping = asyncio.ensure_future(stop.wait())
+    running = set(workers)
+    try:
+        while running and not stopping.done():
+            done, _ = await asyncio.wait({stopping, *running},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            running -= done
+    finally:
+        stopping.cancel()
+    for task in running:
+        task.cancel()
 
 
 async def run_batch_file(
@@ -251,12 +291,15 @@ async def run_batch_file(
     progress_stream: TextIO | None = None,
     operation: str = DEFAULT_OPERATION,
     input_data: bytes | None = None,
+    stop: asyncio.Event | None = None,
 ) -> BatchSummary:
     """Run a JSONL file into a JSONL file; "-" is stdin or stdout (in order, no resume).
 
     With ``resume``, items the output file or its journal already hold are not asked
     again. Without it, any earlier journal is discarded. Unreadable input or an
     unwritable output raises OSError. ``input_data``, when given, is the input already read.
+    A batch stopped by ``stop`` keeps its journal and leaves the output file as it was, for
+    ``resume``.
     """
     if resume and str(output_path) == "-":
         raise ValueError("resuming needs an output file")
@@ -272,6 +315,7 @@ async def run_batch_file(
         return await run_batch(
             todo, backend, concurrency=concurrency, policy=policy, operation=operation,
             on_progress=bar.update if bar else None, on_result=on_result, finished=finished,
+            stop=stop,
         )
 
     try:
@@ -287,6 +331,8 @@ async def run_batch_file(
             )
         finally:
             journal.close()
+        if outcome.summary.stopped:
+            return outcome.summary
         await asyncio.to_thread(write_atomically, output, outcome.results)
         journal.path.unlink(missing_ok=True)
         return outcome.summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,12 @@ from kowalski.common.tls import loop_factory
 from kowalski.controller.batch.files import ItemFailure, read_batch, read_input
 from kowalski.controller.batch.runner import BatchSummary, ExoClientBackend, run_batch_file
 from kowalski.controller.cli.arguments import positive_int
-from kowalski.controller.cli.exit_codes import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
+from kowalski.controller.cli.exit_codes import (
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 from kowalski.controller.models.cache import CachedBackend, ResultCache
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.retry import RetryPolicy
@@ -75,25 +81,23 @@ def _checked_input(args: argparse.Namespace, config: Config) -> bytes:
     return data
 
 
-async def _through_router(config: Config, args: argparse.Namespace, data: bytes
-                          ) -> BatchSummary:
+async def _through_router(config: Config, args: argparse.Namespace, data: bytes,
+                          stop: asyncio.Event) -> BatchSummary:
     controller = msgspec.structs.replace(config.controller, host="127.0.0.1", port=0,
                                          discover_mdns=False, static_agents=[])
     local = msgspec.structs.replace(config, controller=controller)
     async with Controller(config=local, secret=None) as running:
         backend = CachedBackend(running.router, ResultCache.from_config(config.exo))
-        # The router already retries across endpoints; one more round per item is enough.
-        policy = msgspec.structs.replace(RetryPolicy.from_config(config.controller),
-                                         max_attempts=2)
         return await run_batch_file(
             args.file, args.output, backend,
             concurrency=args.concurrency or config.exo.max_concurrency,
             default_model=args.model or running.router.resolve_model(""), resume=args.resume,
-            show_progress=not args.quiet, policy=policy, input_data=data)
+            show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller),
+            input_data=data, stop=stop)
 
 
-async def _through_endpoint(config: Config, args: argparse.Namespace, data: bytes
-                            ) -> BatchSummary:
+async def _through_endpoint(config: Config, args: argparse.Namespace, data: bytes,
+                            stop: asyncio.Event) -> BatchSummary:
     exo = config.exo
     async with ExoClient.from_config(args.endpoint, exo) as client:
         backend = CachedBackend(ExoClientBackend(client), ResultCache.from_config(exo))
@@ -101,11 +105,11 @@ async def _through_endpoint(config: Config, args: argparse.Namespace, data: byte
             args.file, args.output, backend, concurrency=args.concurrency or exo.max_concurrency,
             default_model=args.model or exo.default_model, resume=args.resume,
             show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller),
-            input_data=data)
+            input_data=data, stop=stop)
 
 
 def batch_command(args: argparse.Namespace, config: Config) -> int:
-    """0 when every item succeeded, 5 when some failed; errors are mapped by main."""
+    """0 when every item succeeded, 5 when some failed, 130 when stopped; errors by main."""
     if args.output is None and args.file == STDIO:
         args.output = STDIO
     elif args.output is None:
@@ -116,8 +120,25 @@ def batch_command(args: argparse.Namespace, config: Config) -> int:
         return EXIT_USAGE
     data = _checked_input(args, config)
     run = _through_endpoint if args.endpoint else _through_router
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        summary = runner.run(run(config, args, data))
-    print(summary.describe(), file=sys.stderr)
-    return EXIT_OK if summary.failed == 0 else EXIT_INCOMPLETE
 
+    async def stoppable() -> BatchSummary:
+        # SIGTERM and Ctrl-C stop the batch, not the process: the journal keeps what
+        # finished and the summary is still printed.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            return await run(config, args, data, stop)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        summary = runner.run(stoppable())
+    print(summary.describe(), file=sys.stderr)
+    if summary.stopped:
+        resume = "" if args.output == STDIO else "; run it again with --resume to finish it"
+        print(f"kowalski-ctl batch: stopped by a signal{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK if summary.failed == 0 else EXIT_INCOMPLETE

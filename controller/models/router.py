@@ -14,7 +14,11 @@ import aiohttp
 import msgspec
 
 from kowalski.common.config import EndpointConfig, ExoConfig
-from kowalski.common.errors import KowalskiError, NoModelAvailableError
+from kowalski.common.errors import (
+    KowalskiError,
+    ModelNotYetAvailableError,
+    NoModelAvailableError,
+)
 from kowalski.controller import circuit as breaker
 from kowalski.controller.models.chat_types import ChatDelta, ChatRequest, ChatResult
 from kowalski.controller.models.endpoints import client_for
@@ -40,11 +44,15 @@ class Endpoint:
     nodes: int = 0
     last_error: str = ""
     in_flight: int = 0
+    # The circuit the run's own model calls depend on (what the status shows).
     circuit: breaker.Circuit = field(default_factory=lambda: breaker.CLOSED)
     # The machines behind it: endpoints reporting the same ones are one cluster.
     node_ids: frozenset[str] = frozenset()
     # Calls in flight at once here, from the endpoint's config; None: no limit of its own.
     limit: asyncio.Semaphore | None = None
+    # Folding summaries keep their own failure count: a failing summariser must not shut
+    # the endpoint for the calls a run cannot do without.
+    summary_circuit: breaker.Circuit = field(default_factory=lambda: breaker.CLOSED)
 
     @property
     def url(self) -> str:
@@ -54,6 +62,16 @@ class Endpoint:
     def cluster(self) -> str:
         """One name per cluster: its first node id, or the URL before the nodes are known."""
         return min(self.node_ids) if self.node_ids else self.url
+
+    def circuit_for(self, operation: Operation) -> breaker.Circuit:
+        """The circuit that counts this operation's failures."""
+        return self.summary_circuit if operation == "context_compression" else self.circuit
+
+    def set_circuit(self, operation: Operation, circuit: breaker.Circuit) -> None:
+        if operation == "context_compression":
+            self.summary_circuit = circuit
+        else:
+            self.circuit = circuit
 
     def observe_latency(self, latency_ms: float) -> None:
         if self.latency_ms is None:
@@ -172,7 +190,9 @@ class LlmRouter:
             raise NoModelAvailableError("no exo endpoint configured")
         healthy = [e for e in self.endpoints if e.healthy]
         if not healthy:
-            raise NoModelAvailableError(f"all {len(self.endpoints)} exo endpoints are down")
+            # The next health check may find one back.
+            raise ModelNotYetAvailableError(f"all {len(self.endpoints)} exo endpoints are down",
+                                            wait_s=self._config.poll_interval_s)
         serving = [e for e in healthy if model in e.ready_models
                    and e.client.served.allows(model)]
         if not serving:
@@ -185,11 +205,18 @@ class LlmRouter:
                 f"no healthy exo endpoint has {model!r} ready "
                 f"(ready: {', '.join(self.ready_models()) or 'none'})"
                 + (f"; refused by {'; '.join(refused)}" if refused else ""))
+        policy = self._circuit_policy
         open_ok = [e for e in serving if e.url not in exclude
-                   and breaker.allows(e.circuit, now, self._circuit_policy)]
+                   and breaker.allows(e.circuit_for(operation), now, policy)]
         if not open_ok:
-            raise NoModelAvailableError(
-                f"every endpoint serving {model!r} has failed or has its circuit open")
+            reason = f"every endpoint serving {model!r} has failed or has its circuit open"
+            shut = [e.circuit_for(operation) for e in serving if e.url not in exclude]
+            if not shut or any(c.state == "closed" for c in shut):
+                raise NoModelAvailableError(reason)
+            # Only open circuits stand in the way: say when the first one lets a probe by
+            # (already, when one is half-open with its probe out).
+            wait_s = min(max(c.opened_at + policy.reset_s - now, 0.0) for c in shut)
+            raise ModelNotYetAvailableError(reason, wait_s=wait_s, probe_pending=wait_s <= 0)
         # Endpoints of one cluster share its machines, so they share its load too.
         load = {e.cluster: 0 for e in self.endpoints}
         for e in self.endpoints:
@@ -228,38 +255,44 @@ class LlmRouter:
         op: Operation = "context_compression" if operation == "context_compression" \
             else "llm_inference"
         return await with_failover(
-            lambda endpoint: self._call(endpoint, request), self._policy,
+            lambda endpoint: self._call(endpoint, request, op), self._policy,
             choose=lambda exclude: self.choose(model, op, exclude),
             key=lambda endpoint: endpoint.url, rng=self._rng)
 
-    async def _call(self, endpoint: Endpoint, request: ChatRequest) -> ChatResult:
-        now = self._clock()
-        endpoint.circuit = breaker.on_attempt(endpoint.circuit, now, self._circuit_policy,
-                                              job_id=f"chat-{id(request)}")
+    async def _call(self, endpoint: Endpoint, request: ChatRequest,
+                    operation: Operation = "llm_inference") -> ChatResult:
+        policy, job_id = self._circuit_policy, f"chat-{id(request)}"
+        endpoint.set_circuit(operation, breaker.on_attempt(
+            endpoint.circuit_for(operation), self._clock(), policy, job_id=job_id))
         endpoint.in_flight += 1
         try:
             async with endpoint.limit or contextlib.nullcontext():
                 result = await endpoint.client.chat(request)
+        except asyncio.CancelledError:
+            # A cancelled probe settles nothing; without this the circuit would wait forever.
+            endpoint.set_circuit(operation, breaker.on_abandon(
+                endpoint.circuit_for(operation), job_id=job_id))
+            raise
         except KowalskiError as exc:
             if isinstance(exc, ModelNotServedError | ModelMismatchError):
                 # The endpoint is fine; it just does not serve this model.
                 endpoint.ready_models = tuple(m for m in endpoint.ready_models
                                               if m != request.model)
                 endpoint.last_error = exc.message
-                endpoint.circuit = breaker.on_success(endpoint.circuit, self._clock(),
-                                                      self._circuit_policy)
+                endpoint.set_circuit(operation, breaker.on_success(
+                    endpoint.circuit_for(operation), self._clock(), policy))
             elif exc.is_recoverable:
-                endpoint.circuit = breaker.on_failure(endpoint.circuit, self._clock(),
-                                                      self._circuit_policy)
+                endpoint.set_circuit(operation, breaker.on_failure(
+                    endpoint.circuit_for(operation), self._clock(), policy))
                 endpoint.last_error = exc.message
             else:
-                endpoint.circuit = breaker.on_success(endpoint.circuit, self._clock(),
-                                                      self._circuit_policy)
+                endpoint.set_circuit(operation, breaker.on_success(
+                    endpoint.circuit_for(operation), self._clock(), policy))
             raise
         finally:
             endpoint.in_flight -= 1
-        endpoint.circuit = breaker.on_success(endpoint.circuit, self._clock(),
-                                              self._circuit_policy)
+        endpoint.set_circuit(operation, breaker.on_success(
+            endpoint.circuit_for(operation), self._clock(), policy))
         endpoint.observe_latency(result.latency_ms)
         if request.model not in endpoint.ready_models:
             endpoint.ready_models = tuple(sorted({*endpoint.ready_models, request.model}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -164,33 +165,71 @@ def names_in(cells: Iterable[str]) -> list[str]:
     return list(seen)
 
 
+_MARKER = re.compile(r"\n\[\.\.\. (\d+) characters folded away \.\.\.\]\n")
+
+
 def _cut_middle(text: str, keep_chars: int) -> str:
+    """The start and end of text around a marker counting every character not shown.
+
+    A marker left by an earlier cut that falls in (or touches) the cut is swallowed and
+    its count carried over, so after many folds the count is still that of the original.
+    """
     if len(text) <= keep_chars:
         return text
     head = max(keep_chars * 2 // 3, 1)
     tail = max(keep_chars - head, 0)
-    dropped = len(text) - head - tail
-    end = text[len(text) - tail:] if tail else ""
-    return f"{text[:head]}\n[... {dropped} characters folded away ...]\n{end}"
+    start, end = head, len(text) - tail
+    earlier = list(_MARKER.finditer(text))
+    changed = True
+    while changed:
+        changed = False
+        for marker in earlier:
+            if marker.start() < end and marker.end() > start and (
+                    marker.start() < start or marker.end() > end):
+                start, end = min(start, marker.start()), max(end, marker.end())
+                changed = True
+    dropped = end - start
+    for marker in earlier:
+        if start <= marker.start() and marker.end() <= end:
+            dropped += int(marker.group(1)) - len(marker.group(0))
+    return f"{text[:start]}\n[... {dropped} characters folded away ...]\n{text[end:]}"
+
+
+def _shares(lengths: Sequence[int], budget: int) -> list[int]:
+    """Characters each message may keep: short ones whole, the rest split what is left."""
+    shares = [0] * len(lengths)
+    left, todo = budget, sorted(range(len(lengths)), key=lambda i: lengths[i])
+    while todo:
+        fair = max(left // len(todo), _KEEP_EDGE_CHARS)
+        index = todo.pop(0)
+        shares[index] = min(lengths[index], fair)
+        left = max(left - shares[index], 0)
+    return shares
 
 
 def _transcript(turns: Sequence[ChatMessage], budget_chars: int) -> str:
-    per_message = max(budget_chars // max(len(turns), 1), _KEEP_EDGE_CHARS)
+    # Short messages are shown whole, so only the longest ones lose their middle.
+    shares = _shares([len(m.content) + 32 for m in turns], budget_chars)
     parts = []
-    for message in turns:
+    for message, share in zip(turns, shares, strict=True):
         who = "You wrote" if message.role == "assistant" else "The REPL answered"
-        parts.append(f"[{who}]\n{_cut_middle(message.content, per_message)}")
+        parts.append(f"[{who}]\n{_cut_middle(message.content, share)}")
     return _cut_middle("\n\n".join(parts), budget_chars)
 
 
-def _digest(turns: Sequence[ChatMessage]) -> str:
-    """The local fallback: the first lines of each folded message."""
+def _digest(turns: Sequence[ChatMessage], earlier: str, budget_chars: int) -> str:
+    """The local fallback: an earlier summary and the first line of each folded message.
+
+    It has a fixed budget: past it the middle is cut (with a marker), so repeated
+    fallback folds do not grow the task message.
+    """
     lines = []
     for message in turns:
         first = " ".join(message.content.split())[:_KEEP_EDGE_CHARS]
         who = "you" if message.role == "assistant" else "repl"
         lines.append(f"- {who}: {first}")
-    return "(summary unavailable; the start of each folded message:)\n" + "\n".join(lines)
+    digest = "(summary unavailable; the start of each folded message:)\n" + "\n".join(lines)
+    return _cut_middle(f"{earlier}\n{digest}" if earlier else digest, budget_chars)
 
 
 def _variables_line(names: Sequence[str]) -> str:
@@ -253,14 +292,22 @@ async def fold(
     scale = max(1.0, before / max(estimate, 1))
     limit = int(fold_limit(window_tokens, threshold) / scale)
     body = messages[_HEAD:]
+    head = messages[:_HEAD]
+    summary_tokens = max(64, int(window_tokens * _SUMMARY_SHARE))
+    # Room the task takes once it holds a summary and the variables line.
+    task_tokens = estimate_tokens([head[0], ChatMessage(
+        role="user", content=_split_task(head[1])[0] + _variables_line(variable_names))])
     # Turns are (reply, feedback) pairs; an odd tail (a pending message) stays as it is.
     keep = min(len(body), 2 * keep_last_turns + len(body) % 2)
+    # Kept turns stay whole: when they do not fit beside the summary, fewer are kept and
+    # the rest are summarised; only a last turn too big on its own is cut (by shrink).
+    while keep > 2 and (task_tokens + summary_tokens
+                        + estimate_tokens(body[len(body) - keep:]) > limit):
+        keep -= 2
     old, kept = body[: len(body) - keep], body[len(body) - keep:]
     method: Literal["model", "truncation", "none"] = "none"
     summary, error, chat = "", "", None
-    head = messages[:_HEAD]
     if old:
-        summary_tokens = max(64, int(window_tokens * _SUMMARY_SHARE))
         # The summariser sees the task, the folded turns and the instruction within its window.
         room = window_tokens - estimate_tokens(head) - summary_tokens - 64
         transcript = _transcript(old, max(room, 256) * CHARS_PER_TOKEN)
@@ -271,13 +318,15 @@ async def fold(
         try:
             chat = await backend.chat(request, operation="context_compression")
             summary, method = chat.text, "model"
-        except KowalskiError as exc:
-            log.warning("context folding: the summary call failed (%s); truncating instead", exc)
-            error = exc.message
+        except Exception as exc:
+            # Whatever went wrong with the summary, folding never fails the run.
+            message = exc.message if isinstance(exc, KowalskiError) else repr(exc)
+            log.warning("context folding: the summary call failed (%s); digesting instead",
+                        message)
+            error = message
         if not summary.strip():
             # Without the model, an earlier summary is kept and the new turns are digested.
-            earlier = _split_task(head[1])[1]
-            summary = f"{earlier}\n{_digest(old)}" if earlier else _digest(old)
+            summary = _digest(old, _split_task(head[1])[1], summary_tokens * CHARS_PER_TOKEN)
             method = "truncation"
         head = [head[0], _with_summary(head[1], summary, variable_names)]
     folded = shrink([*head, *kept], limit)

@@ -280,7 +280,9 @@ class RlmRun:
                     language=block.raw_language, code=block.code))
                 continue
             started = time.monotonic()
-            result = await self._session.execute(block.code, timeout_ms=self._cell_timeout_ms)
+            with self._subs.cell():
+                result = await self._session.execute(block.code,
+                                                     timeout_ms=self._cell_timeout_ms)
             wall_ms = (time.monotonic() - started) * 1000
             self._cells.append(block.code)
             device = result.agent_id or self._session.device_id

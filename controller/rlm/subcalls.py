@@ -3,13 +3,18 @@
 Each run owns one `SubCalls`. Below `max_depth` a sub-call is an RLM run of its own over
 the prompt; at the last level it is one plain model call. A refused or failed sub-call
 answers "Error: ..." instead of raising, so the model's code can carry on.
+
+Sub-calls belong to the cell that made them: they are taken only while a cell runs, and
+when the cell ends (done, timed out, or its run ended) the ones still pending are
+cancelled, so abandoned work never reaches the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Protocol
 
 import msgspec
@@ -63,6 +68,19 @@ class SubCalls:
         self._temperature = temperature
         self._children = 0
         self._semaphore = asyncio.Semaphore(config.sub_call_concurrency)
+        self._cells_running = 0
+        self._work: set[asyncio.Task[list[str]]] = set()
+
+    @contextlib.contextmanager
+    def cell(self) -> Iterator[None]:
+        """While a cell runs: sub-calls are taken, and cancelled once it ends however it ends."""
+        self._cells_running += 1
+        try:
+            yield
+        finally:
+            self._cells_running -= 1
+            for work in list(self._work):
+                work.cancel()
 
     async def answer(self, prompts: list[str], *, model: str) -> list[str]:
         """Answers to llm_query / llm_query_batched, in order; a failed one reads "Error: ..."."""
@@ -72,6 +90,24 @@ class SubCalls:
         if ledger.tokens_used >= config.token_budget:
             raise BudgetExceededError(f"run {self._run_id} has spent its token budget of "
                                       f"{config.token_budget}")
+        if not self._cells_running:
+            raise CancelledJobError(f"run {self._run_id} has no cell running; the cell that "
+                                    "asked has ended and its sub-calls were dropped")
+        work = asyncio.ensure_future(self._answer_all(prompts, model))
+        self._work.add(work)
+        work.add_done_callback(self._work.discard)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if work.cancelled() and (current is None or not current.cancelling()):
+                # Cancelled by the cell's end, not by our caller: an answer, not a crash.
+                raise CancelledJobError(f"run {self._run_id}: the cell that asked has ended; "
+                                        "its pending sub-calls were cancelled") from None
+            raise
+
+    async def _answer_all(self, prompts: list[str], model: str) -> list[str]:
+        ledger, config = self._ledger, self._config
 
         async def one(prompt: str) -> str:
             async with self._semaphore:
