@@ -53,6 +53,11 @@ def _scale() -> Measure:
     return scale.measure
 
 
+def _compression() -> Measure:
+    from bench import compression
+    return compression.measure
+
+
 def _embedded() -> Measure:
     from bench import embedded
     return embedded.measure
@@ -66,6 +71,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("failover", "Failure detection at default settings", _failover, 180.0),
     ("scale", "Scale: many agents heartbeating", _scale, 180.0),
     ("embedded", "Embedded model through the full stack", _embedded, 240.0),
+    ("compression", "A large context's time to the agent, plain and compressed",
+     _compression, 420.0),
 ]
 
 

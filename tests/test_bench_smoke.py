@@ -76,3 +76,15 @@ def test_quick_run_of_the_embedded_model_compares_router_and_direct(tmp_path: Pa
     assert all(value > 0 for value in section["raw"]["direct tokens/s"])
     assert all(value > 0 for value in section["raw"]["routed tokens/s"])
     assert "router / direct (p50 over p50)" in report
+
+
+def test_quick_run_of_compression_times_every_encoding(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "compression")
+    [section] = figures["sections"]
+    check_section(section)
+    rows = section["tables"][0]["rows"]
+    assert [row[1] for row in rows if row[0] == "loopback"] == ["plain", "zstd", "gzip"]
+    sizes = {row[1]: float(row[2]) for row in rows if row[0] == "loopback"}
+    assert sizes["zstd"] < sizes["plain"] / 2
+    assert sizes["gzip"] < sizes["plain"] / 2
+    assert "plain and compressed" in report

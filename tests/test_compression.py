@@ -104,7 +104,7 @@ def echo_app(seen: Echo, *, advertise: bool = True) -> web.Application:
 @pytest.fixture
 async def client() -> AsyncIterator[SignedClient]:
     async with aiohttp.ClientSession() as session:
-        yield SignedClient(session, secret=SECRET.encode())
+        yield SignedClient(session, secret=SECRET.encode(), compress_loopback=True)
 
 
 def big_job(size: int = 1_000_000) -> JobRequest:
@@ -129,6 +129,20 @@ async def test_large_bodies_go_compressed_once_the_peer_has_named_its_encodings(
     small = JobRequest(job_id="small", language="python", code="print(1)")
     await client.call("POST", url, JobResult, small, timeout_s=30)
     assert seen.encoding == ""
+
+
+async def test_bodies_to_this_host_go_plain_unless_asked_otherwise(
+    aiohttp_server: Callable[..., Awaitable[Server]],
+) -> None:
+    seen = Echo()
+    server = await aiohttp_server(echo_app(seen))
+    async with aiohttp.ClientSession() as http:
+        client = SignedClient(http, secret=SECRET.encode())
+        for host in ("127.0.0.1", "localhost"):
+            url = f"http://{host}:{server.port}/echo"
+            for _ in range(2):
+                result = await client.call("POST", url, JobResult, big_job(), timeout_s=30)
+                assert (seen.encoding, result.stdout) == ("", big_job().code)
 
 
 async def test_a_peer_that_names_no_encoding_gets_plain_bodies(
@@ -215,7 +229,7 @@ async def test_a_large_context_and_a_large_output_cross_compressed_to_a_real_age
     trace.on_request_headers_sent.append(on_headers)
     context = " ".join(f"word{n}" for n in range(400_000))  # about 4 MB
     async with aiohttp.ClientSession(trace_configs=[trace]) as http:
-        client = SignedClient(http, secret=SECRET.encode())
+        client = SignedClient(http, secret=SECRET.encode(), compress_loopback=True)
         agents = AgentClient(client)
         beat = await agents.heartbeat(agent.url, timeout_s=5)
         assert isinstance(beat, Heartbeat)
