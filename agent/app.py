@@ -15,6 +15,7 @@ from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common.errors import ParseError
 from kowalski.common.http import (
+    compression_middleware,
     errors_middleware,
     json_response,
     rate_limit_middleware,
@@ -144,6 +145,7 @@ def make_app(state: AgentState, *, verifier: Verifier | None, max_body_bytes: in
     app = web.Application(
         client_max_size=max_body_bytes,
         middlewares=[errors_middleware, signature_middleware(verifier, open_paths=OPEN_PATHS),
+                     compression_middleware(max_body_bytes=max_body_bytes),
                      rate_limit_middleware(rate_limiter, limited=RATE_LIMITED)],
     )
     app[STATE] = state

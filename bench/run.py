@@ -58,6 +58,11 @@ def _scale() -> Measure:
     return scale.measure
 
 
+def _compression() -> Measure:
+    from bench import compression
+    return compression.measure
+
+
 def _embedded() -> Measure:
     from bench import embedded
     return embedded.measure
@@ -72,6 +77,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("scale", "Scale: many agents heartbeating", _scale, 180.0),
     ("embedded", "Embedded model through the full stack", _embedded, 240.0),
     ("mdns", "Discovery over mDNS at default settings", _mdns, 300.0),
+    ("compression", "A large context's time to the agent, plain and compressed",
+     _compression, 420.0),
 ]
 
 

@@ -186,6 +186,22 @@ class SecurityConfig(_Section, frozen=True):
     rate_limit_burst: PositiveInt = 100
 
 
+class AlertsConfig(_Section, frozen=True):
+    # Where the controller POSTs alert changes as signed JSON; empty sends none.
+    webhook_url: str = ""
+    # How often the controller looks at the cluster for alerts that began or ended.
+    check_interval_s: PositiveFloat = 5.0
+    # Queue full: some agent refused work as busy within this window.
+    queue_full_window_s: PositiveFloat = 300.0
+    # Runs failing: at least this many of the runs held failed, and more than finished.
+    runs_failing_min: PositiveInt = 3
+    webhook_timeout_s: PositiveFloat = 10.0
+    # Attempts per notice, the first one included, with exponential backoff between them.
+    webhook_attempts: PositiveInt = 6
+    webhook_retry_base_delay_ms: PositiveInt = 500
+    webhook_retry_max_delay_ms: PositiveInt = 30_000
+
+
 class Config(_Section, frozen=True):
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     controller: ControllerConfig = msgspec.field(default_factory=ControllerConfig)
@@ -193,6 +209,7 @@ class Config(_Section, frozen=True):
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
     rlm: RlmConfig = msgspec.field(default_factory=RlmConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
 
 
 _PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
@@ -231,6 +248,17 @@ def _check(config: Config, source: str) -> Config:
             raise ConfigError(
                 "set api_key_file or api_key_env, not both", path=source, key=key,
             )
+    webhook = config.alerts.webhook_url
+    if webhook and not webhook.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"expected an http:// or https:// URL, got {webhook!r}", path=source,
+            key="alerts.webhook_url",
+        )
+    if config.alerts.webhook_retry_max_delay_ms < config.alerts.webhook_retry_base_delay_ms:
+        raise ConfigError(
+            "must be at least alerts.webhook_retry_base_delay_ms", path=source,
+            key="alerts.webhook_retry_max_delay_ms",
+        )
     tls = config.security
     if bool(tls.tls_cert_file) != bool(tls.tls_key_file):
         raise ConfigError(

@@ -17,6 +17,7 @@ SECTIONS: dict[str, str] = {
     "sandbox": "How the agent isolates code jobs.",
     "rlm": "The Recursive Language Model loop.",
     "security": "Request signing, tokens, TLS and rate limits.",
+    "alerts": "Alert notices from the controller to a webhook (the Prometheus rules' events).",
 }
 
 KEYS: dict[str, str] = {
@@ -115,6 +116,14 @@ KEYS: dict[str, str] = {
     "security.tls_ca_file": "CA bundle to verify agents' certificates.",
     "security.rate_limit_per_s": "Requests per second per client on jobs and chat.",
     "security.rate_limit_burst": "Burst allowed above that rate.",
+    "alerts.webhook_url": "URL the controller POSTs signed JSON alert changes to; empty: off.",
+    "alerts.check_interval_s": "How often the controller checks for alerts that begin or end.",
+    "alerts.queue_full_window_s": "Queue full fires while an agent refused work within this.",
+    "alerts.runs_failing_min": "Runs failing fires at this many failed runs, more than finished.",
+    "alerts.webhook_timeout_s": "Time one webhook call may take.",
+    "alerts.webhook_attempts": "Attempts per notice, the first included, with backoff.",
+    "alerts.webhook_retry_base_delay_ms": "First wait between webhook attempts; doubles.",
+    "alerts.webhook_retry_max_delay_ms": "Longest wait between webhook attempts.",
 }
 
 
@@ -217,6 +226,8 @@ def render_markdown() -> str:
         "- `controller.retry_max_delay_ms` is at least `controller.retry_base_delay_ms`;",
         "- every `exo.endpoints` entry is an `http://` or `https://` URL;",
         "- an endpoint table sets `api_key_file` or `api_key_env`, not both;",
+        "- `alerts.webhook_url`, when set, is an `http://` or `https://` URL, and",
+        "  `alerts.webhook_retry_max_delay_ms` is at least `alerts.webhook_retry_base_delay_ms`;",
         "- `security.tls_cert_file` and `security.tls_key_file` are set together.",
         "",
         *paragraph(

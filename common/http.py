@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.http import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
-from kowalski.common import errors
+from kowalski.common import compression, errors
 from kowalski.common.messages import ErrorBody, WireError, decode, encode
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Verifier
@@ -29,6 +29,8 @@ RESPONSE_SIGNATURE_HEADER = "X-Kowalski-Response-Signature"
 # one without the secret can get a signed answer for a nonce of their choosing.
 VERIFIED_NONCE = web.RequestKey("verified_nonce", str)
 SIGNED_HEADERS = (TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER)
+# A compressed request's body after decoding, set by compression_middleware.
+DECODED_BODY = web.RequestKey("decoded_body", bytes)
 
 _STATUS: dict[type[errors.KowalskiError], int] = {
     errors.ParseError: 400,
@@ -87,7 +89,9 @@ async def read_body(request: web.Request, kind: type[T]) -> T:
     """Decode a JSON body into a message type; any problem is a ParseError naming it."""
     if request.content_type not in ("application/json", "application/octet-stream", ""):
         raise errors.ParseError(f"expected a JSON body, got content type {request.content_type}")
-    body = await request.read()
+    body = request.get(DECODED_BODY)
+    if body is None:
+        body = await request.read()
     try:
         return decode(body, kind)
     except msgspec.ValidationError as exc:
@@ -160,10 +164,45 @@ def signature_middleware(verifier: Verifier | None, *, open_paths: frozenset[str
     return middleware
 
 
-def response_signature(secret: bytes, nonce: str, status: int, body: bytes) -> str:
+def compression_middleware(*, max_body_bytes: int) -> Middleware:
+    """Decode compressed request bodies (up to max_body_bytes) and compress large answers.
+
+    Put it after the signature check: a body is decoded only once it is authenticated.
+    Every answer names the encodings this side decodes, so callers learn them.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        encoding = compression.encoding_of(request.headers)
+        if encoding:
+            request[DECODED_BODY] = await compression.decompress_async(
+                await request.read(), encoding, max_bytes=max_body_bytes)
+        response = await handler(request)
+        if not isinstance(response, web.Response) or response.prepared:
+            return response
+        response.headers[compression.ACCEPT_HEADER] = compression.ACCEPT_VALUE
+        body = response.body
+        chosen = compression.choose(
+            compression.parse_accept(request.headers.get(compression.ACCEPT_HEADER, "")),
+            len(body) if isinstance(body, bytes | bytearray) else 0)
+        if chosen is not None and isinstance(body, bytes | bytearray):
+            response.body = await compression.compress_async(bytes(body), chosen)
+            response.headers[compression.ENCODING_HEADER] = chosen
+        return response
+
+    return middleware
+
+
+def response_signature(secret: bytes, nonce: str, status: int, body: bytes,
+                       encoding: str = "") -> str:
     """HMAC over the request's nonce, the status and the body: ties an answer to its request."""
     # Four fields where a request signature has five: the two can never be mistaken.
-    message = "\n".join(("response", nonce, str(status), hashlib.sha256(body).hexdigest()))
+    fields: tuple[str, ...] = ("response", nonce, str(status), hashlib.sha256(body).hexdigest())
+    # A compressed answer (body as sent) signs its encoding's name as a fifth field, which
+    # still cannot pass for a request: those start with the method, never "response".
+    if encoding:
+        fields += (encoding,)
+    message = "\n".join(fields)
     return hmac.new(secret, message.encode("utf-8", "surrogateescape"),
                     hashlib.sha256).hexdigest()
 
@@ -180,7 +219,8 @@ def sign_responses(app: web.Application, secret: bytes | None) -> None:
         body = response.body
         if body is None or isinstance(body, bytes | bytearray):
             response.headers[RESPONSE_SIGNATURE_HEADER] = response_signature(
-                secret, nonce, response.status, bytes(body or b""))
+                secret, nonce, response.status, bytes(body or b""),
+                response.headers.get(compression.ENCODING_HEADER, ""))
 
     app.on_response_prepare.append(on_prepare)
 

@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 
+from kowalski.common.compression import ENCODING_HEADER
 from kowalski.common.errors import AuthError
 
 TIMESTAMP_HEADER = "X-Kowalski-Timestamp"
@@ -16,20 +17,28 @@ NONCE_HEADER = "X-Kowalski-Nonce"
 SIGNATURE_HEADER = "X-Kowalski-Signature"
 
 
-def _canonical(method: str, path: str, timestamp: str, nonce: str, body: bytes) -> bytes:
+def _canonical(method: str, path: str, timestamp: str, nonce: str, body: bytes,
+               encoding: str = "") -> bytes:
     body_hash = hashlib.sha256(body).hexdigest()
+    fields: tuple[str, ...] = (method.upper(), path, timestamp, nonce, body_hash)
+    # A compressed body's encoding is signed too, so its name cannot be swapped; an
+    # uncompressed body signs as it always did.
+    if encoding:
+        fields += (encoding,)
     # Headers that are not UTF-8 reach us with surrogates; they must fail the check, not crash it.
-    text = "\n".join((method.upper(), path, timestamp, nonce, body_hash))
+    text = "\n".join(fields)
     return text.encode("utf-8", "surrogateescape")
 
 
 def sign(
-    secret: bytes, method: str, path: str, body: bytes = b"", *, now: float | None = None
+    secret: bytes, method: str, path: str, body: bytes = b"", *, now: float | None = None,
+    encoding: str = "",
 ) -> dict[str, str]:
-    """Headers that sign one request; path includes the query string."""
+    """Headers that sign one request; path includes the query string, body is as sent."""
     timestamp = f"{time.time() if now is None else now:.3f}"
     nonce = secrets.token_hex(16)
-    digest = hmac.new(secret, _canonical(method, path, timestamp, nonce, body), hashlib.sha256)
+    digest = hmac.new(secret, _canonical(method, path, timestamp, nonce, body, encoding),
+                      hashlib.sha256)
     return {
         TIMESTAMP_HEADER: timestamp,
         NONCE_HEADER: nonce,
@@ -71,8 +80,10 @@ class Verifier:
             raise AuthError(
                 f"signature timestamp is {now - sent_at:+.1f} s off, outside ±{self._skew_s:g} s"
             )
+        encoding = headers.get(ENCODING_HEADER, "")
         expected = hmac.new(
-            self._secret, _canonical(method, path, timestamp, nonce, body), hashlib.sha256
+            self._secret, _canonical(method, path, timestamp, nonce, body, encoding),
+            hashlib.sha256,
         ).hexdigest()
         if not hmac.compare_digest(expected, signature):
             raise AuthError("bad signature")

@@ -31,6 +31,7 @@ from kowalski.common.http import ServerLog
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
 from kowalski.common.tls import client_ssl_context, server_ssl_context
+from kowalski.controller.api.alerts import Alerter
 from kowalski.controller.api.app import make_app
 from kowalski.controller.api.state import ControllerState
 from kowalski.controller.circuit import CircuitPolicy
@@ -182,6 +183,10 @@ class Controller:
             async with asyncio.TaskGroup() as group:
                 loops = [group.create_task(cluster.run(), name="cluster"),
                          group.create_task(router.run(), name="exo-router")]
+                if config.alerts.webhook_url:
+                    loops.append(group.create_task(Alerter(
+                        config=config.alerts, snapshot=state.status, http=http,
+                        secret=self._secret, controller_url=base_url).run(), name="alerts"))
                 await self._stop.wait()
                 for task in loops:
                     task.cancel()

@@ -90,3 +90,15 @@ def test_quick_run_of_mdns_discovery_files_every_agent_at_its_own_address(
     assert wrong["measured"] == 0
     assert all(value > 0 for value in section["raw"]["listening → healthy (s)"])
     assert "agent listening → its row healthy" in report
+
+
+def test_quick_run_of_compression_times_every_encoding(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "compression")
+    [section] = figures["sections"]
+    check_section(section)
+    rows = section["tables"][0]["rows"]
+    assert [row[1] for row in rows if row[0] == "loopback"] == ["plain", "zstd", "gzip"]
+    sizes = {row[1]: float(row[2]) for row in rows if row[0] == "loopback"}
+    assert sizes["zstd"] < sizes["plain"] / 2
+    assert sizes["gzip"] < sizes["plain"] / 2
+    assert "plain and compressed" in report

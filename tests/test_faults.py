@@ -22,9 +22,12 @@ from exo_standin import CHAT_PATH, DEFAULT_MODEL, STANDIN, ExoStandin, FailMode,
 from netns import Lan, make_lan, require_netns
 from procs import SECRET, AgentProcess
 
+from kowalski.common.client import SignedClient
 from kowalski.common.config import Config
-from kowalski.common.messages import JobRequest, JobResult
+from kowalski.common.messages import DeviceId, Heartbeat, JobRequest, JobResult
 from kowalski.common.signing import sign
+from kowalski.controller.circuit import CLOSED
+from kowalski.controller.fleet.device_table import JobAssigned
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -216,6 +219,66 @@ async def test_concurrent_jobs_each_get_one_result_when_an_agent_dies_among_them
     assert (counters.submitted, counters.succeeded, counters.failed) == (10, 10, 0)
     # Only the victim's jobs were sent again, each once.
     assert counters.rerouted == len(on_victim)
+
+
+# --- a busy agent ------------------------------------------------------------------------------
+
+
+async def test_a_busy_agent_sends_a_job_submitted_through_the_api_to_another_agent(
+    tmp_path: Path,
+) -> None:
+    busy = AgentProcess(tmp_path, name="busy",
+                        agent={"max_concurrent_jobs": 1, "max_queued_jobs": 0})
+    spare = AgentProcess(tmp_path, name="spare")
+    try:
+        for agent in (busy, spare):
+            await agent.start()
+        # A load penalty larger than any difference in memory or latency: one job that the
+        # table counts on the spare agent makes the busy agent the clear first choice.
+        config = controller_config([busy, spare], [], tmp_path,
+                                   controller={"load_penalty": 1.0})
+        async with running_controller(config) as running, aiohttp.ClientSession() as http:
+            cluster = running.cluster
+            assert await cluster.wait_for(lambda t: len(healthy_ids(t)) == 2, timeout_s=15)
+            cluster.apply(JobAssigned(device_id=DeviceId(spare.agent_id), job_id="pinned",
+                                      at=cluster.clock()))
+            assert running.dispatcher.select("code_execution",
+                                             language="python").device_id == busy.agent_id
+            # Fill the busy agent's only slot behind the controller's back.
+            client = SignedClient(http, secret=SECRET.encode())
+            sleeper = asyncio.create_task(client.call(
+                "POST", busy.url + "/v1/jobs", JobResult,
+                JobRequest(job_id="sleeper", language="bash", code="sleep 4; echo woke"),
+                timeout_s=30))
+            try:
+                async def busy_running() -> bool:
+                    beat = await client.call("GET", busy.url + "/v1/heartbeat", Heartbeat,
+                                             timeout_s=5)
+                    return beat.running_job_ids == ["sleeper"]
+
+                deadline = time.monotonic() + 10
+                while not await busy_running():
+                    assert time.monotonic() < deadline, "the sleeper never started"
+                    await asyncio.sleep(0.05)
+                async with http.post(running.base_url + "/v1/jobs", json={
+                    "job_id": "rerouted", "language": "python", "code": "print(6 * 7)",
+                }) as response:
+                    assert response.status == 200, await response.text()
+                    result = await response.json()
+                assert (result["status"], result["stdout"]) == ("ok", "42\n")
+                assert result["agent_id"] == spare.agent_id
+                counters = running.dispatcher.counters
+                assert (counters.busy, counters.rerouted, counters.succeeded) == (1, 1, 1)
+                row = cluster.table.devices[DeviceId(busy.agent_id)]
+                assert row.circuit == CLOSED
+                assert row.health == "healthy"
+                assert (await sleeper).stdout == "woke\n"
+            finally:
+                sleeper.cancel()
+                await asyncio.gather(sleeper, return_exceptions=True)
+    finally:
+        for agent in (busy, spare):
+            await agent.stop()
 
 
 # --- a batch killed midway -----------------------------------------------------------------
