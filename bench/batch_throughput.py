@@ -26,9 +26,10 @@ TARGET_RATIO = 1.1
 
 
 def _items(count: int, tag: str) -> list[BatchItem]:
+    # Temperature 0: only deterministic requests may be answered from the cache.
     return [BatchItem(id=f"{tag}-{n}", index=n, line=n + 1, request=ChatRequest(
-        model=MODEL, messages=[ChatMessage(role="user", content=f"{tag}: question {n}")]))
-        for n in range(count)]
+        model=MODEL, messages=[ChatMessage(role="user", content=f"{tag}: question {n}")],
+        temperature=0.0)) for n in range(count)]
 
 
 async def _bare(url: str, count: int, tag: str) -> float:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kowalski.common.code_blocks import extract_code_blocks
-from kowalski.controller.rlm.prompts import find_final
+from kowalski.controller.rlm.final import find_final
 
 
 def read(reply: str) -> tuple[str, str] | None:

@@ -42,6 +42,7 @@ from kowalski.controller.rlm.events import (
     RunStarted,
     SubCallAnswered,
 )
+from kowalski.controller.rlm.final import find_final
 from kowalski.controller.rlm.loop import RlmRun
 from kowalski.controller.rlm.trajectory import (
     Trajectory,
@@ -228,7 +229,7 @@ def of_kind(trajectory: Trajectory, kind: type[Event]) -> list[Event]:
 ])
 def test_final_is_read_only_at_a_line_start_outside_code(
         reply: str, expected: tuple[str, str] | None) -> None:
-    marker = rlm_prompts.find_final(reply, extract_code_blocks(reply))
+    marker = find_final(reply, extract_code_blocks(reply))
     assert (None if marker is None else (marker.kind, marker.value)) == expected
 
 

@@ -31,7 +31,7 @@ from kowalski.controller.models.chat_types import (
     ChatRequest,
     ChatResult,
 )
-from kowalski.controller.rlm import prompts as prompts
+from kowalski.controller.rlm import final, prompts
 from kowalski.controller.rlm.events import (
     CodeExecuted,
     CodeSession,
@@ -61,9 +61,6 @@ from kowalski.controller.rlm.trajectory import TrajectoryWriter
 __all__ = ["RlmRun", "new_run_id"]
 
 log = logging.getLogger(__name__)
-
-# FINAL_VAR answers are read up to this many characters.
-FINAL_VAR_MAX_CHARS = 1_000_000
 
 
 def new_run_id() -> str:
@@ -296,26 +293,6 @@ class RlmRun:
                 device_id=device, language=block.raw_language))
         return feedback
 
-    async def _resolve(self, marker: prompts.FinalMarker) -> tuple[Stop | None, str]:
-        """The stop a FINAL marker makes, or why it does not end the run."""
-        if marker.kind == "final" and not marker.value:
-            return None, ("FINAL() is empty, so the run goes on: write the answer inside the "
-                          "parentheses, e.g. FINAL(42), or use FINAL_VAR(variable_name).")
-        if marker.kind == "final":
-            return Stop(reason="final", answer=marker.value), ""
-        name = marker.value
-        if not prompts.is_identifier(name):
-            return None, (f"FINAL_VAR({name}) is not final: FINAL_VAR takes the name of one "
-                          "variable; assign the value to a variable first.")
-        assert self._session is not None
-        value = await self._session.get_variable(name, max_chars=FINAL_VAR_MAX_CHARS)
-        if not value.found:
-            return None, (f"FINAL_VAR({name}) is not final: there is no variable named "
-                          f"{name!r} in the REPL. Assign it in a ```repl block first.")
-        detail = (f"the value of {name} was cut at {FINAL_VAR_MAX_CHARS} characters"
-                  if value.truncated else "")
-        return Stop(reason="final_var", answer=value.value, detail=detail), ""
-
     async def _turn(self, iteration: int, phase: Literal["turn", "final_request"]
                     ) -> Stop | None:
         """One model call and, in a normal turn, its code; the stop it makes, if any."""
@@ -329,8 +306,11 @@ class RlmRun:
         code_started = time.monotonic()
         # The extra request at the limit asks for an answer only: its code is not run.
         feedback = await self._run_blocks(blocks) if phase == "turn" else []
-        marker = prompts.find_final(result.text, blocks)
-        stop, note = await self._resolve(marker) if marker is not None else (None, "")
+        marker = final.find_final(result.text, blocks)
+        stop, note = None, ""
+        if marker is not None:
+            assert self._session is not None
+            stop, note = await final.resolve(marker, self._session)
         code_ms = (time.monotonic() - code_started) * 1000
         message = ""
         limit = self.config.max_iterations

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 import msgspec
 
-from kowalski.common.code_blocks import CodeBlock, normalize_newlines
+from kowalski.common.code_blocks import CodeBlock
 from kowalski.common.messages import CellResult
 
 # Lengths listed one by one in the prompt before the rest is summarised (the reference
@@ -15,11 +14,6 @@ from kowalski.common.messages import CellResult
 MAX_LISTED_CHUNKS = 100
 # The query is restated in every feedback message, cut to this many characters.
 _QUERY_ECHO_CHARS = 1000
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# FINAL / FINAL_VAR at the start of a line (leading blanks allowed), then "(".
-_MARKER = re.compile(r"^[ \t]*(FINAL_VAR|FINAL)[ \t]*\(")
-# What may follow the ")" that ends FINAL(...) on its line.
-_ENDS_LINE = re.compile(r"[.!]?[ \t]*(?:\n|$)")
 
 
 class ContextInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -29,14 +23,6 @@ class ContextInfo(msgspec.Struct, frozen=True, kw_only=True):
     total_chars: int
     # Characters of each piece: the string itself, a list's items, a dict's values.
     chunk_chars: list[int]
-
-
-class FinalMarker(msgspec.Struct, frozen=True, kw_only=True):
-    """A FINAL(answer) or FINAL_VAR(name) found in a reply."""
-
-    kind: Literal["final", "final_var"]
-    # The answer text for FINAL, the variable name (quotes stripped) for FINAL_VAR.
-    value: str
 
 
 def _piece_chars(value: Any) -> int:
@@ -186,63 +172,6 @@ def reply_notes(final_note: str, *, cut_at: int, nothing_ran: bool) -> list[str]
     if nothing_ran:
         notes.append("Your reply had no ```repl block and no FINAL(...) line, so nothing ran.")
     return notes
-
-
-# --- reading replies ------------------------------------------------------------------------
-
-
-def find_final(text: str, blocks: list[CodeBlock]) -> FinalMarker | None:
-    """The first FINAL(...) / FINAL_VAR(...) starting a line outside the fenced code blocks."""
-    lines = normalize_newlines(text).split("\n")
-    in_code = [False] * len(lines)
-    # Only fences are code here: an indented FINAL line is a marker, not an indented block.
-    for block in blocks:
-        if block.fenced:
-            for index in range(block.start_line, min(block.end_line, len(lines))):
-                in_code[index] = True
-    offset = 0
-    flat = "\n".join(lines)
-    for index, line in enumerate(lines):
-        match = None if in_code[index] else _MARKER.match(line)
-        if match is not None:
-            inner = final_argument(flat, offset + match.end())
-            kind: Literal["final", "final_var"] = (
-                "final_var" if match.group(1) == "FINAL_VAR" else "final")
-            value = inner.strip()
-            if kind == "final_var":
-                value = value.strip("\"'` ")
-            return FinalMarker(kind=kind, value=value)
-        offset += len(line) + 1
-    return None
-
-
-def final_argument(text: str, start: int) -> str:
-    """FINAL's argument: text from start to the ")" a reader takes as the marker's end.
-
-    A ")" that closes a "(" opened inside the argument belongs to the argument. Of the others
-    ("1) cost", ":)" and the marker's own), the end is the first one that ends its line
-    (only spaces or a full stop may follow it), else the first one, else the end of the text.
-    """
-    opened = 0
-    first: int | None = None
-    for index in range(start, len(text)):
-        char = text[index]
-        if char == "(":
-            opened += 1
-        elif char == ")":
-            if opened:
-                opened -= 1
-                continue
-            if _ENDS_LINE.match(text, index + 1):
-                return text[start:index]
-            if first is None:
-                first = index
-    return text[start:first] if first is not None else text[start:]
-
-
-def is_identifier(name: str) -> bool:
-    """Whether FINAL_VAR's argument can name a variable."""
-    return _IDENTIFIER.fullmatch(name) is not None
 
 
 # --- feedback -------------------------------------------------------------------------------
