@@ -64,10 +64,11 @@ def status_text(status: Status) -> str:
     lines = [device_table_text(status.devices)]
     lines.append("EXO ENDPOINTS")
     for e in status.endpoints:
-        state = "up" if e.healthy else "down"
         latency = "-" if e.latency_ms is None else f"{e.latency_ms:.1f} ms"
-        lines.append(f"  {e.url}  {state}  {e.flavour or '?'}  {latency}  circuit {e.circuit}"
+        lines.append(f"  {e.url}  {e.state}  {e.flavour or '?'}  {latency}  circuit {e.circuit}"
                      f"  ready: {', '.join(e.ready_models) or 'none'}")
+        if e.state == "down" and e.last_error:
+            lines.append(f"    {e.last_error}")
     if not status.endpoints:
         lines.append("  none")
     jobs = status.jobs
