@@ -185,6 +185,7 @@ class Controller:
             self._started.set()
             async with asyncio.TaskGroup() as group:
                 loops = [group.create_task(cluster.run(), name="cluster"),
+                         group.create_task(dispatcher.run(), name="cancel-moved"),
                          group.create_task(router.run(), name="exo-router")]
                 await self._stop.wait()
                 for task in loops:
