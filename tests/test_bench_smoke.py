@@ -76,3 +76,15 @@ def test_quick_run_of_the_embedded_model_compares_router_and_direct(tmp_path: Pa
     assert all(value > 0 for value in section["raw"]["direct tokens/s"])
     assert all(value > 0 for value in section["raw"]["routed tokens/s"])
     assert "router / direct (p50 over p50)" in report
+
+
+def test_quick_run_of_the_hostile_fault_benchmarks(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "hung_endpoint,resumed_agent")
+    sections = {section["key"]: section for section in figures["sections"]}
+    assert set(sections) == {"hung_endpoint", "resumed_agent"}
+    for section in sections.values():
+        check_section(section)
+    names = {target["name"] for section in sections.values() for target in section["targets"]}
+    assert names == {"spawn → first API answer beside a hung endpoint p50",
+                     "fresh job on an agent just resumed from SIGSTOP p50"}
+    assert "Controller start beside a hung exo endpoint" in report

@@ -50,6 +50,12 @@ def add_command(commands: Any) -> None:
     batch.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
+async def _ready_model(running: Controller) -> str:
+    # Endpoints are probed in the background: the first probes decide which model is ready.
+    await running.router.first_probes()
+    return running.router.resolve_model("")
+
+
 async def _through_router(config: Config, args: argparse.Namespace) -> BatchSummary:
     controller = msgspec.structs.replace(config.controller, host="127.0.0.1", port=0,
                                          discover_mdns=False, static_agents=[])
@@ -62,7 +68,7 @@ async def _through_router(config: Config, args: argparse.Namespace) -> BatchSumm
         return await run_batch_file(
             args.file, args.output, backend,
             concurrency=args.concurrency or config.exo.max_concurrency,
-            default_model=args.model or running.router.resolve_model(""), resume=args.resume,
+            default_model=args.model or await _ready_model(running), resume=args.resume,
             show_progress=not args.quiet, policy=policy)
 
 

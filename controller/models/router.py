@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 _ALPHA = 0.3
 # probing: not yet answered its first probe; up: answered the last one; down: did not.
 EndpointState = Literal["probing", "up", "down"]
+# Time past probe_timeout_s a first model call waits for the first probes to end.
+_PROBE_MARGIN_S = 0.5
 
 
 @dataclass
@@ -94,7 +97,6 @@ class LlmRouter:
         self._placing: dict[str, asyncio.Task[None]] = {}
         # Set and replaced whenever a probe ends: waiters for the first probes hold the old one.
         self._probed = asyncio.Event()
-        self._probes_running = 0
 
     async def run(self) -> None:
         """Probe each endpoint every poll interval, independently, until cancelled."""
@@ -114,7 +116,6 @@ class LlmRouter:
         """One bounded probe: a hung endpoint is down after probe_timeout_s, not later."""
         started = self._clock()
         limit_s = self._config.probe_timeout_s
-        self._probes_running += 1
         try:
             async with asyncio.timeout(limit_s):
                 await self._refresh(endpoint)
@@ -129,8 +130,6 @@ class LlmRouter:
             if elapsed_s > self._config.probe_slow_s and not endpoint.slow:
                 log.warning("exo endpoint %s: probe took %.1f s", endpoint.url, elapsed_s)
             endpoint.slow = elapsed_s > self._config.probe_slow_s
-        finally:
-            self._probes_running -= 1
         was = endpoint.state
         endpoint.state = "up" if endpoint.healthy else "down"
         if was != endpoint.state and endpoint.state == "up":
@@ -139,10 +138,13 @@ class LlmRouter:
         probed.set()
 
     async def first_probes(self) -> None:
-        """Wait, while first probes run, until an endpoint is up or all have answered."""
-        while self._probes_running and not any(e.healthy for e in self.endpoints) and any(
-                e.state == "probing" for e in self.endpoints):
-            await self._probed.wait()
+        """Wait until an endpoint is up or none is on its first probe (at most one probe)."""
+        # Bounded: a router whose probes never run answers with its error, not a hang.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._config.probe_timeout_s + _PROBE_MARGIN_S):
+                while not any(e.healthy for e in self.endpoints) and any(
+                        e.state == "probing" for e in self.endpoints):
+                    await self._probed.wait()
 
     async def _refresh(self, endpoint: Endpoint) -> None:
         health = await endpoint.client.health()
