@@ -71,12 +71,15 @@ async def _trial(running: Controller, victim: AgentProcess, other: AgentProcess,
 async def measure(tmp: Path, quick: bool) -> list[Section]:
     count = 1 if quick else 5
     trials = []
+    cancelled = 0
     async with agents(tmp, 2) as (victim, other):
         config = controller_config(tmp, agents=[f"127.0.0.1:{a.port}" for a in (victim, other)])
-        async with controller(config, expect_agents=2) as running:
-            for number in range(count):
+        for number in range(count):
+            # A fresh controller per trial: the moved jobs count against the paused agent's
+            # circuit breaker, which would keep it from work in the next trial.
+            async with controller(config, expect_agents=2) as running:
                 trials.append(await _trial(running, victim, other, number))
-            cancelled = running.dispatcher.counters.cancelled_on_return
+                cancelled += running.dispatcher.counters.cancelled_on_return
     fresh = [t[0] for t in trials]
     return [Section(
         key="resumed_agent", title="Fresh work on an agent resumed from SIGSTOP",
@@ -87,7 +90,7 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
             "answers every job on the first, and it gets SIGCONT once all are answered. "
             "Timed: from SIGCONT until the controller has cancelled the moved attempts there, "
             "then a fresh `echo` job sent straight to the resumed agent, and the same on the "
-            f"other agent as the baseline. {count} trials."),
+            f"other agent as the baseline. {count} trials, each with a fresh controller."),
         tables=[Table(headers=["interval", "s: p50 (p90, min-max)"], rows=[
             ["fresh job on the resumed agent", spread(fresh)],
             ["fresh job on the other agent (baseline)", spread([t[1] for t in trials])],
