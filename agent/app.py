@@ -13,7 +13,7 @@ from kowalski.agent.jobs import JobRunner
 from kowalski.agent.metrics import MetricsSampler
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
-from kowalski.common.errors import ParseError
+from kowalski.common.errors import CancelledJobError, ParseError
 from kowalski.common.http import (
     compression_middleware,
     errors_middleware,
@@ -24,6 +24,7 @@ from kowalski.common.http import (
     signature_middleware,
 )
 from kowalski.common.messages import (
+    CancelRequest,
     CellRequest,
     Heartbeat,
     JobRequest,
@@ -100,11 +101,22 @@ async def get_metrics(request: web.Request) -> web.Response:
     return json_response(request.app[STATE].metrics.sample())
 
 
+def _client_gone(request: web.Request) -> bool:
+    # A controller hangs up on an attempt when it gives the job to another agent.
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def post_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
     job = await read_body(request, JobRequest)
     _check_code_size(state, job.code)
-    return json_response(await state.jobs.submit(job))
+    return json_response(await state.jobs.submit(job, gone=lambda: _client_gone(request)))
+
+
+async def post_cancel(request: web.Request) -> web.Response:
+    cancel = await read_body(request, CancelRequest)
+    return json_response(request.app[STATE].jobs.cancel(list(cancel.attempt_ids)))
 
 
 async def post_session(request: web.Request) -> web.Response:
@@ -118,6 +130,12 @@ async def post_cell(request: web.Request) -> web.Response:
     state = request.app[STATE]
     cell = await read_body(request, CellRequest)
     _check_code_size(state, cell.code)
+    if state.jobs.refuses(cell.attempt_id):
+        raise CancelledJobError(f"attempt {cell.attempt_id} of cell {cell.cell_id!r} was "
+                                "cancelled by the controller")
+    if cell.deadline is not None and cell.deadline <= time.time():
+        raise CancelledJobError(f"cell {cell.cell_id!r} was not started: its deadline has "
+                                "passed")
     result = await state.sessions.execute(_session_id(request), cell)
     return json_response(msgspec.structs.replace(result, agent_id=state.agent_id))
 
@@ -154,6 +172,7 @@ def make_app(state: AgentState, *, verifier: Verifier | None, max_body_bytes: in
     app.router.add_get("/v1/heartbeat", get_heartbeat)
     app.router.add_get("/v1/metrics", get_metrics)
     app.router.add_post("/v1/jobs", post_job)
+    app.router.add_post("/v1/cancel", post_cancel)
     app.router.add_post("/v1/sessions", post_session)
     app.router.add_post("/v1/sessions/{session_id}/exec", post_cell)
     app.router.add_get("/v1/sessions/{session_id}/vars/{name}", get_variable)

@@ -68,6 +68,16 @@ def _embedded() -> Measure:
     return embedded.measure
 
 
+def _hung_endpoint() -> Measure:
+    from bench import hung_endpoint
+    return hung_endpoint.measure
+
+
+def _resumed_agent() -> Measure:
+    from bench import resumed_agent
+    return resumed_agent.measure
+
+
 # key, title (for a benchmark that fails before it reports), loader, time limit in seconds.
 BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("roundtrip", "Sandboxed job round trip", _roundtrip, 420.0),
@@ -79,6 +89,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("mdns", "Discovery over mDNS at default settings", _mdns, 300.0),
     ("compression", "A large context's time to the agent, plain and compressed",
      _compression, 420.0),
+    ("hung_endpoint", "Controller start beside a hung exo endpoint", _hung_endpoint, 180.0),
+    ("resumed_agent", "Fresh work on an agent resumed from SIGSTOP", _resumed_agent, 300.0),
 ]
 
 

@@ -97,6 +97,11 @@ class ExoConfig(_Section, frozen=True):
     first_byte_timeout_s: PositiveFloat = 300.0
     # After "unsupported model", an endpoint is not asked for that model again for this long.
     unservable_model_s: NonNegativeFloat = 300.0
+    # A health probe (connect, first answer, model list) gets this long, whatever
+    # request_timeout_s says; past it the endpoint is down until the next probe.
+    probe_timeout_s: PositiveFloat = 2.0
+    # A probe that took longer than this is logged as a WARNING.
+    probe_slow_s: PositiveFloat = 1.0
     poll_interval_s: PositiveFloat = 2.0
     # Place an instance of a model that has none (exo v1 only).
     place_instances: bool = False
@@ -178,6 +183,8 @@ class SecurityConfig(_Section, frozen=True):
     clock_skew_s: PositiveFloat = 30.0
     # Bearer token file for writes to the controller's own API; empty leaves it open.
     api_token_file: str = ""
+    # Serve the write API without a token on a non-loopback address (refused otherwise).
+    allow_open_api: bool = False
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""

@@ -62,6 +62,8 @@ KEYS: dict[str, str] = {
                                 "nodes hang while a peer is lost.",
     "exo.unservable_model_s": "An endpoint that called a model unsupported is not asked for "
                               "it again for this long.",
+    "exo.probe_timeout_s": "Time a background health probe may take; then the endpoint is down.",
+    "exo.probe_slow_s": "A health probe slower than this is logged as a WARNING.",
     "exo.poll_interval_s": "How often exo's /state (or /v1/topology) is read.",
     "exo.place_instances": "Place an instance of a model that has none (exo v1).",
     "exo.max_concurrency": "Model calls in flight at once, over all endpoints.",
@@ -111,6 +113,7 @@ KEYS: dict[str, str] = {
     "security.allow_unsigned": "Accept unsigned requests: only for a single trusted host.",
     "security.clock_skew_s": "How far a signed request's clock may be off.",
     "security.api_token_file": "Bearer token for writes to the controller API; empty: open.",
+    "security.allow_open_api": "Start without an API token on a non-loopback address.",
     "security.tls_cert_file": "TLS certificate (PEM) for the HTTP API; empty: plain HTTP.",
     "security.tls_key_file": "TLS private key (PEM).",
     "security.tls_ca_file": "CA bundle to verify agents' certificates.",

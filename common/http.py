@@ -41,6 +41,7 @@ _STATUS: dict[type[errors.KowalskiError], int] = {
     errors.SessionNotFoundError: 404,
     errors.NotFoundError: 404,
     errors.ConflictError: 409,
+    errors.CancelledJobError: 409,
     errors.SessionLostError: 410,
     errors.ContextSizeExceededError: 413,
     errors.RateLimitedError: 429,

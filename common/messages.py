@@ -49,6 +49,10 @@ class JobRequest(Message, frozen=True):
     timeout_ms: Annotated[int, Meta(gt=0, le=24 * 3600 * 1000)] | None = None
     max_output_bytes: Annotated[int, Meta(gt=0)] | None = None
     stdin: str = ""
+    # The controller's attempt: a cancel names it, and a cancelled attempt never starts.
+    attempt_id: Identifier | None = None
+    # Unix time after which the controller no longer waits: the agent does not start it then.
+    deadline: float | None = None
 
 
 class JobResult(Message, frozen=True):
@@ -64,6 +68,19 @@ class JobResult(Message, frozen=True):
     wall_time_ms: float = 0.0
     agent_id: str = ""
     error: WireError | None = None
+
+
+class CancelRequest(Message, frozen=True):
+    """Attempts the controller has given to another agent: none of them may start here."""
+
+    attempt_ids: Annotated[list[Identifier], Meta(max_length=10_000)]
+
+
+class CancelResult(Message, frozen=True):
+    # Attempts that were queued or running here and are now stopped.
+    stopped: list[str]
+    # Attempts this agent will refuse from now on (all of those asked).
+    refused: int
 
 
 # --- persistent Python sessions ---------------------------------------------------------
@@ -97,6 +114,8 @@ class CellRequest(Message, frozen=True):
     code: str
     timeout_ms: Annotated[int, Meta(gt=0, le=24 * 3600 * 1000)] | None = None
     max_output_bytes: Annotated[int, Meta(gt=0)] | None = None
+    attempt_id: Identifier | None = None
+    deadline: float | None = None
 
 
 class CellResult(Message, frozen=True):

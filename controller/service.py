@@ -15,6 +15,7 @@ API answers (a start-up error is raised there) and closes on the way out.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from aiohttp import web
 from kowalski.common.addresses import host_addresses
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config, read_api_token
+from kowalski.common.errors import ConfigError
 from kowalski.common.http import ServerLog
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
@@ -131,6 +133,7 @@ class Controller:
                 return
             # Secrets and certificates first: a bad file fails before anything starts.
             api_token = read_api_token(config.security)
+            _refuse_open_api(config, api_token)
             tls = server_ssl_context(config.security)
             http = aiohttp.ClientSession()
             agents = AgentClient(SignedClient(http, secret=self._secret,
@@ -149,7 +152,8 @@ class Controller:
                                policy=RetryPolicy.from_config(settings),
                                circuit_policy=CircuitPolicy.from_config(settings),
                                load_penalty=settings.load_penalty)
-            await router.refresh()
+            # Endpoints are probed in the background (router.run()): one that accepts TCP
+            # and never answers must not keep the API, heartbeats and jobs waiting.
             dispatcher = Dispatcher(cluster=cluster, agents=agents,
                                     policy=RetryPolicy.from_config(settings))
             verifier = None if self._secret is None else Verifier(
@@ -182,6 +186,7 @@ class Controller:
             self._started.set()
             async with asyncio.TaskGroup() as group:
                 loops = [group.create_task(cluster.run(), name="cluster"),
+                         group.create_task(dispatcher.run(), name="cancel-moved"),
                          group.create_task(router.run(), name="exo-router")]
                 if config.alerts.webhook_url:
                     loops.append(group.create_task(Alerter(
@@ -241,6 +246,28 @@ class Controller:
             # A background loop that failed is this block's failure, unless it has its own.
             if error is not None and exc_type is None:
                 raise error
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # A host name other than localhost may resolve to anything: take it as open.
+        return False
+
+
+def _refuse_open_api(config: Config, api_token: bytes | None) -> None:
+    """Refuse a write API open to the network unless the config says so on purpose."""
+    host = config.controller.host
+    if api_token is not None or config.security.allow_open_api or _loopback(host):
+        return
+    raise ConfigError(
+        f"controller.host is {host or '0.0.0.0'!r}, reachable from the network, and no API "
+        "token guards writes; make one (head -c 32 /dev/urandom | base64 > api-token && "
+        "chmod 600 api-token) and set security.api_token_file, or set "
+        "security.allow_open_api = true", key="security.api_token_file")
 
 
 def _reachable(host: str) -> str:

@@ -39,7 +39,8 @@ class AgentProcess:
     """One kowalski-agent subprocess, addressed as http://127.0.0.1:PORT."""
 
     def __init__(self, tmp: Path, *, name: str, port: int = 0, netns: str | None = None,
-                 host: str = "127.0.0.1", **sections: dict[str, object]) -> None:
+                 host: str = "127.0.0.1", log_level: str = "INFO",
+                 **sections: dict[str, object]) -> None:
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         agent_section = {"name": name, "port": port, "host": host,
@@ -52,6 +53,7 @@ class AgentProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.port: int | None = port or None
         self.name = name
+        self.log_level = log_level
 
     @property
     def url(self) -> str:
@@ -68,7 +70,7 @@ class AgentProcess:
         port_file = self.dir / "port"
         port_file.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "kowalski.agent", "--config", str(self.config_path),
-                "--port-file", str(port_file)]
+                "--port-file", str(port_file), "--log-level", self.log_level]
         if self.port:
             # A restart keeps its address, and so its agent id, as a service restart would.
             argv += ["--port", str(self.port)]

@@ -102,3 +102,15 @@ def test_quick_run_of_compression_times_every_encoding(tmp_path: Path) -> None:
     assert sizes["zstd"] < sizes["plain"] / 2
     assert sizes["gzip"] < sizes["plain"] / 2
     assert "plain and compressed" in report
+
+
+def test_quick_run_of_the_hostile_fault_benchmarks(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "hung_endpoint,resumed_agent")
+    sections = {section["key"]: section for section in figures["sections"]}
+    assert set(sections) == {"hung_endpoint", "resumed_agent"}
+    for section in sections.values():
+        check_section(section)
+    names = {target["name"] for section in sections.values() for target in section["targets"]}
+    assert names == {"spawn → first API answer beside a hung endpoint p50",
+                     "fresh job on an agent just resumed from SIGSTOP p50"}
+    assert "Controller start beside a hung exo endpoint" in report

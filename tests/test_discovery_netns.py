@@ -37,6 +37,7 @@ async def _controller(lan: Lan, tmp: Path) -> tuple[asyncio.subprocess.Process, 
                        "heartbeat_interval_s": 0.3, "failure_timeout_s": 1.5,
                        "state_dir": str(tmp / "state")},
         "exo": {"embedded": False},
+        "security": {"allow_open_api": True},
     }
     path = tmp / "controller.toml"
     path.write_text(tomli_w.dumps(config))

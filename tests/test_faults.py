@@ -382,6 +382,7 @@ async def test_a_job_on_a_partitioned_agent_finishes_elsewhere(lan: Lan, tmp_pat
                        "failure_timeout_s": 1.0, "retry_base_delay_ms": 50,
                        "state_dir": str(tmp_path / "state")},
         "exo": {"embedded": False},
+        "security": {"allow_open_api": True},
     }))
     port_file = tmp_path / "controller.port"
     with (tmp_path / "controller.log").open("wb") as log:

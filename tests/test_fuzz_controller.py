@@ -64,6 +64,7 @@ def wire_schemas() -> dict[str, Any]:
         messages.ErrorBody, messages.JobRequest, messages.JobResult, messages.SessionCreate,
         messages.SessionInfo, messages.CellRequest, messages.CellResult, messages.VariableValue,
         messages.Heartbeat, messages.Metrics, messages.LlmQuery, messages.LlmAnswer,
+        messages.CancelRequest, messages.CancelResult,
         runs.RunRequest, openai_front.CompletionBody, status.Status, status.DeviceStatus,
         runs.LiveRunSummary, trajectory.StoredRunSummary, trajectory.Trajectory,
         rlm_events.RlmResult, dashboard.Snapshot, runs.RunStreamLine, rlm_events.AnyRlmEvent,

@@ -81,6 +81,12 @@ def _checked_input(args: argparse.Namespace, config: Config) -> bytes:
     return data
 
 
+async def _ready_model(running: Controller) -> str:
+    # Endpoints are probed in the background: the first probes decide which model is ready.
+    await running.router.first_probes()
+    return running.router.resolve_model("")
+
+
 async def _through_router(config: Config, args: argparse.Namespace, data: bytes,
                           stop: asyncio.Event) -> BatchSummary:
     controller = msgspec.structs.replace(config.controller, host="127.0.0.1", port=0,
@@ -91,7 +97,7 @@ async def _through_router(config: Config, args: argparse.Namespace, data: bytes,
         return await run_batch_file(
             args.file, args.output, backend,
             concurrency=args.concurrency or config.exo.max_concurrency,
-            default_model=args.model or running.router.resolve_model(""), resume=args.resume,
+            default_model=args.model or await _ready_model(running), resume=args.resume,
             show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller),
             input_data=data, stop=stop)
 

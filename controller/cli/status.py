@@ -80,11 +80,12 @@ def status_text(status: Status) -> str:
     for e in status.endpoints:
         clusters.setdefault(e.cluster or e.url, e.nodes)
     for e in status.endpoints:
-        state = "up" if e.healthy else "down"
         latency = "-" if e.latency_ms is None else f"{e.latency_ms:.1f} ms"
         cluster = f"  cluster {e.cluster} ({e.nodes} nodes)" if e.nodes > 1 else ""
-        lines.append(f"  {e.url}  {state}  {e.flavour or '?'}  {latency}  circuit {e.circuit}"
+        lines.append(f"  {e.url}  {e.state}  {e.flavour or '?'}  {latency}  circuit {e.circuit}"
                      f"{cluster}  ready: {', '.join(e.ready_models) or 'none'}")
+        if e.state == "down" and e.last_error:
+            lines.append(f"    {e.last_error}")
     if len(clusters) < len(status.endpoints):
         lines.append(f"  {len(clusters)} clusters, {sum(clusters.values())} nodes")
     if not status.endpoints:

@@ -6,6 +6,8 @@ from urllib.parse import quote
 
 from kowalski.common.client import SignedClient
 from kowalski.common.messages import (
+    CancelRequest,
+    CancelResult,
     CellRequest,
     CellResult,
     Heartbeat,
@@ -41,6 +43,13 @@ class AgentClient:
     async def run_job(self, agent_url: str, job: JobRequest, *, timeout_s: float) -> JobResult:
         """Run a job to its end; the same job id answers with the same result."""
         return await self._client.call("POST", f"{agent_url}/v1/jobs", JobResult, job,
+                                       timeout_s=timeout_s)
+
+    async def cancel(self, agent_url: str, attempt_ids: list[str], *,
+                     timeout_s: float) -> CancelResult:
+        """Stop these job and cell attempts there, and refuse them from now on."""
+        return await self._client.call("POST", f"{agent_url}/v1/cancel", CancelResult,
+                                       CancelRequest(attempt_ids=attempt_ids),
                                        timeout_s=timeout_s)
 
     async def create_session(self, agent_url: str, create: SessionCreate, *,

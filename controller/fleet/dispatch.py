@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
 
-from kowalski.common.errors import ExecutionError, NetworkError, RemoteError
+from kowalski.common.errors import ExecutionError, KowalskiError, NetworkError, RemoteError
 from kowalski.common.messages import DeviceId, JobRequest, JobResult
 from kowalski.controller.fleet.agent_client import AgentClient
 from kowalski.controller.fleet.cluster import Cluster
@@ -19,7 +22,12 @@ from kowalski.controller.fleet.selection import select
 from kowalski.controller.retry import RetryPolicy, retry_helps, with_failover
 from kowalski.controller.scoring import Operation
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Attempts remembered per device for the cancel sent when it comes back.
+_MOVED_KEPT = 10_000
+# Time a cancel call may take; the device gets no work until one succeeds.
+_CANCEL_TIMEOUT_S = 5.0
 # Time a call may take beyond the job's own limit (queueing, compile, transfer).
 CALL_MARGIN_S = 30.0
 # Compiled languages compile before their limit starts (the agent's compile_timeout_ms_*).
@@ -37,6 +45,8 @@ class JobCounters(msgspec.Struct, kw_only=True):
     rerouted: int = 0
     # Refusals by a full agent (503 busy, 429): each one sent the job elsewhere.
     busy: int = 0
+    # Attempts cancelled on an agent that came back after its work had moved elsewhere.
+    cancelled_on_return: int = 0
 
 
 
@@ -73,11 +83,60 @@ class Dispatcher:
         self._policy = policy
         self._rng = rng or random.Random()
         self.counters = JobCounters()
+        # Attempts given up on each device (it stopped answering): cancelled there when it
+        # answers again, before it gets new work.
+        self._moved: dict[DeviceId, list[str]] = {}
 
     def select(self, operation: Operation, *, language: str | None = None,
                exclude: frozenset[DeviceId] = frozenset()) -> DeviceRow:
-        return select(self.cluster.table, operation, language=language, exclude=exclude,
-                      now=self.cluster.clock())
+        return select(self.cluster.table, operation, language=language,
+                      exclude=exclude | self._moved.keys(), now=self.cluster.clock())
+
+    @property
+    def awaiting_cancel(self) -> frozenset[DeviceId]:
+        """Devices kept from new work until their moved attempts are cancelled there."""
+        return frozenset(self._moved)
+
+    def new_attempt(self) -> str:
+        """A fresh attempt id for one try of a job or cell on one device."""
+        return secrets.token_hex(8)
+
+    def moved(self, device_id: DeviceId, attempt_id: str) -> None:
+        """Note an attempt given up on a device that did not answer, to cancel it there."""
+        attempts = self._moved.setdefault(device_id, [])
+        attempts.append(attempt_id)
+        del attempts[:-_MOVED_KEPT]
+
+    async def run(self) -> None:
+        """Cancel moved attempts on each device as soon as it is healthy again."""
+        while True:
+            table = self.cluster.table
+            back = [d for d in self._moved
+                    if (row := table.devices.get(d)) is not None and row.health == "healthy"]
+            gone = [d for d in self._moved if d not in table.devices]
+            for device_id in gone:
+                del self._moved[device_id]
+            await asyncio.gather(*(self._cancel_moved(d) for d in back))
+            await self.cluster.changed()
+
+    async def _cancel_moved(self, device_id: DeviceId) -> None:
+        attempts = list(self._moved.get(device_id, ()))
+        try:
+            result = await self.agents.cancel(self.cluster.url_of(device_id), attempts,
+                                              timeout_s=_CANCEL_TIMEOUT_S)
+        except KowalskiError as exc:
+            # It stays out of selection; the next table change (a heartbeat) tries again.
+            log.warning("could not cancel %d moved attempts on %s: %s", len(attempts),
+                        device_id, exc.message)
+            return
+        remaining = self._moved.get(device_id, [])[len(attempts):]
+        if remaining:
+            self._moved[device_id] = remaining
+        else:
+            self._moved.pop(device_id, None)
+        self.counters.cancelled_on_return += len(result.stopped)
+        log.info("%s is back: cancelled %d attempts moved elsewhere (%d were still there)",
+                 device_id, len(attempts), len(result.stopped))
 
     async def guarded(self, device_id: DeviceId, call: Awaitable[T]) -> T:
         """Await call, but give up as soon as the device is judged down."""
@@ -136,8 +195,16 @@ class Dispatcher:
         timeout_s += COMPILE_MARGIN_S.get(request.language, 0.0)
 
         async def call(row: DeviceRow) -> JobResult:
-            result = await self.agents.run_job(row.url, request,
-                                               timeout_s=timeout_s + CALL_MARGIN_S)
+            call_timeout_s = timeout_s + CALL_MARGIN_S
+            attempt = msgspec.structs.replace(request, attempt_id=self.new_attempt(),
+                                              deadline=time.time() + call_timeout_s)
+            try:
+                result = await self.agents.run_job(row.url, attempt, timeout_s=call_timeout_s)
+            except (asyncio.CancelledError, NetworkError):
+                # Given up without an answer (the device was judged down, or the network
+                # failed): the job may still sit in its queue.
+                self.moved(row.device_id, str(attempt.attempt_id))
+                raise
             if result.status == "failed" and result.error is not None and result.error.retryable:
                 raise ExecutionError(f"{row.device_id} could not run the job: "
                                      f"{result.error.message}")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from kowalski.common.errors import KowalskiError, RemoteError, SessionLostError
+import msgspec
+
+from kowalski.common.errors import KowalskiError, NetworkError, RemoteError, SessionLostError
 from kowalski.common.messages import (
     CellRequest,
     CellResult,
@@ -97,8 +101,14 @@ class RemoteSession:
                            timeout_ms=timeout_ms)
 
         async def run(row: DeviceRow) -> CellResult:
-            return await self._agents.execute(row.url, self.session_id, cell,
-                                              timeout_s=self._timeout_s)
+            attempt = msgspec.structs.replace(cell, attempt_id=self._dispatcher.new_attempt(),
+                                              deadline=time.time() + self._timeout_s)
+            try:
+                return await self._agents.execute(row.url, self.session_id, attempt,
+                                                  timeout_s=self._timeout_s)
+            except (asyncio.CancelledError, NetworkError):
+                self._dispatcher.moved(row.device_id, str(attempt.attempt_id))
+                raise
 
         result: CellResult = await self._on_session_device(cell.cell_id, run)
         self._cells.append(cell)

@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import aiohttp
 import msgspec
@@ -30,6 +31,10 @@ from kowalski.controller.scoring import Operation, formula
 log = logging.getLogger(__name__)
 # Latency moving-average weight of the newest sample.
 _ALPHA = 0.3
+# probing: not yet answered its first probe; up: answered the last one; down: did not.
+EndpointState = Literal["probing", "up", "down"]
+# Time past probe_timeout_s a first model call waits for the first probes to end.
+_PROBE_MARGIN_S = 0.5
 
 
 @dataclass
@@ -37,7 +42,10 @@ class Endpoint:
     """What the router knows of one exo endpoint."""
 
     client: ExoClient
+    state: EndpointState = "probing"
     healthy: bool = False
+    # The last probe was slow: warned once, not at every poll.
+    slow: bool = False
     flavour: str = ""
     latency_ms: float | None = None
     ready_models: tuple[str, ...] = ()
@@ -84,6 +92,7 @@ class EndpointView(msgspec.Struct, frozen=True, kw_only=True):
     """An endpoint as the status API shows it."""
 
     url: str
+    state: EndpointState
     healthy: bool
     flavour: str
     latency_ms: float | None
@@ -124,15 +133,56 @@ class LlmRouter:
         self.endpoints = [Endpoint(client=client_for(entry, config, session=session),
                                    limit=_limit(entry)) for entry in urls]
         self._placing: dict[str, asyncio.Task[None]] = {}
+        # Set and replaced whenever a probe ends: waiters for the first probes hold the old one.
+        self._probed = asyncio.Event()
 
     async def run(self) -> None:
-        """Refresh every endpoint each poll interval until cancelled."""
+        """Probe each endpoint every poll interval, independently, until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            for endpoint in self.endpoints:
+                group.create_task(self._poll(endpoint), name=f"probe {endpoint.url}")
+
+    async def _poll(self, endpoint: Endpoint) -> None:
         while True:
-            await self.refresh()
+            await self.probe(endpoint)
             await asyncio.sleep(self._config.poll_interval_s)
 
     async def refresh(self) -> None:
-        await asyncio.gather(*(self._refresh(endpoint) for endpoint in self.endpoints))
+        await asyncio.gather(*(self.probe(endpoint) for endpoint in self.endpoints))
+
+    async def probe(self, endpoint: Endpoint) -> None:
+        """One bounded probe: a hung endpoint is down after probe_timeout_s, not later."""
+        started = self._clock()
+        limit_s = self._config.probe_timeout_s
+        try:
+            async with asyncio.timeout(limit_s):
+                await self._refresh(endpoint)
+        except TimeoutError:
+            if endpoint.state != "down" or not endpoint.last_error.startswith("no answer"):
+                log.warning("exo endpoint %s: no answer to its probe within %g s; down until "
+                            "it answers", endpoint.url, limit_s)
+            endpoint.healthy = False
+            endpoint.last_error = f"no answer to the health probe within {limit_s:g} s"
+        else:
+            elapsed_s = self._clock() - started
+            if elapsed_s > self._config.probe_slow_s and not endpoint.slow:
+                log.warning("exo endpoint %s: probe took %.1f s", endpoint.url, elapsed_s)
+            endpoint.slow = elapsed_s > self._config.probe_slow_s
+        was = endpoint.state
+        endpoint.state = "up" if endpoint.healthy else "down"
+        if was != endpoint.state and endpoint.state == "up":
+            log.info("exo endpoint %s is up", endpoint.url)
+        probed, self._probed = self._probed, asyncio.Event()
+        probed.set()
+
+    async def first_probes(self) -> None:
+        """Wait until an endpoint is up or none is on its first probe (at most one probe)."""
+        # Bounded: a router whose probes never run answers with its error, not a hang.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._config.probe_timeout_s + _PROBE_MARGIN_S):
+                while not any(e.healthy for e in self.endpoints) and any(
+                        e.state == "probing" for e in self.endpoints):
+                    await self._probed.wait()
 
     async def _refresh(self, endpoint: Endpoint) -> None:
         health = await endpoint.client.health()
@@ -154,9 +204,9 @@ class LlmRouter:
     def views(self) -> list[EndpointView]:
         now = self._clock()
         return [EndpointView(
-            url=e.url, healthy=e.healthy, flavour=e.flavour, latency_ms=e.latency_ms,
-            ready_models=list(e.ready_models), nodes=e.nodes, cluster=e.cluster,
-            in_flight=e.in_flight,
+            url=e.url, state=e.state, healthy=e.healthy, flavour=e.flavour,
+            latency_ms=e.latency_ms, ready_models=list(e.ready_models), nodes=e.nodes,
+            cluster=e.cluster, in_flight=e.in_flight,
             circuit=breaker.phase(e.circuit, now, self._circuit_policy),
             requests=e.client.stats.requests, errors=e.client.stats.errors,
             prompt_tokens=e.client.stats.prompt_tokens,
@@ -189,6 +239,8 @@ class LlmRouter:
         if not self.endpoints:
             raise NoModelAvailableError("no exo endpoint configured")
         healthy = [e for e in self.endpoints if e.healthy]
+        if not healthy and any(e.state == "probing" for e in self.endpoints):
+            raise NoModelAvailableError("the exo endpoints are still being probed")
         if not healthy:
             # The next health check may find one back.
             raise ModelNotYetAvailableError(f"all {len(self.endpoints)} exo endpoints are down",
@@ -249,6 +301,7 @@ class LlmRouter:
     async def chat(self, request: ChatRequest, *, operation: str = "llm_inference"
                    ) -> ChatResult:
         """One completion, retried on another endpoint when one fails."""
+        await self.first_probes()
         model = self.resolve_model(request.model)
         request = msgspec.structs.replace(request, model=model)
         await self._ensure_model(model)
@@ -300,6 +353,7 @@ class LlmRouter:
 
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
         """A streamed completion from the best endpoint (no failover once text flowed)."""
+        await self.first_probes()
         model = self.resolve_model(request.model)
         request = msgspec.structs.replace(request, model=model)
         await self._ensure_model(model)

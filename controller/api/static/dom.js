@@ -41,7 +41,7 @@ const TONES = {
   healthy: "good", up: "good", closed: "good", finished: "good", ok: "good", ready: "good",
   unhealthy: "bad", down: "bad", open: "bad", failed: "bad", error: "bad", lost: "bad",
   half_open: "warn", incomplete: "warn", loading: "warn", timeout: "warn", stopped: "warn",
-  running: "info", cancelled: "muted", unknown: "muted",
+  running: "info", probing: "info", cancelled: "muted", unknown: "muted",
 };
 
 /** A status label: a coloured pill that always carries its word. */

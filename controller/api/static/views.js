@@ -137,7 +137,7 @@ export function renderEndpoints(snapshot) {
       h("div", {class: "sub"}, endpoint.flavour ? `exo ${endpoint.flavour}` : "not detected yet",
         ` · ${formatMs(endpoint.latency_ms)}`)),
     h("td", {},
-      badge(endpoint.healthy ? "up" : "down"),
+      badge(endpoint.state),
       endpoint.last_error ? h("div", {class: "sub error-text", title: endpoint.last_error},
         clip(endpoint.last_error, 60)) : null),
     h("td", {}, badge(endpoint.circuit)),
