@@ -24,6 +24,7 @@ from kowalski.controller.cli.exit_codes import (
     EXIT_INTERRUPTED,
     EXIT_OK,
 )
+from kowalski.controller.cli.live import LiveReply
 from kowalski.controller.cli.status import no_controller
 from kowalski.controller.rlm.events import (
     CodeExecuted,
@@ -104,8 +105,9 @@ def print_result(result: RlmResult, out: TextIO) -> None:
 class RunWatch:
     """Follows a run's events (printing them when asked) so a stopped run still has a result."""
 
-    def __init__(self, out: TextIO | None) -> None:
+    def __init__(self, out: TextIO | None, live: LiveReply | None = None) -> None:
         self._out = out
+        self.live = live
         self._started = time.monotonic()
         self.run_id = self.trajectory_path = self.last_reply = ""
         self.iterations = 0
@@ -113,8 +115,13 @@ class RunWatch:
         self.result: RlmResult | None = None
 
     def __call__(self, event: RlmEvent) -> None:
-        if self._out is not None:
-            print_event(event, self._out)
+        if self.live is None or not self.live.handle(event):
+            if self.live is not None:
+                self.live.clear()
+            if self._out is not None:
+                print_event(event, self._out)
+            if self.live is not None:
+                self.live.draw()
         if event.depth != 0:
             return
         if isinstance(event, RunStarted):
@@ -138,16 +145,20 @@ class RunWatch:
             endpoints=[], trajectory_path=self.trajectory_path, last_reply=self.last_reply)
 
 
-async def _until_stopped(run: Any) -> RlmResult:
+async def _until_stopped(run: Any, live: LiveReply | None = None) -> RlmResult:
     """Await the run; SIGTERM cancels it as Ctrl-C does, so it ends cleanly either way."""
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
     assert task is not None
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    ticker = asyncio.create_task(live.tick()) if live is not None else None
     try:
         result: RlmResult = await run
         return result
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+        if live is not None and ticker is not None:
+            ticker.cancel()
+            live.clear()
 
 
 def exit_code(result: RlmResult) -> int:
@@ -226,7 +237,9 @@ def run_command(args: argparse.Namespace, config: Config, url: str) -> int:
     config = with_model_flags(args, config)
     request = _request(args)
     show = not args.json
-    watch = RunWatch(sys.stdout if show else None)
+    # A terminal sees the reply as it is generated; a pipe gets one block per reply.
+    watch = RunWatch(sys.stdout if show else None,
+                     LiveReply(sys.stdout) if show and sys.stdout.isatty() else None)
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             if args.local:
@@ -235,7 +248,7 @@ def run_command(args: argparse.Namespace, config: Config, url: str) -> int:
                 token = read_api_token(config.security)
                 run = _run_remote(url, request, watch, token.decode() if token else None,
                                   client_ssl_context(config.security))
-            result = runner.run(_until_stopped(run))
+            result = runner.run(_until_stopped(run, watch.live))
     except (KeyboardInterrupt, asyncio.CancelledError):
         stopped = watch.stopped()
         if stopped is None:

@@ -169,6 +169,16 @@ class ModelReplied(RlmEvent, frozen=True, tag="model_replied"):
     cached_tokens: TokenCount = msgspec.field(default_factory=TokenCount)
 
 
+class ReplyDelta(RlmEvent, frozen=True, tag="reply_delta"):
+    """Text of a model reply as it streams; live only, the trajectory keeps `ModelReplied`."""
+
+    iteration: int
+    text: str
+    # Pieces (about one token each) of this reply so far, and seconds since it was asked for.
+    pieces: int
+    elapsed_s: float
+
+
 class CodeSkipped(RlmEvent, frozen=True, tag="code_skipped"):
     """A block of the reply that was not run (not ```repl / ```python, or not fenced)."""
 
@@ -226,8 +236,8 @@ class RunFinished(RlmEvent, frozen=True, tag="run_finished"):
     finished_at: float
 
 
-AnyRlmEvent = (RunStarted | IterationStarted | ContextFolded | ModelReplied | CodeSkipped
-               | CodeExecuted | SubCallAnswered | IterationFinished | RunFinished)
+AnyRlmEvent = (RunStarted | IterationStarted | ContextFolded | ReplyDelta | ModelReplied
+               | CodeSkipped | CodeExecuted | SubCallAnswered | IterationFinished | RunFinished)
 # Sub-call prompts and answers are stored cut to this many characters.
 SUB_CALL_CHARS = 2000
 

@@ -24,7 +24,6 @@ from kowalski.common.code_blocks import CodeBlock, extract_code_blocks
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ContextSizeExceededError, KowalskiError
 from kowalski.common.messages import WireError
-from kowalski.controller.models.cache import chat_outcome
 from kowalski.controller.models.chat_types import (
     ChatBackend,
     ChatMessage,
@@ -41,6 +40,7 @@ from kowalski.controller.rlm.events import (
     IterationStarted,
     ModelReplied,
     Observer,
+    ReplyDelta,
     RlmEvent,
     RlmResult,
     RunFinished,
@@ -55,6 +55,7 @@ from kowalski.controller.rlm.events import (
 )
 from kowalski.controller.rlm.folding import estimate_tokens, fold, names_in, needs_fold
 from kowalski.controller.rlm.ledger import RunLedger
+from kowalski.controller.rlm.streaming import ask_streamed, reply_sink
 from kowalski.controller.rlm.subcalls import SubCalls, max_prompt_chars
 from kowalski.controller.rlm.trajectory import TrajectoryWriter
 
@@ -128,8 +129,10 @@ class RlmRun:
 
     async def _emit(self, event: RlmEvent) -> None:
         """Store the event in the trajectory, then tell the observer."""
-        # The file must hold the run's end even when the run is being cancelled.
-        await asyncio.shield(self._writer.write(event))
+        # The file must hold the run's end even when the run is being cancelled. Streamed
+        # pieces are live only: the ModelReplied after them stores the whole reply.
+        if not isinstance(event, ReplyDelta):
+            await asyncio.shield(self._writer.write(event))
         if self._observer is None:
             return
         try:
@@ -225,7 +228,8 @@ class RlmRun:
                               max_tokens=self.config.max_reply_tokens,
                               temperature=self._temperature)
         started = time.monotonic()
-        result, cached = await chat_outcome(self._backend, request, operation="llm_inference")
+        sink = reply_sink(self._emit, self.run_id, self.depth, self._ledger.iteration)
+        result, cached = await ask_streamed(self._backend, request, sink)
         model_ms = (time.monotonic() - started) * 1000
         counted = chat_tokens(result, self._messages)
         # A cached answer cost nothing now: it is reported apart from the tokens spent.
