@@ -140,6 +140,7 @@ async def test_a_run_over_http_streams_reply_deltas_that_the_trajectory_leaves_o
 ) -> None:
     exo.app[STANDIN].token_delay_s = TOKEN_DELAY_S
     lines: list[tuple[float, dict[str, Any]]] = []
+    live: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as session, session.post(
         controller.base_url + "/v1/runs",
         json={"query": "count lines", "context": "a\nb\nc\n", "stream": True},
@@ -147,6 +148,11 @@ async def test_a_run_over_http_streams_reply_deltas_that_the_trajectory_leaves_o
         assert response.status == 200, await response.text()
         async for line in response.content:
             lines.append((time.monotonic(), json.loads(line)))
+            if lines[-1][1].get("kind") == "reply_delta" and not live:
+                # The status the dashboard draws holds the reply as it grows.
+                async with session.get(controller.base_url + "/v1/status") as status:
+                    live.extend(run for run in (await status.json())["runs"]
+                                if run["reply_so_far"])
     kinds = [item.get("kind") for _, item in lines]
     assert "reply_delta" in kinds
     first_delta = kinds.index("reply_delta")
@@ -156,6 +162,9 @@ async def test_a_run_over_http_streams_reply_deltas_that_the_trajectory_leaves_o
     assert "".join(delta["text"] for delta in deltas) == lines[replied][1]["text"] == REPLY
     assert all(delta["iteration"] == 1 and delta["depth"] == 0 for delta in deltas)
     assert lines[replied][0] - lines[first_delta][0] > TOKEN_DELAY_S * 5
+    assert live, "no run in /v1/status had a reply so far"
+    assert live[0]["reply_iteration"] == 1
+    assert REPLY.startswith(live[0]["reply_so_far"])
     result = lines[-1][1]["result"]
     assert result["answer"] == "3"
     stored = [json.loads(line)["kind"]

@@ -23,6 +23,7 @@ from kowalski.controller.rlm.events import (
     AnyRlmEvent,
     CodeExecuted,
     ModelReplied,
+    ReplyDelta,
     RlmEvent,
     RlmResult,
     RunFinished,
@@ -49,6 +50,13 @@ class LiveRunSummary(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float
     devices: list[str]
     stop_reason: str = ""
+    # The root model's reply while it streams (its last REPLY_SO_FAR_CHARS), and its iteration.
+    reply_so_far: str = ""
+    reply_iteration: int = 0
+
+
+# A live summary keeps at most this much of the reply being generated.
+REPLY_SO_FAR_CHARS = 4000
 
 
 class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -94,10 +102,16 @@ class _Live:
 
     def update(self, event: RlmEvent) -> None:
         summary = self.summary
-        if isinstance(event, ModelReplied) and event.depth == 0:
+        if isinstance(event, ReplyDelta) and event.depth == 0:
+            text = (summary.reply_so_far if summary.reply_iteration == event.iteration else "")
+            summary = msgspec.structs.replace(
+                summary, reply_so_far=(text + event.text)[-REPLY_SO_FAR_CHARS:],
+                reply_iteration=event.iteration)
+        elif isinstance(event, ModelReplied) and event.depth == 0:
             summary = msgspec.structs.replace(
                 summary, iterations=max(summary.iterations, event.iteration),
-                tokens=summary.tokens + event.tokens.total_tokens)
+                tokens=summary.tokens + event.tokens.total_tokens, reply_so_far="",
+                reply_iteration=0)
         elif isinstance(event, SubCallAnswered):
             summary = msgspec.structs.replace(summary, sub_calls=summary.sub_calls + 1,
                                               tokens=summary.tokens + event.tokens.total_tokens)
@@ -110,7 +124,7 @@ class _Live:
                 summary, status="finished" if result.error is None else "failed",
                 iterations=result.iterations, sub_calls=result.sub_calls,
                 tokens=result.tokens.total_tokens, devices=result.devices,
-                stop_reason=result.stop_reason)
+                stop_reason=result.stop_reason, reply_so_far="", reply_iteration=0)
         self.summary = summary
 
 
@@ -204,5 +218,6 @@ class RunRegistry:
         try:
             return await run.run()
         except asyncio.CancelledError:
-            live.summary = msgspec.structs.replace(live.summary, status="cancelled")
+            live.summary = msgspec.structs.replace(live.summary, status="cancelled",
+                                                   reply_so_far="", reply_iteration=0)
             raise

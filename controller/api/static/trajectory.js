@@ -109,9 +109,28 @@ export class TrajectoryView {
     if (runId === this.runId) return;
     this.runId = runId;
     this.signature = signatureOf(run);
+    this.replying = run ?? null;
     this.root.hidden = false;
     this.show(h("p", {class: "sub"}, "Loading…"));
     this.load();
+  }
+
+  /** The reply the model is writing now, below the iterations already stored. */
+  showReplying(run) {
+    this.replying = run ?? null;
+    let live = this.root.querySelector(".live-reply");
+    if (!run?.reply_so_far) {
+      live?.remove();
+      return;
+    }
+    if (!live) {
+      live = h("div", {class: "text-block reply live-reply"},
+        h("div", {class: "text-label"}), h("pre", {class: "reply"}));
+      this.root.append(live);
+    }
+    live.querySelector(".text-label").textContent =
+      `Iteration ${run.reply_iteration}: the model is replying…`;
+    live.querySelector("pre").textContent = run.reply_so_far;
   }
 
   close() {
@@ -130,6 +149,7 @@ export class TrajectoryView {
       this.signature = signature;
       this.load();
     }
+    this.showReplying(run);
   }
 
   show(...body) {
@@ -161,6 +181,7 @@ export class TrajectoryView {
     // A newer request (or a close) went out meanwhile: its answer wins.
     if (sequence !== this.sequence) return;
     this.show(...body);
+    this.showReplying(this.replying);
   }
 }
 
