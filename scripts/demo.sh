@@ -7,10 +7,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh model
 question="${1:-Which city is the warehouse with the most crates in? Answer with the city name.}"
 context="${2:-examples/warehouses.txt}"
-# A 4096-token window keeps the small model's replies short enough to watch.
+echo "This demo runs SmolLM2-135M on this machine: a 135M-parameter model shows the machinery"
+echo "(the REPL, the iterations, the trajectory); it is too small to be trusted with the answer."
+# Short replies, a small window and a time limit keep the demo to about a minute and a half.
 config=$(mktemp --suffix=.toml)
 trap 'rm -f "$config"' EXIT
-printf '[rlm]\ncontext_window_tokens = 4096\n' > "$config"
+printf '[rlm]\ncontext_window_tokens = 4096\nmax_reply_tokens = 256\nrun_timeout_s = 75\n' > "$config"
 status=0
 .venv/bin/kowalski-ctl --config "$config" run "$question" --context-file "$context" --local \
     --max-iterations 3 || status=$?
@@ -19,3 +21,10 @@ status=0
 if [[ $status -ne 0 && $status -ne 5 ]]; then
     exit "$status"
 fi
+cat <<EOF
+
+The same question on a real model, one line each:
+  a GGUF file:                 .venv/bin/kowalski-ctl run "$question" --context-file $context --model-file PATH.gguf
+  an OpenAI-compatible server: .venv/bin/kowalski-ctl run "$question" --context-file $context --endpoint http://127.0.0.1:11434/v1 --model MODEL
+  an exo cluster:              .venv/bin/kowalski-ctl run "$question" --context-file $context --local   (with exo.endpoints in the config)
+EOF
