@@ -11,11 +11,20 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from procs import SECRET, AgentProcess
 
 from kowalski.common.client import SignedClient
-from kowalski.common.errors import RemoteError
-from kowalski.common.messages import JobId, JobRequest
+from kowalski.common.errors import RemoteError, UnverifiedAnswerError
+from kowalski.common.messages import (
+    JobId,
+    JobOutput,
+    JobRequest,
+    JobResult,
+    JobStreamEnd,
+    JobStreamResult,
+    encode,
+)
 from kowalski.controller.fleet.agent_client import AgentClient
 from kowalski.controller.service import Controller
 
@@ -139,3 +148,31 @@ async def test_a_streamed_job_refused_before_it_starts_is_a_plain_error(
         body = await response.json()
     assert response.status == 400
     assert "cobol" in body["error"]["message"]
+
+
+async def test_a_stream_not_signed_with_the_secret_is_rejected_at_its_end(
+    aiohttp_server: Any, agent_client: AgentClient,
+) -> None:
+    # An impostor at an agent's address: it streams, but cannot sign with the secret.
+    async def impostor(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        result = JobResult(job_id=JobId("forged"), status="ok", exit_code=0,
+                           stdout="forged\n", stderr="")
+        for line in (JobOutput(stream="stdout", data="forged\n"),
+                     JobStreamResult(result=result), JobStreamEnd(signature="00" * 32)):
+            await response.write(encode(line) + b"\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/jobs", impostor)
+    server = await aiohttp_server(app)
+    heard: list[str] = []
+    with pytest.raises(UnverifiedAnswerError):
+        await agent_client.run_job_streamed(
+            str(server.make_url("")).rstrip("/"),
+            JobRequest(job_id=JobId("forged"), language="bash", code="echo hi"),
+            timeout_s=10, on_output=lambda stream, data: heard.append(data))
+    # The line came live, before the stream's end could show it was not the agent's.
+    assert heard == ["forged\n"]
