@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -15,6 +16,7 @@ from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common.errors import CancelledJobError, ParseError
 from kowalski.common.http import (
+    VERIFIED_NONCE,
     compression_middleware,
     errors_middleware,
     json_response,
@@ -23,11 +25,13 @@ from kowalski.common.http import (
     sign_responses,
     signature_middleware,
 )
+from kowalski.common.job_stream import TextListener, stream_job, text_listener
 from kowalski.common.messages import (
     CancelRequest,
     CellRequest,
     Heartbeat,
     JobRequest,
+    JobResult,
     SessionCreate,
     SessionDeleted,
     SessionId,
@@ -59,6 +63,8 @@ class AgentState:
 
 
 STATE = web.AppKey("state", AgentState)
+# The shared secret that signs streamed answers (b"" when unsigned).
+SECRET = web.AppKey("secret", bytes)
 
 
 def _check_code_size(state: AgentState, code: str) -> None:
@@ -107,11 +113,20 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-async def post_job(request: web.Request) -> web.Response:
+async def post_job(request: web.Request) -> web.StreamResponse:
+    """Run a job; with "stream": true, NDJSON output lines, the result and a signed end."""
     state = request.app[STATE]
     job = await read_body(request, JobRequest)
     _check_code_size(state, job.code)
-    return json_response(await state.jobs.submit(job, gone=lambda: _client_gone(request)))
+    if not job.stream:
+        return json_response(await state.jobs.submit(job, gone=lambda: _client_gone(request)))
+
+    def run(listener: TextListener) -> Awaitable[JobResult]:
+        return state.jobs.submit(job, gone=lambda: _client_gone(request),
+                                 on_output=text_listener(listener))
+
+    return await stream_job(request, run, secret=request.app[SECRET] or None,
+                            nonce=request.get(VERIFIED_NONCE), signed=True)
 
 
 async def post_cancel(request: web.Request) -> web.Response:
@@ -167,6 +182,7 @@ def make_app(state: AgentState, *, verifier: Verifier | None, max_body_bytes: in
                      rate_limit_middleware(rate_limiter, limited=RATE_LIMITED)],
     )
     app[STATE] = state
+    app[SECRET] = secret or b""
     sign_responses(app, secret)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/heartbeat", get_heartbeat)

@@ -21,8 +21,13 @@ log = logging.getLogger(__name__)
 _CANCELLED_KEPT = 65_536
 
 
+# Told each piece of a job's output as it arrives: the stream's name and the bytes.
+OutputListener = Callable[[str, bytes], None]
+
+
 class JobSandbox(Protocol):
-    async def run_job(self, request: JobRequest) -> JobResult: ...
+    async def run_job(self, request: JobRequest, *,
+                      on_output: OutputListener | None = None) -> JobResult: ...
 
 
 def _fingerprint(request: JobRequest) -> str:
@@ -47,6 +52,12 @@ class LiveJob:
     fingerprint: str
     task: asyncio.Task[JobResult]
     waiters: list[Waiter] = field(default_factory=list)
+    # Callers streaming the output; one that joins late hears it from then on.
+    listeners: list[OutputListener] = field(default_factory=list)
+
+    def tell(self, stream: str, data: bytes) -> None:
+        for listener in self.listeners:
+            listener(stream, data)
 
 
 class JobRunner:
@@ -80,9 +91,9 @@ class JobRunner:
     def queued(self) -> int:
         return len(self._live) - len(self._running)
 
-    async def submit(self, request: JobRequest, *,
-                     gone: Callable[[], bool] = _never_gone) -> JobResult:
-        """Run a job, or join the run already under way for its id."""
+    async def submit(self, request: JobRequest, *, gone: Callable[[], bool] = _never_gone,
+                     on_output: OutputListener | None = None) -> JobResult:
+        """Run a job, or join the run already under way for its id (on_output hears it)."""
         fingerprint = _fingerprint(request)
         if request.job_id in self._done:
             known, result = self._done[request.job_id]
@@ -104,6 +115,8 @@ class JobRunner:
             task = asyncio.create_task(self._run(request), name=f"job-{request.job_id}")
             live = self._live[request.job_id] = LiveJob(fingerprint=fingerprint, task=task)
         live.waiters.append(waiter)
+        if on_output is not None:
+            live.listeners.append(on_output)
         try:
             # The job outlives a client that hangs up once it has started: a retry under
             # the same id finds it.
@@ -114,6 +127,9 @@ class JobRunner:
                 raise CancelledJobError(f"job {request.job_id!r} was cancelled by the "
                                         "controller") from None
             raise
+        finally:
+            if on_output is not None and on_output in live.listeners:
+                live.listeners.remove(on_output)
 
     @staticmethod
     def _check_same(job_id: str, known: str, fingerprint: str) -> None:
@@ -151,7 +167,8 @@ class JobRunner:
                 log.debug("starting job %s (attempt %s)", request.job_id, request.attempt_id)
                 self._running.add(request.job_id)
                 try:
-                    result = await self._sandbox.run_job(request)
+                    listening = self._live[request.job_id]
+                    result = await self._sandbox.run_job(request, on_output=listening.tell)
                 finally:
                     self._running.discard(request.job_id)
             result = msgspec.structs.replace(result, agent_id=self._agent_id)

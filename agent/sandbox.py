@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +35,8 @@ from kowalski.common.errors import (
 from kowalski.common.messages import JobRequest, JobResult, JobStatus, WireError
 
 log = logging.getLogger("kowalski.agent.sandbox")
+# Told each piece of a job's kept output as it arrives: the stream's name and the bytes.
+OutputListener = Callable[[str, bytes], None]
 
 # Wire codes for jobs stopped at a resource limit.
 MEMORY_LIMIT = "memory_limit"
@@ -209,8 +211,9 @@ class Sandbox:
         cap = self._config.max_output_bytes
         return cap if requested is None else min(requested, cap)
 
-    async def run_job(self, request: JobRequest) -> JobResult:
-        """Run one job; code failures come back as data, never as exceptions."""
+    async def run_job(self, request: JobRequest, *,
+                      on_output: OutputListener | None = None) -> JobResult:
+        """Run one job (on_output hears its run's output live); failures come back as data."""
         toolchain = self.toolchain(request.language)
         timeout_ms = request.timeout_ms or self.default_timeout_ms(request.language)
         cap = self.output_cap(request.max_output_bytes)
@@ -233,7 +236,8 @@ class Sandbox:
                 files = {toolchain.spec.source_file: request.code.encode()}
             outcome = await self._run(
                 f"job-{request.job_id}", toolchain, argv, files=files,
-                stdin=request.stdin.encode(), timeout_s=timeout_ms / 1000, cap=cap)
+                stdin=request.stdin.encode(), timeout_s=timeout_ms / 1000, cap=cap,
+                on_output=on_output)
         except ExecutionError as exc:
             return JobResult(job_id=request.job_id, status="failed", exit_code=None,
                              stdout="", stderr="", error=wire_error(exc))
@@ -254,7 +258,8 @@ class Sandbox:
 
     async def _run(self, name: str, toolchain: Toolchain | None, argv: list[str], *,
                    files: Mapping[str, bytes], timeout_s: float, cap: int,
-                   stdin: bytes = b"", keep: str = "") -> _Outcome:
+                   stdin: bytes = b"", keep: str = "",
+                   on_output: OutputListener | None = None) -> _Outcome:
         """Run argv to its end or timeout_s; keep: a glob of work dir files to return."""
         pipe = asyncio.subprocess.PIPE
         started = time.monotonic()
@@ -267,8 +272,8 @@ class Sandbox:
         flood = _Flood()
         limit = max(cap * _FLOOD_FACTOR, _FLOOD_MIN_BYTES)
         feeder = asyncio.create_task(_feed(process.stdin, stdin))
-        drains = [asyncio.create_task(_drain(process.stdout, "stdout", cap, limit, flood)),
-                  asyncio.create_task(_drain(process.stderr, "stderr", cap, limit, flood))]
+        drains = [asyncio.create_task(_drain(reader, name, cap, limit, flood, on_output))
+                  for reader, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
         exited = asyncio.create_task(handle.wait_exit())
         flooded = asyncio.create_task(flood.event.wait())
         try:
@@ -376,14 +381,17 @@ class _Flood:
 
 
 async def _drain(stream: asyncio.StreamReader, name: str, cap: int, limit: int,
-                 flood: _Flood) -> tuple[bytes, bool]:
-    """Keep the first cap bytes and discard the rest; flag a flood past limit."""
+                 flood: _Flood, on_output: OutputListener | None) -> tuple[bytes, bool]:
+    """Keep the first cap bytes (passing each piece on) and discard the rest; flag a flood."""
     kept = bytearray()
     total = 0
     while chunk := await stream.read(1 << 16):
         total += len(chunk)
         if len(kept) < cap:
-            kept += chunk[: cap - len(kept)]
+            piece = chunk[: cap - len(kept)]
+            kept += piece
+            if on_output is not None:
+                on_output(name, piece)
         if total > limit and not flood.stream:
             flood.stream = name
             flood.event.set()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import io
 import ipaddress
+from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -13,7 +15,8 @@ import msgspec
 
 from kowalski.common import compression, errors
 from kowalski.common.http import RESPONSE_SIGNATURE_HEADER, response_signature
-from kowalski.common.messages import ErrorBody, WireError, decode, encode
+from kowalski.common.job_stream import NDJSON, stream_signature
+from kowalski.common.messages import ErrorBody, JobStreamEnd, WireError, decode, encode
 from kowalski.common.signing import NONCE_HEADER, sign
 
 T = TypeVar("T")
@@ -104,6 +107,59 @@ class SignedClient:
         except msgspec.MsgspecError as exc:
             raise errors.ParseError(f"unexpected answer from {url}: {exc}") from None
 
+    async def stream(self, method: str, url: str, message: Any, *, timeout_s: float,
+                     on_line: Callable[[bytes], None]) -> None:
+        """One request answered with NDJSON lines, each passed to on_line as it arrives.
+
+        With a secret, the last line must be an end line signing every byte before it:
+        the lines already passed on are authenticated only then (UnverifiedAnswerError).
+        """
+        body = encode(message)
+        headers = {"Content-Type": "application/json"}
+        if self._secret is not None:
+            path = urlsplit(url).path
+            headers.update(sign(self._secret, method, path, body))
+        digest = hashlib.sha256()
+        end: JobStreamEnd | None = None
+        try:
+            async with self._session.request(
+                    method, url, data=body, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout_s), ssl=self._ssl) as response:
+                if response.status >= 400 or response.content_type != NDJSON:
+                    payload = await response.read()
+                    encoding = compression.encoding_of(response.headers)
+                    if encoding:
+                        payload = await self._decoded(payload, encoding, url)
+                    if response.status < 400:
+                        raise errors.ParseError(f"{url} did not stream its answer")
+                    raise _remote_error(response.status, payload, url,
+                                        _seconds(response.headers.get("Retry-After", "")))
+                # By hand: a result line (the whole capped output) passes aiohttp's line limit.
+                pending = b""
+                async for chunk in response.content.iter_any():
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for line in lines:
+                        if end is not None:
+                            continue
+                        if line.startswith(b'{"kind":"end"'):
+                            end = decode(line, JobStreamEnd)
+                            continue
+                        digest.update(line + b"\n")
+                        on_line(line)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise errors.NetworkError(f"{method} {url} failed: {exc or type(exc).__name__}"
+                                      ) from None
+        except TimeoutError:
+            raise errors.NetworkError(f"{method} {url} timed out after {timeout_s:g} s") from None
+        except msgspec.MsgspecError as exc:
+            raise errors.ParseError(f"unexpected answer from {url}: {exc}") from None
+        if self._secret is None:
+            return
+        expected = stream_signature(self._secret, headers[NONCE_HEADER], digest.hexdigest())
+        if end is None or not hmac.compare_digest(expected, end.signature):
+            how = "a bad signature" if end is not None else "no signature"
+            raise errors.UnverifiedAnswerError(
+                f"{method} {url} streamed with {how}: the peer does not hold this secret")
 
     @staticmethod
     async def _decoded(payload: bytes, encoding: str, url: str) -> bytes:

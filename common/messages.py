@@ -53,6 +53,8 @@ class JobRequest(Message, frozen=True):
     attempt_id: Identifier | None = None
     # Unix time after which the controller no longer waits: the agent does not start it then.
     deadline: float | None = None
+    # Answer with NDJSON lines: output while the job runs, then its result (JobStreamLine).
+    stream: bool = False
 
 
 class JobResult(Message, frozen=True):
@@ -68,6 +70,35 @@ class JobResult(Message, frozen=True):
     wall_time_ms: float = 0.0
     agent_id: str = ""
     error: WireError | None = None
+
+
+class JobOutput(Message, frozen=True, tag_field="kind", tag="output"):
+    """A piece of a running job's output, within its max_output_bytes."""
+
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+class JobStreamResult(Message, frozen=True, tag_field="kind", tag="result"):
+    """The line after a streamed job's output: its result (the whole capped output again)."""
+
+    result: JobResult
+
+
+class JobStreamError(Message, frozen=True, tag_field="kind", tag="error"):
+    """The last line of a streamed job that failed in Kowalski after its output began."""
+
+    error: WireError
+
+
+class JobStreamEnd(Message, frozen=True, tag_field="kind", tag="end"):
+    """An agent's last line: its signature over every byte before it ("" without a secret)."""
+
+    signature: str = ""
+
+
+# One line of POST /v1/jobs with "stream": true.
+JobStreamLine = JobOutput | JobStreamResult | JobStreamError | JobStreamEnd
 
 
 class CancelRequest(Message, frozen=True):

@@ -67,10 +67,15 @@ def wire_schemas() -> dict[str, Any]:
         messages.CancelRequest, messages.CancelResult,
         runs.RunRequest, openai_front.CompletionBody, status.Status, status.DeviceStatus,
         runs.LiveRunSummary, trajectory.StoredRunSummary, trajectory.Trajectory,
+        messages.JobStreamLine,
         rlm_events.RlmResult, dashboard.Snapshot, runs.RunStreamLine, rlm_events.AnyRlmEvent,
     ]
     schemas, components = msgspec.json.schema_components(
         kinds, ref_template="#/components/schemas/{name}")
+    components["JobStreamLine"] = {
+        "title": "JobStreamLine",
+        "description": "One line of a streamed job: output, then its result or error.",
+        **schemas[-5]}
     components["RlmEvent"] = {"title": "RlmEvent",
                               "description": "One line of a streamed run, before its result.",
                               **schemas[-1]}

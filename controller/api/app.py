@@ -18,6 +18,7 @@ from kowalski.common.http import (
     sign_responses,
     verify_request,
 )
+from kowalski.common.job_stream import stream_job
 from kowalski.common.messages import JobRequest, LlmAnswer, LlmQuery, WireError
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.controller.api.dashboard import add_dashboard_routes
@@ -61,10 +62,14 @@ async def get_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
-async def post_job(request: web.Request) -> web.Response:
+async def post_job(request: web.Request) -> web.StreamResponse:
+    """Run a code job; with "stream": true, NDJSON output lines and then the result."""
     require_token(request)
     job = await read_body(request, JobRequest)
-    return json_response(await request.app[STATE].dispatcher.run_job(job))
+    dispatcher = request.app[STATE].dispatcher
+    if not job.stream:
+        return json_response(await dispatcher.run_job(job))
+    return await stream_job(request, lambda listener: dispatcher.run_job(job, on_output=listener))
 
 
 async def post_llm_query(request: web.Request) -> web.Response:

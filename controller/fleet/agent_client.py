@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+import msgspec
+
 from kowalski.common.client import SignedClient
+from kowalski.common.errors import ParseError, error_from_wire
+from kowalski.common.job_stream import TextListener
 from kowalski.common.messages import (
     CancelRequest,
     CancelResult,
     CellRequest,
     CellResult,
     Heartbeat,
+    JobOutput,
     JobRequest,
     JobResult,
+    JobStreamError,
+    JobStreamLine,
+    JobStreamResult,
     Metrics,
     SessionCreate,
     SessionDeleted,
@@ -20,6 +28,8 @@ from kowalski.common.messages import (
     SessionInfo,
     VariableValue,
 )
+
+_stream_decoder = msgspec.json.Decoder(JobStreamLine)
 
 
 class AgentClient:
@@ -44,6 +54,31 @@ class AgentClient:
         """Run a job to its end; the same job id answers with the same result."""
         return await self._client.call("POST", f"{agent_url}/v1/jobs", JobResult, job,
                                        timeout_s=timeout_s)
+
+    async def run_job_streamed(self, agent_url: str, job: JobRequest, *,
+                               on_output: TextListener, timeout_s: float) -> JobResult:
+        """Run a job, passing its output on as it comes; its result when it ends."""
+        result: JobResult | None = None
+        failure: JobStreamError | None = None
+
+        def on_line(line: bytes) -> None:
+            nonlocal result, failure
+            item = _stream_decoder.decode(line)
+            if isinstance(item, JobOutput):
+                on_output(item.stream, item.data)
+            elif isinstance(item, JobStreamResult):
+                result = item.result
+            elif isinstance(item, JobStreamError):
+                failure = item
+
+        streamed = msgspec.structs.replace(job, stream=True)
+        await self._client.stream("POST", f"{agent_url}/v1/jobs", streamed,
+                                  timeout_s=timeout_s, on_line=on_line)
+        if failure is not None:
+            raise error_from_wire(failure.error, status=500)
+        if result is None:
+            raise ParseError(f"{agent_url} ended the job's stream without a result")
+        return result
 
     async def cancel(self, agent_url: str, attempt_ids: list[str], *,
                      timeout_s: float) -> CancelResult:

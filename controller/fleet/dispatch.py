@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from kowalski.common.errors import ExecutionError, KowalskiError, NetworkError, RemoteError
+from kowalski.common.job_stream import TextListener
 from kowalski.common.messages import DeviceId, JobRequest, JobResult
 from kowalski.controller.fleet.agent_client import AgentClient
 from kowalski.controller.fleet.cluster import Cluster
@@ -176,7 +177,8 @@ class Dispatcher:
 
     async def with_failover(self, operation: Operation, job_id: str,
                             call: Callable[[DeviceRow], Awaitable[T]], *,
-                            language: str | None = None) -> T:
+                            language: str | None = None,
+                            is_retryable: Callable[[Exception], bool] = retry_helps) -> T:
         """Try the best device; on a device fault, the next best, with backoff."""
 
         def rerouted(attempt: int, error: Exception, delay_ms: float) -> None:
@@ -187,19 +189,37 @@ class Dispatcher:
         return await with_failover(
             lambda row: self.on_device(row.device_id, job_id, call), self._policy,
             choose=lambda exclude: self.select(operation, language=language, exclude=exclude),
-            key=lambda row: row.device_id, on_retry=rerouted, rng=self._rng)
+            key=lambda row: row.device_id, is_retryable=is_retryable, on_retry=rerouted,
+            rng=self._rng)
 
-    async def run_job(self, request: JobRequest) -> JobResult:
-        """Run a code job somewhere; the same job id goes with every attempt."""
+    async def run_job(self, request: JobRequest, *,
+                      on_output: TextListener | None = None) -> JobResult:
+        """Run a code job somewhere; the same job id goes with every attempt.
+
+        With on_output the job's output streams to it; once some has, a failure is final:
+        the caller has seen part of one run, so the job is not sent elsewhere.
+        """
+        flowed = False
+
+        def tell(stream: str, data: str) -> None:
+            nonlocal flowed
+            flowed = True
+            if on_output is not None:
+                on_output(stream, data)
+
         timeout_s = (request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_JOB_TIMEOUT_S)
         timeout_s += COMPILE_MARGIN_S.get(request.language, 0.0)
 
         async def call(row: DeviceRow) -> JobResult:
             call_timeout_s = timeout_s + CALL_MARGIN_S
             attempt = msgspec.structs.replace(request, attempt_id=self.new_attempt(),
-                                              deadline=time.time() + call_timeout_s)
+                                              deadline=time.time() + call_timeout_s,
+                                              stream=on_output is not None)
             try:
-                result = await self.agents.run_job(row.url, attempt, timeout_s=call_timeout_s)
+                result = await (
+                    self.agents.run_job(row.url, attempt, timeout_s=call_timeout_s)
+                    if on_output is None else self.agents.run_job_streamed(
+                        row.url, attempt, on_output=tell, timeout_s=call_timeout_s))
             except (asyncio.CancelledError, NetworkError):
                 # Given up without an answer (the device was judged down, or the network
                 # failed): the job may still sit in its queue.
@@ -212,8 +232,9 @@ class Dispatcher:
 
         self.counters.submitted += 1
         try:
-            result = await self.with_failover("code_execution", request.job_id, call,
-                                              language=request.language)
+            result = await self.with_failover(
+                "code_execution", request.job_id, call, language=request.language,
+                is_retryable=lambda error: not flowed and retry_helps(error))
         except Exception:
             self.counters.failed += 1
             raise
