@@ -39,7 +39,8 @@ def device(device_id: str, *, health: str = "healthy", circuit: str = "closed") 
 
 
 def endpoint(url: str, *, healthy: bool = True, circuit: str = "closed") -> EndpointView:
-    return EndpointView(url=url, healthy=healthy, flavour="v1", latency_ms=None,
+    return EndpointView(url=url, state="up" if healthy else "down", healthy=healthy,
+                        flavour="v1", latency_ms=None,
                         ready_models=[], nodes=1, in_flight=0, circuit=circuit, requests=0,
                         errors=0, prompt_tokens=0, completion_tokens=0,
                         last_error="" if healthy else "connection refused")
@@ -79,6 +80,10 @@ def test_each_rule_fires_on_its_condition_and_names_its_subject() -> None:
     none_up = firing(status([device("a", health="unhealthy")]), busy_recently=False,
                      runs_failing_min=3)
     assert ("KowalskiNoAgentUp", "") in none_up
+    # An endpoint not yet probed is not down: a controller that just started raises nothing.
+    probing = msgspec.structs.replace(endpoint("http://exo:3", healthy=False), state="probing")
+    assert firing(status([device("a")], [probing]), busy_recently=False,
+                  runs_failing_min=3) == {}
 
 
 def test_changes_are_what_began_and_what_ended() -> None:

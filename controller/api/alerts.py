@@ -86,7 +86,8 @@ def firing(status: Status, *, busy_recently: bool, runs_failing_min: int
         found.append(Alert(name="KowalskiNoAgentUp", subject="", severity="critical",
                            summary="no agent is healthy"))
     for endpoint in status.endpoints:
-        if not endpoint.healthy:
+        # An endpoint still being probed for the first time is not known to be down.
+        if endpoint.state == "down":
             found.append(Alert(name="KowalskiEndpointDown", subject=endpoint.url,
                                severity="critical",
                                summary=f"exo endpoint {endpoint.url} does not answer: "
