@@ -139,6 +139,8 @@ class ExoStandin:
     # the error a placed instance's runner fails with after load_delay_s instead of Ready.
     placement_error: str | None = None
     load_error: str | None = None
+    # exo v1 reasoning models: thinking sent as `reasoning_content` before the reply.
+    reasoning: str = ""
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     node_name: str = "standin"
     memory_total_bytes: int = 25_276_510_208
@@ -416,6 +418,8 @@ class ExoStandin:
         answer = sample(f"{self.flavour}/chat_nonstream.json")
         answer.update(id=self._new_id(), created=int(time.time()), model=model)
         answer["choices"][0]["message"]["content"] = text
+        if self.reasoning and self.flavour == "v1":
+            answer["choices"][0]["message"]["reasoning_content"] = self.reasoning
         # exo leaves out what is None (exclude_none): a cut-off answer has no finish_reason.
         answer["choices"][0]["finish_reason"] = finish
         if finish is None:
@@ -487,6 +491,12 @@ class ExoStandin:
             for done in (0, total):
                 progress = {"model": model, "processed_tokens": done, "total_tokens": total}
                 comment(f"prefill_progress {json.dumps({'PrefillProgressChunk': progress})}")
+            for thought in split_tokens(self.reasoning):
+                chunk = copy.deepcopy(chunks[0])
+                delta = chunk["choices"][0]["delta"]
+                del delta["content"]
+                delta["reasoning_content"] = thought
+                data(chunk)
             for piece in pieces[:-1]:
                 chunk = copy.deepcopy(chunks[0])
                 chunk["choices"][0]["delta"]["content"] = piece

@@ -714,6 +714,22 @@ async def test_polls_read_state_sub_trees_not_the_whole_state(
     assert body["error"]["message"] == "unable to find path 'nope.deeper' in state json"
 
 
+async def test_reasoning_is_kept_apart_from_the_reply(serve: Serve, client: MakeClient) -> None:
+    thinking = "Maybe FINAL(13)? ```python\nprint(6 * 7)\n``` no: six sevens."
+    standin, url = await serve(flavour="v1")
+    standin.reasoning = thinking
+    exo = client(url)
+    result = await exo.chat(ask())
+    assert (result.text, result.reasoning) == (REPLY, thinking)
+    deltas = await collect(exo.chat_stream(ask()))
+    assert "".join(d.reasoning for d in deltas) == thinking
+    assert "".join(d.text for d in deltas) == REPLY
+    # Thinking comes first, in pieces of its own: none mixes into the reply's text.
+    assert all(not (d.text and d.reasoning) for d in deltas)
+    assert deltas[0].reasoning
+    assert deltas[0].text == ""
+
+
 @pytest.mark.parametrize("how", ["cancel", "delete"])
 async def test_a_plain_answer_cut_off_by_cancel_or_delete_is_incomplete(
     how: str, serve: Serve, client: MakeClient,

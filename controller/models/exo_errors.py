@@ -21,7 +21,8 @@ class NoInstanceError(ExoApiError):
     """exo v1 has no instance of the model (HTTP 404 `No instance found for model X`)."""
 
     code = "exo_no_instance"
-    hint = "Place an instance of the model (POST /place_instance) or use another endpoint"
+    hint = ("Place an instance of the model (exo's dashboard, or exo.place_instances = true) "
+            "or use another endpoint")
 
     def __init__(self, status: int, body: str, *, url: str = "", model_id: str = "") -> None:
         super().__init__(status, body, url=url)
