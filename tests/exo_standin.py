@@ -135,6 +135,12 @@ class ExoStandin:
     token_delay_s: float = 0.0
     # exo v1 placement: Loading until this much time has passed, then Ready.
     load_delay_s: float = 0.0
+    # exo v1 placement: the 400 message of /instance/placement (e.g. not enough memory), and
+    # the error a placed instance's runner fails with after load_delay_s instead of Ready.
+    placement_error: str | None = None
+    load_error: str | None = None
+    # exo v1 reasoning models: thinking sent as `reasoning_content` before the reply.
+    reasoning: str = ""
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     node_name: str = "standin"
     memory_total_bytes: int = 25_276_510_208
@@ -156,7 +162,9 @@ class ExoStandin:
     counts: Counter[str] = field(default_factory=Counter)
     chat_requests: list[dict[str, Any]] = field(default_factory=list)
     _models: dict[str, _Model] = field(default_factory=dict)
+    # Generations in progress (streamed or, on v1 with token_delay_s, not): set to end early.
     _streams: dict[str, asyncio.Event] = field(default_factory=dict)
+    _stream_models: dict[str, str] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _event_index: int = 0
@@ -207,6 +215,10 @@ class ExoStandin:
         if self.flavour == "v1":
             get("/node_id", self._answer(lambda: self.node_id))
             get("/state", self._answer(self._state))
+            get("/state/{path:.*}", self._state_path)
+            get("/instance/placement", self._placement)
+            post("/instance", self._create_instance)
+            get("/instance/{instance_id}", self._get_instance)
             get("/models", self._models_v1)
             get("/v1/models", self._models_v1)
             post("/place_instance", self._place)
@@ -349,12 +361,40 @@ class ExoStandin:
                                       mode)
         if mode == "malformed_json":
             return web.Response(text='{"id": "', content_type="application/json")
-        if mode == "truncated_stream":
-            return web.Response(body=b"", content_type="application/json")
+        if mode == "mid_stream_error" and self.flavour == "v1":
+            # exo raises a runner's error after the 200 headers: the body stops, unsent.
+            return await _cut_short(request, b"")
         if mode == "mid_stream_error":
             status = 500 if self.flavour == "v0" else 200
             return self._json(self._error_body(500, "runner failed mid-generation"), status)
+        if mode == "truncated_stream":
+            # Cancelled or deleted mid-generation: exo answers 200 with the text so far.
+            return self._json(self._completion(model, "".join(pieces[:1]), None, usage))
+        if self.flavour == "v1" and self.token_delay_s:
+            return await self._generate(model, pieces, finish, usage)
         return self._json(self._completion(model, "".join(pieces), finish, usage))
+
+    async def _generate(
+        self, model: str, pieces: list[str], finish: str, usage: dict[str, int],
+    ) -> web.Response:
+        """exo v1 without streaming, paced: a cancel or a deleted instance ends it early."""
+        command_id = self._new_id()
+        cancelled = self._streams[command_id] = asyncio.Event()
+        self._stream_models[command_id] = model
+        done: list[str] = []
+        try:
+            for piece in pieces:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(cancelled.wait(), self.token_delay_s)
+                if cancelled.is_set():
+                    break
+                done.append(piece)
+        finally:
+            del self._streams[command_id], self._stream_models[command_id]
+        ended = None if cancelled.is_set() else finish
+        answer = self._completion(model, "".join(done), ended, usage)
+        answer["id"] = command_id
+        return self._json(answer)
 
     async def _reply(self, body: dict[str, Any]) -> str:
         text = self.reply(body)
@@ -372,11 +412,18 @@ class ExoStandin:
             await asyncio.sleep(0.01)
         return True
 
-    def _completion(self, model: str, text: str, finish: str, usage: dict[str, int]) -> Any:
+    def _completion(
+        self, model: str, text: str, finish: str | None, usage: dict[str, int],
+    ) -> Any:
         answer = sample(f"{self.flavour}/chat_nonstream.json")
         answer.update(id=self._new_id(), created=int(time.time()), model=model)
         answer["choices"][0]["message"]["content"] = text
+        if self.reasoning and self.flavour == "v1":
+            answer["choices"][0]["message"]["reasoning_content"] = self.reasoning
+        # exo leaves out what is None (exclude_none): a cut-off answer has no finish_reason.
         answer["choices"][0]["finish_reason"] = finish
+        if finish is None:
+            del answer["choices"][0]["finish_reason"]
         answer["usage"].update(usage)
         return answer
 
@@ -406,6 +453,7 @@ class ExoStandin:
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         cancelled = self._streams[command_id] = asyncio.Event()
+        self._stream_models[command_id] = str(body.get("model", ""))
         try:
             for frame, token in frames:
                 if token and self.token_delay_s:
@@ -415,7 +463,7 @@ class ExoStandin:
                     break
                 await response.write(frame)
         finally:
-            del self._streams[command_id]
+            del self._streams[command_id], self._stream_models[command_id]
         await response.write_eof()
         return response
 
@@ -443,6 +491,12 @@ class ExoStandin:
             for done in (0, total):
                 progress = {"model": model, "processed_tokens": done, "total_tokens": total}
                 comment(f"prefill_progress {json.dumps({'PrefillProgressChunk': progress})}")
+            for thought in split_tokens(self.reasoning):
+                chunk = copy.deepcopy(chunks[0])
+                delta = chunk["choices"][0]["delta"]
+                del delta["content"]
+                delta["reasoning_content"] = thought
+                data(chunk)
             for piece in pieces[:-1]:
                 chunk = copy.deepcopy(chunks[0])
                 chunk["choices"][0]["delta"]["content"] = piece
@@ -496,20 +550,11 @@ class ExoStandin:
         memory["ramTotal"]["inBytes"] = self.memory_total_bytes
         memory["ramAvailable"]["inBytes"] = self.memory_available_bytes
         state["lastEventAppliedIdx"] = self._event_index
-        template = sample("v1/state_with_instance.json")["instances"]
         for model_id, model in self._models.items():
             if model.status is None:
                 continue
-            inner = copy.deepcopy(next(iter(template.values()))["MlxRingInstance"])
-            shard = next(iter(inner["shardAssignments"]["runnerToShard"].values()))
-            shard["PipelineShardMetadata"]["modelCard"]["modelId"] = model_id
-            inner["instanceId"] = model.instance_id
-            inner["shardAssignments"] = {
-                "modelId": model_id, "runnerToShard": {model.runner_id: shard},
-                "nodeToRunner": {self.node_id: model.runner_id},
-            }
-            inner["hostsByNode"] = {self.node_id: next(iter(inner["hostsByNode"].values()))}
-            state["instances"][model.instance_id] = {"MlxRingInstance": inner}
+            state["instances"][model.instance_id] = self._instance(
+                model_id, model.instance_id, model.runner_id)
             fields: dict[str, Any] = {}
             if model.status == "Ready":
                 fields = {"prefillServerPort": None}
@@ -519,6 +564,73 @@ class ExoStandin:
                 fields = {"errorMessage": model.error_message, "diagnostics": []}
             state["runners"][model.runner_id] = {f"Runner{model.status}": fields}
         return state
+
+    def _instance(self, model_id: str, instance_id: str, runner_id: str) -> Any:
+        """An instance of the model on this node, tagged as exo tags it."""
+        template = sample("v1/state_with_instance.json")["instances"]
+        inner = copy.deepcopy(next(iter(template.values()))["MlxRingInstance"])
+        shard = next(iter(inner["shardAssignments"]["runnerToShard"].values()))
+        shard["PipelineShardMetadata"]["modelCard"]["modelId"] = model_id
+        inner["instanceId"] = instance_id
+        inner["shardAssignments"] = {
+            "modelId": model_id, "runnerToShard": {runner_id: shard},
+            "nodeToRunner": {self.node_id: runner_id},
+        }
+        inner["hostsByNode"] = {self.node_id: next(iter(inner["hostsByNode"].values()))}
+        return {"MlxRingInstance": inner}
+
+    async def _state_path(self, request: web.Request) -> web.Response:
+        """exo's GET /state/{path}: a sub-tree, dumped by pydantic (timestamps "+00:00")."""
+        path = request.match_info["path"]
+        tree = json.loads(json.dumps(self._state()))
+        for stamp in tree["lastSeen"]:
+            tree["lastSeen"][stamp] = tree["lastSeen"][stamp].replace("Z", "+00:00")
+        try:
+            for part in (p for p in path.split("/") if p):
+                tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return self._error(404, f"unable to find path '{path.replace('/', '.')}' "
+                                    "in state json")
+        return self._json(tree)
+
+    async def _placement(self, request: web.Request) -> web.Response:
+        """exo's GET /instance/placement: the instance it would place, or a 400 saying why not."""
+        model_id = request.query.get("model_id", "")
+        if model_id not in self._models:
+            # exo fails to load the model card and FastAPI answers a bare 500.
+            return web.Response(status=500, text="Internal Server Error")
+        if self.placement_error is not None:
+            return self._error(400, self.placement_error)
+        return self._json(self._instance(model_id, str(uuid.uuid4()), str(uuid.uuid4())))
+
+    async def _create_instance(self, request: web.Request) -> web.Response:
+        """exo's POST /instance: place exactly the instance given (from /instance/placement)."""
+        body = await request.json()
+        tagged = body.get("instance") if isinstance(body, dict) else None
+        if not isinstance(tagged, dict) or len(tagged) != 1:
+            return self._invalid(body, "instance")
+        inner = next(iter(tagged.values()))
+        model_id = inner["shardAssignments"]["modelId"]
+        if model_id not in self._models:
+            return web.Response(status=500, text="Internal Server Error")
+        runner_id = next(iter(inner["shardAssignments"]["runnerToShard"]))
+        self._models[model_id] = _Model(
+            status="Loading", instance_id=inner["instanceId"], runner_id=runner_id)
+        self._event_index += 1
+        task = asyncio.create_task(self._load(model_id, inner["instanceId"]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        answer = sample("v1/place_instance.json")
+        answer["command_id"] = str(uuid.uuid4())
+        answer["model_card"]["modelId"] = model_id
+        return self._json(answer)
+
+    async def _get_instance(self, request: web.Request) -> web.Response:
+        instance_id = request.match_info["instance_id"]
+        for model_id, model in self._models.items():
+            if model.instance_id == instance_id and model.status is not None:
+                return self._json(self._instance(model_id, instance_id, model.runner_id))
+        return self._error(404, "Instance not found")
 
     def _listed(self, template: Any) -> list[Any]:
         entries = []
@@ -576,7 +688,8 @@ class ExoStandin:
         if not isinstance(model_id, str):
             return self._invalid(body, "model_id")
         if model_id not in self._models:
-            return self._error(400, f"Failed to load model card for {model_id}")
+            # exo fails to load the model card and FastAPI answers a bare 500.
+            return web.Response(status=500, text="Internal Server Error")
         model = self._models[model_id]
         if model.status is None:
             self.set_model(model_id, "Loading")
@@ -592,12 +705,19 @@ class ExoStandin:
         await asyncio.sleep(self.load_delay_s)
         model = self._models.get(model_id)
         if model is not None and model.instance_id == instance_id and model.status == "Loading":
-            self.set_model(model_id, "Ready")
+            if self.load_error is None:
+                self.set_model(model_id, "Ready")
+            else:
+                self.set_model(model_id, "Failed", error_message=self.load_error)
 
     async def _delete(self, request: web.Request) -> web.Response:
         instance_id = request.match_info["instance_id"]
         for model_id, model in self._models.items():
             if model.instance_id == instance_id and model.status is not None:
+                # Generations on the instance end early, as exo's do.
+                for command_id, serving in self._stream_models.items():
+                    if serving == model_id:
+                        self._streams[command_id].set()
                 self.set_model(model_id, None)
                 answer = sample("v1/delete_instance.json")
                 answer.update(command_id=str(uuid.uuid4()), instance_id=instance_id)
@@ -616,6 +736,17 @@ class ExoStandin:
 
 
 STANDIN = web.AppKey("exo_standin", ExoStandin)
+
+
+async def _cut_short(request: web.Request, sent: bytes) -> web.StreamResponse:
+    """HTTP 200 headers and `sent`, then the connection closes before the body ends."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    if sent:
+        await response.write(sent)
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 def _v0_trouble() -> web.Response:

@@ -114,3 +114,13 @@ def test_quick_run_of_the_hostile_fault_benchmarks(tmp_path: Path) -> None:
     assert names == {"spawn → first API answer beside a hung endpoint p50",
                      "fresh job on an agent just resumed from SIGSTOP p50"}
     assert "Controller start beside a hung exo endpoint" in report
+
+
+def test_quick_run_of_state_polling_reads_less_with_sub_trees(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "state_polling")
+    [section] = figures["sections"]
+    check_section(section)
+    raw = section["raw"]
+    # Most of a 4-node state is `downloads`, which the sub-tree poll leaves on the server.
+    assert max(raw["sub-tree bytes"]) * 10 < min(raw["whole state bytes"])
+    assert "whole /state vs. its sub-trees" in report

@@ -27,10 +27,13 @@ from kowalski.controller.models.chat_types import (
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.models.exo_errors import (
     ExoTimeoutError,
+    IncompleteAnswerError,
     IncompleteStreamError,
+    InstanceFailedError,
     InstanceNotReadyError,
     ModelNotServedError,
     NoInstanceError,
+    PlacementError,
     StreamError,
     UnsupportedFlavourError,
 )
@@ -467,17 +470,18 @@ async def test_validation_failure_carries_fastapi_detail(serve: Serve, client: M
 
 
 @pytest.mark.parametrize(
-    ("flavour", "in_stream", "plain"),
+    ("flavour", "in_stream", "plain", "plain_says"),
     [
-        ("v1", StreamError, StreamError),
-        ("openai", StreamError, StreamError),
+        # exo v1 raises a runner's error after the 200 headers of a plain answer: cut short.
+        ("v1", StreamError, IncompleteAnswerError, "the body broke off after 0 bytes"),
+        ("openai", StreamError, StreamError, "runner failed mid-generation"),
         # exo v0 has no in-band error: its stream stops short, a plain request gets HTTP 500.
-        ("v0", IncompleteStreamError, ExoApiError),
+        ("v0", IncompleteStreamError, ExoApiError, "runner failed mid-generation"),
     ],
 )
 async def test_error_mid_stream_raises_after_the_text_so_far(
-    flavour: Flavour, in_stream: type[Exception], plain: type[Exception], serve: Serve,
-    client: MakeClient,
+    flavour: Flavour, in_stream: type[Exception], plain: type[Exception], plain_says: str,
+    serve: Serve, client: MakeClient,
 ) -> None:
     _, url = await serve(flavour=flavour, fail_mode="mid_stream_error")
     exo = client(url)
@@ -488,8 +492,10 @@ async def test_error_mid_stream_raises_after_the_text_so_far(
     if isinstance(caught.value, StreamError):
         assert caught.value.status == 500
         assert "runner failed" in caught.value.body
-    with pytest.raises(plain, match="runner failed mid-generation"):
+    with pytest.raises(plain, match=plain_says) as plain_caught:
         await exo.chat(ask())
+    if plain is IncompleteAnswerError:
+        assert plain_caught.value.is_recoverable
     assert exo.stats.errors == 2
 
 
@@ -504,9 +510,15 @@ async def test_stream_ending_early_is_incomplete(
         await drain(exo.chat_stream(ask()), seen)
     assert seen == split_tokens(REPLY)[:1]
     assert caught.value.is_recoverable
-    # An empty 200 body: what exo answered before it learnt to send the error instead.
-    with pytest.raises(ParseError):
+    assert caught.value.arrived == seen[0]
+    assert f"{url}/v1/chat/completions" in caught.value.message
+    # Cancelled or deleted mid-generation, exo answers 200 with the text so far and no
+    # finish_reason: that is not an answer either.
+    with pytest.raises(IncompleteAnswerError, match="without a finish_reason") as plain:
         await exo.chat(ask())
+    assert plain.value.arrived == seen[0]
+    assert plain.value.is_recoverable
+    assert f"POST {url}/v1/chat/completions" in plain.value.message
     assert (await exo.chat(ask())).text == REPLY
 
 
@@ -627,9 +639,11 @@ async def test_place_wait_ready_chat_delete(serve: Serve, client: MakeClient) ->
     placed = await exo.place_instance(TINY, sharding="Tensor", min_nodes=1)
     assert placed.command_id
     assert placed.model_id == TINY
+    assert placed.instance_id == standin.instance_id(TINY)
+    assert await exo.get_instance(placed.instance_id) == placed.instance_id
     assert standin.model_status(TINY) == "Loading"
     assert await exo.ready_models() == []
-    model = await exo.wait_ready(TINY, timeout_s=5)
+    model = await exo.wait_ready(TINY, timeout_s=5, instance_id=placed.instance_id)
     assert model.instance_ids == (standin.instance_id(TINY),)
     assert (await exo.chat(ask(model=TINY))).text == REPLY
     assert await exo.delete_instance(model.instance_ids[0])
@@ -639,11 +653,109 @@ async def test_place_wait_ready_chat_delete(serve: Serve, client: MakeClient) ->
     assert caught.value.status == 404
 
 
-async def test_placing_an_unknown_model_fails(serve: Serve, client: MakeClient) -> None:
-    _, url = await serve(flavour="v1")
-    with pytest.raises(ExoApiError) as caught:
+async def test_placing_an_unknown_model_fails_at_once(serve: Serve, client: MakeClient) -> None:
+    standin, url = await serve(flavour="v1")
+    # exo has no model card for the id and answers a bare 500.
+    with pytest.raises(PlacementError, match="cannot place 'nobody/knows-this': HTTP 500"
+                       ) as caught:
         await client(url).place_instance("nobody/knows-this")
+    assert caught.value.status == 500
+    assert not caught.value.is_recoverable
+    assert standin.counts["/instance"] == 0
+
+
+async def test_a_placement_exo_refuses_is_an_error_with_its_reason(
+    serve: Serve, client: MakeClient,
+) -> None:
+    standin, url = await serve(flavour="v1", models=(TINY,))
+    standin.set_model(TINY, None)
+    standin.placement_error = "No cycles found with sufficient memory"
+    with pytest.raises(PlacementError) as caught:
+        await client(url).place_instance(TINY)
     assert caught.value.status == 400
+    assert caught.value.message.endswith("HTTP 400: No cycles found with sufficient memory")
+    assert standin.counts["/instance"] == 0
+    assert standin.model_status(TINY) is None
+
+
+async def test_a_placed_instance_whose_runner_fails_says_why_at_once(
+    serve: Serve, client: MakeClient,
+) -> None:
+    standin, url = await serve(flavour="v1", models=(TINY,), load_delay_s=0.05)
+    standin.set_model(TINY, None)
+    standin.load_error = "Metal out of memory"
+    exo = client(url, poll_interval_s=0.02)
+    placed = await exo.place_instance(TINY)
+    assert placed.instance_id is not None
+    with pytest.raises(InstanceFailedError, match="runner Failed: Metal out of memory"):
+        # Well before the timeout: the runner's error, not "not ready within 30 s".
+        await asyncio.wait_for(exo.wait_ready(TINY, 30, instance_id=placed.instance_id), 5)
+    with pytest.raises(ExoApiError, match="Instance not found") as missing:
+        await exo.get_instance("no-such-instance")
+    assert missing.value.status == 404
+
+
+async def test_polls_read_state_sub_trees_not_the_whole_state(
+    serve: Serve, client: MakeClient,
+) -> None:
+    standin, url = await serve(flavour="v1")
+    exo = client(url)
+    assert [m.model_id for m in await exo.ready_models()] == [MODEL]
+    nodes = await exo.nodes()
+    assert [n.name for n in nodes] == ["standin"]
+    # Written "+00:00" by /state/{path}, as exo's pydantic dump does.
+    assert nodes[0].last_seen is not None
+    assert nodes[0].last_seen.endswith("+00:00")
+    assert standin.counts["/state"] == 0
+    assert standin.counts["/state/instances"] == standin.counts["/state/runners"] == 1
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/state/nope/deeper") as answer:
+        assert answer.status == 404
+        body = await answer.json()
+    assert body["error"]["message"] == "unable to find path 'nope.deeper' in state json"
+
+
+async def test_reasoning_is_kept_apart_from_the_reply(serve: Serve, client: MakeClient) -> None:
+    thinking = "Maybe FINAL(13)? ```python\nprint(6 * 7)\n``` no: six sevens."
+    standin, url = await serve(flavour="v1")
+    standin.reasoning = thinking
+    exo = client(url)
+    result = await exo.chat(ask())
+    assert (result.text, result.reasoning) == (REPLY, thinking)
+    deltas = await collect(exo.chat_stream(ask()))
+    assert "".join(d.reasoning for d in deltas) == thinking
+    assert "".join(d.text for d in deltas) == REPLY
+    # Thinking comes first, in pieces of its own: none mixes into the reply's text.
+    assert all(not (d.text and d.reasoning) for d in deltas)
+    assert deltas[0].reasoning
+    assert deltas[0].text == ""
+
+
+@pytest.mark.parametrize("how", ["cancel", "delete"])
+async def test_a_plain_answer_cut_off_by_cancel_or_delete_is_incomplete(
+    how: str, serve: Serve, client: MakeClient,
+) -> None:
+    asked = asyncio.Event()
+
+    def reply(_body: dict[str, Any]) -> str:
+        asked.set()
+        return REPLY
+
+    standin, url = await serve(flavour="v1", token_delay_s=0.05, reply=reply)
+    exo = client(url)
+    pending = asyncio.create_task(exo.chat(ask()))
+    await asked.wait()
+    # A few pieces generated, not all of them.
+    await asyncio.sleep(0.12)
+    if how == "cancel":
+        assert await exo.cancel(next(iter(standin._streams)))
+    else:
+        assert await exo.delete_instance(standin.instance_id(MODEL))
+    with pytest.raises(IncompleteAnswerError, match="200 without a finish_reason") as caught:
+        await pending
+    # exo's 200 carried the text so far: named in the error, never returned as the answer.
+    assert caught.value.arrived
+    assert REPLY.startswith(caught.value.arrived)
+    assert caught.value.arrived != REPLY
 
 
 async def test_wait_ready_times_out_with_the_runner_error(serve: Serve, client: MakeClient) -> None:

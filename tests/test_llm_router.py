@@ -106,7 +106,10 @@ async def test_a_model_without_an_instance_is_placed_when_the_config_allows(
     router = make_router([url(server)], http, place_instances=True, request_timeout_s=10)
     await router.refresh()
     assert (await router.chat(request(DEFAULT_MODEL))).text == "placed"
-    assert app[STANDIN].counts["/place_instance"] == 1
+    # exo's placement first (a refusal comes back at once), then exactly that instance.
+    assert app[STANDIN].counts["/instance/placement"] == 1
+    assert app[STANDIN].counts["/instance"] == 1
+    assert app[STANDIN].counts["/place_instance"] == 0
     assert DEFAULT_MODEL in router.ready_models()
     await strict.close()
     await router.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from exo_standin import make_exo_app
+from exo_standin import STANDIN, make_exo_app
 
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
@@ -753,3 +753,29 @@ async def test_a_deterministic_rerun_is_served_by_the_cache_and_spends_no_tokens
     subs = [event for event in harness.events if isinstance(event, SubCallAnswered)]
     assert len(subs) == 6
     assert all(event.cached_tokens.total_tokens > 0 for event in subs)
+
+
+async def test_reasoning_is_recorded_but_never_read_as_code_or_final(
+    aiohttp_server: Any, sandbox: Sandbox, tmp_path: Path,
+) -> None:
+    thinking = "FINAL(13)\n```python\nopen('thought.txt', 'w')\n```"
+    model = ScriptedModel("I checked it.\nFINAL(42)")
+    app = make_exo_app(flavour="v1", models=(MODEL,), reply=model)
+    app[STANDIN].reasoning = thinking
+    server = await aiohttp_server(app)
+    client = ExoClient(str(server.make_url("")))
+    rig = Harness(model, ClientBackend(client), tmp_path / "runs")
+    rig.manager = SessionManager(sandbox, max_sessions=1, idle_timeout_s=60,
+                                 llm_handler=rig.relay)
+    try:
+        result = await rig.new_run("q", "ctx").run()
+    finally:
+        await rig.manager.close()
+        await client.close()
+    assert (result.stop_reason, result.answer, result.iterations) == ("final", "42", 1)
+    replied = [e for e in rig.events if isinstance(e, ModelReplied)]
+    assert [(e.text, e.reasoning) for e in replied] == [("I checked it.\nFINAL(42)", thinking)]
+    # Not run as code, and not sent back to the model as its own words.
+    assert not [e for e in rig.events if isinstance(e, CodeExecuted | CodeSkipped)]
+    assert all(thinking not in m["content"] for m in model.root_requests[-1])
+    assert read_trajectory(result.run_id, rig.runs_dir).events == rig.events

@@ -45,6 +45,8 @@ class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
     # The server's completion id; on exo v1 it is also the command id that /v1/cancel takes.
     id: str
     model: str = ""
+    # A reasoning model's thinking, kept apart from the reply: never parsed as the answer.
+    reasoning: str = ""
 
 
 class ChatBackend(Protocol):
@@ -66,6 +68,8 @@ class ChatDelta(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: float | None = None
     endpoint: str = ""
     id: str = ""
+    # A piece of a reasoning model's thinking (exo's `reasoning_content`), not of the reply.
+    reasoning: str = ""
 
 
 # --- what servers send back (unknown fields are ignored: every server adds its own) ------
@@ -74,6 +78,7 @@ class ChatDelta(msgspec.Struct, frozen=True, kw_only=True):
 class WireMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
 
 class WireChoice(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +92,11 @@ class WireChoice(msgspec.Struct, frozen=True, kw_only=True):
         """The text this choice adds, preferring the delta of a stream chunk."""
         part = self.delta if self.delta is not None else self.message
         return (part.content or "") if part is not None else ""
+
+    def reasoning(self) -> str:
+        """The thinking this choice adds (`reasoning_content`), kept apart from the content."""
+        part = self.delta if self.delta is not None else self.message
+        return (part.reasoning_content or "") if part is not None else ""
 
 
 class WireErrorInfo(msgspec.Struct, frozen=True, kw_only=True):

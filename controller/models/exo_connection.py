@@ -19,6 +19,7 @@ from kowalski.controller.models.exo_errors import (
     EndpointAuthError,
     ExoTimeoutError,
     FirstByteTimeoutError,
+    IncompleteAnswerError,
     MalformedAnswerError,
     UnsupportedFlavourError,
     http_error,
@@ -43,6 +44,10 @@ CHAT_PATH = "/v1/chat/completions"
 _JSON_HEADERS = {"Content-Type": "application/json"}
 # A cheap GET per flavour that answers whenever the server is up; an OpenAI-compatible
 # server may have no /health (it is not part of the OpenAI API): /v1/models then.
+# The sub-trees of exo v1's /state a poll reads: the rest (most of it `downloads`) is
+# left on the server.
+READY_PARTS = ("instances", "runners")
+NODE_PARTS = ("topology", "lastSeen", "nodeIdentities", "nodeMemory")
 _HEALTH_PATHS: dict[Flavour, str] = {"v1": "/node_id", "v0": "/healthcheck", "openai": "/health"}
 
 
@@ -88,6 +93,8 @@ class EndpointConnection:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, connect=connect_timeout_s)
         self._first_byte_s = first_byte_timeout_s
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Set when exo v1 has no GET /state/{path}: polls then read the whole state.
+        self._whole_state_only = False
         # Whether an OpenAI-compatible server has GET /health; None until asked.
         self._has_health: bool | None = None
 
@@ -162,11 +169,21 @@ class EndpointConnection:
         if record:
             self.stats.requests += 1
         started = time.monotonic()
+        arrived = bytearray()
         try:
             async with contextlib.AsyncExitStack() as stack:
                 response = await self._open(stack, method, url, body, first_byte=first_byte)
-                data = await response.read()
                 status = response.status
+                # Chunk by chunk, so that an answer cut short can say what did arrive.
+                async for chunk in response.content.iter_any():
+                    arrived += chunk
+                data = bytes(arrived)
+        except aiohttp.ClientPayloadError as exc:
+            # exo raises a runner's error after the 200 headers: the body just stops.
+            text = arrived.decode("utf-8", "replace")
+            broken = IncompleteAnswerError(
+                f"{method} {url}", f"the body broke off after {len(arrived)} bytes ({exc})", text)
+            raise self._failed(broken, record) from exc
         except FirstByteTimeoutError as exc:
             raise self._failed(exc, record) from None
         except TimeoutError as exc:
@@ -256,17 +273,29 @@ class EndpointConnection:
         if flavour != "v1":
             raise UnsupportedFlavourError(f"{what} needs exo v1; {self.base_url} speaks {flavour}")
 
-    async def state(self) -> ClusterState:
-        """exo v1's cluster state: nodes, instances, runners, tasks."""
+    async def state(self, parts: tuple[str, ...] | None = None) -> ClusterState:
+        """exo v1's cluster state; with `parts`, only those sub-trees (GET /state/{part})."""
         await self._require_v1("GET /state")
-        data, _ = await self._call("GET", "/state")
-        return self._parse(parse_state, data, "/state")
+        if parts is None or self._whole_state_only:
+            data, _ = await self._call("GET", "/state")
+            return self._parse(parse_state, data, "/state")
+        try:
+            answers = await asyncio.gather(*(self._call("GET", f"/state/{p}") for p in parts))
+        except ExoApiError as exc:
+            if exc.status != 404:
+                raise
+            # An exo older than /state/{path}: the whole state, from now on.
+            self._whole_state_only = True
+            return await self.state()
+        joined = b",".join(b'"%s":%s' % (p.encode(), data) for p, (data, _) in zip(
+            parts, answers, strict=True))
+        return self._parse(parse_state, b"{" + joined + b"}", f"/state/{{{','.join(parts)}}}")
 
     async def nodes(self) -> list[NodeInfo]:
         """The machines behind the endpoint; a plain OpenAI server counts as one."""
         flavour = await self.detect()
         if flavour == "v1":
-            return list((await self.state()).nodes)
+            return list((await self.state(NODE_PARTS)).nodes)
         if flavour == "v0":
             data, _ = await self._call("GET", "/v1/topology")
             return self._parse(parse_v0_topology, data, "/v1/topology")
@@ -282,7 +311,7 @@ class EndpointConnection:
             known = set(self.served.known([] if flavour == "v0" else
                                           [m.model_id for m in listed]))
             return [msgspec.structs.replace(m, ready=m.model_id in known) for m in listed]
-        ready = (await self.state()).ready_models()
+        ready = (await self.state(READY_PARTS)).ready_models()
         ready_ids = frozenset(m.model_id for m in ready)
         data, _ = await self._call("GET", "/models")
         listed = self._parse(
@@ -297,5 +326,5 @@ class EndpointConnection:
             return [ModelInfo(model_id=ModelId(m), ready=True, name=m.rsplit("/", 1)[-1])
                     for m in self.served.allowed]
         if await self.detect() == "v1":
-            return (await self.state()).ready_models()
+            return (await self.state(READY_PARTS)).ready_models()
         return [m for m in await self.models() if m.ready]

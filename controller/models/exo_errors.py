@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import msgspec
+
 from kowalski.common.errors import ExoApiError, KowalskiError, NetworkError, ParseError
 from kowalski.controller.models.chat_types import WireCompletion, WireErrorInfo
 
@@ -19,7 +21,8 @@ class NoInstanceError(ExoApiError):
     """exo v1 has no instance of the model (HTTP 404 `No instance found for model X`)."""
 
     code = "exo_no_instance"
-    hint = "Place an instance of the model (POST /place_instance) or use another endpoint"
+    hint = ("Place an instance of the model (exo's dashboard, or exo.place_instances = true) "
+            "or use another endpoint")
 
     def __init__(self, status: int, body: str, *, url: str = "", model_id: str = "") -> None:
         super().__init__(status, body, url=url)
@@ -127,7 +130,21 @@ class MalformedAnswerError(ExoApiError, ParseError):
         return True
 
 
-class IncompleteStreamError(NetworkError):
+class IncompleteAnswerError(NetworkError):
+    """An answer cut short: no finish_reason, or a body that broke off after HTTP 200."""
+
+    code = "exo_answer_incomplete"
+    hint = ("The generation was cancelled, its instance deleted, or its runner failed; "
+            "exo's log on the node says which")
+
+    def __init__(self, url: str, what: str, arrived: str = "") -> None:
+        shown = f"; what arrived: {arrived[:200]!r}" if arrived else ""
+        super().__init__(f"{url}: incomplete answer, {what}{shown}")
+        self.url = url
+        self.arrived = arrived
+
+
+class IncompleteStreamError(IncompleteAnswerError):
     """A stream ended before its end marker: cancelled, or the server went away."""
 
     code = "exo_stream_incomplete"
@@ -136,6 +153,48 @@ class IncompleteStreamError(NetworkError):
 class UnsupportedFlavourError(KowalskiError, NotImplementedError):
     code = "exo_unsupported"
     hint = "Instance placement and cancellation need exo v1"
+
+
+class PlacementError(ExoApiError):
+    """exo refused to place an instance: its own reason (not enough memory, no model card)."""
+
+    code = "exo_placement_failed"
+    hint = ("Free memory on the cluster, add a node, or choose a smaller model; "
+            "a bare HTTP 500 means exo has no model card for the id")
+
+    def __init__(self, status: int, body: str, *, url: str = "", model_id: str = "") -> None:
+        super().__init__(status, body, url=url)
+        self.model_id = model_id
+        _reworded(self, f"{url or 'exo'} cannot place {model_id!r}: HTTP {status}: "
+                  f"{_envelope_message(body)[:300]}")
+
+    @property
+    def is_recoverable(self) -> bool:  # type: ignore[override]
+        # The same cluster gives the same answer until its nodes or models change.
+        return False
+
+
+class InstanceFailedError(KowalskiError):
+    """A placed instance's runner failed while loading: the runner's error, not a timeout."""
+
+    code = "exo_instance_failed"
+    is_recoverable = False
+    hint = "Read the runner's error; exo's log on the node has the rest"
+
+    def __init__(self, model_id: str, instance_id: str, detail: str) -> None:
+        super().__init__(f"instance {instance_id} of {model_id} failed: {detail}")
+        self.model_id = model_id
+        self.instance_id = instance_id
+        self.detail = detail
+
+
+def _envelope_message(body: str) -> str:
+    """The message of exo's error envelope {"error": {"message": ...}}, else the body."""
+    try:
+        answer = msgspec.json.decode(body, type=WireCompletion)
+    except msgspec.DecodeError:
+        return body
+    return answer.error_text() or body
 
 
 class InstanceNotReadyError(KowalskiError, TimeoutError):

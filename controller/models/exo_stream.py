@@ -22,6 +22,8 @@ class StreamTally:
     completion_id: str = ""
     model: str = ""
     done: bool = False
+    # The reply text so far, for the error when the stream is cut short.
+    arrived: str = ""
 
 
 async def _payloads(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
@@ -36,8 +38,8 @@ async def _payloads(response: aiohttp.ClientResponse) -> AsyncGenerator[str, Non
 
 async def read_stream(
     response: aiohttp.ClientResponse, url: str, tally: StreamTally,
-) -> AsyncGenerator[str, None]:
-    """The text pieces of a stream; errors sent inside it are raised."""
+) -> AsyncGenerator[tuple[str, str], None]:
+    """(reply text, reasoning text) pieces of a stream; errors sent inside it are raised."""
     async with contextlib.aclosing(_payloads(response)) as payloads:
         async for payload in payloads:
             if payload == "[DONE]":
@@ -53,5 +55,7 @@ async def read_stream(
                 if choice.finish_reason == "error":
                     raise StreamError(500, payload, url=url)
                 tally.finish = choice.finish_reason or tally.finish
-                if text := choice.content():
-                    yield text
+                text, reasoning = choice.content(), choice.reasoning()
+                tally.arrived += text
+                if text or reasoning:
+                    yield text, reasoning

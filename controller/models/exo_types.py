@@ -101,10 +101,12 @@ class Health(_View, frozen=True):
 
 
 class PlacementResult(_View, frozen=True):
-    # exo answers with a command id only: the instance appears in /state when placed.
     command_id: str
     message: str
     model_id: ModelId
+    # The placed instance (POST /instance); None from the older /place_instance, whose
+    # instance only shows up in /state.
+    instance_id: InstanceId | None = None
 
 
 class ClusterState(_View, frozen=True):
@@ -228,6 +230,12 @@ class _State(_Wire, frozen=True):
     last_event_applied_idx: int = -1
     node_identities: dict[str, _Identity] = msgspec.field(default_factory=dict)
     node_memory: dict[str, _Memory] = msgspec.field(default_factory=dict)
+
+
+def parse_instance(data: bytes | str, source: str = "/instance") -> InstanceId:
+    """The id of a tagged instance, as /instance/placement and /instance/{id} answer."""
+    tagged = decode(data, dict[str, _Instance], source)
+    return InstanceId(_untag(tagged, source)[1].instance_id)
 
 
 def decode(data: bytes | str, kind: type[T], source: str) -> T:

@@ -292,8 +292,9 @@ class LlmRouter:
         for endpoint in self.endpoints:
             if endpoint.healthy and endpoint.flavour == "v1":
                 log.info("placing an instance of %s on %s", model, endpoint.url)
-                await endpoint.client.place_instance(model)
-                await endpoint.client.wait_ready(model, self._config.request_timeout_s)
+                placed = await endpoint.client.place_instance(model)
+                await endpoint.client.wait_ready(model, self._config.request_timeout_s,
+                                                 instance_id=placed.instance_id)
                 await self._refresh(endpoint)
                 return
         raise NoModelAvailableError(f"no exo v1 endpoint can place {model!r}")

@@ -45,7 +45,8 @@ def chat_tokens(result: ChatResult, messages: list[ChatMessage]) -> TokenCount:
         return TokenCount(prompt_tokens=usage.prompt_tokens,
                           completion_tokens=usage.completion_tokens, total_tokens=total)
     prompt = estimate_tokens(messages)
-    completion = len(result.text) // CHARS_PER_TOKEN + 1
+    # A reasoning model's thinking costs tokens too, though it is not part of the reply.
+    completion = (len(result.text) + len(result.reasoning)) // CHARS_PER_TOKEN + 1
     return TokenCount(prompt_tokens=prompt, completion_tokens=completion,
                       total_tokens=prompt + completion)
 
@@ -167,6 +168,9 @@ class ModelReplied(RlmEvent, frozen=True, tag="model_replied"):
     # Answered by the cache: `tokens` is then zero and `cached_tokens` what it once cost.
     cached: bool = False
     cached_tokens: TokenCount = msgspec.field(default_factory=TokenCount)
+    # A reasoning model's thinking: shown, but never read for code blocks or FINAL; its
+    # tokens are in `tokens.completion_tokens`.
+    reasoning: str = ""
 
 
 class ReplyDelta(RlmEvent, frozen=True, tag="reply_delta"):

@@ -244,7 +244,7 @@ class RlmRun:
             run_id=self.run_id, depth=self.depth, iteration=self._ledger.iteration, phase=phase,
             text=result.text, model_ms=model_ms, tokens=tokens, endpoint=result.endpoint,
             finish_reason=result.finish_reason, messages_sent=sent, prompt_chars=prompt_chars,
-            cached=cached, cached_tokens=cached_tokens))
+            cached=cached, cached_tokens=cached_tokens, reasoning=result.reasoning))
         return result, model_ms
 
     async def _maybe_fold(self) -> None:
