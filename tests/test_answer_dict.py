@@ -6,6 +6,7 @@ driver in the cell result.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +18,10 @@ from controller_env import controller_config, healthy_ids, running_controller
 from exo_standin import DEFAULT_MODEL, make_exo_app
 from procs import AgentProcess
 
+from kowalski.agent.sandbox import Sandbox
+from kowalski.agent.sessions import SessionManager
+from kowalski.common.config import SandboxConfig
+from kowalski.common.messages import CellRequest, LlmCallback, SessionCreate
 from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(120)
@@ -121,3 +126,54 @@ async def test_a_reassigned_answer_name_is_not_an_answer(
     async with cluster(agents, aiohttp_server, tmp_path, script) as running:
         result = await run(running)
     assert (result["stop_reason"], result["answer"]) == ("final", "done")
+
+
+# --- the session's driver, in process -------------------------------------------------------
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[SessionManager]:
+    asked: list[tuple[list[str], str]] = []
+
+    async def handler(callback: LlmCallback, prompts: list[str], model: str = ""
+                      ) -> list[str]:
+        asked.append((prompts, model))
+        return [f"{model or 'default'}: {prompt}" for prompt in prompts]
+
+    mode = "bwrap" if os.geteuid() == 0 else "rlimit"
+    box = Sandbox(SandboxConfig(mode=mode, memory_limit_mb=256, pids_limit=64,
+                                max_output_bytes=4096), work_root=tmp_path / "work")
+    await box.start()
+    made = SessionManager(box, max_sessions=2, idle_timeout_s=60, llm_handler=handler)
+    await made.create(SessionCreate(session_id="s", llm_callback=LlmCallback(
+        url="http://127.0.0.1:1/v1/llm", token="t", depth=1)))
+    yield made
+    await made.close()
+    await box.close()
+
+
+async def cell(manager: SessionManager, code: str, number: int) -> Any:
+    return await manager.execute("s", CellRequest(cell_id=f"c{number}", code=code))
+
+
+async def test_a_ready_answer_too_long_for_the_line_is_cut_and_the_session_lives(
+        manager: SessionManager) -> None:
+    first = await cell(manager, "print('x' * 10_000)\nanswer['content'] = 'y' * 500_000\n"
+                                "answer['ready'] = True", 1)
+    assert first.status == "ok"
+    assert first.stdout_truncated
+    assert first.answer is not None
+    assert first.answer_truncated
+    assert 1000 < len(first.answer) < 500_000
+    assert set(first.answer) == {"y"}
+    second = await cell(manager, "answer['ready'] = False\nprint('alive')", 2)
+    assert (second.stdout, second.answer) == ("alive\n", None)
+
+
+async def test_llm_query_names_a_model_and_the_agent_handler_gets_it(
+        manager: SessionManager) -> None:
+    result = await cell(manager, "print(llm_query('a', model='small/m'))\n"
+                                 "print(llm_query_batched(['b'])[0])\n"
+                                 "llm_query('c', model=3)", 1)
+    assert result.stdout == "small/m: a\ndefault: b\n"
+    assert "TypeError: model= takes the name of a served model" in result.stderr

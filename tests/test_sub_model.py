@@ -6,6 +6,10 @@ sub-calls are told apart by what they send, and each records the model it named.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -141,3 +145,21 @@ async def test_a_sub_call_naming_an_unserved_model_answers_an_error_and_the_run_
     assert result["answer"].startswith("Error: ")
     assert "no/such-model" in result["answer"]
     assert ("leaf", "no/such-model") not in model.calls
+
+
+async def test_cli_run_sub_model_flag_sends_leaves_to_the_sub_model(
+        aiohttp_server: Any, tmp_path: Path) -> None:
+    model = TwoModels({QUERY: LEAVES})
+    exo = await aiohttp_server(make_exo_app(flavour="v1", models=(ROOT, SUB), reply=model,
+                                            bare=True))
+    # A fresh HOME: no config file, and the run's trajectory goes under it.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kowalski.controller", "run", QUERY, "--endpoint",
+        str(exo.make_url("")).rstrip("/"), "--model", ROOT, "--sub-model", SUB, "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "HOME": str(tmp_path)})
+    out, err = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert result["answer"] == f"{SUB} answered leaf one | {ROOT} answered leaf two"
+    assert model.calls == [(QUERY, ROOT), ("leaf", SUB), ("leaf", ROOT), (QUERY, ROOT)]
