@@ -78,6 +78,11 @@ def _resumed_agent() -> Measure:
     return resumed_agent.measure
 
 
+def _fanout() -> Measure:
+    from bench import fanout
+    return fanout.measure
+
+
 # key, title (for a benchmark that fails before it reports), loader, time limit in seconds.
 BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("roundtrip", "Sandboxed job round trip", _roundtrip, 420.0),
@@ -91,6 +96,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
      _compression, 420.0),
     ("hung_endpoint", "Controller start beside a hung exo endpoint", _hung_endpoint, 180.0),
     ("resumed_agent", "Fresh work on an agent resumed from SIGSTOP", _resumed_agent, 300.0),
+    ("fanout", "Sub-calls of one run over several endpoints", _fanout, 300.0),
 ]
 
 

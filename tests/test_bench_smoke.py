@@ -114,3 +114,15 @@ def test_quick_run_of_the_hostile_fault_benchmarks(tmp_path: Path) -> None:
     assert names == {"spawn → first API answer beside a hung endpoint p50",
                      "fresh job on an agent just resumed from SIGSTOP p50"}
     assert "Controller start beside a hung exo endpoint" in report
+
+
+def test_quick_run_of_the_sub_call_fan_out_over_endpoints(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "fanout")
+    [section] = figures["sections"]
+    check_section(section)
+    assert {target["name"] for target in section["targets"]} == {
+        "4 endpoints: time / (1 endpoint's ÷ 4)", "slow endpoint's share / its share by speed"}
+    scaling, shares = section["tables"]
+    assert [row[0] for row in scaling["rows"]] == ["1", "2", "4"]
+    assert [row[1] for row in shares["rows"]] == ["50", "50", "50", "250"]
+    assert "Sub-calls of one run over several endpoints" in report
