@@ -134,6 +134,25 @@ async def test_openai_front_names_the_sub_model_after_a_plus_or_in_extra_body(
     assert [used for kind, used in model.calls if kind != "leaf"] == [ROOT] * 4
 
 
+async def test_a_served_model_with_a_plus_in_its_name_is_not_split(
+        agents: list[AgentProcess], aiohttp_server: Any, tmp_path: Path) -> None:
+    model = TwoModels({QUERY: LEAVES})
+    odd = f"{ROOT}+{SUB}"
+    exo = await aiohttp_server(make_exo_app(flavour="v1", models=(ROOT, SUB, odd),
+                                            reply=model))
+    config = controller_config(agents, [str(exo.make_url("")).rstrip("/")], tmp_path,
+                               rlm={"trajectory_dir": str(tmp_path / "runs")})
+    async with running_controller(config) as running:
+        assert await running.cluster.wait_for(lambda table: len(healthy_ids(table)) == 1,
+                                              timeout_s=15)
+        await running.router.first_probes()
+        answer = await post(running, "/v1/chat/completions", {
+            "model": f"rlm:{odd}", "messages": [{"role": "user", "content": QUERY}]})
+    assert answer["choices"][0]["message"]["content"] == (
+        f"{odd} answered leaf one | {ROOT} answered leaf two")
+    assert [used for kind, used in model.calls if kind != "leaf"] == [odd, odd]
+
+
 async def test_a_sub_call_naming_an_unserved_model_answers_an_error_and_the_run_goes_on(
         agents: list[AgentProcess], aiohttp_server: Any, tmp_path: Path) -> None:
     model = TwoModels({QUERY: ["```repl\na = llm_query('leaf', model='no/such-model')\n"

@@ -72,9 +72,13 @@ def split_query(body: CompletionBody) -> tuple[str, Any]:
     return query, "\n\n".join(documents)
 
 
-def rlm_models(body: CompletionBody) -> tuple[str, str]:
+def rlm_models(body: CompletionBody, served: list[str]) -> tuple[str, str]:
     """The root and sub-call models an rlm: request names (empty: the defaults)."""
-    root, _, sub = body.model.removeprefix(RLM_PREFIX).partition("+")
+    name = body.model.removeprefix(RLM_PREFIX)
+    if name in served:
+        # A served model whose own name holds a "+" is not split.
+        return name, body.sub_model
+    root, _, sub = name.partition("+")
     return root, body.sub_model or sub
 
 
@@ -118,7 +122,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = body.max_completion_tokens or body.max_tokens
     if body.model.startswith(RLM_PREFIX):
         query, context = split_query(body)
-        root, sub = rlm_models(body)
+        root, sub = rlm_models(body, state.router.ready_models())
         result = await state.runs.run(RunRequest(query=query, context=context, model=root,
                                                  sub_model=sub))
         usage = Usage(prompt_tokens=result.tokens.prompt_tokens,
