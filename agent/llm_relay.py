@@ -14,9 +14,11 @@ class LlmRelay:
         self._client = client
         self._timeout_s = timeout_s
 
-    async def __call__(self, callback: LlmCallback, prompts: list[str]) -> list[str]:
+    async def __call__(self, callback: LlmCallback, prompts: list[str], model: str = ""
+                       ) -> list[str]:
+        query = LlmQuery(token=callback.token, prompts=prompts, model=model)
         answer = await self._client.call(
-            "POST", callback.url, LlmAnswer, LlmQuery(token=callback.token, prompts=prompts),
+            "POST", callback.url, LlmAnswer, query,
             timeout_s=self._timeout_s,
         )
         if answer.error is not None:

@@ -9,10 +9,10 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -23,7 +23,14 @@ from kowalski.common.messages import CellResult, LlmCallback, SessionId, Session
 
 log = logging.getLogger("kowalski.agent.sessions")
 
-LlmHandler = Callable[[LlmCallback, list[str]], Awaitable[list[str]]]
+
+
+class LlmHandler(Protocol):
+    """Answers a session's llm_query calls; model is the one the call named (empty: none)."""
+
+    def __call__(self, callback: LlmCallback, prompts: list[str], model: str = ""
+                 ) -> Awaitable[list[str]]: ...
+
 
 _DRIVER = "repl_driver.py"
 _CONTEXT = "context.json"
@@ -238,12 +245,16 @@ class ReplSession:
 
     async def _answer(self, message: dict[str, Any]) -> None:
         request_id, prompts = message.get("id"), message.get("prompts")
+        model = message.get("model", "")
         try:
             if self.callback is None:
                 raise RuntimeError("the session has no llm_callback")
             if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
                 raise TypeError("prompts must be a list of strings")
-            answers = await self._handler(self.callback, prompts)
+            if not isinstance(model, str):
+                raise TypeError("model must be a string")
+            answers = await (self._handler(self.callback, prompts, model=model) if model
+                             else self._handler(self.callback, prompts))
             if len(answers) != len(prompts):
                 raise RuntimeError(f"{len(answers)} answers for {len(prompts)} prompts")
             self._send({"op": "llm_reply", "id": request_id, "answers": list(answers)})

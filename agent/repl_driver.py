@@ -6,6 +6,9 @@ leave on OUT_FD; the cell's own output is captured in memory, so user prints nev
 with the protocol. A reader thread takes every request off the pipe: "interrupt" raises
 KeyboardInterrupt in the running cell, "llm_reply" wakes the llm_query() waiting for it,
 and everything else queues for the main thread.
+
+The namespace also holds `answer`, a dict: a cell that leaves `answer["ready"]` true ends
+the run with `answer["content"]`, which the cell's result carries back.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class Driver:
         self.namespace: dict[str, Any] = {
             "__name__": "__main__", "__builtins__": builtins, "context": None,
             "llm_query": self.llm_query, "llm_query_batched": self.llm_query_batched,
+            "answer": {"content": "", "ready": False},
         }
 
     # --- the reader thread ------------------------------------------------------------
@@ -222,9 +226,33 @@ class Driver:
         # Escaped as JSON, text can grow sixfold: the cap holds for the line the agent reads.
         stdout, stdout_cut = fit(out.getvalue(), cap)
         stderr, stderr_cut = fit(err.getvalue(), cap)
-        return {"op": "result", "seq": seq, "status": status, "stdout": stdout,
-                "stderr": stderr, "stdout_truncated": out.truncated or stdout_cut,
-                "stderr_truncated": err.truncated or stderr_cut}
+        reply = {"op": "result", "seq": seq, "status": status, "stdout": stdout,
+                 "stderr": stderr, "stdout_truncated": out.truncated or stdout_cut,
+                 "stderr_truncated": err.truncated or stderr_cut}
+        content = self._ready_answer()
+        if content is not None:
+            # The answer takes what room the output left on the line the agent reads.
+            room = self._max_message_bytes - len(json.dumps(reply)) - 256
+            reply["answer"], reply["answer_truncated"] = fit(content, max(room, 0))
+        return reply
+
+    def _ready_answer(self) -> str | None:
+        """str() of answer["content"] once a cell set answer["ready"], else None."""
+        answer = self.namespace.get("answer")
+        if not isinstance(answer, dict):
+            return None
+        try:
+            ready = bool(answer.get("ready"))
+        except Exception:
+            return None
+        if not ready:
+            return None
+        try:
+            text = str(answer.get("content", ""))
+        except Exception as exc:
+            text = f"<str() failed: {type(exc).__name__}: {exc}>"
+        # Lone surrogates would not survive the trip to JSON and back.
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
     def _run_cell(self, code: str, filename: str) -> None:
         """Run the cell; a last bare expression is echoed, as in an interactive shell."""
@@ -258,11 +286,11 @@ class Driver:
 
     # --- llm sub-calls, from any thread -------------------------------------------------
 
-    def llm_query(self, prompt: str) -> str:
-        """Ask the run's language model one prompt; returns its answer."""
-        return self.llm_query_batched([prompt])[0]
+    def llm_query(self, prompt: str, model: str | None = None) -> str:
+        """Ask the run's sub model (or the served model named) one prompt; returns its answer."""
+        return self.llm_query_batched([prompt], model=model)[0]
 
-    def llm_query_batched(self, prompts: list[str]) -> list[str]:
+    def llm_query_batched(self, prompts: list[str], model: str | None = None) -> list[str]:
         """Ask several prompts at once; answers come back in the same order."""
         if not self._llm_enabled:
             raise RuntimeError("llm_query is not available: this session was created without "
@@ -271,18 +299,23 @@ class Driver:
         items: object = prompts
         if isinstance(items, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("llm_query_batched() takes a list of strings")
+        if model is not None and not isinstance(model, str):
+            raise TypeError("model= takes the name of a served model, as a string")
         prompts = list(prompts)
         if not prompts:
             return []
         request_id = next(self._llm_ids)
-        size = len(json.dumps({"op": "llm", "id": request_id, "prompts": prompts}))
+        request: dict[str, Any] = {"op": "llm", "id": request_id, "prompts": prompts}
+        if model:
+            request["model"] = model
+        size = len(json.dumps(request))
         if size > self._max_message_bytes:
             raise ValueError(f"the prompts take {size} bytes as JSON, over the session's limit "
                              f"of {self._max_message_bytes}; send fewer or shorter prompts")
         waiter = _Waiter()
         self._llm_waiters[request_id] = waiter
         try:
-            self._channel.send({"op": "llm", "id": request_id, "prompts": prompts})
+            self._channel.send(request)
             waiter.event.wait()
         finally:
             self._llm_waiters.pop(request_id, None)

@@ -202,4 +202,6 @@ def _cell_result(session_id: SessionId, cell_id: str, reply: dict[str, Any], kil
         stdout=str(reply.get("stdout", "")), stderr=stderr,
         stdout_truncated=bool(reply.get("stdout_truncated")),
         stderr_truncated=bool(reply.get("stderr_truncated")),
-        wall_time_ms=round(wall_time_ms, 3), agent_id=agent_id, error=error)
+        wall_time_ms=round(wall_time_ms, 3), agent_id=agent_id, error=error,
+        answer=str(reply["answer"]) if reply.get("answer") is not None else None,
+        answer_truncated=bool(reply.get("answer_truncated")))

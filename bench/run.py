@@ -83,6 +83,11 @@ def _state_polling() -> Measure:
     return state_polling.measure
 
 
+def _fanout() -> Measure:
+    from bench import fanout
+    return fanout.measure
+
+
 # key, title (for a benchmark that fails before it reports), loader, time limit in seconds.
 BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("roundtrip", "Sandboxed job round trip", _roundtrip, 420.0),
@@ -98,6 +103,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("resumed_agent", "Fresh work on an agent resumed from SIGSTOP", _resumed_agent, 300.0),
     ("state_polling", "exo v1 endpoint poll: whole /state vs. its sub-trees", _state_polling,
      120.0),
+    ("fanout", "Sub-calls of one run over several endpoints", _fanout, 300.0),
 ]
 
 

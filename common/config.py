@@ -173,6 +173,11 @@ class RlmConfig(_Section, frozen=True):
     # Sent as max_tokens on every model call of the loop; a reply cut there is told so.
     max_reply_tokens: PositiveInt = 1024
     trajectory_dir: str = "~/.local/state/kowalski/runs"
+    # Model for llm_query sub-calls (the leaves of a run); empty: the run's own model.
+    sub_model: str = ""
+    # How the system prompt teaches the model to end a run: FINAL(...) lines, or the
+    # REPL's `answer` dict; the loop accepts both either way.
+    final_protocol: Literal["final", "answer_dict"] = "final"
 
 
 class SecurityConfig(_Section, frozen=True):

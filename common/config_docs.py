@@ -109,6 +109,9 @@ KEYS: dict[str, str] = {
     "rlm.keep_last_turns": "Recent turns never folded.",
     "rlm.max_reply_tokens": "Most tokens of one model reply in the loop; a cut reply is told so.",
     "rlm.trajectory_dir": "Where each run's JSONL trajectory is written.",
+    "rlm.sub_model": "Model answering llm_query sub-calls (the leaves); empty: the run's model.",
+    "rlm.final_protocol": ("How the system prompt teaches ending a run: \"final\" (FINAL lines) "
+                           "or \"answer_dict\" (the REPL's answer dict); both are accepted."),
     "security.secret_file": "Shared HMAC secret (chmod 600); KOWALSKI_SECRET(_FILE) win.",
     "security.allow_unsigned": "Accept unsigned requests: only for a single trusted host.",
     "security.clock_skew_s": "How far a signed request's clock may be off.",

@@ -160,6 +160,9 @@ class CellResult(Message, frozen=True):
     wall_time_ms: float = 0.0
     agent_id: str = ""
     error: WireError | None = None
+    # str() of the session's answer["content"] when the cell left answer["ready"] set.
+    answer: str | None = None
+    answer_truncated: bool = False
 
 
 class SessionDeleted(Message, frozen=True):

@@ -124,3 +124,15 @@ def test_quick_run_of_state_polling_reads_less_with_sub_trees(tmp_path: Path) ->
     # Most of a 4-node state is `downloads`, which the sub-tree poll leaves on the server.
     assert max(raw["sub-tree bytes"]) * 10 < min(raw["whole state bytes"])
     assert "whole /state vs. its sub-trees" in report
+
+
+def test_quick_run_of_the_sub_call_fan_out_over_endpoints(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "fanout")
+    [section] = figures["sections"]
+    check_section(section)
+    assert {target["name"] for target in section["targets"]} == {
+        "4 endpoints: time / (1 endpoint's ÷ 4)", "slow endpoint's share / its share by speed"}
+    scaling, shares = section["tables"]
+    assert [row[0] for row in scaling["rows"]] == ["1", "2", "4"]
+    assert [row[1] for row in shares["rows"]] == ["50", "50", "50", "250"]
+    assert "Sub-calls of one run over several endpoints" in report

@@ -1,4 +1,8 @@
-"""An OpenAI-compatible front: `rlm:<model>` runs an RLM job, other models pass through."""
+"""An OpenAI-compatible front: `rlm:<model>` runs an RLM job, other models pass through.
+
+`rlm:<root>+<sub>` (or the extension field `sub_model`) names the model that answers the
+run's llm_query sub-calls; the root model runs the loop.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ class CompletionBody(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
     # Kowalski's extension (extra_body): the long document an RLM run works on.
     context: Any = None
+    # Kowalski's extension (extra_body): the model for the run's sub-calls.
+    sub_model: str = ""
 
 
 def _texts(message: InMessage) -> list[str]:
@@ -64,6 +70,16 @@ def split_query(body: CompletionBody) -> tuple[str, Any]:
     if body.context is not None:
         return query, body.context
     return query, "\n\n".join(documents)
+
+
+def rlm_models(body: CompletionBody, served: list[str]) -> tuple[str, str]:
+    """The root and sub-call models an rlm: request names (empty: the defaults)."""
+    name = body.model.removeprefix(RLM_PREFIX)
+    if name in served:
+        # A served model whose own name holds a "+" is not split.
+        return name, body.sub_model
+    root, _, sub = name.partition("+")
+    return root, body.sub_model or sub
 
 
 def _completion(*, completion_id: str, model: str, text: str, finish: str,
@@ -106,13 +122,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = body.max_completion_tokens or body.max_tokens
     if body.model.startswith(RLM_PREFIX):
         query, context = split_query(body)
-        result = await state.runs.run(RunRequest(
-            query=query, context=context, model=body.model.removeprefix(RLM_PREFIX)))
+        root, sub = rlm_models(body, state.router.ready_models())
+        result = await state.runs.run(RunRequest(query=query, context=context, model=root,
+                                                 sub_model=sub))
         usage = Usage(prompt_tokens=result.tokens.prompt_tokens,
                       completion_tokens=result.tokens.completion_tokens,
                       total_tokens=result.tokens.total_tokens)
         finish, text = "stop", result.answer
-        if not result.answer and result.stop_reason not in ("final", "final_var", "direct"):
+        if not result.answer and result.stop_reason not in ("final", "final_var", "answer_dict",
+                                                           "direct"):
             # Never pass the model's raw last reply (often code) off as the answer.
             finish = "length"
             text = (f"The run stopped without an answer ({result.stop_reason}"

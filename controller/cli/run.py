@@ -46,7 +46,7 @@ from kowalski.controller.rlm.runs import (
 from kowalski.controller.rlm.trajectory import list_runs, read_trajectory, render_trajectory
 
 # Stop reasons that mean the model gave its answer.
-ANSWERED = frozenset({"final", "final_var", "direct"})
+ANSWERED = frozenset({"final", "final_var", "answer_dict", "direct"})
 _SHOWN_CHARS = 1500
 _stream_decoder = msgspec.json.Decoder(RunStreamLine)
 
@@ -177,7 +177,8 @@ def _request(args: argparse.Namespace) -> RunRequest:
             raise NotFoundError(f"cannot read the context file {path}: {exc.strerror}",
                                 next_step="Check the path given to --context-file") from None
     return RunRequest(query=args.prompt, context=context, model=args.model or "",
-                      max_iterations=args.max_iterations, stream=True)
+                      sub_model=args.sub_model or "", max_iterations=args.max_iterations,
+                      stream=True)
 
 
 async def _run_local(config: Config, request: RunRequest, watch: RunWatch, show: bool
@@ -283,6 +284,8 @@ def add_commands(commands: Any) -> None:
     run.add_argument("prompt", help="the question or task")
     run.add_argument("--context-file", help="a (large) text file the model works on")
     run.add_argument("--model", help="model id (default: exo.default_model or a ready one)")
+    run.add_argument("--sub-model", help="model for llm_query sub-calls (default: "
+                                         "rlm.sub_model, else --model)")
     run.add_argument("--max-iterations", type=positive_int,
                      help="override rlm.max_iterations (at least 1)")
     run.add_argument("--json", action="store_true", help="print only the result, as JSON")

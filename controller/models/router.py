@@ -58,6 +58,8 @@ class Endpoint:
     node_ids: frozenset[str] = frozenset()
     # Calls in flight at once here, from the endpoint's config; None: no limit of its own.
     limit: asyncio.Semaphore | None = None
+    # The same number, for choosing by work against capacity; 0: no limit of its own.
+    capacity: int = 0
     # Folding summaries keep their own failure count: a failing summariser must not shut
     # the endpoint for the calls a run cannot do without.
     summary_circuit: breaker.Circuit = field(default_factory=lambda: breaker.CLOSED)
@@ -131,7 +133,9 @@ class LlmRouter:
         self._clock = clock
         self._rng = rng or random.Random()
         self.endpoints = [Endpoint(client=client_for(entry, config, session=session),
-                                   limit=_limit(entry)) for entry in urls]
+                                   limit=_limit(entry),
+                                   capacity=getattr(entry, "max_concurrency", 0))
+                          for entry in urls]
         self._placing: dict[str, asyncio.Task[None]] = {}
         # Set and replaced whenever a probe ends: waiters for the first probes hold the old one.
         self._probed = asyncio.Event()
@@ -269,13 +273,25 @@ class LlmRouter:
             # (already, when one is half-open with its probe out).
             wait_s = min(max(c.opened_at + policy.reset_s - now, 0.0) for c in shut)
             raise ModelNotYetAvailableError(reason, wait_s=wait_s, probe_pending=wait_s <= 0)
-        # Endpoints of one cluster share its machines, so they share its load too.
+        # Endpoints of one cluster share its machines, so they share its load and capacity.
+        # One without a limit of its own counts as able to take exo.max_concurrency calls.
         load = {e.cluster: 0 for e in self.endpoints}
+        capacity = dict.fromkeys(load, 0)
         for e in self.endpoints:
             load[e.cluster] += e.in_flight
-        return max(open_ok, key=lambda e: formula(
-            operation, latency_ms=e.latency_ms or 0.0, memory_free_fraction=0.0,
-        ) - self._load_penalty * load[e.cluster])
+            capacity[e.cluster] += e.capacity or self._config.max_concurrency
+
+        def rank(e: Endpoint) -> tuple[float, float]:
+            # Least work in flight against capacity, weighed by the time one call takes
+            # there: the expected wait of one more call. Endpoints then get work in
+            # proportion to capacity and speed, and a full one queues only when all are.
+            # Between equals, the faster one, less its load.
+            share = (load[e.cluster] + 1) / capacity[e.cluster]
+            return (-share * max(e.latency_ms or 0.0, 1.0), formula(
+                operation, latency_ms=e.latency_ms or 0.0, memory_free_fraction=0.0,
+            ) - self._load_penalty * load[e.cluster])
+
+        return max(open_ok, key=rank)
 
     async def _ensure_model(self, model: str) -> None:
         """Place an instance of a model nobody serves, when the config allows it."""

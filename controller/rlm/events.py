@@ -20,7 +20,7 @@ from kowalski.controller.rlm.folding import CHARS_PER_TOKEN, estimate_tokens
 
 StopReason = Literal[
     "final", "final_var", "max_iterations", "timeout", "token_budget", "error", "cancelled",
-    "direct",
+    "direct", "answer_dict",
 ]
 
 

@@ -1,5 +1,6 @@
-"""FINAL(answer) and FINAL_VAR(name) in a model's reply: where they are, where they end,
-and the stop each one makes (or why it does not end the run)."""
+"""How a run ends: FINAL(answer) and FINAL_VAR(name) in a model's reply (where they are,
+where they end, the stop each one makes or why it does not end the run), and the REPL's
+`answer` dict once a cell sets answer["ready"]."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from kowalski.common.code_blocks import CodeBlock, normalize_newlines
-from kowalski.common.messages import VariableValue
+from kowalski.common.messages import CellResult, VariableValue
 from kowalski.controller.rlm.events import Stop
 
 # A FINAL_VAR value longer than this is cut (the answer then says so).
@@ -107,3 +108,12 @@ async def resolve(marker: FinalMarker, variables: Variables) -> tuple[Stop | Non
     detail = (f"the value of {name} was cut at {FINAL_VAR_MAX_CHARS} characters"
               if value.truncated else "")
     return Stop(reason="final_var", answer=value.value, detail=detail), ""
+
+
+def answer_stop(result: CellResult) -> Stop | None:
+    """The stop a cell makes by leaving answer["ready"] set, else None."""
+    if result.answer is None:
+        return None
+    detail = ("the answer was cut to fit the session's message limit"
+              if result.answer_truncated else "")
+    return Stop(reason="answer_dict", answer=result.answer, detail=detail)

@@ -113,6 +113,7 @@ class RlmRun:
         # model reports 0 iterations.
         self._replied = 0
         self._session: CodeSession | None = None
+        self._answered: Stop | None = None  # set by a cell that made answer["ready"] true
         self._started = False
         self._ledger = RunLedger()
         self._subs = SubCalls(
@@ -163,7 +164,8 @@ class RlmRun:
         recursive = self.depth + 1 < self.config.max_depth
         system = prompts.system_prompt(
             info, output_chars=self.config.max_output_chars,
-            sub_chars=max_prompt_chars(self.config), recursive_sub_calls=recursive)
+            sub_chars=max_prompt_chars(self.config), recursive_sub_calls=recursive,
+            protocol=self.config.final_protocol)
         task = prompts.task_prompt(self.query)
         self._messages = [ChatMessage(role="system", content=system),
                           ChatMessage(role="user", content=task)]
@@ -285,6 +287,7 @@ class RlmRun:
                 result = await self._session.execute(block.code,
                                                      timeout_ms=self._cell_timeout_ms)
             wall_ms = (time.monotonic() - started) * 1000
+            self._answered = self._answered or final.answer_stop(result)
             self._cells.append(block.code)
             device = result.agent_id or self._session.device_id
             self._ledger.note_agent(self._session.device_id)
@@ -309,12 +312,14 @@ class RlmRun:
         blocks = extract_code_blocks(result.text)
         code_started = time.monotonic()
         # The extra request at the limit asks for an answer only: its code is not run.
-        feedback = await self._run_blocks(blocks) if phase == "turn" else []
+        feedback = (await self._run_blocks(blocks) if phase == "turn"
+                    or self.config.final_protocol == "answer_dict" else [])
         marker = final.find_final(result.text, blocks)
         stop, note = None, ""
         if marker is not None:
             assert self._session is not None
             stop, note = await final.resolve(marker, self._session)
+        stop = stop or self._answered
         code_ms = (time.monotonic() - code_started) * 1000
         message = ""
         limit = self.config.max_iterations
@@ -324,8 +329,9 @@ class RlmRun:
             feedback += prompts.reply_notes(
                 note, cut_at=self.config.max_reply_tokens if result.finish_reason == "length"
                 else 0, nothing_ran=not blocks and marker is None)
-            ending = (prompts.final_request(limit) if iteration == limit
-                      else prompts.continue_prompt(self.query))
+            protocol = self.config.final_protocol
+            ending = (prompts.final_request(limit, protocol) if iteration == limit
+                      else prompts.continue_prompt(self.query, protocol))
             message = "\n\n".join([*feedback, ending])
             self._messages.append(ChatMessage(role="user", content=message))
         self._steps.append(StepTiming(iteration=iteration, model_ms=model_ms, code_ms=code_ms))
@@ -372,7 +378,7 @@ class RlmRun:
 
     async def answer_sub_calls(self, prompts: list[str], *, model: str = "") -> list[str]:
         """Answers to llm_query / llm_query_batched, in order; a failed one reads "Error: ..."."""
-        return await self._subs.answer(prompts, model=model or self.model)
+        return await self._subs.answer(prompts, model=model, root_model=self.model)
 
     async def _run_child(self, query: str, context: str, *, config: RlmConfig, model: str,
                          run_id: str) -> RlmResult:

@@ -111,20 +111,33 @@ for i, answer in enumerate(answers):
     print(i, answer[:200])
 ```
 
+{ending}
+
+{context_sentence}"""
+
+_FINAL_ENDING = """\
 When you have the answer, give it on a line of its own, outside any code block, in one of \
 two ways:
 FINAL(the answer as text)
 FINAL_VAR(variable_name)   (the value of a REPL variable)
 FINAL_VAR needs a variable that exists: assign it in a ```repl block first (code in the \
 same reply runs before FINAL_VAR is read). Do not write FINAL before you know the answer, \
-and answer the query itself.
+and answer the query itself."""
 
-{context_sentence}"""
+_ANSWER_ENDING = """\
+The REPL also holds `answer`, a dict: `answer = {{"content": "", "ready": False}}`. When you \
+have the answer, set it in a ```repl block:
+```repl
+answer["content"] = result   # the answer, as text
+answer["ready"] = True
+```
+The run ends with answer["content"] once answer["ready"] is True. Do not set it ready \
+before you know the answer, and answer the query itself."""
 
 
 def system_prompt(info: ContextInfo, *, output_chars: int, sub_chars: int,
-                  recursive_sub_calls: bool) -> str:
-    """The system prompt: the REPL, its functions, the FINAL protocol and the context."""
+                  recursive_sub_calls: bool, protocol: str = "final") -> str:
+    """The system prompt: the REPL, its functions, how to end (protocol) and the context."""
     sub_call = (
         "starts a sub-model with a REPL of its own, whose `context` is your prompt, and "
         "returns its final answer as a string." if recursive_sub_calls else
@@ -133,6 +146,7 @@ def system_prompt(info: ContextInfo, *, output_chars: int, sub_chars: int,
     return _SYSTEM_PROMPT.format(
         sub_call=sub_call, sub_chars=sub_chars, output_chars=output_chars,
         chunk_chars=max(1000, sub_chars // 2), context_sentence=context_sentence(info),
+        ending=(_ANSWER_ENDING if protocol == "answer_dict" else _FINAL_ENDING).format(),
     )
 
 
@@ -148,15 +162,19 @@ def task_prompt(query: str) -> str:
             "with a ```repl block; do not give a final answer yet. Your next action:")
 
 
-def continue_prompt(query: str) -> str:
+def continue_prompt(query: str, protocol: str = "final") -> str:
     """The end of every feedback message: the query again, and what to do next."""
+    how = ('set answer["content"] and answer["ready"] = True in a ```repl block'
+           if protocol == "answer_dict" else "write FINAL(...) or FINAL_VAR(...) on its own line")
     return (f"Continue with the REPL (it holds `context` and your variables) to answer the "
-            f"query: \"{_echo(query)}\"\nWhen you know the answer, write FINAL(...) or "
-            "FINAL_VAR(...) on its own line. Your next action:")
+            f"query: \"{_echo(query)}\"\nWhen you know the answer, {how}. Your next action:")
 
 
-def final_request(iterations: int) -> str:
+def final_request(iterations: int, protocol: str = "final") -> str:
     """The last message when the step limit is reached."""
+    if protocol == "answer_dict":
+        return (f"You have used all {iterations} steps. Give your final answer now, in one "
+                'short ```repl block that sets answer["content"] and answer["ready"] = True.')
     return (f"You have used all {iterations} steps. Give your final answer now, on a line of "
             "its own: FINAL(the answer) or FINAL_VAR(variable_name). Do not write more code.")
 

@@ -65,6 +65,8 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     query: str
     context: Any = None
     model: str = ""
+    # The model answering llm_query sub-calls (empty: rlm.sub_model, else model).
+    sub_model: str = ""
     # Overrides may only tighten the controller's own limits (checked against the config).
     max_iterations: Annotated[int, Meta(gt=0)] | None = None
     max_depth: Annotated[int, Meta(ge=0)] | None = None
@@ -181,10 +183,12 @@ class RunRegistry:
             if value is not None and value > limit:
                 raise ParseError(f"{key} = {value} is over this controller's limit of {limit} "
                                  f"(rlm.{key})")
-        changes = {key: value for key, value in (
+        changes: dict[str, Any] = {key: value for key, value in (
             ("max_iterations", request.max_iterations), ("max_depth", request.max_depth),
             ("token_budget", request.token_budget), ("run_timeout_s", request.run_timeout_s),
         ) if value is not None}
+        if request.sub_model:
+            changes["sub_model"] = request.sub_model
         return msgspec.structs.replace(self.config, **changes) if changes else self.config
 
     def _check_context(self, context: Any) -> None:

@@ -1,7 +1,9 @@
 """A run's sub-calls: llm_query / llm_query_batched answered by the model or by child runs.
 
 Each run owns one `SubCalls`. Below `max_depth` a sub-call is an RLM run of its own over
-the prompt; at the last level it is one plain model call. A refused or failed sub-call
+the prompt, looping with the root model; at the last level it is one plain model call to
+the sub model (`rlm.sub_model`, else the root model). A model named in the call itself
+(`llm_query(prompt, model=...)`) wins over both. A refused or failed sub-call
 answers "Error: ..." instead of raising, so the model's code can carry on.
 
 Sub-calls belong to the cell that made them: they are taken only while a cell runs, and
@@ -82,8 +84,12 @@ class SubCalls:
             for work in list(self._work):
                 work.cancel()
 
-    async def answer(self, prompts: list[str], *, model: str) -> list[str]:
-        """Answers to llm_query / llm_query_batched, in order; a failed one reads "Error: ..."."""
+    async def answer(self, prompts: list[str], *, model: str = "", root_model: str = ""
+                     ) -> list[str]:
+        """Answers to llm_query / llm_query_batched, in order; a failed one reads "Error: ...".
+
+        model is the one the call named (empty: none); root_model is the run's own.
+        """
         ledger, config = self._ledger, self._config
         if ledger.finished:
             raise CancelledJobError(f"run {self._run_id} has finished; no more sub-calls")
@@ -93,7 +99,7 @@ class SubCalls:
         if not self._cells_running:
             raise CancelledJobError(f"run {self._run_id} has no cell running; the cell that "
                                     "asked has ended and its sub-calls were dropped")
-        work = asyncio.ensure_future(self._answer_all(prompts, model))
+        work = asyncio.ensure_future(self._answer_all(prompts, model, root_model))
         self._work.add(work)
         work.add_done_callback(self._work.discard)
         try:
@@ -106,12 +112,15 @@ class SubCalls:
                                         "its pending sub-calls were cancelled") from None
             raise
 
-    async def _answer_all(self, prompts: list[str], model: str) -> list[str]:
+    async def _answer_all(self, prompts: list[str], model: str, root_model: str) -> list[str]:
         ledger, config = self._ledger, self._config
+        recursive = self._depth + 1 < config.max_depth
+        # A child run loops with the root model; a leaf is one call to the sub model.
+        chosen = model or (root_model if recursive else config.sub_model or root_model)
 
         async def one(prompt: str) -> str:
             async with self._semaphore:
-                return await self._sub_call(prompt, model)
+                return await self._sub_call(prompt, chosen)
 
         try:
             async with asyncio.timeout_at(ledger.deadline), asyncio.TaskGroup() as group:

@@ -305,7 +305,7 @@ def render_trajectory(trajectory: Trajectory, *, max_chars: int = 4000) -> str:
         lines.append(f"Devices: {', '.join(final.devices)}")
     if final.cached_tokens.total_tokens:
         lines.append(f"Answered by the cache (not spent): {_tokens(final.cached_tokens)}")
-    if final.answer or final.stop_reason in ("final", "final_var", "direct"):
+    if final.answer or final.stop_reason in ("final", "final_var", "answer_dict", "direct"):
         lines += ["Answer:", _indent(_cut(final.answer, max_chars))]
     else:
         lines += ["No answer; the model's last reply was:",

@@ -102,7 +102,7 @@ export function clip(text, length) {
 
 // How a run ended, by its stop reason: answered, stopped at a limit, failed or cancelled.
 const OUTCOMES = {
-  final: "finished", final_var: "finished", direct: "finished",
+  final: "finished", final_var: "finished", answer_dict: "finished", direct: "finished",
   max_iterations: "stopped", timeout: "stopped", token_budget: "stopped",
   error: "failed", cancelled: "cancelled",
 };
