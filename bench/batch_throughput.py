@@ -88,6 +88,7 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
     try:
         config = controller_config(tmp, exo_urls=[url])
         async with controller(config) as running:
+            await running.router.first_probes()
             if MODEL not in running.router.ready_models():
                 raise RuntimeError(f"the stand-in at {url} has no {MODEL} ready")
             bare_cpu, cold_cpu = _Cpu(standin.pid), _Cpu(standin.pid)

@@ -46,6 +46,8 @@ async def _controller(lan: Lan, tmp: Path) -> tuple[asyncio.subprocess.Process, 
     config = {
         "controller": {"host": lan.address(0), "port": 0, "state_dir": str(tmp / "state")},
         "exo": {"embedded": False},
+        # The benchmark's controller takes no writes; it only lists devices.
+        "security": {"allow_open_api": True},
     }
     path = tmp / "controller.toml"
     path.write_text(tomli_w.dumps(config))

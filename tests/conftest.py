@@ -112,4 +112,6 @@ async def controller(agents: list[AgentProcess], exo: Any, tmp_path: Path
     async with running_controller(config) as running:
         assert await running.cluster.wait_for(
             lambda t: len(healthy_ids(t)) == len(agents), timeout_s=15), running.cluster.table
+        # Endpoints are probed in the background: tests start once the first probe answered.
+        await running.router.first_probes()
         yield running
