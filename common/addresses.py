@@ -16,6 +16,16 @@ def host_addresses() -> list[str]:
     return [str(address) for address, _ in _interface_networks()]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether host names this machine's loopback; any other name may resolve anywhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def local_networks() -> list[ipaddress.IPv4Network]:
     """The IPv4 subnets this host's interfaces that are up sit on, loopback left out."""
     return [network for address, network in _interface_networks()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import ipaddress
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -14,6 +13,7 @@ import aiohttp
 import msgspec
 
 from kowalski.common import compression, errors
+from kowalski.common.addresses import is_loopback
 from kowalski.common.http import RESPONSE_SIGNATURE_HEADER, response_signature
 from kowalski.common.job_stream import NDJSON, stream_signature
 from kowalski.common.messages import ErrorBody, JobStreamEnd, WireError, decode, encode
@@ -58,7 +58,7 @@ class SignedClient:
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         encoding = ""
-        if self._compress_loopback or not _is_loopback(parts.hostname or ""):
+        if self._compress_loopback or not is_loopback(parts.hostname or ""):
             headers[compression.ACCEPT_HEADER] = compression.ACCEPT_VALUE
             encoding = compression.choose(self._peer_accepts.get(origin, ()), len(body)) or ""
         if encoding:
@@ -168,15 +168,6 @@ class SignedClient:
                                                       max_bytes=MAX_ANSWER_BYTES)
         except errors.ParseError as exc:
             raise errors.ParseError(f"unexpected answer from {url}: {exc.message}") from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _seconds(header: str) -> float | None:

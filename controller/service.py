@@ -15,7 +15,6 @@ API answers (a start-up error is raised there) and closes on the way out.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from kowalski.common.addresses import host_addresses
+from kowalski.common.addresses import host_addresses, is_loopback
 from kowalski.common.client import SignedClient
 from kowalski.common.config import Config, read_api_token
 from kowalski.common.errors import ConfigError
@@ -248,20 +247,10 @@ class Controller:
                 raise error
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        # A host name other than localhost may resolve to anything: take it as open.
-        return False
-
-
 def _refuse_open_api(config: Config, api_token: bytes | None) -> None:
     """Refuse a write API open to the network unless the config says so on purpose."""
     host = config.controller.host
-    if api_token is not None or config.security.allow_open_api or _loopback(host):
+    if api_token is not None or config.security.allow_open_api or is_loopback(host):
         return
     raise ConfigError(
         f"controller.host is {host or '0.0.0.0'!r}, reachable from the network, and no API "
