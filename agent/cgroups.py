@@ -22,6 +22,9 @@ CONTROLLERS = ("memory", "pids")
 CPU = "cpu"
 # The CPU quota is counted per period of this length.
 CPU_PERIOD_US = 100_000
+# kill_all re-reads the cgroup after this pause, doubling it up to the maximum.
+_KILL_FIRST_PAUSE_S = 0.0005
+_KILL_MAX_PAUSE_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class JobCgroup:
         """SIGKILL every process until none is left; False if some survived the timeout."""
         kill_file = self.dirs.get("pids", next(iter(self.dirs.values()))) / "cgroup.kill"
         deadline = time.monotonic() + timeout_s
+        pause_s = _KILL_FIRST_PAUSE_S
         while True:
             pids = self.pids()
             if not pids:
@@ -157,7 +161,10 @@ class JobCgroup:
             if time.monotonic() > deadline:
                 log.error("processes %s survived SIGKILL in %s", sorted(pids), self.dirs)
                 return False
-            await asyncio.sleep(0.01)
+            # Killed processes leave the cgroup within a millisecond or so: a fixed 10 ms
+            # pause used to double a short job's clean-up.
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, _KILL_MAX_PAUSE_S)
 
     async def remove(self, timeout_s: float = 5.0) -> None:
         """Remove the directories; a cgroup is busy for a moment after its last process dies."""

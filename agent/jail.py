@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import os
 import secrets
 import shutil
@@ -22,6 +22,8 @@ from kowalski.agent.languages import SYSTEM_PATH, SYSTEM_ROOTS, TOOLCHAIN_MOUNT,
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import ExecutionError
 
+log = logging.getLogger("kowalski.agent.jail")
+
 # Where the job's own directory appears inside bubblewrap.
 INNER_WORKDIR = "/run/job"
 # Where the job's own cgroup appears (read-only, in a cgroup namespace rooted at it).
@@ -33,26 +35,50 @@ LAUNCH_MARK = b"kowalski-launcher:"
 _PIPE_CLOSE_TIMEOUT_S = 2.0
 _STREAM_LIMIT = 1 << 16
 
-# Runs as the job's first process and joins its cgroup before any job code exists, so no
-# fork can escape it (membership is inherited); then sets the rlimits and execs the command.
-# A separate process rather than preexec_fn, which is unsafe in a threaded parent.
-_LAUNCHER = """
-import json, os, resource, sys
-spec = json.loads(sys.argv[1])
+# Runs as the job's first process and execs the command only once the agent has moved it
+# into its cgroup, so no job code runs outside it (membership is inherited); sets the
+# rlimits in between. A separate process rather than preexec_fn, which is unsafe in a
+# threaded parent. The agent does the move while this interpreter starts: after an idle
+# moment the move waits out a kernel grace period (about 10 ms on cgroup v1), which then
+# overlaps the start instead of following it. Its spec comes as plain arguments (see
+# launcher_args): importing json here cost as much as starting the interpreter itself.
+LAUNCHER = """
+import os, resource, sys
+args = sys.argv
 try:
-    for path in spec["procs"]:
-        with open(path, "w") as file:
-            file.write(str(os.getpid()))
-    for name, value in spec["rlimits"]:
-        kind = getattr(resource, name)
+    gate = int(args[2])
+    if gate >= 0:
+        if os.read(gate, 1) != b"1":
+            raise OSError("the agent could not move the job into its cgroup")
+        os.close(gate)
+    end = 4 + 2 * int(args[3])
+    for index in range(4, end, 2):
+        kind = getattr(resource, args[index])
+        value = int(args[index + 1])
         hard = resource.getrlimit(kind)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(kind, (value, value))
-    os.execv(spec["argv"][0], spec["argv"])
+    os.execv(args[end], args[end:])
 except OSError as exc:
-    os.write(2, b"%s %s\\n" % (spec["mark"].encode(), str(exc).encode()))
+    os.write(2, b"%s %s\\n" % (args[1].encode(), str(exc).encode()))
     os._exit(125)
 """
+
+
+def launcher_args(gate_fd: int, rlimits: list[tuple[str, int]], argv: list[str]) -> list[str]:
+    """The launcher's arguments: its mark, the fd it waits on (-1: none), rlimits, command."""
+    limits = [str(part) for pair in rlimits for part in pair]
+    return [LAUNCH_MARK.decode(), str(gate_fd), str(len(rlimits)), *limits, *argv]
+
+
+def join(procs_files: list[str], pid: int) -> None:
+    """Move pid into the cgroup whose cgroup.procs files these are."""
+    for path in procs_files:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
 
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
@@ -177,6 +203,7 @@ class Jail:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
             raise ExecutionError(f"cannot prepare the work dir {workdir}: {exc}") from exc
         cgroup = None
+        gate_write = -1
         try:
             if self._cgroups is not None:
                 cgroup = self._cgroups.create(
@@ -184,23 +211,28 @@ class Jail:
                     memory_bytes=self._config.memory_limit_mb << 20,
                     cpu_cores=self._config.cpu_limit_cores)
             filter_fd = seccomp.program_fd() if self._bwrap else -1
+            procs = cgroup.procs_files if cgroup else []
+            gate_read, gate_write = os.pipe() if procs else (-1, -1)
             try:
-                spec = {"procs": cgroup.procs_files if cgroup else [],
-                        "mark": LAUNCH_MARK.decode(),
-                        "rlimits": self._rlimits(toolchain, cgroup, cpu_limit),
-                        "argv": self._command(toolchain, argv, workdir, cgroup, filter_fd)}
+                rlimits = self._rlimits(toolchain, cgroup, cpu_limit)
+                command = self._command(toolchain, argv, workdir, cgroup, filter_fd)
+                if procs or rlimits:
+                    command = [sys.executable, "-I", "-S", "-c", LAUNCHER,
+                               *launcher_args(gate_read, rlimits, command)]
+                inherited = tuple(fd for fd in (filter_fd, gate_read) if fd >= 0)
                 loop = asyncio.get_running_loop()
                 transport, protocol = await loop.subprocess_exec(
-                    lambda: _Protocol(_STREAM_LIMIT, loop),
-                    sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec),
-                    stdin=stdin, stdout=stdout, stderr=stderr,
-                    pass_fds=(*pass_fds, filter_fd) if filter_fd >= 0 else pass_fds,
+                    lambda: _Protocol(_STREAM_LIMIT, loop), *command,
+                    stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=(*pass_fds, *inherited),
                     start_new_session=True, cwd=workdir, env=self.environment(workdir))
             finally:
-                if filter_fd >= 0:
-                    os.close(filter_fd)
+                for fd in (filter_fd, gate_read):
+                    if fd >= 0:
+                        os.close(fd)
         except BaseException as exc:
             # Also when cancelled mid-start: asyncio kills a half-started child itself.
+            if gate_write >= 0:
+                os.close(gate_write)
             await asyncio.shield(self._discard(workdir, cgroup))
             if isinstance(exc, OSError):
                 raise ExecutionError(f"cannot start the sandbox: {exc}") from exc
@@ -208,7 +240,24 @@ class Jail:
         process = asyncio.subprocess.Process(transport, protocol, loop)
         handle = SandboxedProcess(process, transport, protocol, workdir, cgroup, self)
         self.live.add(handle)
+        if gate_write >= 0:
+            await self._open_gate(handle, procs, gate_write)
         return handle
+
+    @staticmethod
+    async def _open_gate(handle: SandboxedProcess, procs: list[str], gate_write: int) -> None:
+        """Move the launcher into its cgroup, then let it go on; a failed move fails the job."""
+        try:
+            await asyncio.to_thread(join, procs, handle.process.pid)
+            os.write(gate_write, b"1")
+        except OSError as exc:
+            # The launcher reads end of file and reports the failure as the job's.
+            log.warning("cannot move a job into its cgroup %s: %s", procs, exc)
+        except BaseException:
+            os.close(gate_write)
+            await asyncio.shield(handle.release())
+            raise
+        os.close(gate_write)
 
     @staticmethod
     async def _discard(workdir: Path, cgroup: JobCgroup | None) -> None:
