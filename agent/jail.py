@@ -58,7 +58,10 @@ try:
         hard = resource.getrlimit(kind)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(kind, (value, value))
-    os.execv(args[end], args[end:])
+    try:
+        os.execv(args[end], args[end:])
+    except OSError as exc:
+        raise OSError(f"cannot run {args[end]}: {exc.strerror}") from None
 except OSError as exc:
     os.write(2, b"%s %s\\n" % (args[1].encode(), str(exc).encode()))
     os._exit(125)
@@ -197,19 +200,23 @@ class Jail:
         """Start argv in a fresh work dir (holding files) and cgroup."""
         name = f"{name}-{secrets.token_hex(4)}"
         workdir = self._work_root / name
-        try:
-            await asyncio.to_thread(self._prepare, workdir, files)
-        except OSError as exc:
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
-            raise ExecutionError(f"cannot prepare the work dir {workdir}: {exc}") from exc
         cgroup = None
+        primer: asyncio.Future[None] | None = None
         gate_write = -1
         try:
-            if self._cgroups is not None:
-                cgroup = self._cgroups.create(
-                    name, pids_max=self._config.pids_limit,
-                    memory_bytes=self._config.memory_limit_mb << 20,
-                    cpu_cores=self._config.cpu_limit_cores)
+            try:
+                if self._cgroups is not None:
+                    cgroup = self._cgroups.create(
+                        name, pids_max=self._config.pids_limit,
+                        memory_bytes=self._config.memory_limit_mb << 20,
+                        cpu_cores=self._config.cpu_limit_cores)
+                    primer = asyncio.ensure_future(asyncio.to_thread(self._cgroups.prime))
+            except OSError as exc:
+                raise ExecutionError(f"cannot make the job's cgroup: {exc}") from exc
+            try:
+                await asyncio.to_thread(self._prepare, workdir, files)
+            except OSError as exc:
+                raise ExecutionError(f"cannot prepare the work dir {workdir}: {exc}") from exc
             filter_fd = seccomp.program_fd() if self._bwrap else -1
             procs = cgroup.procs_files if cgroup else []
             gate_read, gate_write = os.pipe() if procs else (-1, -1)
@@ -233,6 +240,8 @@ class Jail:
             # Also when cancelled mid-start: asyncio kills a half-started child itself.
             if gate_write >= 0:
                 os.close(gate_write)
+            if primer is not None:
+                await asyncio.shield(primer)
             await asyncio.shield(self._discard(workdir, cgroup))
             if isinstance(exc, OSError):
                 raise ExecutionError(f"cannot start the sandbox: {exc}") from exc
@@ -240,8 +249,12 @@ class Jail:
         process = asyncio.subprocess.Process(transport, protocol, loop)
         handle = SandboxedProcess(process, transport, protocol, workdir, cgroup, self)
         self.live.add(handle)
-        if gate_write >= 0:
-            await self._open_gate(handle, procs, gate_write)
+        try:
+            if gate_write >= 0:
+                await self._open_gate(handle, procs, gate_write)
+        finally:
+            if primer is not None:
+                await asyncio.shield(primer)
         return handle
 
     @staticmethod
