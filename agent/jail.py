@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -19,6 +18,7 @@ import psutil
 from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager, JobCgroup
 from kowalski.agent.languages import SYSTEM_PATH, SYSTEM_ROOTS, TOOLCHAIN_MOUNT, Toolchain
+from kowalski.agent.launcher import join, launcher_args, python_launcher
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import ExecutionError
 
@@ -28,61 +28,9 @@ log = logging.getLogger("kowalski.agent.jail")
 INNER_WORKDIR = "/run/job"
 # Where the job's own cgroup appears (read-only, in a cgroup namespace rooted at it).
 INNER_CGROUP = "/sys/fs/cgroup"
-# The launcher's exit code and stderr prefix when it cannot start the job.
-LAUNCH_FAILED = 125
-LAUNCH_MARK = b"kowalski-launcher:"
 # After the last process dies its pipes close at once; this bounds orphans outside a cgroup.
 _PIPE_CLOSE_TIMEOUT_S = 2.0
 _STREAM_LIMIT = 1 << 16
-
-# Runs as the job's first process and execs the command only once the agent has moved it
-# into its cgroup, so no job code runs outside it (membership is inherited); sets the
-# rlimits in between. A separate process rather than preexec_fn, which is unsafe in a
-# threaded parent. The agent does the move while this interpreter starts: after an idle
-# moment the move waits out a kernel grace period (about 10 ms on cgroup v1), which then
-# overlaps the start instead of following it. Its spec comes as plain arguments (see
-# launcher_args): importing json here cost as much as starting the interpreter itself.
-LAUNCHER = """
-import os, resource, sys
-args = sys.argv
-try:
-    gate = int(args[2])
-    if gate >= 0:
-        if os.read(gate, 1) != b"1":
-            raise OSError("the agent could not move the job into its cgroup")
-        os.close(gate)
-    end = 4 + 2 * int(args[3])
-    for index in range(4, end, 2):
-        kind = getattr(resource, args[index])
-        value = int(args[index + 1])
-        hard = resource.getrlimit(kind)[1]
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(kind, (value, value))
-    try:
-        os.execv(args[end], args[end:])
-    except OSError as exc:
-        raise OSError(f"cannot run {args[end]}: {exc.strerror}") from None
-except OSError as exc:
-    os.write(2, b"%s %s\\n" % (args[1].encode(), str(exc).encode()))
-    os._exit(125)
-"""
-
-
-def launcher_args(gate_fd: int, rlimits: list[tuple[str, int]], argv: list[str]) -> list[str]:
-    """The launcher's arguments: its mark, the fd it waits on (-1: none), rlimits, command."""
-    limits = [str(part) for pair in rlimits for part in pair]
-    return [LAUNCH_MARK.decode(), str(gate_fd), str(len(rlimits)), *limits, *argv]
-
-
-def join(procs_files: list[str], pid: int) -> None:
-    """Move pid into the cgroup whose cgroup.procs files these are."""
-    for path in procs_files:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.write(fd, str(pid).encode())
-        finally:
-            os.close(fd)
-
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
     """Tells when the process exits; Process.wait() returns only once its pipes close too."""
@@ -176,7 +124,7 @@ class Jail:
     """Starts confined processes the way the mode says; keeps them until released."""
 
     def __init__(self, config: SandboxConfig, *, work_root: Path, bwrap: str, setpriv: str,
-                 cgroups: CgroupManager | None) -> None:
+                 cgroups: CgroupManager | None, launcher: list[str] | None = None) -> None:
         self._config = config
         self._work_root = work_root
         # Empty when not used (rlimit mode has no bwrap; none mode, or no root, no setpriv).
@@ -184,6 +132,8 @@ class Jail:
         self._setpriv = setpriv
         self._cgroups = cgroups
         self._limits = config.mode != "none"
+        # The command line that starts the launcher (see launcher.build_launcher).
+        self.launcher = launcher or python_launcher()
         self.live: set[SandboxedProcess] = set()
 
     @property
@@ -224,8 +174,7 @@ class Jail:
                 rlimits = self._rlimits(toolchain, cgroup, cpu_limit)
                 command = self._command(toolchain, argv, workdir, cgroup, filter_fd)
                 if procs or rlimits:
-                    command = [sys.executable, "-I", "-S", "-c", LAUNCHER,
-                               *launcher_args(gate_read, rlimits, command)]
+                    command = [*self.launcher, *launcher_args(gate_read, rlimits, command)]
                 inherited = tuple(fd for fd in (filter_fd, gate_read) if fd >= 0)
                 loop = asyncio.get_running_loop()
                 transport, protocol = await loop.subprocess_exec(

@@ -85,7 +85,7 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
                 finally:
                     await session.close()
                 languages = await _languages(dispatcher, sandbox, ids, quick)
-        steps = await step_times(sandbox, repeats)
+        steps = await step_times(sandbox, repeats, tmp / "launcher")
     finally:
         await sandbox.close()
     bare_true, bare_python = spawned["bare true"], spawned["bare python"]
@@ -137,7 +137,8 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
         key="sandbox_steps", title="Where a sandboxed start spends its time",
         method=(
             "The steps of the agent's own `Sandbox.spawn` of `true`, timed apart in the "
-            "harness: the launcher alone (started with `-I -S`, exec of `true`), a move into "
+            "harness: the launchers alone (Python with `-I -S`, and the C one the agent "
+            "builds where it finds a compiler; exec of `true`), a move into "
             "a fresh job cgroup after an idle gap and right after another move (the kernel "
             "waits out a grace period on the first), then a sandboxed `true` split into its "
             f"spawn, its run to exit, stop and removal. {repeats} rounds after one warm-up."),

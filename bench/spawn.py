@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kowalski.agent.cgroups import CgroupManager
-from kowalski.agent.jail import INNER_WORKDIR, LAUNCHER, join, launcher_args
+from kowalski.agent.jail import INNER_WORKDIR
 from kowalski.agent.languages import SYSTEM_PATH, Toolchain, program_for
+from kowalski.agent.launcher import build_launcher, join, launcher_args, python_launcher
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.snippets import Program
 
@@ -75,11 +75,16 @@ async def sandboxed_true(sandbox: Sandbox) -> None:
 IDLE_GAP_S = 0.05
 
 
-async def step_times(sandbox: Sandbox, repeats: int) -> dict[str, list[float]]:
+async def step_times(sandbox: Sandbox, repeats: int, work: Path) -> dict[str, list[float]]:
     """Milliseconds of the steps of a sandboxed start that can be timed on their own."""
     true = shutil.which("true", path=SYSTEM_PATH)
     assert true is not None
     samples: dict[str, list[float]] = {}
+    await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
+    launchers = {"Python launcher (`-I -S`)": python_launcher()}
+    compiled = await asyncio.to_thread(build_launcher, work)
+    if compiled != python_launcher():
+        launchers["C launcher"] = compiled
 
     def add(name: str, started: float) -> None:
         samples.setdefault(name, []).append((time.perf_counter() - started) * 1000)
@@ -87,11 +92,11 @@ async def step_times(sandbox: Sandbox, repeats: int) -> dict[str, list[float]]:
     manager, _ = await asyncio.to_thread(CgroupManager.detect)
     try:
         for round_number in range(repeats + 1):
-            started = time.perf_counter()
-            await run_process([sys.executable, "-I", "-S", "-c", LAUNCHER,
-                               *launcher_args(-1, [], [true])])
-            if round_number:
-                add("launcher started, exec of `true`", started)
+            for label, launcher in launchers.items():
+                started = time.perf_counter()
+                await run_process([*launcher, *launcher_args(-1, [], [true])])
+                if round_number:
+                    add(f"{label} started, exec of `true`", started)
             if manager is not None:
                 await _joins(manager, add if round_number else lambda *_: None)
             started = time.perf_counter()
