@@ -23,7 +23,6 @@ from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common import config as config_module
 from kowalski.common.addresses import advertised_addresses
-from kowalski.common.client import SignedClient
 from kowalski.common.config import Config
 from kowalski.common.errors import KowalskiError, MissingSecretError
 from kowalski.common.http import ServerLog
@@ -60,8 +59,8 @@ class Agent:
             await sandbox.start()
             async with aiohttp.ClientSession() as http:
                 # The controller's callback may be https with a private CA: trust it here too.
-                relay = LlmRelay(SignedClient(http, secret=self._secret,
-                                              ssl=client_ssl_context(self._config.security)),
+                relay = LlmRelay(http, secret=self._secret,
+                                 ssl_context=client_ssl_context(self._config.security),
                                  timeout_s=self._config.exo.request_timeout_s)
                 sessions = SessionManager(sandbox, max_sessions=settings.max_sessions,
                                           idle_timeout_s=settings.session_idle_timeout_s,
