@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-import psutil
-
 from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager, JobCgroup
 from kowalski.agent.languages import SYSTEM_PATH, SYSTEM_ROOTS, TOOLCHAIN_MOUNT, Toolchain
@@ -31,6 +29,28 @@ INNER_CGROUP = "/sys/fs/cgroup"
 # After the last process dies its pipes close at once; this bounds orphans outside a cgroup.
 _PIPE_CLOSE_TIMEOUT_S = 2.0
 _STREAM_LIMIT = 1 << 16
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of pid, from the parent links in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: the fields follow the last ")".
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
     """Tells when the process exits; Process.wait() returns only once its pipes close too."""
@@ -86,15 +106,12 @@ class SandboxedProcess:
         """SIGKILL the process group and every process in the cgroup, then reap."""
         pid = self.process.pid
         # Without a cgroup, descendants that left the group are only found through the tree.
-        stray: list[psutil.Process] = []
-        if self.cgroup is None:
-            with contextlib.suppress(psutil.Error):
-                stray = psutil.Process(pid).children(recursive=True)
+        stray = descendants(pid) if self.cgroup is None else []
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         for child in stray:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
         if self.cgroup is not None:
             await self.cgroup.kill_all()
         await self._protocol.exited.wait()

@@ -22,7 +22,6 @@ from kowalski.agent.metrics import MetricsSampler
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common import config as config_module
-from kowalski.common.addresses import advertised_addresses
 from kowalski.common.config import Config
 from kowalski.common.errors import KowalskiError, MissingSecretError
 from kowalski.common.http import ServerLog
@@ -97,8 +96,10 @@ class Agent:
                 if self._port_file is not None:
                     self._port_file.write_text(f"{self.port}\n")
                 if settings.advertise_mdns:
-                    # Imported here: zeroconf costs memory an agent without mDNS never needs.
+                    # Imported here: zeroconf and psutil cost memory an agent without mDNS
+                    # never needs.
                     from kowalski.agent.mdns import Advertiser
+                    from kowalski.common.addresses import advertised_addresses
 
                     addresses = ([settings.advertise_address] if settings.advertise_address
                                  else advertised_addresses(settings.host))
