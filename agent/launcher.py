@@ -120,6 +120,10 @@ def python_launcher() -> list[str]:
 
 def cache_dir() -> Path:
     """Where the agent keeps the C launcher it built, across restarts."""
+    # systemd's CacheDirectory= (the shipped unit's home is read-only), else the XDG place.
+    given = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    if given:
+        return Path(given)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "kowalski"
 

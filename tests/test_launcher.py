@@ -13,6 +13,7 @@ from kowalski.agent.launcher import (
     LAUNCH_FAILED,
     LAUNCH_MARK,
     build_launcher,
+    cache_dir,
     launcher_args,
     python_launcher,
 )
@@ -107,3 +108,12 @@ def test_priming_leaves_the_agent_in_its_own_cgroup() -> None:
         assert Path("/proc/self/cgroup").read_text() == before
     finally:
         manager.close()
+
+
+def test_the_launcher_cache_is_systemds_cache_directory_when_given(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHE_DIRECTORY", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    assert cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("CACHE_DIRECTORY")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "kowalski"
