@@ -22,6 +22,9 @@ CONTROLLERS = ("memory", "pids")
 CPU = "cpu"
 # The CPU quota is counted per period of this length.
 CPU_PERIOD_US = 100_000
+# kill_all re-reads the cgroup after this pause, doubling it up to the maximum.
+_KILL_FIRST_PAUSE_S = 0.0005
+_KILL_MAX_PAUSE_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class JobCgroup:
         """SIGKILL every process until none is left; False if some survived the timeout."""
         kill_file = self.dirs.get("pids", next(iter(self.dirs.values()))) / "cgroup.kill"
         deadline = time.monotonic() + timeout_s
+        pause_s = _KILL_FIRST_PAUSE_S
         while True:
             pids = self.pids()
             if not pids:
@@ -157,7 +161,10 @@ class JobCgroup:
             if time.monotonic() > deadline:
                 log.error("processes %s survived SIGKILL in %s", sorted(pids), self.dirs)
                 return False
-            await asyncio.sleep(0.01)
+            # Killed processes leave the cgroup within a millisecond or so: a fixed 10 ms
+            # pause used to double a short job's clean-up.
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, _KILL_MAX_PAUSE_S)
 
     async def remove(self, timeout_s: float = 5.0) -> None:
         """Remove the directories; a cgroup is busy for a moment after its last process dies."""
@@ -179,11 +186,14 @@ class JobCgroup:
 class CgroupManager:
     """Makes job cgroups under a parent cgroup of its own, below the agent's cgroup."""
 
-    def __init__(self, version: int, bases: dict[str, Path], *, v2_cpu: bool = False) -> None:
+    def __init__(self, version: int, bases: dict[str, Path], *, v2_cpu: bool = False,
+                 own_procs: Path | None = None) -> None:
         self.version = version
         self._bases = bases
         # Whether the v2 parent enabled the cpu controller for job cgroups.
         self._v2_cpu = v2_cpu
+        # The cgroup.procs file of the cgroup the agent itself is in (see prime).
+        self._own_procs = own_procs
 
     @classmethod
     def detect(cls) -> tuple[CgroupManager | None, str]:
@@ -205,7 +215,7 @@ class CgroupManager:
                 names = (*CONTROLLERS, CPU) if cpu else CONTROLLERS
                 try:
                     base = _make_v2_base(v2, token, at_root=at_root, controllers=names)
-                    return cls(2, {"v2": base}, v2_cpu=cpu), (
+                    return cls(2, {"v2": base}, v2_cpu=cpu, own_procs=_own_procs()), (
                         "" if cpu else "cgroup v2 lacks cpu: no per-job CPU quota")
                 except OSError as exc:
                     reasons.append(f"cgroup v2 at {v2} is not writable ({exc.strerror})")
@@ -230,8 +240,20 @@ class CgroupManager:
                 continue
             bases[controller] = own / token
         if bases:
-            return cls(1, bases), "; ".join(reasons)
+            return cls(1, bases, own_procs=_own_procs()), "; ".join(reasons)
         return None, "; ".join(reasons) or "no cgroup file system is mounted"
+
+    def prime(self) -> None:
+        """Move the agent into its own cgroup again, so that the next job's move is quick.
+
+        After an idle moment the kernel's first cgroup move waits out an RCU grace period
+        (about 10 ms) holding the cgroup lock; moves right after it do not wait. Started
+        as soon as a job's cgroup exists, that wait overlaps the work dir and the fork
+        (neither needs the lock) instead of following them. Blocks: run it in a thread.
+        """
+        if self._own_procs is not None:
+            with contextlib.suppress(OSError):
+                _write(self._own_procs, str(os.getpid()))
 
     @property
     def bases(self) -> list[Path]:
@@ -290,6 +312,20 @@ class CgroupManager:
                 base.rmdir()
             except OSError as exc:
                 log.warning("cannot remove cgroup %s: %s", base, exc.strerror)
+
+
+def _own_procs() -> Path | None:
+    """The cgroup.procs file of this process's own cgroup in one hierarchy, if found."""
+    try:
+        mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+        paths = parse_proc_cgroup(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        return None
+    found = locate(mounts, paths)
+    for key in ("v2", *CONTROLLERS, CPU):
+        if key in found:
+            return found[key] / "cgroup.procs"
+    return None
 
 
 def _write(path: Path, value: str, *, required: bool = True) -> None:

@@ -4,55 +4,52 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import os
 import secrets
 import shutil
 import signal
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-import psutil
-
 from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager, JobCgroup
 from kowalski.agent.languages import SYSTEM_PATH, SYSTEM_ROOTS, TOOLCHAIN_MOUNT, Toolchain
+from kowalski.agent.launcher import join, launcher_args, python_launcher
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import ExecutionError
+
+log = logging.getLogger("kowalski.agent.jail")
 
 # Where the job's own directory appears inside bubblewrap.
 INNER_WORKDIR = "/run/job"
 # Where the job's own cgroup appears (read-only, in a cgroup namespace rooted at it).
 INNER_CGROUP = "/sys/fs/cgroup"
-# The launcher's exit code and stderr prefix when it cannot start the job.
-LAUNCH_FAILED = 125
-LAUNCH_MARK = b"kowalski-launcher:"
 # After the last process dies its pipes close at once; this bounds orphans outside a cgroup.
 _PIPE_CLOSE_TIMEOUT_S = 2.0
 _STREAM_LIMIT = 1 << 16
 
-# Runs as the job's first process and joins its cgroup before any job code exists, so no
-# fork can escape it (membership is inherited); then sets the rlimits and execs the command.
-# A separate process rather than preexec_fn, which is unsafe in a threaded parent.
-_LAUNCHER = """
-import json, os, resource, sys
-spec = json.loads(sys.argv[1])
-try:
-    for path in spec["procs"]:
-        with open(path, "w") as file:
-            file.write(str(os.getpid()))
-    for name, value in spec["rlimits"]:
-        kind = getattr(resource, name)
-        hard = resource.getrlimit(kind)[1]
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(kind, (value, value))
-    os.execv(spec["argv"][0], spec["argv"])
-except OSError as exc:
-    os.write(2, b"%s %s\\n" % (spec["mark"].encode(), str(exc).encode()))
-    os._exit(125)
-"""
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of pid, from the parent links in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: the fields follow the last ")".
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
 
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
@@ -109,15 +106,12 @@ class SandboxedProcess:
         """SIGKILL the process group and every process in the cgroup, then reap."""
         pid = self.process.pid
         # Without a cgroup, descendants that left the group are only found through the tree.
-        stray: list[psutil.Process] = []
-        if self.cgroup is None:
-            with contextlib.suppress(psutil.Error):
-                stray = psutil.Process(pid).children(recursive=True)
+        stray = descendants(pid) if self.cgroup is None else []
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         for child in stray:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
         if self.cgroup is not None:
             await self.cgroup.kill_all()
         await self._protocol.exited.wait()
@@ -147,7 +141,7 @@ class Jail:
     """Starts confined processes the way the mode says; keeps them until released."""
 
     def __init__(self, config: SandboxConfig, *, work_root: Path, bwrap: str, setpriv: str,
-                 cgroups: CgroupManager | None) -> None:
+                 cgroups: CgroupManager | None, launcher: list[str] | None = None) -> None:
         self._config = config
         self._work_root = work_root
         # Empty when not used (rlimit mode has no bwrap; none mode, or no root, no setpriv).
@@ -155,6 +149,8 @@ class Jail:
         self._setpriv = setpriv
         self._cgroups = cgroups
         self._limits = config.mode != "none"
+        # The command line that starts the launcher (see launcher.build_launcher).
+        self.launcher = launcher or python_launcher()
         self.live: set[SandboxedProcess] = set()
 
     @property
@@ -171,36 +167,47 @@ class Jail:
         """Start argv in a fresh work dir (holding files) and cgroup."""
         name = f"{name}-{secrets.token_hex(4)}"
         workdir = self._work_root / name
-        try:
-            await asyncio.to_thread(self._prepare, workdir, files)
-        except OSError as exc:
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
-            raise ExecutionError(f"cannot prepare the work dir {workdir}: {exc}") from exc
         cgroup = None
+        primer: asyncio.Future[None] | None = None
+        gate_write = -1
         try:
-            if self._cgroups is not None:
-                cgroup = self._cgroups.create(
-                    name, pids_max=self._config.pids_limit,
-                    memory_bytes=self._config.memory_limit_mb << 20,
-                    cpu_cores=self._config.cpu_limit_cores)
-            filter_fd = seccomp.program_fd() if self._bwrap else -1
             try:
-                spec = {"procs": cgroup.procs_files if cgroup else [],
-                        "mark": LAUNCH_MARK.decode(),
-                        "rlimits": self._rlimits(toolchain, cgroup, cpu_limit),
-                        "argv": self._command(toolchain, argv, workdir, cgroup, filter_fd)}
+                if self._cgroups is not None:
+                    cgroup = self._cgroups.create(
+                        name, pids_max=self._config.pids_limit,
+                        memory_bytes=self._config.memory_limit_mb << 20,
+                        cpu_cores=self._config.cpu_limit_cores)
+                    primer = asyncio.ensure_future(asyncio.to_thread(self._cgroups.prime))
+            except OSError as exc:
+                raise ExecutionError(f"cannot make the job's cgroup: {exc}") from exc
+            try:
+                await asyncio.to_thread(self._prepare, workdir, files)
+            except OSError as exc:
+                raise ExecutionError(f"cannot prepare the work dir {workdir}: {exc}") from exc
+            filter_fd = seccomp.program_fd() if self._bwrap else -1
+            procs = cgroup.procs_files if cgroup else []
+            gate_read, gate_write = os.pipe() if procs else (-1, -1)
+            try:
+                rlimits = self._rlimits(toolchain, cgroup, cpu_limit)
+                command = self._command(toolchain, argv, workdir, cgroup, filter_fd)
+                if procs or rlimits:
+                    command = [*self.launcher, *launcher_args(gate_read, rlimits, command)]
+                inherited = tuple(fd for fd in (filter_fd, gate_read) if fd >= 0)
                 loop = asyncio.get_running_loop()
                 transport, protocol = await loop.subprocess_exec(
-                    lambda: _Protocol(_STREAM_LIMIT, loop),
-                    sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec),
-                    stdin=stdin, stdout=stdout, stderr=stderr,
-                    pass_fds=(*pass_fds, filter_fd) if filter_fd >= 0 else pass_fds,
+                    lambda: _Protocol(_STREAM_LIMIT, loop), *command,
+                    stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=(*pass_fds, *inherited),
                     start_new_session=True, cwd=workdir, env=self.environment(workdir))
             finally:
-                if filter_fd >= 0:
-                    os.close(filter_fd)
+                for fd in (filter_fd, gate_read):
+                    if fd >= 0:
+                        os.close(fd)
         except BaseException as exc:
             # Also when cancelled mid-start: asyncio kills a half-started child itself.
+            if gate_write >= 0:
+                os.close(gate_write)
+            if primer is not None:
+                await asyncio.shield(primer)
             await asyncio.shield(self._discard(workdir, cgroup))
             if isinstance(exc, OSError):
                 raise ExecutionError(f"cannot start the sandbox: {exc}") from exc
@@ -208,7 +215,28 @@ class Jail:
         process = asyncio.subprocess.Process(transport, protocol, loop)
         handle = SandboxedProcess(process, transport, protocol, workdir, cgroup, self)
         self.live.add(handle)
+        try:
+            if gate_write >= 0:
+                await self._open_gate(handle, procs, gate_write)
+        finally:
+            if primer is not None:
+                await asyncio.shield(primer)
         return handle
+
+    @staticmethod
+    async def _open_gate(handle: SandboxedProcess, procs: list[str], gate_write: int) -> None:
+        """Move the launcher into its cgroup, then let it go on; a failed move fails the job."""
+        try:
+            await asyncio.to_thread(join, procs, handle.process.pid)
+            os.write(gate_write, b"1")
+        except OSError as exc:
+            # The launcher reads end of file and reports the failure as the job's.
+            log.warning("cannot move a job into its cgroup %s: %s", procs, exc)
+        except BaseException:
+            os.close(gate_write)
+            await asyncio.shield(handle.release())
+            raise
+        os.close(gate_write)
 
     @staticmethod
     async def _discard(workdir: Path, cgroup: JobCgroup | None) -> None:

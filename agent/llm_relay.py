@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+from urllib.parse import urlsplit
+
+import aiohttp
+
 from kowalski.common.client import SignedClient
 from kowalski.common.errors import KowalskiError
 from kowalski.common.messages import LlmAnswer, LlmCallback, LlmQuery
@@ -10,14 +16,30 @@ from kowalski.common.messages import LlmAnswer, LlmCallback, LlmQuery
 class LlmRelay:
     """The session manager's llm_handler: one signed POST per llm_query call."""
 
-    def __init__(self, client: SignedClient, *, timeout_s: float) -> None:
-        self._client = client
+    def __init__(self, http: aiohttp.ClientSession, *, secret: bytes | None,
+                 ssl_context: ssl.SSLContext | None, timeout_s: float) -> None:
+        self._http = http
+        self._secret = secret
         self._timeout_s = timeout_s
+        # The configured CA's context serves every callback; without one, https callbacks
+        # get the system CA store, loaded on first use (see kowalski.agent.__main__.run).
+        self._client = SignedClient(http, secret=secret, ssl=ssl_context)
+        self._system_ca_client: SignedClient | None = None if ssl_context is None else (
+            self._client)
+
+    async def _client_for(self, url: str) -> SignedClient:
+        if urlsplit(url).scheme != "https":
+            return self._client
+        if self._system_ca_client is None:
+            context = await asyncio.to_thread(ssl.create_default_context)
+            self._system_ca_client = SignedClient(self._http, secret=self._secret, ssl=context)
+        return self._system_ca_client
 
     async def __call__(self, callback: LlmCallback, prompts: list[str], model: str = ""
                        ) -> list[str]:
+        client = await self._client_for(callback.url)
         query = LlmQuery(token=callback.token, prompts=prompts, model=model)
-        answer = await self._client.call(
+        answer = await client.call(
             "POST", callback.url, LlmAnswer, query,
             timeout_s=self._timeout_s,
         )

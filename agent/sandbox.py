@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager
-from kowalski.agent.jail import LAUNCH_FAILED, LAUNCH_MARK, Jail, SandboxedProcess
+from kowalski.agent.jail import Jail, SandboxedProcess
 from kowalski.agent.languages import (
     SPECS,
     SYSTEM_PATH,
@@ -24,6 +24,7 @@ from kowalski.agent.languages import (
     reachable_by,
     resolve,
 )
+from kowalski.agent.launcher import LAUNCH_FAILED, LAUNCH_MARK, build_launcher, cache_dir
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import (
     ConfigError,
@@ -147,8 +148,10 @@ class Sandbox:
             elif reason:
                 log.info("cgroup v%d %s (%s)", self._cgroups.version,
                          "+".join(self._cgroups.controllers), reason)
+        launcher = (await asyncio.to_thread(build_launcher, cache_dir(), self._search_path)
+                    if self.mode != "none" else None)
         self._jail = Jail(self._config, work_root=self._work_root, bwrap=bwrap,
-                          setpriv=self._setpriv, cgroups=self._cgroups)
+                          setpriv=self._setpriv, cgroups=self._cgroups, launcher=launcher)
         if bwrap:
             await self._check_bwrap()
         results = await asyncio.gather(*(self._probe(name) for name in SPECS))

@@ -18,6 +18,7 @@ from bench.spawn import (
     run_bare,
     run_process,
     sandboxed_true,
+    step_times,
     timed,
 )
 from kowalski.agent.languages import SYSTEM_PATH, Toolchain
@@ -84,6 +85,7 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
                 finally:
                     await session.close()
                 languages = await _languages(dispatcher, sandbox, ids, quick)
+        steps = await step_times(sandbox, repeats, tmp / "launcher")
     finally:
         await sandbox.close()
     bare_true, bare_python = spawned["bare true"], spawned["bare python"]
@@ -131,7 +133,19 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
              "cold job (ms)": cold_ms, "cold job inside the agent (ms)": agent_side,
              "warm cell (ms)": warm_ms},
     )
-    return [round_trip, languages]
+    breakdown = Section(
+        key="sandbox_steps", title="Where a sandboxed start spends its time",
+        method=(
+            "The steps of the agent's own `Sandbox.spawn` of `true`, timed apart in the "
+            "harness: the launchers alone (Python with `-I -S`, and the C one the agent "
+            "builds where it finds a compiler; exec of `true`), a move into "
+            "a fresh job cgroup after an idle gap and right after another move (the kernel "
+            "waits out a grace period on the first), then a sandboxed `true` split into its "
+            f"spawn, its run to exit, stop and removal. {repeats} rounds after one warm-up."),
+        tables=[Table(headers=["step", "ms: p50 (p90, min-max)"],
+                      rows=[[name, spread(values)] for name, values in steps.items()])],
+        raw={f"{name} (ms)": values for name, values in steps.items()})
+    return [round_trip, languages, breakdown]
 
 
 async def _languages(dispatcher: Dispatcher, sandbox: Sandbox, ids: itertools.count[int],

@@ -9,8 +9,10 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from kowalski.agent.cgroups import CgroupManager
 from kowalski.agent.jail import INNER_WORKDIR
 from kowalski.agent.languages import SYSTEM_PATH, Toolchain, program_for
+from kowalski.agent.launcher import build_launcher, join, launcher_args, python_launcher
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.snippets import Program
 
@@ -67,6 +69,72 @@ async def sandboxed_true(sandbox: Sandbox) -> None:
         await handle.release()
     if code != 0:
         raise RuntimeError(f"true exited {code} in the sandbox")
+
+
+# Long enough for the kernel to leave the fast path a cgroup move just took.
+IDLE_GAP_S = 0.05
+
+
+async def step_times(sandbox: Sandbox, repeats: int, work: Path) -> dict[str, list[float]]:
+    """Milliseconds of the steps of a sandboxed start that can be timed on their own."""
+    true = shutil.which("true", path=SYSTEM_PATH)
+    assert true is not None
+    samples: dict[str, list[float]] = {}
+    await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
+    launchers = {"Python launcher (`-I -S`)": python_launcher()}
+    compiled = await asyncio.to_thread(build_launcher, work)
+    if compiled != python_launcher():
+        launchers["C launcher"] = compiled
+
+    def add(name: str, started: float) -> None:
+        samples.setdefault(name, []).append((time.perf_counter() - started) * 1000)
+
+    manager, _ = await asyncio.to_thread(CgroupManager.detect)
+    try:
+        for round_number in range(repeats + 1):
+            for label, launcher in launchers.items():
+                started = time.perf_counter()
+                await run_process([*launcher, *launcher_args(-1, [], [true])])
+                if round_number:
+                    add(f"{label} started, exec of `true`", started)
+            if manager is not None:
+                await _joins(manager, add if round_number else lambda *_: None)
+            started = time.perf_counter()
+            handle = await sandbox.spawn("bench-steps", None, [true], files={}, stdin=DEVNULL,
+                                         stdout=DEVNULL, stderr=DEVNULL)
+            spawned = time.perf_counter()
+            await handle.wait_exit()
+            exited = time.perf_counter()
+            await handle.stop()
+            stopped = time.perf_counter()
+            await handle.release()
+            if round_number:
+                add("sandboxed `true`: spawn (work dir, cgroup, launcher started)", started)
+                add("sandboxed `true`: until its exit", spawned)
+                add("sandboxed `true`: stop (kill the process group and cgroup)", exited)
+                add("sandboxed `true`: remove cgroup and work dir", stopped)
+    finally:
+        if manager is not None:
+            manager.close()
+    return samples
+
+
+async def _joins(manager: CgroupManager, add: Callable[[str, float], None]) -> None:
+    """Time a cgroup move after an idle gap, then one right after it."""
+    cgroup = manager.create(f"bench-join-{time.monotonic_ns()}", memory_bytes=1 << 28,
+                            pids_max=16)
+    sleeper = await asyncio.create_subprocess_exec("sleep", "5", stdin=DEVNULL)
+    try:
+        await asyncio.sleep(IDLE_GAP_S)
+        for label in (f"after {IDLE_GAP_S * 1000:.0f} ms idle", "right after another"):
+            started = time.perf_counter()
+            await asyncio.to_thread(join, cgroup.procs_files, sleeper.pid)
+            add(f"cgroup join, {label}", started)
+    finally:
+        sleeper.kill()
+        await sleeper.wait()
+        await cgroup.kill_all()
+        await cgroup.remove()
 
 
 def bwrap_argv(bwrap: str, command: list[str]) -> list[str]:

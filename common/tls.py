@@ -1,4 +1,4 @@
-"""TLS contexts from the [security] table, and the event loop both daemons run on."""
+"""TLS contexts from the [security] table, and the event loop the controller runs on."""
 
 from __future__ import annotations
 

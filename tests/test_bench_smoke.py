@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CLUSTER_SECTIONS = {"roundtrip", "languages", "rlm", "batch", "failover", "scale"}
+CLUSTER_SECTIONS = {"roundtrip", "languages", "sandbox_steps", "rlm", "batch", "failover",
+                    "scale"}
 
 pytestmark = pytest.mark.timeout(300)
 

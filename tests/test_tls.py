@@ -134,6 +134,33 @@ async def test_controller_api_and_session_callbacks_run_over_https(
     assert (result["answer"], result["sub_calls"]) == ("pong over tls", 1)
 
 
+async def test_session_callbacks_over_https_trust_the_system_ca_store(
+    pki: Pki, tmp_path: Path, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No tls_ca_file on the agent: its relay loads the system store on the first https
+    # callback (kept out of the idle agent), here made of the test CA.
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_file))
+    agent = AgentProcess(tmp_path, name="system-ca", security=pki.server())
+    await agent.start()
+    try:
+        exo = await aiohttp_server(make_exo_app(flavour="v1", models=(DEFAULT_MODEL,),
+                                                reply=scripted))
+        config = controller_config([], [str(exo.make_url("")).rstrip("/")], tmp_path,
+                                   controller={"static_agents": [https(agent)]},
+                                   security={**pki.server(), "tls_ca_file": str(pki.ca_file)})
+        async with running_controller(config) as running:
+            assert await running.cluster.wait_for(lambda t: len(healthy_ids(t)) == 1,
+                                                  timeout_s=15)
+            async with aiohttp.ClientSession() as session, session.post(
+                    running.base_url + "/v1/runs", ssl=pki.client_context(),
+                    json={"query": "ping it", "context": "x"}) as response:
+                assert response.status == 200, await response.text()
+                result = await response.json()
+    finally:
+        assert await agent.stop() == 0, agent.read_log()
+    assert (result["answer"], result["sub_calls"]) == ("pong over tls", 1)
+
+
 async def test_unreadable_certificates_fail_start_up_with_the_reason(
     tmp_path: Path, pki: Pki,
 ) -> None:
