@@ -64,7 +64,9 @@ KEYS: dict[str, str] = {
                               "it again for this long.",
     "exo.probe_timeout_s": "Time a background health probe may take; then the endpoint is down.",
     "exo.probe_slow_s": "A health probe slower than this is logged as a WARNING.",
-    "exo.poll_interval_s": "How often exo's /state (or /v1/topology) is read.",
+    "exo.poll_interval_s": ("How often each endpoint is probed: exo v1's readiness and node "
+                            "sub-trees of /state, exo v0's /v1/topology, an OpenAI-compatible "
+                            "server's /v1/models."),
     "exo.place_instances": "Place an instance of a model that has none (exo v1).",
     "exo.max_concurrency": "Model calls in flight at once, over all endpoints.",
     "exo.cache_ttl_s": "How long an identical call's result is reused (0 disables).",

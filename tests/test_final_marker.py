@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -83,3 +85,17 @@ def answers(draw: st.DrawFn) -> str:
 @given(answer=answers(), after=st.sampled_from(["", ".", "\n", "\nok (1)", "\n\nMore 1) here."]))
 def test_any_prose_answer_comes_back_whole(answer: str, after: str) -> None:
     assert read(f"FINAL({answer}){after}") == ("final", answer.strip())
+
+
+def test_the_cli_shows_reasoning_apart_from_the_reply() -> None:
+    from kowalski.controller.cli.run import print_event
+    from kowalski.controller.rlm.events import ModelReplied, TokenCount
+
+    out = io.StringIO()
+    print_event(ModelReplied(
+        run_id="r", depth=0, iteration=1, phase="turn", text="FINAL(12)", model_ms=5.0,
+        tokens=TokenCount(total_tokens=9), endpoint="http://exo", messages_sent=2,
+        prompt_chars=10, reasoning="Maybe FINAL(13)? No, count again."), out)
+    text = out.getvalue()
+    assert "┆ Maybe FINAL(13)? No, count again." in text
+    assert text.index("┆ Maybe") < text.index("FINAL(12)")

@@ -24,6 +24,7 @@ from kowalski.common.errors import KowalskiError
 from kowalski.controller.api.state import STATE, ControllerState
 from kowalski.controller.api.status import Status
 from kowalski.controller.fleet.device_table import DeviceEvent, DeviceTable
+from kowalski.controller.models.exo_connection import READY_PARTS
 from kowalski.controller.models.router import Endpoint
 from kowalski.controller.rlm.events import RlmEvent, RunFinished
 from kowalski.controller.rlm.trajectory import list_runs
@@ -194,7 +195,8 @@ class DashboardFeed:
 
 async def _instances(endpoint: Endpoint) -> list[InstanceView] | None:
     try:
-        cluster = await endpoint.client.state()
+        # Only the sub-trees that say which instances are ready: most of /state is downloads.
+        cluster = await endpoint.client.state(READY_PARTS)
     except KowalskiError as exc:
         log.debug("no instances from %s: %s", endpoint.url, exc)
         return None

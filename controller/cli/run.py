@@ -64,7 +64,11 @@ def print_event(event: RlmEvent, out: TextIO) -> None:
                   f"{event.context_type} of {event.context_chars} chars\n")
     elif isinstance(event, ModelReplied):
         out.write(f"{indent}── iteration {event.iteration} · model {event.model_ms:.0f} ms · "
-                  f"{event.tokens.total_tokens} tokens\n{_indent(_cut(event.text), indent)}\n")
+                  f"{event.tokens.total_tokens} tokens\n")
+        if event.reasoning.strip():
+            # A reasoning model's thinking, apart from the reply: never read for code or FINAL.
+            out.write(_indent(_cut(event.reasoning, 800), indent + "┆ ") + "\n")
+        out.write(f"{_indent(_cut(event.text), indent)}\n")
     elif isinstance(event, CodeExecuted):
         out.write(f"{indent}▶ block {event.block} on {event.device_id or '?'}: {event.status} "
                   f"({event.wall_time_ms:.0f} ms)\n")

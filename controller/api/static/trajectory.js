@@ -73,6 +73,7 @@ function iteration(events) {
     h("header", {class: "iteration-head"}, h("h3", {}, title), h("span", {class: "sub"}, facts)),
     fold ? h("div", {class: "note"}, `Context folded by ${fold.method}: ${fold.folded_turns} turns, ` +
       `~${fold.tokens_before} → ~${fold.tokens_after} tokens${fold.error ? ` (${fold.error})` : ""}`) : null,
+    reply.reasoning ? block("Reasoning (not read for code or FINAL)", reply.reasoning, "reasoning") : null,
     block("Model reply", reply.text, "reply"),
     events.filter((event) => event.kind === "code_executed" || event.kind === "code_skipped").map(codeBlock),
     subCalls(events.filter((event) => event.kind === "sub_call")),
