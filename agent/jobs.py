@@ -13,6 +13,7 @@ from typing import Protocol
 
 import msgspec
 
+from kowalski.agent.job_output import OutputListener
 from kowalski.common.errors import BusyError, CancelledJobError, ConflictError
 from kowalski.common.messages import CancelResult, JobId, JobRequest, JobResult
 
@@ -22,7 +23,6 @@ _CANCELLED_KEPT = 65_536
 
 
 # Told each piece of a job's output as it arrives: the stream's name and the bytes.
-OutputListener = Callable[[str, bytes], None]
 
 
 class JobSandbox(Protocol):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -16,6 +15,7 @@ from typing import IO, Any
 from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager
 from kowalski.agent.jail import Jail, SandboxedProcess
+from kowalski.agent.job_output import Flood, OutputListener, drain, feed, flood_limit
 from kowalski.agent.languages import (
     SPECS,
     SYSTEM_PATH,
@@ -37,14 +37,9 @@ from kowalski.common.messages import JobRequest, JobResult, JobStatus, WireError
 
 log = logging.getLogger("kowalski.agent.sandbox")
 # Told each piece of a job's kept output as it arrives: the stream's name and the bytes.
-OutputListener = Callable[[str, bytes], None]
-
 # Wire codes for jobs stopped at a resource limit.
 MEMORY_LIMIT = "memory_limit"
 OUTPUT_LIMIT = "output_limit"
-# Past this much output beyond the cap (at least _FLOOD_MIN_BYTES) a job is killed.
-_FLOOD_FACTOR = 16
-_FLOOD_MIN_BYTES = 16 * 1024 * 1024
 _PROBE_TIMEOUT_S = 60.0
 _DRAIN_TIMEOUT_S = 2.0
 
@@ -272,10 +267,10 @@ class Sandbox:
         assert process.stdin is not None
         assert process.stdout is not None
         assert process.stderr is not None
-        flood = _Flood()
-        limit = max(cap * _FLOOD_FACTOR, _FLOOD_MIN_BYTES)
-        feeder = asyncio.create_task(_feed(process.stdin, stdin))
-        drains = [asyncio.create_task(_drain(reader, name, cap, limit, flood, on_output))
+        flood = Flood()
+        limit = flood_limit(cap)
+        feeder = asyncio.create_task(feed(process.stdin, stdin))
+        drains = [asyncio.create_task(drain(reader, name, cap, limit, flood, on_output))
                   for reader, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
         exited = asyncio.create_task(handle.wait_exit())
         flooded = asyncio.create_task(flood.event.wait())
@@ -364,38 +359,3 @@ def _job_result(request: JobRequest, outcome: _Outcome, timeout_ms: int,
         stderr=outcome.stderr.decode(errors="replace"),
         stdout_truncated=outcome.stdout_truncated, stderr_truncated=outcome.stderr_truncated,
         wall_time_ms=round(outcome.wall_time_ms, 3), error=error)
-
-
-async def _feed(stream: asyncio.StreamWriter, data: bytes) -> None:
-    # A job need not read its stdin.
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        if data:
-            stream.write(data)
-            await stream.drain()
-        stream.close()
-
-
-class _Flood:
-    """Set by the first stream to pass the flood limit."""
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.stream = ""
-
-
-async def _drain(stream: asyncio.StreamReader, name: str, cap: int, limit: int,
-                 flood: _Flood, on_output: OutputListener | None) -> tuple[bytes, bool]:
-    """Keep the first cap bytes (passing each piece on) and discard the rest; flag a flood."""
-    kept = bytearray()
-    total = 0
-    while chunk := await stream.read(1 << 16):
-        total += len(chunk)
-        if len(kept) < cap:
-            piece = chunk[: cap - len(kept)]
-            kept += piece
-            if on_output is not None:
-                on_output(name, piece)
-        if total > limit and not flood.stream:
-            flood.stream = name
-            flood.event.set()
-    return bytes(kept), total > cap
