@@ -12,11 +12,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from exo_standin import CHAT_PATH, STANDIN, ExoStandin, FailMode, make_exo_app
+from local_session import LocalSession
 
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common.config import ControllerConfig, ExoConfig, RlmConfig, SandboxConfig
-from kowalski.common.messages import CellRequest, CellResult, SessionCreate, VariableValue
+from kowalski.common.messages import SessionCreate
 from kowalski.controller.circuit import CircuitPolicy
 from kowalski.controller.models.chat_types import ChatMessage, ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
@@ -327,25 +328,6 @@ def fail_summaries(app: web.Application) -> list[int]:
 
     app.middlewares.insert(0, middleware)
     return seen
-
-
-class LocalSession:
-    """The CodeSession protocol over an in-process SessionManager."""
-
-    def __init__(self, manager: SessionManager, session_id: str) -> None:
-        self.device_id = "local-agent"
-        self._manager, self._session_id, self._cells = manager, session_id, 0
-
-    async def execute(self, code: str, *, timeout_ms: int | None = None) -> CellResult:
-        self._cells += 1
-        return await self._manager.execute(self._session_id, CellRequest(
-            cell_id=f"{self._session_id}-{self._cells}", code=code, timeout_ms=timeout_ms))
-
-    async def get_variable(self, name: str, max_chars: int = 100_000) -> VariableValue:
-        return await self._manager.get_variable(self._session_id, name, max_chars)
-
-    async def close(self) -> None:
-        await self._manager.delete(self._session_id)
 
 
 async def test_a_failing_summariser_never_fails_the_run(

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 from exo_standin import STANDIN, make_exo_app
+from local_session import LocalSession
 
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
@@ -20,11 +21,8 @@ from kowalski.common.code_blocks import extract_code_blocks
 from kowalski.common.config import RlmConfig, SandboxConfig
 from kowalski.common.errors import ContextSizeExceededError, NetworkError, ParseError
 from kowalski.common.messages import (
-    CellRequest,
-    CellResult,
     LlmCallback,
     SessionCreate,
-    VariableValue,
 )
 from kowalski.controller.models.cache import CachedBackend, ResultCache
 from kowalski.controller.models.chat_types import ChatRequest, ChatResult
@@ -114,28 +112,6 @@ class ClientBackend:
                    ) -> ChatResult:
         self.operations.append(operation)
         return await self.client.chat(request)
-
-
-class LocalSession:
-    """The CodeSession protocol over an in-process SessionManager."""
-
-    def __init__(self, manager: SessionManager, session_id: str) -> None:
-        self.device_id = "local-agent"
-        self._manager = manager
-        self._session_id = session_id
-        self._cells = 0
-
-    async def execute(self, code: str, *, timeout_ms: int | None = None) -> CellResult:
-        self._cells += 1
-        request = CellRequest(cell_id=f"{self._session_id}-{self._cells}", code=code,
-                              timeout_ms=timeout_ms)
-        return await self._manager.execute(self._session_id, request)
-
-    async def get_variable(self, name: str, max_chars: int = 100_000) -> VariableValue:
-        return await self._manager.get_variable(self._session_id, name, max_chars)
-
-    async def close(self) -> None:
-        await self._manager.delete(self._session_id)
 
 
 class Harness:

@@ -11,16 +11,14 @@ from typing import Any
 
 import pytest
 from exo_standin import make_exo_app
+from local_session import LocalSession
 
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common.config import RlmConfig, SandboxConfig
 from kowalski.common.messages import (
-    CellRequest,
-    CellResult,
     LlmCallback,
     SessionCreate,
-    VariableValue,
 )
 from kowalski.controller.models.chat_types import ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
@@ -55,25 +53,6 @@ class Backend:
     async def chat(self, request: ChatRequest, *, operation: str = "llm_inference"
                    ) -> ChatResult:
         return await self.client.chat(request)
-
-
-class LocalSession:
-    """The CodeSession protocol over an in-process SessionManager."""
-
-    def __init__(self, manager: SessionManager, session_id: str) -> None:
-        self.device_id = "local-agent"
-        self._manager, self._session_id, self._cells = manager, session_id, 0
-
-    async def execute(self, code: str, *, timeout_ms: int | None = None) -> CellResult:
-        self._cells += 1
-        return await self._manager.execute(self._session_id, CellRequest(
-            cell_id=f"{self._session_id}-{self._cells}", code=code, timeout_ms=timeout_ms))
-
-    async def get_variable(self, name: str, max_chars: int = 100_000) -> VariableValue:
-        return await self._manager.get_variable(self._session_id, name, max_chars)
-
-    async def close(self) -> None:
-        await self._manager.delete(self._session_id)
 
 
 class Rig:
