@@ -184,7 +184,9 @@ class LlmRouter:
         # Bounded: a router whose probes never run answers with its error, not a hang.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._config.probe_timeout_s + _PROBE_MARGIN_S):
-                while not any(e.healthy for e in self.endpoints) and any(
+                # `state` changes when a probe is over; `healthy` is set half-way through it,
+                # before the endpoint's models are known.
+                while not any(e.state == "up" for e in self.endpoints) and any(
                         e.state == "probing" for e in self.endpoints):
                     await self._probed.wait()
 
