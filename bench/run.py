@@ -83,6 +83,11 @@ def _state_polling() -> Measure:
     return state_polling.measure
 
 
+def _batch_outage() -> Measure:
+    from bench import batch_outage
+    return batch_outage.measure
+
+
 def _fanout() -> Measure:
     from bench import fanout
     return fanout.measure
@@ -104,6 +109,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("state_polling", "exo v1 endpoint poll: whole /state vs. its sub-trees", _state_polling,
      120.0),
     ("fanout", "Sub-calls of one run over several endpoints", _fanout, 300.0),
+    ("batch_outage", "A model outage in the middle of a batch", _batch_outage, 180.0),
 ]
 
 

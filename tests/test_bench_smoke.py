@@ -137,3 +137,14 @@ def test_quick_run_of_the_sub_call_fan_out_over_endpoints(tmp_path: Path) -> Non
     assert [row[0] for row in scaling["rows"]] == ["1", "2", "4"]
     assert [row[1] for row in shares["rows"]] == ["50", "50", "50", "250"]
     assert "Sub-calls of one run over several endpoints" in report
+
+
+def test_quick_run_of_the_batch_outage_fails_no_item(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "batch_outage")
+    [section] = figures["sections"]
+    check_section(section)
+    [target] = section["targets"]
+    assert target["measured"] == 0
+    calm_s, stormy_s = section["raw"]["wall s (no outage, outage)"]
+    assert stormy_s > calm_s + section["raw"]["down s"][0]
+    assert "model outage in a 100-item batch" in report
