@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientSession, web
-from exo_standin import DEFAULT_MODEL, ExoStandin
+from aiohttp import ClientSession
+from exo_standin import DEFAULT_MODEL, ExoStandin, FlakyServer
 
 from bench.report import Section, Table, Target, fmt
 from kowalski.common.config import ControllerConfig, ExoConfig
@@ -21,26 +21,6 @@ from kowalski.controller.retry import RetryPolicy
 CONCURRENCY = 16
 ANSWER_S = 0.02
 OUTAGE_S = 3.0
-
-
-class _Endpoint:
-    """The stand-in on a fixed port that really goes down: listener and connections closed."""
-
-    def __init__(self, standin: ExoStandin) -> None:
-        self.standin = standin
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def up(self) -> None:
-        self._runner = web.AppRunner(self.standin.make_app(), shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
-        self.port = self._runner.addresses[0][1]
-
-    async def down(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
 
 async def _batch(total: int, outage: bool) -> tuple[BatchRun, float, float]:
@@ -57,7 +37,7 @@ async def _batch(total: int, outage: bool) -> tuple[BatchRun, float, float]:
 
     standin = ExoStandin(reply=reply)
     standin.set_model(DEFAULT_MODEL)
-    endpoint = _Endpoint(standin)
+    endpoint = FlakyServer(standin)
     await endpoint.up()
     url = f"http://127.0.0.1:{endpoint.port}"
     settings, exo = ControllerConfig(), ExoConfig(endpoints=[url])

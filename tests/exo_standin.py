@@ -764,6 +764,28 @@ async def _v0_not_found(request: web.Request, handler: Any) -> web.StreamRespons
     return response
 
 
+class FlakyServer:
+    """A stand-in on a fixed port that really goes down (listener and connections closed)."""
+
+    def __init__(self, standin: ExoStandin) -> None:
+        self.standin = standin
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def up(self) -> None:
+        self._runner = web.AppRunner(self.standin.make_app(), shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def down(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+
 def make_exo_app(
     *,
     flavour: Flavour = "v1",

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, web
-from exo_standin import DEFAULT_MODEL, ExoStandin
+from aiohttp import ClientSession
+from exo_standin import DEFAULT_MODEL, ExoStandin, FlakyServer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -545,27 +545,6 @@ def test_narrow_terminal_drops_the_bar() -> None:
 
 
 # --- outages and signals ---------------------------------------------------------------------
-
-
-class FlakyServer:
-    """A stand-in on a fixed port that really goes down (listener and connections closed)."""
-
-    def __init__(self, standin: ExoStandin) -> None:
-        self.standin = standin
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def up(self) -> None:
-        self._runner = web.AppRunner(self.standin.make_app(), shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def down(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
 
 async def test_a_three_second_outage_fails_no_item_of_a_500_item_batch() -> None:
