@@ -135,6 +135,44 @@ async def test_a_stream_refused_before_any_text_is_answered_by_a_plain_call(
         await router.close()
 
 
+async def test_streams_count_for_circuits_and_latency_as_plain_calls_do(
+    aiohttp_server: Any, http: aiohttp.ClientSession,
+) -> None:
+    failing = await aiohttp_server(make_exo_app(reply=scripted))
+    failing.app[STANDIN].fail("http_500", scope="chat")
+    healthy = await aiohttp_server(make_exo_app(reply=scripted))
+    urls = [str(server.make_url("")).rstrip("/") for server in (failing, healthy)]
+    controller = ControllerConfig(retry_max_attempts=2, retry_base_delay_ms=10,
+                                  retry_max_delay_ms=20, circuit_failure_threshold=2)
+    router = LlmRouter(config=ExoConfig(endpoints=urls, poll_interval_s=60), urls=list(urls),
+                       session=http, policy=RetryPolicy.from_config(controller),
+                       circuit_policy=CircuitPolicy.from_config(controller),
+                       load_penalty=controller.load_penalty)
+    await router.refresh()
+    bad, good = router.endpoints
+    # The failing endpoint looks the better one until its streams have failed.
+    bad.latency_ms, good.latency_ms = 1.0, 500.0
+    request = ChatRequest(model=DEFAULT_MODEL, messages=[ChatMessage(role="user", content="x")])
+    try:
+        for _ in range(3):
+            result, _cached = await ask_streamed(router, request, Pieces())
+            assert result.text == REPLY
+        # Two refused streams opened the failing endpoint's circuit: the third went straight
+        # to the healthy one, whose streams brought its latency down from the made-up 500 ms.
+        assert bad.circuit.state == "open"
+        # One refused stream and one refused plain call, then never again; a stream that
+        # did not count would have sent each of the three calls' streams there first.
+        assert failing.app[STANDIN].counts["/v1/chat/completions"] == 2
+        assert bad.in_flight == 0
+        assert good.in_flight == 0
+        assert good.circuit.failures == 0
+        assert good.latency_ms is not None
+        assert good.latency_ms < 500.0
+        assert result.endpoint == good.url
+    finally:
+        await router.close()
+
+
 async def test_a_run_over_http_streams_reply_deltas_that_the_trajectory_leaves_out(
     controller: Controller, exo: Any, agents: list[AgentProcess],
 ) -> None:

@@ -8,8 +8,6 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Literal
 
 import aiohttp
 import msgspec
@@ -22,99 +20,22 @@ from kowalski.common.errors import (
 )
 from kowalski.controller import circuit as breaker
 from kowalski.controller.models.chat_types import ChatDelta, ChatRequest, ChatResult
-from kowalski.controller.models.endpoints import client_for
-from kowalski.controller.models.exo_client import ExoClient
+from kowalski.controller.models.endpoints import (
+    Endpoint,
+    EndpointState,
+    EndpointView,
+    client_for,
+    concurrency_limit,
+)
 from kowalski.controller.models.exo_errors import ModelMismatchError, ModelNotServedError
 from kowalski.controller.retry import RetryPolicy, with_failover
 from kowalski.controller.scoring import Operation, formula
 
+__all__ = ["Endpoint", "EndpointState", "EndpointView", "LlmRouter"]
+
 log = logging.getLogger(__name__)
-# Latency moving-average weight of the newest sample.
-_ALPHA = 0.3
-# probing: not yet answered its first probe; up: answered the last one; down: did not.
-EndpointState = Literal["probing", "up", "down"]
 # Time past probe_timeout_s a first model call waits for the first probes to end.
 _PROBE_MARGIN_S = 0.5
-
-
-@dataclass
-class Endpoint:
-    """What the router knows of one exo endpoint."""
-
-    client: ExoClient
-    state: EndpointState = "probing"
-    healthy: bool = False
-    # The last probe was slow: warned once, not at every poll.
-    slow: bool = False
-    flavour: str = ""
-    latency_ms: float | None = None
-    ready_models: tuple[str, ...] = ()
-    nodes: int = 0
-    last_error: str = ""
-    in_flight: int = 0
-    # The circuit the run's own model calls depend on (what the status shows).
-    circuit: breaker.Circuit = field(default_factory=lambda: breaker.CLOSED)
-    # The machines behind it: endpoints reporting the same ones are one cluster.
-    node_ids: frozenset[str] = frozenset()
-    # Calls in flight at once here, from the endpoint's config; None: no limit of its own.
-    limit: asyncio.Semaphore | None = None
-    # The same number, for choosing by work against capacity; 0: no limit of its own.
-    capacity: int = 0
-    # Folding summaries keep their own failure count: a failing summariser must not shut
-    # the endpoint for the calls a run cannot do without.
-    summary_circuit: breaker.Circuit = field(default_factory=lambda: breaker.CLOSED)
-
-    @property
-    def url(self) -> str:
-        return self.client.base_url
-
-    @property
-    def cluster(self) -> str:
-        """One name per cluster: its first node id, or the URL before the nodes are known."""
-        return min(self.node_ids) if self.node_ids else self.url
-
-    def circuit_for(self, operation: Operation) -> breaker.Circuit:
-        """The circuit that counts this operation's failures."""
-        return self.summary_circuit if operation == "context_compression" else self.circuit
-
-    def set_circuit(self, operation: Operation, circuit: breaker.Circuit) -> None:
-        if operation == "context_compression":
-            self.summary_circuit = circuit
-        else:
-            self.circuit = circuit
-
-    def observe_latency(self, latency_ms: float) -> None:
-        if self.latency_ms is None:
-            self.latency_ms = latency_ms
-        else:
-            self.latency_ms = (1 - _ALPHA) * self.latency_ms + _ALPHA * latency_ms
-
-
-class EndpointView(msgspec.Struct, frozen=True, kw_only=True):
-    """An endpoint as the status API shows it."""
-
-    url: str
-    state: EndpointState
-    healthy: bool
-    flavour: str
-    latency_ms: float | None
-    ready_models: list[str]
-    nodes: int
-    # Endpoints of one cluster (the same nodes) share this name.
-    cluster: str = ""
-    in_flight: int
-    circuit: str
-    requests: int
-    errors: int
-    prompt_tokens: int
-    completion_tokens: int
-    last_error: str
-
-
-def _limit(entry: str | EndpointConfig) -> asyncio.Semaphore | None:
-    if isinstance(entry, EndpointConfig) and entry.max_concurrency:
-        return asyncio.Semaphore(entry.max_concurrency)
-    return None
 
 
 class LlmRouter:
@@ -133,7 +54,7 @@ class LlmRouter:
         self._clock = clock
         self._rng = rng or random.Random()
         self.endpoints = [Endpoint(client=client_for(entry, config, session=session),
-                                   limit=_limit(entry),
+                                   limit=concurrency_limit(entry),
                                    capacity=getattr(entry, "max_concurrency", 0))
                           for entry in urls]
         self._placing: dict[str, asyncio.Task[None]] = {}
@@ -333,57 +254,74 @@ class LlmRouter:
 
     async def _call(self, endpoint: Endpoint, request: ChatRequest,
                     operation: Operation = "llm_inference") -> ChatResult:
-        policy, job_id = self._circuit_policy, f"chat-{id(request)}"
-        endpoint.set_circuit(operation, breaker.on_attempt(
-            endpoint.circuit_for(operation), self._clock(), policy, job_id=job_id))
-        endpoint.in_flight += 1
+        job_id = self._begin(endpoint, operation, request)
         try:
             async with endpoint.limit or contextlib.nullcontext():
                 result = await endpoint.client.chat(request)
-        except asyncio.CancelledError:
-            # A cancelled probe settles nothing; without this the circuit would wait forever.
-            endpoint.set_circuit(operation, breaker.on_abandon(
-                endpoint.circuit_for(operation), job_id=job_id))
-            raise
-        except KowalskiError as exc:
-            if isinstance(exc, ModelNotServedError | ModelMismatchError):
-                # The endpoint is fine; it just does not serve this model.
-                endpoint.ready_models = tuple(m for m in endpoint.ready_models
-                                              if m != request.model)
-                endpoint.last_error = exc.message
-                endpoint.set_circuit(operation, breaker.on_success(
-                    endpoint.circuit_for(operation), self._clock(), policy))
-            elif exc.is_recoverable:
-                endpoint.set_circuit(operation, breaker.on_failure(
-                    endpoint.circuit_for(operation), self._clock(), policy))
-                endpoint.last_error = exc.message
-            else:
-                endpoint.set_circuit(operation, breaker.on_success(
-                    endpoint.circuit_for(operation), self._clock(), policy))
+        except BaseException as exc:
+            self._settle(endpoint, operation, job_id, request.model, exc)
             raise
         finally:
             endpoint.in_flight -= 1
-        endpoint.set_circuit(operation, breaker.on_success(
-            endpoint.circuit_for(operation), self._clock(), policy))
+        self._settle(endpoint, operation, job_id, request.model, None)
         endpoint.observe_latency(result.latency_ms)
-        if request.model not in endpoint.ready_models:
-            endpoint.ready_models = tuple(sorted({*endpoint.ready_models, request.model}))
         return result
 
+    def _begin(self, endpoint: Endpoint, operation: Operation, request: ChatRequest) -> str:
+        """Count a call against the endpoint's circuit and work in flight; its attempt id."""
+        job_id = f"chat-{id(request)}"
+        endpoint.set_circuit(operation, breaker.on_attempt(
+            endpoint.circuit_for(operation), self._clock(), self._circuit_policy,
+            job_id=job_id))
+        endpoint.in_flight += 1
+        return job_id
+
+    def _settle(self, endpoint: Endpoint, operation: Operation, job_id: str, model: str,
+                error: BaseException | None) -> None:
+        """What one call's outcome says about the endpoint's circuit and models."""
+        policy, now = self._circuit_policy, self._clock()
+        circuit = endpoint.circuit_for(operation)
+        if error is not None and not isinstance(error, KowalskiError):
+            # A cancelled (or crashed) call settles nothing; without this the circuit
+            # would wait forever for the probe's outcome.
+            endpoint.set_circuit(operation, breaker.on_abandon(circuit, job_id=job_id))
+            return
+        if isinstance(error, ModelNotServedError | ModelMismatchError):
+            # The endpoint is fine; it just does not serve this model.
+            endpoint.ready_models = tuple(m for m in endpoint.ready_models if m != model)
+            endpoint.last_error = error.message
+        elif error is not None and error.is_recoverable:
+            endpoint.set_circuit(operation, breaker.on_failure(circuit, now, policy))
+            endpoint.last_error = error.message
+            return
+        endpoint.set_circuit(operation, breaker.on_success(circuit, now, policy))
+        if error is None and model not in endpoint.ready_models:
+            endpoint.ready_models = tuple(sorted({*endpoint.ready_models, model}))
+
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
-        """A streamed completion from the best endpoint (no failover once text flowed)."""
+        """A streamed completion from the best endpoint (no failover once text flowed).
+
+        The stream counts for the endpoint's circuit and latency as a plain call does, so a
+        caller that falls back to `chat` after a failed stream is sent elsewhere.
+        """
         await self.first_probes()
         model = self.resolve_model(request.model)
         request = msgspec.structs.replace(request, model=model)
         await self._ensure_model(model)
         endpoint = self.choose(model, "llm_inference")
-        endpoint.in_flight += 1
+        job_id = self._begin(endpoint, "llm_inference", request)
+        started = time.monotonic()
         try:
             async with endpoint.limit or contextlib.nullcontext():
                 async for delta in endpoint.client.chat_stream(request):
                     yield delta
+        except BaseException as exc:
+            self._settle(endpoint, "llm_inference", job_id, model, exc)
+            raise
         finally:
             endpoint.in_flight -= 1
+        self._settle(endpoint, "llm_inference", job_id, model, None)
+        endpoint.observe_latency((time.monotonic() - started) * 1000)
 
     async def close(self) -> None:
         for task in self._placing.values():
