@@ -141,6 +141,33 @@ async def test_openai_client_runs_rlm_and_plain_models(controller: Controller) -
         await client.close()
 
 
+async def test_openai_front_passes_a_reasoning_models_thinking_on_apart(
+    controller: Controller, exo: Any,
+) -> None:
+    thinking = "First I weigh the greeting. Then I answer it."
+    exo.app[STANDIN].reasoning = thinking
+    client = openai.AsyncOpenAI(base_url=controller.base_url + "/v1", api_key="unused")
+    try:
+        plain = await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hello"}])
+        message = plain.choices[0].message
+        assert message.content == "sub-answer to hello"
+        assert (message.model_extra or {}).get("reasoning_content") == thinking
+        thoughts, pieces = [], []
+        stream = await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hello"}], stream=True)
+        async for chunk in stream:
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            thoughts.append((delta.model_extra or {}).get("reasoning_content") or "")
+            pieces.append(delta.content or "")
+        assert "".join(thoughts) == thinking
+        assert "".join(pieces) == message.content
+    finally:
+        await client.close()
+
+
 async def _ctl(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kowalski.controller", *argv, stdout=asyncio.subprocess.PIPE,

@@ -83,12 +83,14 @@ def rlm_models(body: CompletionBody, served: list[str]) -> tuple[str, str]:
 
 
 def _completion(*, completion_id: str, model: str, text: str, finish: str,
-                usage: Usage | None) -> dict[str, Any]:
+                usage: Usage | None, reasoning: str = "") -> dict[str, Any]:
+    message = {"role": "assistant", "content": text}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     return {
         "id": completion_id, "object": "chat.completion", "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": msgspec.to_builtins(usage or Usage()),
     }
 
@@ -169,9 +171,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     await response.write(_chunk(completion_id=completion_id, model=body.model,
                                                 delta={}, finish=delta.finish_reason or "stop",
                                                 usage=delta.usage))
-                elif delta.text:
+                elif delta.text or delta.reasoning:
+                    # A reasoning model's thinking goes out as the servers that make it send
+                    # it (`reasoning_content`), never mixed into the reply.
+                    piece = {"reasoning_content": delta.reasoning} if delta.reasoning else {}
+                    piece |= {"content": delta.text} if delta.text else {}
                     await response.write(_chunk(completion_id=completion_id, model=body.model,
-                                                delta={"content": delta.text}, finish=None))
+                                                delta=piece, finish=None))
         except KowalskiError as exc:
             # As OpenAI's servers do: an error event, and the stream ends without [DONE].
             error = {"code": exc.code, "message": exc.user_message(), "type": "server_error",
@@ -185,7 +191,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     answer = await state.backend.chat(chat)
     return web.json_response(_completion(
         completion_id=answer.id or f"chatcmpl-{time.time_ns()}", model=answer.model or body.model,
-        text=answer.text, finish=answer.finish_reason or "stop", usage=answer.usage))
+        text=answer.text, finish=answer.finish_reason or "stop", usage=answer.usage,
+        reasoning=answer.reasoning))
 
 
 async def _chain(first: ChatDelta | None, rest: AsyncIterator[ChatDelta]
