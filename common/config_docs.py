@@ -68,7 +68,9 @@ KEYS: dict[str, str] = {
                             "sub-trees of /state, exo v0's /v1/topology, an OpenAI-compatible "
                             "server's /v1/models."),
     "exo.place_instances": "Place an instance of a model that has none (exo v1).",
-    "exo.max_concurrency": "Model calls in flight at once, over all endpoints.",
+    "exo.max_concurrency": ("A batch's model calls in flight at once (`batch --concurrency` "
+                            "overrides it), and the capacity assumed for an endpoint with no "
+                            "`max_concurrency` of its own when sub-calls are spread."),
     "exo.cache_ttl_s": "How long an identical call's result is reused (0 disables).",
     "exo.cache_max_entries": "Results kept in the call cache (0 disables).",
     "exo.embedded": "With no endpoints, start the embedded local model (SmolLM2-135M).",
