@@ -11,11 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 import tomli_w
 from controller_env import controller_config, running_controller
-from exo_standin import DEFAULT_MODEL
+from exo_standin import DEFAULT_MODEL, make_exo_app
 from procs import AgentProcess
 
 from kowalski.controller.service import Controller
@@ -132,7 +133,7 @@ async def test_sigterm_during_a_remote_run_stops_it_and_the_controller_records_i
     assert "Traceback" not in err
     path = _trajectory_path(out)
     assert path.parent == tmp_path / "runs"
-    # The controller sees the client gone at its next event and cancels the run.
+    # The controller sees the client gone and cancels the run.
     for _ in range(200):
         if path.exists() and '"run_finished"' in path.read_text():
             break
@@ -140,3 +141,42 @@ async def test_sigterm_during_a_remote_run_stops_it_and_the_controller_records_i
     last = json.loads(path.read_text().splitlines()[-1])
     assert last["result"]["stop_reason"] == "cancelled"
     assert "── Finished: cancelled ──" in await _runs_show(path.parent, path.stem)
+
+
+async def test_a_streamed_run_whose_caller_hangs_up_stops_during_a_hung_model_call(
+    agents: list[AgentProcess], aiohttp_server: Any, tmp_path: Path,
+) -> None:
+    calls = 0
+    hung = asyncio.Event()
+
+    async def hangs_after_the_first_reply(body: dict[str, Any]) -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            hung.set()
+            await asyncio.sleep(60)
+        return CODE_ONLY
+
+    server = await aiohttp_server(make_exo_app(reply=hangs_after_the_first_reply))
+    config = controller_config(agents, [str(server.make_url("")).rstrip("/")], tmp_path)
+    async with running_controller(config) as running, aiohttp.ClientSession() as http:
+        response = await http.post(running.base_url + "/v1/runs", json={
+            "query": "count letters", "context": "abc", "stream": True})
+        run_id = ""
+        async for line in response.content:
+            event = json.loads(line)
+            run_id = run_id or event.get("run_id", "")
+            if event.get("kind") == "code_executed":
+                break
+        # Hang up once every event before the hung call has gone out: from here on the run
+        # has nothing to write, so only watching the connection can notice the caller left.
+        await hung.wait()
+        await asyncio.sleep(0.5)
+        response.close()
+        hung_up = asyncio.get_running_loop().time()
+        path = tmp_path / "runs" / f"{run_id}.jsonl"
+        while '"run_finished"' not in path.read_text():
+            assert asyncio.get_running_loop().time() - hung_up < 10, "the run went on"
+            await asyncio.sleep(0.1)
+    last = json.loads(path.read_text().splitlines()[-1])
+    assert last["result"]["stop_reason"] == "cancelled"

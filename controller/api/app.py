@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 
 import msgspec
 from aiohttp import web
@@ -29,6 +31,9 @@ from kowalski.controller.rlm.events import RlmEvent
 from kowalski.controller.rlm.runs import RunRequest, RunStreamError, RunStreamResult
 from kowalski.controller.rlm.trajectory import list_runs, read_trajectory, run_dir
 
+log = logging.getLogger(__name__)
+# How often a streamed run with nothing to send checks that its caller is still there.
+_GONE_CHECK_S = 0.5
 _encoder = msgspec.json.Encoder()
 # Writes that start work, counted per client. llm_query callbacks are not: they come
 # from agents, signed, and each run's budget and sub-call concurrency bound them.
@@ -89,6 +94,11 @@ async def post_llm_query(request: web.Request) -> web.Response:
     return json_response(LlmAnswer(answers=answers))
 
 
+def _caller_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def post_run(request: web.Request) -> web.StreamResponse:
     """Run one RLM job; with "stream": true, NDJSON events and then the result."""
     require_token(request)
@@ -103,11 +113,20 @@ async def post_run(request: web.Request) -> web.StreamResponse:
     try:
         while not task.done() or not events.empty():
             getter = asyncio.ensure_future(events.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({getter, task}, timeout=_GONE_CHECK_S,
+                               return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 await response.write(_encoder.encode(getter.result()) + b"\n")
-            else:
-                getter.cancel()
+                continue
+            getter.cancel()
+            if not task.done() and _caller_gone(request):
+                # Nobody reads the events any more: the run stops now, not at its next event
+                # (which a hung model call could put off for minutes).
+                log.info("a streamed run was cancelled: its caller hung up")
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, KowalskiError):
+                    await task
+                return response
         last: RunStreamResult | RunStreamError = RunStreamResult(result=task.result())
     except KowalskiError as exc:
         last = RunStreamError(error=WireError(
