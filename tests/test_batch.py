@@ -600,6 +600,49 @@ async def test_a_three_second_outage_fails_no_item_of_a_500_item_batch() -> None
     assert max(ok(r).attempts for r in run.results) <= settings.retry_max_attempts * 4
 
 
+async def test_batch_with_one_endpoint_rides_out_its_outage_behind_a_circuit(
+    tmp_path: Path,
+) -> None:
+    total, outage_s = 200, 2.0
+    done = [0]
+    tenth_done = asyncio.Event()
+
+    async def reply(body: dict[str, Any]) -> str:
+        await asyncio.sleep(0.02)
+        done[0] += 1
+        if done[0] >= total // 10:
+            tenth_done.set()
+        return f"You said: {prompt_of(body)}"
+
+    standin = ExoStandin(reply=reply)
+    standin.set_model(DEFAULT_MODEL)
+    server = FlakyServer(standin)
+    await server.up()
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"id": f"i{n}", "prompt": f"p{n}"}) + "\n"
+                              for n in range(total)))
+    config = tmp_path / "config.toml"
+    # Attempts alone (three, a few hundred ms apart) cannot span the outage; the circuit can.
+    config.write_text("[controller]\ncircuit_reset_s = 1.0\nretry_max_attempts = 3\n"
+                      "retry_max_delay_ms = 200\n[exo]\npoll_interval_s = 0.5\n")
+    process = await start_batch(f"http://127.0.0.1:{server.port}", source, "-o", str(output),
+                                "--concurrency", "8", "--quiet", config=config)
+    try:
+        await tenth_done.wait()
+        await server.down()
+        await asyncio.sleep(outage_s)
+        await server.up()
+        _, err = await asyncio.wait_for(process.communicate(), 90)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await server.down()
+    assert process.returncode == 0, err.decode()
+    results = read_results(output)
+    assert [ok(r).text for r in results] == [f"You said: p{n}" for n in range(total)]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_stops_a_batch_with_its_journal_and_a_summary(
     serve: Serve, tmp_path: Path, signum: signal.Signals,

@@ -1,4 +1,4 @@
-"""kowalski-ctl batch: a JSONL file of prompts, through the router or one exo endpoint."""
+"""kowalski-ctl batch: a JSONL file of prompts through the router (config endpoints or one)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import Any
 
 import msgspec
 
-from kowalski.common.config import Config
+from kowalski.common.config import Config, EndpointConfig
 from kowalski.common.errors import NotFoundError, ParseError
 from kowalski.common.tls import loop_factory
 from kowalski.controller.batch.files import ItemFailure, read_batch, read_input
-from kowalski.controller.batch.runner import BatchSummary, ExoClientBackend, run_batch_file
-from kowalski.controller.cli.arguments import positive_int
+from kowalski.controller.batch.runner import BatchSummary, run_batch_file
+from kowalski.controller.cli.arguments import http_url, positive_int
 from kowalski.controller.cli.exit_codes import (
     EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
@@ -25,7 +25,6 @@ from kowalski.controller.cli.exit_codes import (
     EXIT_USAGE,
 )
 from kowalski.controller.models.cache import CachedBackend, ResultCache
-from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.retry import RetryPolicy
 from kowalski.controller.service import Controller
 
@@ -47,8 +46,11 @@ def add_command(commands: Any) -> None:
                        help="calls in flight (default: exo.max_concurrency)")
     batch.add_argument("--resume", action="store_true",
                        help="keep what an earlier run of this batch finished")
-    batch.add_argument("--endpoint", help="ask this one exo or OpenAI-compatible base URL, "
-                                          "without routing or failover")
+    batch.add_argument("--endpoint", type=http_url,
+                       help="ask this one exo or OpenAI-compatible base URL instead of the "
+                            "config's endpoints (it still gets retries and a circuit)")
+    batch.add_argument("--api-key-file",
+                       help="a file holding the --endpoint's API key (sent as a Bearer token)")
     batch.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -60,8 +62,7 @@ def _checked_input(args: argparse.Namespace, config: Config) -> bytes:
         raise NotFoundError(f"cannot read the batch input {args.file}: {exc.strerror}",
                             next_step='Check the path; "-" reads stdin') from None
     default_model = args.model or config.exo.default_model
-    items = read_batch(data, default_model=default_model or ("" if args.endpoint
-                                                             else _ROUTER_PICKS))
+    items = read_batch(data, default_model=default_model or _ROUTER_PICKS)
     source = "stdin" if args.file == STDIO else args.file
     if not items:
         raise ParseError(f"{source} holds no prompts: it should have one JSON object a line, "
@@ -102,18 +103,6 @@ async def _through_router(config: Config, args: argparse.Namespace, data: bytes,
             input_data=data, stop=stop)
 
 
-async def _through_endpoint(config: Config, args: argparse.Namespace, data: bytes,
-                            stop: asyncio.Event) -> BatchSummary:
-    exo = config.exo
-    async with ExoClient.from_config(args.endpoint, exo) as client:
-        backend = CachedBackend(ExoClientBackend(client), ResultCache.from_config(exo))
-        return await run_batch_file(
-            args.file, args.output, backend, concurrency=args.concurrency or exo.max_concurrency,
-            default_model=args.model or exo.default_model, resume=args.resume,
-            show_progress=not args.quiet, policy=RetryPolicy.from_config(config.controller),
-            input_data=data, stop=stop)
-
-
 def batch_command(args: argparse.Namespace, config: Config) -> int:
     """0 when every item succeeded, 5 when some failed, 130 when stopped; errors by main."""
     if args.output is None and args.file == STDIO:
@@ -124,8 +113,17 @@ def batch_command(args: argparse.Namespace, config: Config) -> int:
         print("kowalski-ctl batch: --resume needs an output file (-o FILE)\n"
               "See `kowalski-ctl batch --help`.", file=sys.stderr)
         return EXIT_USAGE
+    if args.api_key_file and not args.endpoint:
+        print("kowalski-ctl batch: --api-key-file goes with --endpoint URL\n"
+              "See `kowalski-ctl batch --help`.", file=sys.stderr)
+        return EXIT_USAGE
+    if args.endpoint:
+        # One endpoint of its own, through the router like any: a short outage is ridden
+        # out behind its circuit instead of spending every item's attempts.
+        endpoint = EndpointConfig(url=args.endpoint, api_key_file=args.api_key_file or "")
+        config = msgspec.structs.replace(config, exo=msgspec.structs.replace(
+            config.exo, endpoints=[endpoint], embedded=False))
     data = _checked_input(args, config)
-    run = _through_endpoint if args.endpoint else _through_router
 
     async def stoppable() -> BatchSummary:
         # SIGTERM and Ctrl-C stop the batch, not the process: the journal keeps what
@@ -135,7 +133,7 @@ def batch_command(args: argparse.Namespace, config: Config) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:
-            return await run(config, args, data, stop)
+            return await _through_router(config, args, data, stop)
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
