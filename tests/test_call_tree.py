@@ -105,6 +105,46 @@ async def check_tree(page: Any, run_id: str, *, agents: list[str], endpoint: str
             "data-status", "ok")
 
 
+async def check_old_and_large_trees(page: Any) -> None:
+    """Files from before cells were named, and a cell with 500 sub-calls, in the page's code."""
+    drawn = await page.evaluate("""async () => {
+        const {CallTree, buildTree} = await import("/static/calltree.js");
+        const base = {run_id: "old", depth: 0};
+        const call = (n, extra) => ({...base, kind: "sub_call", iteration: 1, latency_ms: n,
+            endpoint: "http://e", error: "", ...extra});
+        const events = [
+            {...base, kind: "run_started", parent_run_id: ""},
+            {...base, kind: "iteration_started", iteration: 1, phase: "turn"},
+            {...base, kind: "model_replied", iteration: 1, phase: "turn", endpoint: "http://e",
+             model_ms: 5},
+            ...Array.from({length: 500}, (_, n) => call(n, {block: 1})),
+            call(1, {}),
+            call(2, {child_run_id: "old-s1"}),
+            {...base, kind: "code_executed", iteration: 1, block: 1, device_id: "a1",
+             wall_time_ms: 9, status: "ok", language: "repl"},
+        ];
+        const child = [{run_id: "old-s1", depth: 1, kind: "run_started",
+                        parent_run_id: "old"}];
+        const started = performance.now();
+        const tree = new CallTree().render(buildTree({events, descendants: [{events: child}]}));
+        const ms = performance.now() - started;
+        const at = (key) => tree.querySelector(`[data-key="${key}"]`);
+        return {
+            ms,
+            rows: tree.querySelectorAll("li").length,
+            summary: at("old/i1/b1/sub-calls").textContent,
+            underIteration: [...at("old/i1").querySelectorAll(
+                ":scope > details > ul > li")].map((li) => li.dataset.kind),
+        };
+    }""")
+    # Folded, the 500 sub-calls are one row and are not drawn at all.
+    assert drawn["summary"].startswith("500 sub-calls · 1 endpoint · 0 errors")
+    assert drawn["rows"] < 10, drawn
+    assert drawn["ms"] < 500, drawn
+    # Without a block, a sub-call and a child run hang under their iteration.
+    assert drawn["underIteration"] == ["cell", "run", "sub_call"], drawn
+
+
 async def test_run_view_draws_the_call_tree_live_and_from_the_stored_events(
     browser_page: Any, agents: list[AgentProcess], exo: Any, tree_model: TreeModel,
     tmp_path: Path,
@@ -150,6 +190,7 @@ async def test_run_view_draws_the_call_tree_live_and_from_the_stored_events(
         await page.locator(f'#runs tr[data-run="{run_id}"] button').click()
         await check_tree(page, run_id, agents=agent_ids, endpoint=endpoint, live=False,
                          unfold=True)
+        await check_old_and_large_trees(page)
     # One read of the run's trajectory per change, never one per node of the tree.
     asked = {path for path in requested if not path.startswith("/static/")}
     assert asked == {"/", "/v1/events", f"/v1/runs/{run_id}"}
