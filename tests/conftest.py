@@ -1,4 +1,5 @@
-"""Shared fixtures: a guard against leaked processes, a stand-in exo, agents, a controller.
+"""Shared fixtures: a guard against leaked processes, a stand-in exo, agents, a controller,
+and a page in headless Chromium.
 
 A test module changes what the shared fixtures start by overriding a small one:
 ``exo_reply`` (what the stand-in model says) or ``agent_count``.
@@ -7,6 +8,7 @@ A test module changes what the shared fixtures start by overriding a small one:
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -115,3 +117,35 @@ async def controller(agents: list[AgentProcess], exo: Any, tmp_path: Path
         # Endpoints are probed in the background: tests start once the first probe answered.
         await running.router.first_probes()
         yield running
+
+
+# --- a browser --------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture
+async def browser_page(tmp_path: Path) -> AsyncIterator[Any]:
+    """A page in a fresh headless Chromium profile; fails the test on any script error."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (Debian package: chromium)")
+    from playwright.async_api import async_playwright
+
+    errors: list[str] = []
+    async with async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            tmp_path / "profile", executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 900})
+        try:
+            page = context.pages[0] if context.pages else await context.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda message: errors.append(message.text)
+                    if "Content Security Policy" in message.text else None)
+            yield page
+        finally:
+            await context.close()
+    assert errors == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,11 +25,6 @@ from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(90)
 
-CHROMIUM = shutil.which("chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 # Model output the page must show as text: were it parsed as HTML, a <b> element would appear.
 HOSTILE = "<b>characters:</b>"
@@ -129,29 +123,6 @@ async def test_page_and_its_files_are_served_with_a_strict_policy(
 @pytest.fixture
 def exo_reply() -> Callable[[dict[str, Any]], str]:
     return scripted
-
-
-@pytest.fixture
-async def browser_page(tmp_path: Path) -> AsyncIterator[Any]:
-    """A page in a fresh headless Chromium profile; fails the test on any script error."""
-    if CHROMIUM is None:
-        pytest.skip("no chromium on PATH (Debian package: chromium)")
-    from playwright.async_api import async_playwright
-
-    errors: list[str] = []
-    async with async_playwright() as playwright:
-        context = await playwright.chromium.launch_persistent_context(
-            tmp_path / "profile", executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 900})
-        try:
-            page = context.pages[0] if context.pages else await context.new_page()
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("console", lambda message: errors.append(message.text)
-                    if "Content Security Policy" in message.text else None)
-            yield page
-        finally:
-            await context.close()
-    assert errors == []
 
 
 def dense_history(controller: Controller) -> None:

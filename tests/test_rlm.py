@@ -462,11 +462,12 @@ async def test_too_large_context_fails_before_anything_runs(harness: Harness) ->
 
 
 async def test_depth_below_max_depth_makes_sub_calls_recursive_runs(harness: Harness) -> None:
-    harness.model.script("", repl("print(llm_query('what is 2+2'))"), "FINAL(parent done)")
+    harness.model.script("", repl("x = 1") + "\n" + repl("print(llm_query('what is 2+2'))"),
+                         "FINAL(parent done)")
     harness.model.script("what is 2+2", repl("four = 2 + 2"), "FINAL_VAR(four)")
     result = await harness.new_run("q", "c", max_depth=2).run()
     assert result.answer == "parent done"
-    assert "REPL output:\n4" in last_user(harness.model.root_requests[-1])
+    assert "REPL output of block 2:\n4" in last_user(harness.model.root_requests[-1])
     assert len(harness.runs) == 2
     child_id = next(run_id for run_id in harness.runs if run_id != result.run_id)
     child = read_trajectory(child_id, harness.runs_dir)
@@ -476,8 +477,16 @@ async def test_depth_below_max_depth_makes_sub_calls_recursive_runs(harness: Har
     assert child.finished.result.stop_reason == "final_var"
     assert {event.run_id for event in child.events} == {child_id}
     parent = read_trajectory(result.run_id, harness.runs_dir)
-    assert of_kind(parent, SubCallAnswered)[0].child_run_id == child_id
+    call = of_kind(parent, SubCallAnswered)[0]
+    assert call.child_run_id == child_id
+    # Both name the cell that asked: iteration 1, its second block.
+    assert (call.iteration, call.block) == (1, 2)
+    assert (child.started.parent_iteration, child.started.parent_block) == (1, 2)
     assert {event.run_id for event in parent.events} == {result.run_id}
+    tree = read_trajectory(result.run_id, harness.runs_dir, descendants=True)
+    assert tree.events == parent.events
+    assert tree.descendants == [child]
+    assert parent.descendants == []
     assert result.sub_calls == 1
     assert harness.model.sub_prompts == []
 

@@ -153,7 +153,10 @@ async def get_run(request: web.Request) -> web.Response:
     directory = run_dir(state.runs.config.trajectory_dir)
     if not (directory / f"{run_id}.jsonl").is_file():
         raise web.HTTPNotFound(text=f"no run {run_id} in {directory}")
-    return json_response(await asyncio.to_thread(read_trajectory, run_id, directory))
+    # ?descendants=1: the child runs its sub-calls started too (the dashboard's call tree).
+    below = request.query.get("descendants", "") in ("1", "true")
+    return json_response(await asyncio.to_thread(read_trajectory, run_id, directory,
+                                                 descendants=below))
 
 
 def make_app(state: ControllerState, *, max_body_bytes: int, secret: bytes | None = None,

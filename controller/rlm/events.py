@@ -132,6 +132,9 @@ class RunStarted(RlmEvent, frozen=True, tag="run_started"):
     started_at: float
     config: RlmConfig
     parent_run_id: str = ""
+    # The parent's cell whose llm_query started this run (0: not a sub-call, or unknown).
+    parent_iteration: int = 0
+    parent_block: int = 0
     # The first two messages of the conversation, so the file can rebuild it.
     system_prompt: str = ""
     task: str = ""
@@ -219,6 +222,8 @@ class SubCallAnswered(RlmEvent, frozen=True, tag="sub_call"):
     child_run_id: str = ""
     # Answered by the cache (in part, for a child run): not counted in `tokens`.
     cached_tokens: TokenCount = msgspec.field(default_factory=TokenCount)
+    # The code block (of `iteration`) whose llm_query asked; 0 in files that predate it.
+    block: int = 0
 
 
 class IterationFinished(RlmEvent, frozen=True, tag="iteration_finished"):

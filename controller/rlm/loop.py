@@ -56,7 +56,7 @@ from kowalski.controller.rlm.events import (
 from kowalski.controller.rlm.folding import estimate_tokens, fold, names_in, needs_fold
 from kowalski.controller.rlm.ledger import RunLedger
 from kowalski.controller.rlm.streaming import ask_streamed, reply_sink
-from kowalski.controller.rlm.subcalls import SubCalls, max_prompt_chars
+from kowalski.controller.rlm.subcalls import Cell, SubCalls, max_prompt_chars
 from kowalski.controller.rlm.trajectory import TrajectoryWriter
 
 __all__ = ["RlmRun", "new_run_id"]
@@ -85,6 +85,7 @@ class RlmRun:
         run_id: str | None = None,
         depth: int = 0,
         parent_run_id: str = "",
+        parent_cell: Cell = (0, 0),
         temperature: float | None = None,
         cell_timeout_ms: int | None = None,
     ) -> None:
@@ -95,6 +96,7 @@ class RlmRun:
         self.run_id = run_id or new_run_id()
         self.depth = depth
         self.parent_run_id = parent_run_id
+        self.parent_cell = parent_cell
         self._backend = backend
         self._factory = session_factory
         self._observer = observer
@@ -174,6 +176,7 @@ class RlmRun:
             context_type=info.type, context_chars=info.total_chars,
             context_chunks=len(info.chunk_chars), started_at=started_at, config=self.config,
             trajectory_path=self.trajectory_path, parent_run_id=self.parent_run_id,
+            parent_iteration=self.parent_cell[0], parent_block=self.parent_cell[1],
             system_prompt=system, task=task))
         try:
             stop = await self._guarded()
@@ -283,7 +286,7 @@ class RlmRun:
                     language=block.raw_language, code=block.code))
                 continue
             started = time.monotonic()
-            with self._subs.cell():
+            with self._subs.cell(iteration, number):
                 result = await self._session.execute(block.code,
                                                      timeout_ms=self._cell_timeout_ms)
             wall_ms = (time.monotonic() - started) * 1000
@@ -381,11 +384,11 @@ class RlmRun:
         return await self._subs.answer(prompts, model=model, root_model=self.model)
 
     async def _run_child(self, query: str, context: str, *, config: RlmConfig, model: str,
-                         run_id: str) -> RlmResult:
+                         run_id: str, cell: Cell) -> RlmResult:
         """A sub-call's own run, one level deeper, of the same class as this one."""
         child = type(self)(
             query, context, backend=self._backend, session_factory=self._factory,
             config=config, model=model, observer=self._observer, run_id=run_id,
-            depth=self.depth + 1, parent_run_id=self.run_id, temperature=self._temperature,
-            cell_timeout_ms=self._cell_timeout_ms)
+            depth=self.depth + 1, parent_run_id=self.run_id, parent_cell=cell,
+            temperature=self._temperature, cell_timeout_ms=self._cell_timeout_ms)
         return await child.run()

@@ -53,6 +53,9 @@ class LiveRunSummary(msgspec.Struct, frozen=True, kw_only=True):
     # The root model's reply while it streams (its last REPLY_SO_FAR_CHARS), and its iteration.
     reply_so_far: str = ""
     reply_iteration: int = 0
+    # Events stored so far by the run and the child runs below it: a page showing its
+    # trajectory reads it again when this moves.
+    events: int = 0
 
 
 # A live summary keeps at most this much of the reply being generated.
@@ -104,6 +107,8 @@ class _Live:
 
     def update(self, event: RlmEvent) -> None:
         summary = self.summary
+        if not isinstance(event, ReplyDelta):
+            summary = msgspec.structs.replace(summary, events=summary.events + 1)
         if isinstance(event, ReplyDelta) and event.depth == 0:
             text = (summary.reply_so_far if summary.reply_iteration == event.iteration else "")
             summary = msgspec.structs.replace(

@@ -36,8 +36,10 @@ from kowalski.controller.rlm.events import (
 from kowalski.controller.rlm.folding import CHARS_PER_TOKEN
 from kowalski.controller.rlm.ledger import RunLedger
 
-__all__ = ["ChildRunner", "SubCalls", "max_prompt_chars"]
+__all__ = ["Cell", "ChildRunner", "SubCalls", "max_prompt_chars"]
 
+# A code cell: (iteration, block number); sub-calls and child runs name the one that asked.
+Cell = tuple[int, int]
 # Longer sub-call prompts reach a child run as its context, with a short query.
 _QUERY_CHARS = 2000
 
@@ -46,7 +48,7 @@ class ChildRunner(Protocol):
     """Runs a child RLM run (one level deeper) to its end."""
 
     async def __call__(self, query: str, context: str, *, config: RlmConfig, model: str,
-                       run_id: str) -> RlmResult: ...
+                       run_id: str, cell: Cell) -> RlmResult: ...
 
 
 def max_prompt_chars(config: RlmConfig) -> int:
@@ -71,12 +73,14 @@ class SubCalls:
         self._children = 0
         self._semaphore = asyncio.Semaphore(config.sub_call_concurrency)
         self._cells_running = 0
+        self._cell: Cell = (0, 0)
         self._work: set[asyncio.Task[list[str]]] = set()
 
     @contextlib.contextmanager
-    def cell(self) -> Iterator[None]:
+    def cell(self, iteration: int, block: int) -> Iterator[None]:
         """While a cell runs: sub-calls are taken, and cancelled once it ends however it ends."""
         self._cells_running += 1
+        self._cell = (iteration, block)
         try:
             yield
         finally:
@@ -99,7 +103,7 @@ class SubCalls:
         if not self._cells_running:
             raise CancelledJobError(f"run {self._run_id} has no cell running; the cell that "
                                     "asked has ended and its sub-calls were dropped")
-        work = asyncio.ensure_future(self._answer_all(prompts, model, root_model))
+        work = asyncio.ensure_future(self._answer_all(prompts, model, root_model, self._cell))
         self._work.add(work)
         work.add_done_callback(self._work.discard)
         try:
@@ -112,7 +116,8 @@ class SubCalls:
                                         "its pending sub-calls were cancelled") from None
             raise
 
-    async def _answer_all(self, prompts: list[str], model: str, root_model: str) -> list[str]:
+    async def _answer_all(self, prompts: list[str], model: str, root_model: str, cell: Cell
+                          ) -> list[str]:
         ledger, config = self._ledger, self._config
         recursive = self._depth + 1 < config.max_depth
         # A child run loops with the root model; a leaf is one call to the sub model.
@@ -120,7 +125,7 @@ class SubCalls:
 
         async def one(prompt: str) -> str:
             async with self._semaphore:
-                return await self._sub_call(prompt, chosen)
+                return await self._sub_call(prompt, chosen, cell)
 
         try:
             async with asyncio.timeout_at(ledger.deadline), asyncio.TaskGroup() as group:
@@ -130,7 +135,7 @@ class SubCalls:
                                       f"{config.run_timeout_s:g} s") from None
         return [task.result() for task in tasks]
 
-    async def _sub_call(self, prompt: str, model: str) -> str:
+    async def _sub_call(self, prompt: str, model: str, cell: Cell) -> str:
         limit = max_prompt_chars(self._config)
         refusal = ""
         if self._ledger.tokens_used >= self._config.token_budget:
@@ -139,11 +144,11 @@ class SubCalls:
             refusal = (f"Error: the prompt is {len(prompt)} characters; a sub-call takes at "
                        f"most about {limit}. Split it into smaller pieces.")
         if refusal:
-            await self._record(prompt, refusal, TokenCount(), 0.0, error=refusal)
+            await self._record(prompt, refusal, TokenCount(), 0.0, cell, error=refusal)
             return refusal
         started = time.monotonic()
         if self._depth + 1 < self._config.max_depth:
-            return await self._child_call(prompt, model, started)
+            return await self._child_call(prompt, model, started, cell)
         messages = [ChatMessage(role="user", content=prompt)]
         request = ChatRequest(model=model, messages=messages, temperature=self._temperature)
         try:
@@ -152,16 +157,16 @@ class SubCalls:
         except KowalskiError as exc:
             answer = f"Error: {exc.message}"
             await self._record(prompt, answer, TokenCount(),
-                               (time.monotonic() - started) * 1000, error=exc.message)
+                               (time.monotonic() - started) * 1000, cell, error=exc.message)
             return answer
         self._ledger.note_endpoint(result.endpoint)
         tokens = chat_tokens(result, messages)
         await self._record(prompt, result.text, TokenCount() if cached else tokens,
-                           (time.monotonic() - started) * 1000, endpoint=result.endpoint,
+                           (time.monotonic() - started) * 1000, cell, endpoint=result.endpoint,
                            cached_tokens=tokens if cached else TokenCount())
         return result.text
 
-    async def _child_call(self, prompt: str, model: str, started: float) -> str:
+    async def _child_call(self, prompt: str, model: str, started: float, cell: Cell) -> str:
         """A sub-call below max_depth: an RLM run of its own over the prompt."""
         ledger, config = self._ledger, self._config
         self._children += 1
@@ -173,7 +178,7 @@ class SubCalls:
             f"Answer the request written in `context` (a prompt of {len(prompt)} characters).")
         child_run_id = f"{self._run_id}-s{self._children}"
         result = await self._run_child(query, prompt, config=child_config, model=model,
-                                       run_id=child_run_id)
+                                       run_id=child_run_id, cell=cell)
         for name in result.agents:
             ledger.note_agent(name)
         for name in result.endpoints:
@@ -183,19 +188,19 @@ class SubCalls:
         answer = result.answer or (f"Error: the sub-call's run stopped without an answer "
                                    f"({result.stop_reason}: {result.detail})")
         await self._record(prompt, answer, result.tokens,
-                           (time.monotonic() - started) * 1000, error=error,
+                           (time.monotonic() - started) * 1000, cell, error=error,
                            child_run_id=child_run_id, cached_tokens=result.cached_tokens)
         return answer
 
     async def _record(self, prompt: str, answer: str, tokens: TokenCount, latency_ms: float,
-                      *, endpoint: str = "", error: str = "", child_run_id: str = "",
+                      cell: Cell, *, endpoint: str = "", error: str = "", child_run_id: str = "",
                       cached_tokens: TokenCount | None = None) -> None:
         ledger = self._ledger
         ledger.sub_calls += 1
         ledger.sub_call_tokens += tokens
         ledger.cached_tokens += cached_tokens or TokenCount()
         await self._emit(SubCallAnswered(
-            run_id=self._run_id, depth=self._depth, iteration=ledger.iteration,
+            run_id=self._run_id, depth=self._depth, iteration=cell[0], block=cell[1],
             prompt_chars=len(prompt), answer_chars=len(answer), latency_ms=latency_ms,
             tokens=tokens, error=error, prompt=prompt[:SUB_CALL_CHARS],
             answer=answer[:SUB_CALL_CHARS], endpoint=endpoint, child_run_id=child_run_id,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import glob
 import os
+import re
 from pathlib import Path
 
 import msgspec
@@ -46,6 +48,8 @@ SUFFIX = ".jsonl"
 # How far back from the end to look for the last line when listing runs.
 _TAIL_BYTES = 1 << 16
 _decoder = msgspec.json.Decoder(AnyRlmEvent | V1Record)
+# What follows a run's id in the ids of the runs below it: `-s1`, `-s1-s3`, ...
+_DESCENDANT = re.compile(r"(?:-s\d+)+")
 _encoder = msgspec.json.Encoder()
 
 
@@ -54,6 +58,8 @@ class Trajectory(msgspec.Struct, frozen=True, kw_only=True):
 
     path: str
     events: list[AnyRlmEvent]
+    # Runs its sub-calls started, at every depth, parents before children (when asked for).
+    descendants: list[Trajectory] = msgspec.field(default_factory=list)
 
     @property
     def started(self) -> RunStarted:
@@ -130,8 +136,9 @@ def _lines(data: bytes, path: Path) -> list[AnyRlmEvent | V1Record]:
 
 def read_trajectory(
     path_or_run_id: str | os.PathLike[str], directory: str | os.PathLike[str] = ".",
+    *, descendants: bool = False,
 ) -> Trajectory:
-    """Read a run's file, by path or by run id within directory."""
+    """Read a run's file, by path or by run id within directory; with its child runs if asked."""
     path = resolve(path_or_run_id, directory)
     try:
         data = path.read_bytes()
@@ -139,6 +146,19 @@ def read_trajectory(
         raise NotFoundError(f"no trajectory for {str(path_or_run_id)!r} at {path}",
                             next_step="List the runs there with `kowalski-ctl runs list`, "
                                       "or pass --dir") from None
+    trajectory = _parse(data, path)
+    if not descendants:
+        return trajectory
+    below = []
+    for child in _descendant_paths(path):
+        try:
+            below.append(_parse(child.read_bytes(), child))
+        except (OSError, ParseError):
+            continue  # a child that has not written its first line yet, or a damaged file
+    return msgspec.structs.replace(trajectory, descendants=below)
+
+
+def _parse(data: bytes, path: Path) -> Trajectory:
     lines = _lines(data, path)
     first = lines[0] if lines else None
     if isinstance(first, V1Meta):
@@ -148,6 +168,17 @@ def read_trajectory(
         raise ParseError(f"{path}: the first line is not the start of a run")
     events = [line for line in lines if not isinstance(line, V1Record)]
     return Trajectory(path=str(path), events=events)
+
+
+def _descendant_paths(path: Path) -> list[Path]:
+    """Files of the runs below this one (child run ids extend their parent's), in tree order."""
+    run_id = path.name.removesuffix(SUFFIX)
+    found = []
+    for candidate in path.parent.glob(f"{glob.escape(run_id)}-s*{SUFFIX}"):
+        rest = candidate.name.removesuffix(SUFFIX)[len(run_id):]
+        if _DESCENDANT.fullmatch(rest):
+            found.append((tuple(int(n) for n in rest.split("-s")[1:]), candidate))
+    return [candidate for _, candidate in sorted(found)]
 
 
 def _summary(path: Path) -> StoredRunSummary | None:

@@ -1,6 +1,8 @@
-// One run's trajectory (GET /v1/runs/{id}): its events, shown per iteration.
-// Fetched when a run is selected, and again when the stream says that run moved on.
+// One run's trajectory (GET /v1/runs/{id}): its call tree, then its events per iteration.
+// Fetched when a run is selected, and again when the stream says that run (or a child run
+// below it) moved on; one read at a time, the last change read once the one in flight ends.
 
+import {CallTree, buildTree} from "./calltree.js";
 import {badge, formatClock, formatCount, formatMs, h, runOutcome} from "./dom.js";
 
 const MAX_CHARS = 20000;
@@ -104,6 +106,9 @@ export class TrajectoryView {
     this.runId = null;
     this.signature = null;
     this.sequence = 0;
+    this.tree = new CallTree();
+    this.loading = false;
+    this.again = false;
   }
 
   open(runId, run) {
@@ -111,6 +116,8 @@ export class TrajectoryView {
     this.runId = runId;
     this.signature = signatureOf(run);
     this.replying = run ?? null;
+    this.sequence += 1;
+    this.tree.reset();
     this.root.hidden = false;
     this.show(h("p", {class: "sub"}, "Loading…"));
     this.load();
@@ -162,11 +169,28 @@ export class TrajectoryView {
   }
 
   async load() {
+    if (this.loading) {
+      this.again = true;
+      return;
+    }
+    this.loading = true;
+    try {
+      await this.read();
+    } finally {
+      this.loading = false;
+    }
+    if (this.again && this.runId !== null) {
+      this.again = false;
+      this.load();
+    }
+  }
+
+  async read() {
     const runId = this.runId;
-    const sequence = ++this.sequence;
+    const sequence = this.sequence;
     let body;
     try {
-      const response = await fetch(`/v1/runs/${encodeURIComponent(runId)}`,
+      const response = await fetch(`/v1/runs/${encodeURIComponent(runId)}?descendants=1`,
         {headers: {Accept: "application/json"}});
       const data = await response.json().catch(() => null);
       if (!response.ok) {
@@ -174,7 +198,7 @@ export class TrajectoryView {
         body = [h("p", {class: "sub"}, response.status === 404
           ? "No trajectory file for this run yet." : `Could not load the trajectory: ${reason}`)];
       } else {
-        body = render(data);
+        body = render(data, this.tree);
       }
     } catch (error) {
       body = [h("p", {class: "error-text"}, `Could not load the trajectory: ${error}`)];
@@ -187,10 +211,10 @@ export class TrajectoryView {
 }
 
 function signatureOf(run) {
-  return run ? `${run.status}/${run.iterations}/${run.sub_calls}/${run.tokens}` : null;
+  return run ? `${run.status}/${run.events}/${run.iterations}/${run.sub_calls}/${run.tokens}` : null;
 }
 
-function render(trajectory) {
+function render(trajectory, tree) {
   const events = trajectory.events ?? [];
   const meta = events[0]?.kind === "run_started" ? events[0] : {};
   const last = events[events.length - 1];
@@ -203,6 +227,7 @@ function render(trajectory) {
   ];
   return [
     h("dl", {class: "facts"}, facts.map(([name, value]) => [h("dt", {}, name), h("dd", {}, value)])),
+    tree.render(buildTree(trajectory)),
     block("Query", meta.query, "query"),
     byIteration(events).map(iteration),
     finalPart(last?.kind === "run_finished" ? last.result : null),
