@@ -92,6 +92,11 @@ def _fanout() -> Measure:
     return fanout.measure
 
 
+def _session_flood() -> Measure:
+    from bench import session_flood
+    return session_flood.measure
+
+
 # key, title (for a benchmark that fails before it reports), loader, time limit in seconds.
 BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("roundtrip", "Sandboxed job round trip", _roundtrip, 420.0),
@@ -109,6 +114,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
      120.0),
     ("fanout", "Sub-calls of one run over several endpoints", _fanout, 300.0),
     ("batch_outage", "A model outage in the middle of a batch", _batch_outage, 180.0),
+    ("session_flood", "Agent memory while every session floods its pipes", _session_flood,
+     300.0),
 ]
 
 
@@ -201,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench: unknown benchmarks {unknown}; known: {known}", file=sys.stderr)
         return 2
+    if args.quick and args.json is not None and args.json.resolve().parent == \
+            args.results.resolve():
+        print(f"bench: --quick figures are never stored; give --json a path outside "
+              f"{args.results}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from kowalski.common.tls import loop_factory
@@ -221,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [StoredRun(key=key, sections=sections, machine=dict(described), command=command,
                       quick=args.quick, shared=shared) for key, sections in outcomes]
     sections = [section for run in runs for section in run.sections]
+    if args.json is not None:
+        # The stored format, so that `--json bench/results/KEY.json` of one key is its result.
+        figures = store.run_json(StoredRun(key=",".join(keys), sections=sections,
+                                           machine=dict(described), command=command,
+                                           quick=args.quick, shared=shared))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1, ensure_ascii=False) + "\n")
     if args.quick:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(render(runs, command=command))
@@ -233,11 +252,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {run.key} did not measure; its stored result stays",
                       file=sys.stderr)
         render_stored(args.results, output)
-    if args.json is not None:
-        args.json.write_text(json.dumps({
-            "quick": args.quick, "machine": dict(described),
-            "sections": [store.section_json(section) for section in sections],
-        }, indent=1))
     return 1 if any(section.error for section in sections) else 0
 
 

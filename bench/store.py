@@ -40,9 +40,9 @@ def section_from_json(data: dict[str, Any]) -> Section:
 
 
 def load(path: Path) -> StoredRun:
-    """A stored result; files written by `--json` alone (no key or command) load too."""
+    """A stored result, named by its file; older `--json` files (no command) load too."""
     data = json.loads(path.read_text())
-    key = str(data.get("key") or path.stem)
+    key = path.stem
     return StoredRun(
         key=key, sections=[section_from_json(section) for section in data["sections"]],
         machine={str(name): str(value) for name, value in data.get("machine", {}).items()},

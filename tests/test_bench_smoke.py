@@ -201,3 +201,16 @@ def test_a_quick_run_stores_nothing(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     assert not results.exists()
     assert "This is a --quick run" in (tmp_path / "quick.md").read_text()
+
+
+def test_quick_run_of_the_session_flood_ends_every_cell_at_the_output_limit(
+        tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "session_flood")
+    [section] = figures["sections"]
+    check_section(section)
+    codes = {row[0]: int(row[1]) for row in section["tables"][1]["rows"]}
+    assert codes == {"output_limit": 16}
+    peak = next(t for t in section["targets"] if t["name"].startswith("agent peak RSS"))
+    idle = float(section["tables"][0]["rows"][0][1])
+    assert peak["measured"] > idle > 0
+    assert "'42'" in report
