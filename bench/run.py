@@ -92,6 +92,11 @@ def _fanout() -> Measure:
     return fanout.measure
 
 
+def _peer() -> Measure:
+    from bench import peer
+    return peer.measure
+
+
 def _session_flood() -> Measure:
     from bench import session_flood
     return session_flood.measure
@@ -114,6 +119,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
      120.0),
     ("fanout", "Sub-calls of one run over several endpoints", _fanout, 300.0),
     ("batch_outage", "A model outage in the middle of a batch", _batch_outage, 180.0),
+    ("peer", "Side by side with the reference rlm", _peer, 600.0),
     ("session_flood", "Agent memory while every session floods its pipes", _session_flood,
      300.0),
 ]

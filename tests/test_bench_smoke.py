@@ -214,3 +214,23 @@ def test_quick_run_of_the_session_flood_ends_every_cell_at_the_output_limit(
     idle = float(section["tables"][0]["rows"][0][1])
     assert peak["measured"] > idle > 0
     assert "'42'" in report
+
+
+def test_quick_run_of_the_side_by_side_measures_the_kowalski_half(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "peer")
+    [section] = figures["sections"]
+    assert not section["error"], section["error"]
+    rows = section["tables"][0]["rows"]
+    assert [row[0][:3] for row in rows] == ["(a)", "(b)", "(c)"]
+    assert all(float(row[1]) > float(row[2]) > 0 for row in rows)
+    names = {target["name"] for target in section["targets"]}
+    assert "200-prompt fan-out cell / ideal" in names
+    fan_out = next(t for t in section["targets"] if t["name"].startswith("200-prompt"))
+    # 200 sub-calls of 50 ms, 16 at a time, cannot take less than 13 waves of 50 ms.
+    assert fan_out["measured"] >= 0.65 / 0.625 - 0.01
+    if section["skipped"]:
+        assert "reference did not run" in section["skipped"]
+    else:
+        assert "per iteration: Kowalski / reference" in names
+        assert all(row[3] for row in rows)
+    assert "Side by side with the reference rlm" in report
