@@ -1,4 +1,4 @@
-"""What a benchmark hands back (tables, targets, raw samples) and the Markdown made of it."""
+"""What a benchmark hands back: tables, targets, raw samples, and the number formats."""
 
 from __future__ import annotations
 
@@ -52,6 +52,35 @@ class Section:
     duration_s: float = 0.0
     # The machine's 1-minute load average when the benchmark started.
     load_at_start: float = 0.0
+    # A section kept from a report written before results were stored: its Markdown body,
+    # verbatim, stands for the method, tables, notes and raw samples.
+    legacy_markdown: str = ""
+
+
+# Rows of a machine description that belong to the run, not to the machine.
+RUN_ROWS = ("date", "load average (1, 5, 15 min)")
+
+
+@dataclass
+class StoredRun:
+    """One benchmark's sections with the run that measured them: when, where, how."""
+
+    key: str
+    sections: list[Section]
+    machine: dict[str, str] = field(default_factory=dict)
+    command: str = ""
+    quick: bool = False
+    # The machine was busy with other work when the run started.
+    shared: bool = False
+
+    @property
+    def date(self) -> str:
+        return self.machine.get("date", "an unknown date")
+
+    def machine_identity(self) -> tuple[tuple[str, str], ...]:
+        """The rows that tell one machine from another (the date and load are the run's)."""
+        return tuple((name, value) for name, value in self.machine.items()
+                     if name not in RUN_ROWS)
 
 
 def p50(samples: Sequence[float]) -> float:
@@ -92,59 +121,108 @@ def _target_row(number: int, section: Section, target: Target) -> list[str]:
             f"{target.comparison} {fmt(target.limit)} {target.unit}", verdict]
 
 
-def render(sections: list[Section], *, machine: list[tuple[str, str]], command: str,
-           quick: bool, shared: bool) -> str:
-    """The whole BENCHMARKS.md."""
+def _machine_labels(runs: list[StoredRun]) -> dict[tuple[tuple[str, str], ...], str]:
+    """A letter per distinct machine, in the order the runs first name it."""
+    labels: dict[tuple[tuple[str, str], ...], str] = {}
+    for run in runs:
+        labels.setdefault(run.machine_identity(), chr(ord("A") + len(labels)))
+    return labels
+
+
+def _machines(runs: list[StoredRun], numbers: list[list[int]]) -> list[str]:
+    labels = _machine_labels(runs)
+    rows = list(dict.fromkeys(name for identity in labels for name, _ in identity))
+    lines = ["| | " + " | ".join(f"machine {label}" for label in labels.values()) + " |",
+             "|---|" + "---|" * len(labels)]
+    for row in rows:
+        cells = [dict(identity).get(row, "") for identity in labels]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    measured = []
+    for identity in labels:
+        sections = [number for run, run_numbers in zip(runs, numbers, strict=True)
+                    if run.machine_identity() == identity for number in run_numbers]
+        measured.append(", ".join(str(number) for number in sections))
+    lines.append("| sections measured | " + " | ".join(measured) + " |")
+    return [*lines, ""]
+
+
+def _provenance(run: StoredRun, label: str) -> str:
+    load = run.machine.get("load average (1, 5, 15 min)", "")
+    busy = "; the machine was busy with other work" if run.shared else ""
+    return (f"*Measured on {run.date} on machine {label} by `{run.command}`"
+            + (f"; load average {load}" if load else "") + f"{busy}.*")
+
+
+def _body(section: Section) -> list[str]:
+    if section.legacy_markdown:
+        return [section.legacy_markdown.strip(), ""]
+    lines = [section.method, ""]
+    if section.error:
+        lines += [f"**The benchmark failed:** {section.error}", ""]
+    if section.skipped:
+        lines += [f"Skipped: {section.skipped}", ""]
+    for table in section.tables:
+        lines += _table(table)
+    for note in section.notes:
+        lines += [note, ""]
+    if section.raw:
+        lines += ["<details><summary>Raw samples</summary>", ""]
+        for name, samples in section.raw.items():
+            values = ", ".join(fmt(value) for value in samples)
+            lines.append(f"- {name}: {values}")
+        lines += ["", "</details>", ""]
+    if section.duration_s:
+        lines += [f"*Took {section.duration_s:.1f} s; the 1-minute load average was "
+                  f"{section.load_at_start:.2f} when it started.*", ""]
+    else:
+        lines += ["*Measured in the same run as the section above.*", ""]
+    return lines
+
+
+def render(runs: list[StoredRun], *, command: str) -> str:
+    """The whole BENCHMARKS.md, from every stored run in the order given."""
     lines = [
         "# Benchmarks", "",
         f"Reproduce with `{command}` from the repository root with the project installed "
         "(as root, so that the sandbox runs in bwrap mode): `bash scripts/setup.sh`, then "
-        f"`.venv/bin/{command}`. It takes a few minutes and rewrites this file; `--quick` is "
-        "a smoke run with tiny sizes whose figures mean little.", "",
-        "Every figure below comes from one run of the harness on the machine described here. "
+        f"`.venv/bin/{command}`. Each benchmark's last full run is stored in "
+        "`bench/results/KEY.json` and this file is rendered from all of them "
+        "(`--only KEY` measures one and keeps the others; `--render` re-renders without "
+        "measuring); `--quick` is a smoke run with tiny sizes whose figures mean little and "
+        "are never stored.", "",
+        "Each section says when, on which machine and by which command it was measured. "
         "Times are medians (p50) of repeated runs unless a row says otherwise, and each "
         "benchmark is compared with its baseline measured in the same run.", "",
     ]
-    if quick:
+    if any(run.quick for run in runs):
         lines += ["**This is a --quick run: sizes are tiny, figures are not representative.**",
                   ""]
-    lines += ["## Machine", "", "| | |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in machine]
-    if shared:
-        lines += ["", "The machine was not idle when the run started (other work was "
-                      "running); that adds noise to the figures. The load average given under "
-                      "each benchmark also counts the harness's own earlier work."]
-    lines += ["", "## Targets", ""]
+    numbers: list[list[int]] = []
+    count = 0
+    for run in runs:
+        numbers.append(list(range(count + 1, count + len(run.sections) + 1)))
+        count += len(run.sections)
+    lines += ["## Machines", ""]
+    lines += _machines(runs, numbers)
+    lines += ["## Targets", ""]
+    numbered = [(number, section) for run, run_numbers in zip(runs, numbers, strict=True)
+                for number, section in zip(run_numbers, run.sections, strict=True)]
     rows = [_target_row(number, section, target)
-            for number, section in enumerate(sections, start=1) for target in section.targets]
+            for number, section in numbered for target in section.targets]
     if rows:
         lines += _table(Table(headers=["benchmark", "target", "measured", "goal", "verdict"],
                               rows=rows))
-    missing = [section for section in sections if section.error or section.skipped]
+    missing = [section for _, section in numbered if section.error or section.skipped]
     for section in missing:
         reason = section.error or section.skipped
         lines.append(f"- {section.title}: {'failed' if section.error else 'skipped'}: {reason}")
     if missing:
         lines.append("")
-    for number, section in enumerate(sections, start=1):
-        lines += [f"## {number}. {section.title}", "", section.method, ""]
-        if section.error:
-            lines += [f"**The benchmark failed:** {section.error}", ""]
-        if section.skipped:
-            lines += [f"Skipped: {section.skipped}", ""]
-        for table in section.tables:
-            lines += _table(table)
-        for note in section.notes:
-            lines += [note, ""]
-        if section.raw:
-            lines += ["<details><summary>Raw samples</summary>", ""]
-            for name, samples in section.raw.items():
-                values = ", ".join(fmt(value) for value in samples)
-                lines.append(f"- {name}: {values}")
-            lines += ["", "</details>", ""]
-        if section.duration_s:
-            lines += [f"*Took {section.duration_s:.1f} s; the 1-minute load average was "
-                      f"{section.load_at_start:.2f} when it started.*", ""]
-        else:
-            lines += ["*Measured in the same run as the section above.*", ""]
+    labels = _machine_labels(runs)
+    for run, run_numbers in zip(runs, numbers, strict=True):
+        for number, section in zip(run_numbers, run.sections, strict=True):
+            lines += [f"## {number}. {section.title}", ""]
+            lines += _body(section)
+            if number == run_numbers[0]:
+                lines += [_provenance(run, labels[run.machine_identity()]), ""]
     return "\n".join(lines).rstrip() + "\n"

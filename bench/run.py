@@ -1,10 +1,9 @@
-"""Runs every benchmark and writes docs/BENCHMARKS.md: `python -m bench.run [--quick]`."""
+"""Runs the benchmarks, stores each one's outcome and renders docs/BENCHMARKS.md from all."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -19,8 +18,8 @@ if __package__ in (None, ""):
     # root instead of its modules from their own folder.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench import REPO_ROOT, machine
-from bench.report import Section, render
+from bench import REPO_ROOT, machine, store
+from bench.report import Section, StoredRun, render
 
 Measure = Callable[[Path, bool], Awaitable[list[Section]]]
 COMMAND = "python -m bench.run"
@@ -93,6 +92,16 @@ def _fanout() -> Measure:
     return fanout.measure
 
 
+def _peer() -> Measure:
+    from bench import peer
+    return peer.measure
+
+
+def _session_flood() -> Measure:
+    from bench import session_flood
+    return session_flood.measure
+
+
 # key, title (for a benchmark that fails before it reports), loader, time limit in seconds.
 BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("roundtrip", "Sandboxed job round trip", _roundtrip, 420.0),
@@ -110,11 +119,15 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
      120.0),
     ("fanout", "Sub-calls of one run over several endpoints", _fanout, 300.0),
     ("batch_outage", "A model outage in the middle of a batch", _batch_outage, 180.0),
+    ("peer", "Side by side with the reference rlm", _peer, 600.0),
+    ("session_flood", "Agent memory while every session floods its pipes", _session_flood,
+     300.0),
 ]
 
 
-async def run_all(keys: list[str], quick: bool, tmp: Path) -> list[Section]:
-    sections: list[Section] = []
+async def run_all(keys: list[str], quick: bool, tmp: Path) -> list[tuple[str, list[Section]]]:
+    """Each benchmark asked for, in BENCHMARKS order: its key and the sections it produced."""
+    outcomes: list[tuple[str, list[Section]]] = []
     for key, title, load, limit_s in BENCHMARKS:
         if key not in keys:
             continue
@@ -141,31 +154,70 @@ async def run_all(keys: list[str], quick: bool, tmp: Path) -> list[Section]:
                       f"(goal {target.comparison} {target.limit:g}) {verdict}", file=sys.stderr)
             if section.error:
                 print(f"bench:   {section.title} FAILED: {section.error}", file=sys.stderr)
-        sections += produced
-    return sections
+        outcomes.append((key, produced))
+    return outcomes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes, a few seconds per benchmark (a smoke run)")
+                        help="tiny sizes, a few seconds per benchmark (a smoke run); stores "
+                             "nothing and writes only --output")
     parser.add_argument("--only", default="",
                         help="comma-separated benchmarks to run: "
                              + ", ".join(key for key, *_ in BENCHMARKS))
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "BENCHMARKS.md",
-                        help="the Markdown report to write")
-    parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: render --output from the stored results")
+    parser.add_argument("--output", type=Path,
+                        help="the Markdown report to write (default docs/BENCHMARKS.md; "
+                             "with --quick a temporary file)")
+    parser.add_argument("--results", type=Path, default=store.RESULTS_DIR,
+                        help="the folder of stored results, one KEY.json per benchmark")
+    parser.add_argument("--json", type=Path, help="also write this run's figures as JSON here")
     return parser.parse_args(argv)
+
+
+def _output(args: argparse.Namespace) -> Path:
+    if args.output is not None:
+        return Path(args.output)
+    if args.quick:
+        handle, name = tempfile.mkstemp(prefix="kowalski-bench-", suffix=".md")
+        os.close(handle)
+        return Path(name)
+    return REPO_ROOT / "docs" / "BENCHMARKS.md"
+
+
+def _keep(run: StoredRun, results_dir: Path) -> bool:
+    """Store a run unless it failed or skipped where an earlier run measured figures."""
+    measured = any(not (section.error or section.skipped) for section in run.sections)
+    return measured or not (results_dir / f"{run.key}.json").exists()
+
+
+def render_stored(results_dir: Path, output: Path) -> None:
+    """BENCHMARKS.md from every stored result, in BENCHMARKS order."""
+    runs = store.load_all(results_dir, [key for key, *_ in BENCHMARKS])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render(runs, command=COMMAND))
+    print(f"bench: rendered {output} from {len(runs)} stored results", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     """0 when every benchmark ran (targets met or not), 1 when one failed to run."""
     args = parse_args(argv)
+    output = _output(args)
+    if args.render:
+        render_stored(args.results, output)
+        return 0
     known = [key for key, *_ in BENCHMARKS]
     keys = [key.strip() for key in args.only.split(",") if key.strip()] or known
     unknown = sorted(set(keys) - set(known))
     if unknown:
         print(f"bench: unknown benchmarks {unknown}; known: {known}", file=sys.stderr)
+        return 2
+    if args.quick and args.json is not None and args.json.resolve().parent == \
+            args.results.resolve():
+        print(f"bench: --quick figures are never stored; give --json a path outside "
+              f"{args.results}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -179,28 +231,34 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="kowalski-bench-") as tmp, \
             asyncio.Runner(loop_factory=loop_factory()) as runner:
-        sections = runner.run(run_all(keys, args.quick, Path(tmp)))
+        outcomes = runner.run(run_all(keys, args.quick, Path(tmp)))
     described.append(("load average (1, 5, 15 min)",
                       f"{load_before} before the run; {machine.load_average()} after"))
     command = COMMAND + (" --quick" if args.quick else "") + (
         f" --only {','.join(keys)}" if keys != known else "")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render(sections, machine=described, command=command,
-                                  quick=args.quick, shared=shared))
+    runs = [StoredRun(key=key, sections=sections, machine=dict(described), command=command,
+                      quick=args.quick, shared=shared) for key, sections in outcomes]
+    sections = [section for run in runs for section in run.sections]
     if args.json is not None:
-        args.json.write_text(json.dumps({
-            "quick": args.quick, "machine": dict(described),
-            "sections": [_jsonable(section) for section in sections],
-        }, indent=1))
-    print(f"bench: wrote {args.output}", file=sys.stderr)
+        # The stored format, so that `--json bench/results/KEY.json` of one key is its result.
+        figures = store.run_json(StoredRun(key=",".join(keys), sections=sections,
+                                           machine=dict(described), command=command,
+                                           quick=args.quick, shared=shared))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1, ensure_ascii=False) + "\n")
+    if args.quick:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(render(runs, command=command))
+        print(f"bench: wrote {output} (a --quick run stores nothing)", file=sys.stderr)
+    else:
+        for run in runs:
+            if _keep(run, args.results):
+                print(f"bench: stored {store.save(run, args.results)}", file=sys.stderr)
+            else:
+                print(f"bench: {run.key} did not measure; its stored result stays",
+                      file=sys.stderr)
+        render_stored(args.results, output)
     return 1 if any(section.error for section in sections) else 0
-
-
-def _jsonable(section: Section) -> dict[str, object]:
-    data = dataclasses.asdict(section)
-    data["targets"] = [{**dataclasses.asdict(target), "met": target.met}
-                       for target in section.targets]
-    return data
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,88 @@ def test_quick_run_of_the_batch_outage_fails_no_item(tmp_path: Path) -> None:
     calm_s, stormy_s = section["raw"]["wall s (no outage, outage)"]
     assert stormy_s > calm_s + section["raw"]["down s"][0]
     assert "model outage in a 100-item batch" in report
+
+
+def test_rendering_the_stored_results_is_stable_and_keeps_every_section(
+        tmp_path: Path) -> None:
+    first, second = tmp_path / "first.md", tmp_path / "second.md"
+    for output in (first, second):
+        subprocess.run([sys.executable, "-m", "bench.run", "--render", "--output", str(output)],
+                       cwd=REPO_ROOT, check=True, capture_output=True, timeout=60)
+    assert first.read_text() == second.read_text()
+    assert first.read_text() == (REPO_ROOT / "docs" / "BENCHMARKS.md").read_text()
+    stored = sorted((REPO_ROOT / "bench" / "results").glob("*.json"))
+    titles = [section["title"] for path in stored
+              for section in json.loads(path.read_text())["sections"]]
+    assert len(titles) >= len(stored) > 0
+    assert all(f". {title}\n" in first.read_text() for title in titles)
+
+
+def test_an_only_run_replaces_its_stored_result_and_keeps_the_others(tmp_path: Path) -> None:
+    results, report = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    shutil.copytree(REPO_ROOT / "bench" / "results", results)
+    kept = {path.name: path.read_text() for path in results.glob("*.json")
+            if path.stem != "state_polling"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--only", "state_polling", "--results",
+         str(results), "--output", str(report)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert {path.name: path.read_text() for path in results.glob("*.json")
+            if path.stem != "state_polling"} == kept
+    fresh = json.loads((results / "state_polling.json").read_text())
+    assert fresh["key"] == "state_polling"
+    assert fresh["command"] == "python -m bench.run --only state_polling"
+    [section] = fresh["sections"]
+    check_section(section)
+    assert "legacy_markdown" not in section
+    text = report.read_text()
+    for name, content in kept.items():
+        for stored in json.loads(content)["sections"]:
+            assert f". {stored['title']}\n" in text, name
+    assert "by `python -m bench.run --only state_polling`" in text
+    assert "| sections measured |" in text
+
+
+def test_a_quick_run_stores_nothing(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--only", "state_polling", "--results",
+         str(results), "--output", str(tmp_path / "quick.md")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not results.exists()
+    assert "This is a --quick run" in (tmp_path / "quick.md").read_text()
+
+
+def test_quick_run_of_the_session_flood_ends_every_cell_at_the_output_limit(
+        tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "session_flood")
+    [section] = figures["sections"]
+    check_section(section)
+    codes = {row[0]: int(row[1]) for row in section["tables"][1]["rows"]}
+    assert codes == {"output_limit": 16}
+    peak = next(t for t in section["targets"] if t["name"].startswith("agent peak RSS"))
+    idle = float(section["tables"][0]["rows"][0][1])
+    assert peak["measured"] > idle > 0
+    assert "'42'" in report
+
+
+def test_quick_run_of_the_side_by_side_measures_the_kowalski_half(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "peer")
+    [section] = figures["sections"]
+    assert not section["error"], section["error"]
+    rows = section["tables"][0]["rows"]
+    assert [row[0][:3] for row in rows] == ["(a)", "(b)", "(c)"]
+    assert all(float(row[1]) > float(row[2]) > 0 for row in rows)
+    names = {target["name"] for target in section["targets"]}
+    assert "200-prompt fan-out cell / ideal" in names
+    fan_out = next(t for t in section["targets"] if t["name"].startswith("200-prompt"))
+    # 200 sub-calls of 50 ms, 16 at a time, cannot take less than 13 waves of 50 ms.
+    assert fan_out["measured"] >= 0.65 / 0.625 - 0.01
+    if section["skipped"]:
+        assert "reference did not run" in section["skipped"]
+    else:
+        assert "per iteration: Kowalski / reference" in names
+        assert all(row[3] for row in rows)
+    assert "Side by side with the reference rlm" in report
