@@ -25,6 +25,7 @@ from kowalski.common import config as config_module
 from kowalski.common.config import RlmConfig, SandboxConfig
 from kowalski.common.errors import ParseError, RunNotResumableError
 from kowalski.common.messages import LlmCallback, SessionCreate
+from kowalski.controller.cli.exit_codes import EXIT_FAILED, EXIT_OK
 from kowalski.controller.models.chat_types import ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.rlm.durable import store_context
@@ -39,6 +40,7 @@ from kowalski.controller.rlm.events import (
 from kowalski.controller.rlm.loop import RlmRun
 from kowalski.controller.rlm.resume import RecordedAnswers, plan_resume
 from kowalski.controller.rlm.trajectory import read_trajectory
+from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -332,3 +334,55 @@ async def test_a_run_killed_with_its_controller_finishes_after_the_restart(
     assert result["sub_calls"] == LAST - 1
     log = (tmp_path / "second.log").read_text()
     assert f"resuming 1 run(s) left unfinished: {run_id}" in log
+
+
+# --- kowalski-ctl runs resume ---------------------------------------------------------------
+
+
+@pytest.fixture
+def exo_reply() -> ScriptedModel:
+    return ScriptedModel()
+
+
+async def _ctl(*argv: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kowalski.controller", *argv, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_runs_resume_goes_past_an_iteration_limit_and_says_what_is_wrong(
+    controller: Controller, tmp_path: Path,
+) -> None:
+    base = controller.base_url
+    async with aiohttp.ClientSession() as http, http.post(base + "/v1/runs", json={
+            "query": QUERY, "context": CONTEXT, "max_iterations": 3}) as response:
+        stopped = await response.json()
+    assert stopped["stop_reason"] == "max_iterations"
+    run_id = stopped["run_id"]
+    for argv, message in (
+        (["rlm-nope"], "no run rlm-nope"),
+        ([run_id], "stopped at its iteration limit of 3; give a higher one with "
+                   "--max-iterations"),
+        ([run_id, "--max-iterations", "3"], "--max-iterations 3 is too low"),
+        ([run_id, "--max-iterations", "21"], "over this controller's limit of 20"),
+    ):
+        code, _, err = await _ctl("--url", base, "runs", "resume", *argv)
+        assert (code, err.count("\n")) == (EXIT_FAILED, 1), err
+        assert message in err
+    code, out, err = await _ctl("runs", "resume", run_id, "--max-iterations", "10", "--url",
+                                base, "--json")
+    assert code == EXIT_OK, err
+    result = json.loads(out)
+    assert (result["stop_reason"], result["answer"]) == ("final_var", EXPECTED)
+    assert result["iterations"] == LAST
+    code, _, err = await _ctl("runs", "resume", run_id, "--url", base)
+    assert code == EXIT_FAILED
+    assert f"run {run_id} has finished (final_var)" in err
+    code, out, err = await _ctl("runs", "--dir", str(tmp_path / "runs"), "show", run_id)
+    assert code == EXIT_OK, err
+    assert "── Resumed at iteration 4 (by hand," in out
+    assert "replayed 3 cell(s) and 3 sub-call answer(s) from the record; limit 10" in out
+    assert "── Finished: final_var ── after 10 iterations" in out
