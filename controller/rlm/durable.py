@@ -31,8 +31,8 @@ from kowalski.controller.rlm.trajectory import (
     run_dir,
 )
 
-__all__ = ["CONTEXTS", "RunLock", "close_run", "highest_child", "load_context", "store_context",
-           "unfinished_run_ids"]
+__all__ = ["CONTEXTS", "RunLock", "close_run", "highest_child", "is_held", "load_context",
+           "store_context", "unfinished_run_ids"]
 
 CONTEXTS = "contexts"
 LOCK_SUFFIX = ".lock"
@@ -104,11 +104,12 @@ class RunLock:
 def unfinished_run_ids(directory: str | os.PathLike[str]) -> list[str]:
     """Runs in directory whose file has no end and whose lock nobody holds, oldest first."""
     return [summary.run_id for summary in reversed(list_runs(directory))
-            if summary.stop_reason is None and not _is_held(directory, summary.run_id)
+            if summary.stop_reason is None and not is_held(directory, summary.run_id)
             and (run_dir(directory) / f"{summary.run_id}{SUFFIX}").is_file()]
 
 
-def _is_held(directory: str | os.PathLike[str], run_id: str) -> bool:
+def is_held(directory: str | os.PathLike[str], run_id: str) -> bool:
+    """Whether a live process holds the run's lock."""
     path = run_dir(directory) / f"{run_id}{LOCK_SUFFIX}"
     try:
         fd = os.open(path, os.O_RDONLY)

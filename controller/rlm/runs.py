@@ -36,6 +36,7 @@ from kowalski.controller.rlm.durable import (
     RunLock,
     close_run,
     highest_child,
+    is_held,
     load_context,
     store_context,
     unfinished_run_ids,
@@ -176,7 +177,8 @@ class RunRegistry:
         self._tokens: dict[str, RunHandle] = {}
         self._live: OrderedDict[str, _Live] = OrderedDict()
         self._listeners: list[EventListener] = []
-        self._running: dict[str, RlmRun] = {}
+        # Runs going on, and the task awaiting each.
+        self._running: dict[str, tuple[RlmRun, asyncio.Task[Any] | None]] = {}
 
     def subscribe(self, listener: EventListener) -> Callable[[], None]:
         self._listeners.append(listener)
@@ -309,7 +311,11 @@ class RunRegistry:
             trajectory = await asyncio.to_thread(read_trajectory, run_id,
                                                  self.config.trajectory_dir)
             if trajectory.started.depth > 0:
-                # A sub-call's run: its parent, resumed, asks again if it must.
+                # A sub-call's run: its parent, resumed, asks again if it must. Root run
+                # ids have no "-s": theirs ends at the first one.
+                root = run_id.partition("-s")[0]
+                if await asyncio.to_thread(is_held, self.config.trajectory_dir, root):
+                    return
                 await close_run(trajectory, ConflictError(
                     "the controller stopped while this sub-call's run went on; its parent "
                     "run does the sub-call again when it is resumed"))
@@ -352,7 +358,7 @@ class RunRegistry:
 
     async def _going(self, run: RlmRun, going: Awaitable[RlmResult]) -> RlmResult:
         """Await a run; a cancelled one is marked so on the status page."""
-        self._running[run.run_id] = run
+        self._running[run.run_id] = (run, asyncio.current_task())
         try:
             return await going
         except asyncio.CancelledError:
@@ -365,6 +371,8 @@ class RunRegistry:
             self._running.pop(run.run_id, None)
 
     def suspend(self) -> None:
-        """The controller is stopping: runs cancelled from now on keep no end, to be resumed."""
-        for run in self._running.values():
+        """The controller is stopping: its runs stop now and keep no end, to be resumed."""
+        for run, task in self._running.values():
             run.suspended = True
+            if task is not None:
+                task.cancel()
