@@ -388,3 +388,32 @@ async def test_runs_resume_goes_past_an_iteration_limit_and_says_what_is_wrong(
     assert "── Resumed at iteration 4 (by hand," in out
     assert "replayed 3 cell(s) and 3 sub-call answer(s) from the record; limit 10" in out
     assert "── Finished: final_var ── after 10 iterations" in out
+
+
+async def test_a_run_that_cannot_be_resumed_is_closed_with_the_reason(
+    controller: Controller, rig: Rig, tmp_path: Path,
+) -> None:
+    rig.model.hold_at = 2
+    run = rig.new_run("rlm-durable-lost")
+    task = asyncio.create_task(run.run())
+    await asyncio.wait_for(rig.model.held.wait(), 60)
+    run.suspended = True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    rig.model.release.set()
+    for stored in (tmp_path / "runs" / "contexts").iterdir():
+        stored.unlink()
+    await controller.state.runs.resume_unfinished()
+    finished = read_trajectory("rlm-durable-lost", tmp_path / "runs").finished
+    assert finished is not None
+    result = finished.result
+    assert result.stop_reason == "error"
+    assert result.error is not None
+    assert result.error.code == "not_found"
+    assert "the run could not be resumed: the run's stored context" in result.detail
+    assert "is gone" in result.detail
+    # Closed once: a second look at start finds nothing left to do.
+    await controller.state.runs.resume_unfinished()
+    events = read_trajectory("rlm-durable-lost", tmp_path / "runs").events
+    assert sum(isinstance(event, RunFinished) for event in events) == 1

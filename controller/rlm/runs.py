@@ -316,7 +316,7 @@ class RunRegistry:
                 root = run_id.partition("-s")[0]
                 if await asyncio.to_thread(is_held, self.config.trajectory_dir, root):
                     return
-                await close_run(trajectory, ConflictError(
+                await self._close(run_id, RunNotResumableError(
                     "the controller stopped while this sub-call's run went on; its parent "
                     "run does the sub-call again when it is resumed"))
                 return
@@ -328,13 +328,25 @@ class RunRegistry:
                 return
             log.warning("run %s cannot be resumed: %s", run_id, exc.user_message())
             try:
-                await close_run(await asyncio.to_thread(
-                    read_trajectory, run_id, self.config.trajectory_dir), exc)
+                await self._close(run_id, exc)
             except KowalskiError as again:
                 log.warning("run %s: cannot close its file either: %s", run_id, again)
         except Exception:
             # A fault in Kowalski itself: logged, and the controller goes on.
             log.exception("run %s: resuming it failed", run_id)
+
+    async def _close(self, run_id: str, why: KowalskiError) -> None:
+        """End an unfinished run's file with a failed end naming why, unless someone holds it."""
+        directory = self.config.trajectory_dir
+        lock = await asyncio.to_thread(RunLock.take, directory, run_id)
+        if lock is None:
+            return
+        try:
+            trajectory = await asyncio.to_thread(read_trajectory, run_id, directory)
+            if trajectory.finished is None:
+                await close_run(trajectory, why)
+        finally:
+            lock.release()
 
     def _observer(self, run_id: str, query: str, observer: EventListener | None
                   ) -> EventListener:
