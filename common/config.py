@@ -178,6 +178,9 @@ class RlmConfig(_Section, frozen=True):
     # How the system prompt teaches the model to end a run: FINAL(...) lines, or the
     # REPL's `answer` dict; the loop accepts both either way.
     final_protocol: Literal["final", "answer_dict"] = "final"
+    # When the controller starts, runs left unfinished by a controller that stopped or died
+    # go on by themselves (replayed from their trajectories).
+    resume_on_start: bool = True
 
 
 class SecurityConfig(_Section, frozen=True):

@@ -116,6 +116,8 @@ KEYS: dict[str, str] = {
     "rlm.sub_model": "Model answering llm_query sub-calls (the leaves); empty: the run's model.",
     "rlm.final_protocol": ("How the system prompt teaches ending a run: \"final\" (FINAL lines) "
                            "or \"answer_dict\" (the REPL's answer dict); both are accepted."),
+    "rlm.resume_on_start": ("At start, runs a stopped or dead controller left unfinished go on "
+                            "by themselves (docs/RLM.md, Durable runs)."),
     "security.secret_file": "Shared HMAC secret (chmod 600); KOWALSKI_SECRET(_FILE) win.",
     "security.allow_unsigned": "Accept unsigned requests: only for a single trusted host.",
     "security.clock_skew_s": "How far a signed request's clock may be off.",

@@ -315,6 +315,13 @@ class ConflictError(KowalskiError, ValueError):
     hint = "Use a new id for new work; ids are idempotency keys"
 
 
+class RunNotResumableError(ConflictError):
+    """A run that cannot go on: it has finished, or its record lacks what a resume needs."""
+
+    code = "not_resumable"
+    hint = "Start it again as a new run with `kowalski-ctl run`"
+
+
 class BudgetExceededError(KowalskiError):
     code = "budget_exceeded"
     hint = "Raise rlm.token_budget or rlm.run_timeout_s, or ask a narrower question"

@@ -48,6 +48,8 @@ from kowalski.controller.rlm.runs import RunRegistry
 log = logging.getLogger("kowalski.controller")
 # Time open requests (an event stream, a run) get to finish when the controller stops.
 _SHUTDOWN_TIMEOUT_S = 5.0
+# How long unfinished runs wait at start for a healthy agent before they are left alone.
+_RESUME_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class Controller:
         router: LlmRouter | None = None
         sock: socket.socket | None = None
         runner: web.AppRunner | None = None
+        runs: RunRegistry | None = None
         try:
             if self._stop.is_set():
                 return
@@ -187,14 +190,22 @@ class Controller:
                 loops = [group.create_task(cluster.run(), name="cluster"),
                          group.create_task(dispatcher.run(), name="cancel-moved"),
                          group.create_task(router.run(), name="exo-router")]
+                if config.rlm.resume_on_start:
+                    loops.append(group.create_task(
+                        _resume_unfinished(cluster, router, runs, settings.failure_timeout_s),
+                        name="resume-runs"))
                 if config.alerts.webhook_url:
                     loops.append(group.create_task(Alerter(
                         config=config.alerts, snapshot=state.status, http=http,
                         secret=self._secret, controller_url=base_url).run(), name="alerts"))
                 await self._stop.wait()
+                # Before the loops stop: a resumed run cancelled with them keeps no end either.
+                runs.suspend()
                 for task in loops:
                     task.cancel()
         finally:
+            if runs is not None:
+                runs.suspend()
             if runner is not None:
                 await runner.cleanup()
             if sock is not None:
@@ -245,6 +256,20 @@ class Controller:
             # A background loop that failed is this block's failure, unless it has its own.
             if error is not None and exc_type is None:
                 raise error
+
+
+async def _resume_unfinished(cluster: Cluster, router: LlmRouter, runs: RunRegistry,
+                             failure_timeout_s: float) -> None:
+    """Once an agent is healthy, go on with the runs a stopped controller left unfinished."""
+    # Agents answer their first heartbeat within a failure timeout or so, when they are up.
+    wait_s = max(_RESUME_WAIT_S, 4 * failure_timeout_s)
+    if not await cluster.wait_for(lambda table: any(
+            row.health == "healthy" for row in table.devices.values()), timeout_s=wait_s):
+        log.warning("no agent is healthy after %.0f s: unfinished runs wait for "
+                    "`kowalski-ctl runs resume`", wait_s)
+        return
+    await router.first_probes()
+    await runs.resume_unfinished()
 
 
 def _refuse_open_api(config: Config, api_token: bytes | None) -> None:

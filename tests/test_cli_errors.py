@@ -105,11 +105,14 @@ USAGE_ERRORS = [
     (["runs"], "required: COMMAND"),
     (["runs", "list", "--limit", "0"], "must be at least 1, got 0"),
     (["runs", "show"], "required: run_id"),
+    (["runs", "resume"], "required: run_id"),
+    (["runs", "resume", "rlm-x", "--max-iterations", "0"], "must be at least 1, got 0"),
     (["batch"], "required: file"),
     (["batch", "in.jsonl", "--concurrency", "0"], "must be at least 1, got 0"),
     (["batch", "-", "--resume"], "--resume needs an output file"),
     (["--url", "http://127.0.0.1:9", "batch", "in.jsonl"], "--url is for status, devices"),
     (["--url", "http://127.0.0.1:9", "config", "init"], "--url is for status, devices"),
+    (["--url", "http://127.0.0.1:9", "runs", "list"], "--url is for status, devices"),
 ]
 
 

@@ -65,9 +65,9 @@ def wire_schemas() -> dict[str, Any]:
         messages.SessionInfo, messages.CellRequest, messages.CellResult, messages.VariableValue,
         messages.Heartbeat, messages.Metrics, messages.LlmQuery, messages.LlmAnswer,
         messages.CancelRequest, messages.CancelResult,
-        runs.RunRequest, openai_front.CompletionBody, status.Status, status.DeviceStatus,
-        runs.LiveRunSummary, trajectory.StoredRunSummary, trajectory.Trajectory,
-        messages.JobStreamLine,
+        runs.RunRequest, runs.ResumeRequest, openai_front.CompletionBody, status.Status,
+        status.DeviceStatus, runs.LiveRunSummary, trajectory.StoredRunSummary,
+        trajectory.Trajectory, messages.JobStreamLine,
         rlm_events.RlmResult, dashboard.Snapshot, runs.RunStreamLine, rlm_events.AnyRlmEvent,
     ]
     schemas, components = msgspec.json.schema_components(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
@@ -27,8 +28,14 @@ from kowalski.controller.api.dashboard import add_dashboard_routes
 from kowalski.controller.api.openai_front import chat_completions, list_models
 from kowalski.controller.api.state import STATE, ControllerState, require_token
 from kowalski.controller.api.status import device_statuses, prometheus_text
-from kowalski.controller.rlm.events import RlmEvent
-from kowalski.controller.rlm.runs import RunRequest, RunStreamError, RunStreamResult
+from kowalski.controller.rlm.events import RlmEvent, RlmResult
+from kowalski.controller.rlm.runs import (
+    EventListener,
+    ResumeRequest,
+    RunRequest,
+    RunStreamError,
+    RunStreamResult,
+)
 from kowalski.controller.rlm.trajectory import list_runs, read_trajectory, run_dir
 
 log = logging.getLogger(__name__)
@@ -106,10 +113,31 @@ async def post_run(request: web.Request) -> web.StreamResponse:
     run = await read_body(request, RunRequest)
     if not run.stream:
         return json_response(await state.runs.run(run))
+    return await _stream_run(request, lambda observer: state.runs.run(run, observer=observer))
+
+
+async def post_resume(request: web.Request) -> web.StreamResponse:
+    """Go on with a stopped run; with "stream": true, NDJSON events and then the result."""
+    require_token(request)
+    state = request.app[STATE]
+    run_id = request.match_info["run_id"]
+    body = await read_body(request, ResumeRequest) if request.can_read_body else ResumeRequest()
+    if not body.stream:
+        return json_response(await state.runs.resume(run_id, max_iterations=body.max_iterations))
+    # What is wrong before the run goes on (unknown id, finished, limit) is a plain answer.
+    await state.runs.check_resume(run_id, max_iterations=body.max_iterations)
+    return await _stream_run(request, lambda observer: state.runs.resume(
+        run_id, max_iterations=body.max_iterations, observer=observer))
+
+
+async def _stream_run(request: web.Request,
+                      start: Callable[[EventListener], Awaitable[RlmResult]]
+                      ) -> web.StreamResponse:
+    """A run's events as NDJSON lines, then its result or its error."""
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     events: asyncio.Queue[RlmEvent] = asyncio.Queue()
-    task = asyncio.create_task(state.runs.run(run, observer=events.put_nowait))
+    task = asyncio.ensure_future(start(events.put_nowait))
     try:
         while not task.done() or not events.empty():
             getter = asyncio.ensure_future(events.get())
@@ -175,6 +203,7 @@ def make_app(state: ControllerState, *, max_body_bytes: int, secret: bytes | Non
     app.router.add_post("/v1/runs", post_run)
     app.router.add_get("/v1/runs", get_runs)
     app.router.add_get("/v1/runs/{run_id}", get_run)
+    app.router.add_post("/v1/runs/{run_id}/resume", post_resume)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     add_dashboard_routes(app)

@@ -138,14 +138,16 @@ def _batch(args: argparse.Namespace) -> int:
 def _runs(args: argparse.Namespace) -> int:
     from kowalski.controller.cli.run import runs_command
 
-    return runs_command(args, _load(args))
+    url = _default_url(args) if args.runs_command == "resume" else ""
+    return runs_command(args, _load(args), url)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="kowalski-ctl", description=__doc__)
     parser.add_argument("-c", "--config", help="config file (TOML); may also follow the command")
-    parser.add_argument("--url", help="a running controller, for status, devices and run "
-                                      "(default: from the config); may also follow the command")
+    parser.add_argument("--url", help="a running controller, for status, devices, run and "
+                                      "runs resume (default: from the config); may also follow "
+                                      "the command")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config_parser = commands.add_parser("config", help="write or check a config file")
@@ -194,8 +196,11 @@ def _check_globals(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if getattr(args, "url", None) is None:
         return
     command = subcommands(parser)[args.command]
+    # A command's own sub-command (runs resume) may take --url where its siblings do not.
+    command = subcommands(command).get(getattr(args, f"{args.command}_command", ""), command)
     if not any(action.dest == "url" for action in command._actions):
-        command.error("--url is for status, devices and run; this command does not use it")
+        command.error("--url is for status, devices, run and runs resume; this command does "
+                      "not use it")
     if getattr(args, "local", False):
         command.error("argument --local: not allowed with argument --url")
 

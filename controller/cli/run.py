@@ -15,7 +15,8 @@ import aiohttp
 import msgspec
 
 from kowalski.common.config import Config, EndpointConfig, read_api_token
-from kowalski.common.errors import NetworkError, NotFoundError
+from kowalski.common.errors import KowalskiError, NetworkError, NotFoundError, RemoteError
+from kowalski.common.messages import ErrorBody
 from kowalski.common.tls import client_ssl_context, loop_factory
 from kowalski.controller.cli.arguments import http_url, positive_int
 from kowalski.controller.cli.exit_codes import (
@@ -33,17 +34,24 @@ from kowalski.controller.rlm.events import (
     RlmEvent,
     RlmResult,
     RunFinished,
+    RunResumed,
     RunStarted,
     SubCallAnswered,
     TokenCount,
 )
 from kowalski.controller.rlm.runs import (
+    ResumeRequest,
     RunRequest,
     RunStreamError,
     RunStreamLine,
     RunStreamResult,
 )
-from kowalski.controller.rlm.trajectory import list_runs, read_trajectory, render_trajectory
+from kowalski.controller.rlm.trajectory import (
+    list_runs,
+    read_trajectory,
+    render_trajectory,
+    resumed_line,
+)
 
 # Stop reasons that mean the model gave its answer.
 ANSWERED = frozenset({"final", "final_var", "answer_dict", "direct"})
@@ -78,6 +86,8 @@ def print_event(event: RlmEvent, out: TextIO) -> None:
         out.write(f"{indent}  sub-call: {event.prompt_chars} chars → {event.answer_chars} chars"
                   f" ({event.latency_ms:.0f} ms){' error: ' + event.error if event.error else ''}"
                   "\n")
+    elif isinstance(event, RunResumed):
+        out.write(f"{indent}{resumed_line(event)}\n")
     elif isinstance(event, ContextFolded):
         out.write(f"{indent}  folded {event.folded_turns} turns ({event.method}): "
                   f"{event.tokens_before} → {event.tokens_after} tokens\n")
@@ -130,6 +140,8 @@ class RunWatch:
             return
         if isinstance(event, RunStarted):
             self.run_id, self.trajectory_path = event.run_id, event.trajectory_path
+        elif isinstance(event, RunResumed):
+            self.run_id = event.run_id
         elif isinstance(event, ModelReplied):
             self.iterations = max(self.iterations, event.iteration)
             self.last_reply, self.tokens = event.text, self.tokens + event.tokens
@@ -195,18 +207,28 @@ async def _run_local(config: Config, request: RunRequest, watch: RunWatch, show:
         return await running.state.runs.run(request, observer=watch)
 
 
-async def _run_remote(url: str, request: RunRequest, watch: RunWatch, token: str | None,
-                      ssl: ssl_module.SSLContext | None) -> RlmResult:
+def refused(where: str, status: int, body: bytes) -> KowalskiError:
+    """The error a controller answered with, in its own words; a body not ours, as it came."""
+    try:
+        wire = msgspec.json.decode(body, type=ErrorBody).error
+    except msgspec.MsgspecError:
+        return NetworkError(f"{where} answered {status}: {body[:500].decode(errors='replace')}")
+    return RemoteError(status=status, code=wire.code, message=wire.message,
+                       retryable=wire.retryable)
+
+
+async def _run_remote(url: str, request: RunRequest | ResumeRequest, watch: RunWatch,
+                      token: str | None, ssl: ssl_module.SSLContext | None, *,
+                      path: str = "/v1/runs") -> RlmResult:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-            url.rstrip("/") + "/v1/runs", data=msgspec.json.encode(request),
+            url.rstrip("/") + path, data=msgspec.json.encode(request),
             headers={"Content-Type": "application/json", **headers}, ssl=ssl or True,
         ) as response:
             if response.status != 200:
-                raise NetworkError(f"{url}/v1/runs answered {response.status}: "
-                                   f"{(await response.text())[:500]}")
+                raise refused(f"{url}{path}", response.status, await response.read())
             async for line in response.content:
                 item = _stream_decoder.decode(line)
                 if isinstance(item, RunStreamResult):
@@ -270,7 +292,33 @@ def run_command(args: argparse.Namespace, config: Config, url: str) -> int:
     return exit_code(result)
 
 
-def runs_command(args: argparse.Namespace, config: Config) -> int:
+def _resume(args: argparse.Namespace, config: Config, url: str) -> int:
+    """runs resume: the controller at url goes on with the run; its events are shown here."""
+    request = ResumeRequest(max_iterations=args.max_iterations, stream=True)
+    show = not args.json
+    watch = RunWatch(sys.stdout if show else None,
+                     LiveReply(sys.stdout) if show and sys.stdout.isatty() else None)
+    token = read_api_token(config.security)
+    run = _run_remote(url, request, watch, token.decode() if token else None,
+                      client_ssl_context(config.security),
+                      path=f"/v1/runs/{args.run_id}/resume")
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            result = runner.run(_until_stopped(run, watch.live))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"kowalski-ctl: stopped watching; run {args.run_id} is cancelled",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(result)).decode() + "\n")
+    else:
+        print_result(result, sys.stdout)
+    return exit_code(result)
+
+
+def runs_command(args: argparse.Namespace, config: Config, url: str = "") -> int:
+    if args.runs_command == "resume":
+        return _resume(args, config, url)
     directory = args.dir or config.rlm.trajectory_dir
     if args.runs_command == "list":
         for summary in list_runs(directory)[: args.limit]:
@@ -312,4 +360,15 @@ def add_commands(commands: Any) -> None:
                          help="show at most this many runs (default: 20)")
     show = runs_commands.add_parser("show", help="print one run's trajectory")
     show.add_argument("run_id", help="a run id from `runs list`, or a trajectory file's path")
+    resume = runs_commands.add_parser(
+        "resume", help="go on with a run that stopped unfinished or at its iteration limit",
+        description="A running controller rebuilds the run's session from its trajectory "
+                    "(context reloaded, cells replayed with their recorded sub-call answers, no "
+                    "model calls for what is done) and goes on from the next iteration.")
+    resume.add_argument("run_id", help="a run id from `runs list`")
+    resume.add_argument("--max-iterations", type=positive_int,
+                        help="a new iteration limit: needed (above the old one) for a run that "
+                             "stopped at its limit")
+    resume.add_argument("--json", action="store_true", help="print only the result, as JSON")
+    resume.add_argument("--url", help="a running controller (default: from the config)")
 

@@ -138,6 +138,9 @@ class RunStarted(RlmEvent, frozen=True, tag="run_started"):
     # The first two messages of the conversation, so the file can rebuild it.
     system_prompt: str = ""
     task: str = ""
+    # A copy of the context beside the trajectory (a name in its directory), so the run
+    # can be resumed; empty for sub-call runs, whose context is their parent's prompt.
+    context_file: str = ""
 
 
 class IterationStarted(RlmEvent, frozen=True, tag="iteration_started"):
@@ -214,7 +217,7 @@ class SubCallAnswered(RlmEvent, frozen=True, tag="sub_call"):
     latency_ms: float
     tokens: TokenCount
     error: str = ""
-    # The prompt and the answer, cut to SUB_CALL_CHARS.
+    # The prompt cut to SUB_CALL_CHARS, and the whole answer (a resume replays it).
     prompt: str = ""
     answer: str = ""
     endpoint: str = ""
@@ -240,13 +243,26 @@ class IterationFinished(RlmEvent, frozen=True, tag="iteration_finished"):
     feedback: str = ""
 
 
+class RunResumed(RlmEvent, frozen=True, tag="resumed"):
+    """The seam of a resumed run: what was replayed, and the iteration the loop goes on at."""
+
+    iteration: int
+    # "controller restart" or "by hand".
+    reason: str
+    replayed_cells: int
+    replayed_sub_calls: int
+    resumed_at: float
+    max_iterations: int
+
+
 class RunFinished(RlmEvent, frozen=True, tag="run_finished"):
     result: RlmResult
     finished_at: float
 
 
 AnyRlmEvent = (RunStarted | IterationStarted | ContextFolded | ReplyDelta | ModelReplied
-               | CodeSkipped | CodeExecuted | SubCallAnswered | IterationFinished | RunFinished)
+               | CodeSkipped | CodeExecuted | SubCallAnswered | IterationFinished | RunResumed
+               | RunFinished)
 # Sub-call prompts and answers are stored cut to this many characters.
 SUB_CALL_CHARS = 2000
 

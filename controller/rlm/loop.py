@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from kowalski.common.code_blocks import CodeBlock, extract_code_blocks
+from kowalski.common.code_blocks import extract_code_blocks
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ContextSizeExceededError, KowalskiError
 from kowalski.common.messages import WireError
@@ -31,10 +31,9 @@ from kowalski.controller.models.chat_types import (
     ChatResult,
 )
 from kowalski.controller.rlm import final, prompts
+from kowalski.controller.rlm.cells import CellRunner
 from kowalski.controller.rlm.events import (
-    CodeExecuted,
     CodeSession,
-    CodeSkipped,
     ContextFolded,
     IterationFinished,
     IterationStarted,
@@ -55,6 +54,7 @@ from kowalski.controller.rlm.events import (
 )
 from kowalski.controller.rlm.folding import estimate_tokens, fold, names_in, needs_fold
 from kowalski.controller.rlm.ledger import RunLedger
+from kowalski.controller.rlm.resume import RecordedAnswers, ResumePlan, replay
 from kowalski.controller.rlm.streaming import ask_streamed, reply_sink
 from kowalski.controller.rlm.subcalls import Cell, SubCalls, max_prompt_chars
 from kowalski.controller.rlm.trajectory import TrajectoryWriter
@@ -88,26 +88,28 @@ class RlmRun:
         parent_cell: Cell = (0, 0),
         temperature: float | None = None,
         cell_timeout_ms: int | None = None,
+        context_file: str = "",
     ) -> None:
         self.query = query
         self.context = context
         self.config = config or RlmConfig()
         self.model = model
         self.run_id = run_id or new_run_id()
-        self.depth = depth
-        self.parent_run_id = parent_run_id
-        self.parent_cell = parent_cell
-        self._backend = backend
-        self._factory = session_factory
+        self.depth, self.parent_run_id, self.parent_cell = depth, parent_run_id, parent_cell
+        self._backend, self._factory = backend, session_factory
         self._observer = observer
-        self._temperature = temperature
-        self._cell_timeout_ms = cell_timeout_ms
+        self._temperature, self._cell_timeout_ms = temperature, cell_timeout_ms
+        self._context_file = context_file
+        # Set while a resumed run replays its recorded cells: llm_query is answered from it.
+        self._recorded: RecordedAnswers | None = None
+        self._plan: ResumePlan | None = None
+        # Set when the controller stops: a cancelled run then keeps no end, to be resumed.
+        self.suspended = False
         self._writer = TrajectoryWriter(self.config.trajectory_dir, self.run_id)
         self.trajectory_path = str(self._writer.path)
         self._messages: list[ChatMessage] = []
         # (tokens the server counted for messages[:count], count), from the last reply.
         self._known: tuple[int, int] | None = None
-        self._cells: list[str] = []
         self._steps: list[StepTiming] = []
         self._folds = 0
         self._last_reply = ""
@@ -115,13 +117,15 @@ class RlmRun:
         # model reports 0 iterations.
         self._replied = 0
         self._session: CodeSession | None = None
-        self._answered: Stop | None = None  # set by a cell that made answer["ready"] true
         self._started = False
         self._ledger = RunLedger()
         self._subs = SubCalls(
             run_id=self.run_id, depth=depth, config=self.config, backend=backend,
             ledger=self._ledger, emit=self._emit, run_child=self._run_child,
             temperature=temperature)
+        self._blocks = CellRunner(run_id=self.run_id, depth=depth, config=self.config,
+                                  subs=self._subs, ledger=self._ledger, emit=self._emit,
+                                  timeout_ms=cell_timeout_ms)
 
     # --- bookkeeping ------------------------------------------------------------------------
 
@@ -177,7 +181,26 @@ class RlmRun:
             context_chunks=len(info.chunk_chars), started_at=started_at, config=self.config,
             trajectory_path=self.trajectory_path, parent_run_id=self.parent_run_id,
             parent_iteration=self.parent_cell[0], parent_block=self.parent_cell[1],
-            system_prompt=system, task=task))
+            system_prompt=system, task=task, context_file=self._context_file))
+        return await self._drive(started)
+
+    async def resume(self, plan: ResumePlan) -> RlmResult:
+        """Go on with a stopped run: rebuild its session and conversation, then loop on."""
+        if self._started:
+            raise RuntimeError(f"run {self.run_id} was already started")
+        self._started, self._plan = True, plan
+        self._messages, self._steps, self._folds = plan.messages(), plan.steps(), plan.folds
+        plan.restore(self._ledger)
+        self._subs.children = plan.children
+        self._blocks.cells = [cell.code for turn in plan.turns for cell in turn.cells]
+        self._last_reply, self._replied = plan.last_reply, len(plan.turns)
+        started = time.monotonic()
+        self._ledger.deadline = (asyncio.get_running_loop().time()
+                                 + max(self.config.run_timeout_s - plan.elapsed_s, 0.0))
+        await self._emit(plan.seam())
+        return await self._drive(started)
+
+    async def _drive(self, started: float) -> RlmResult:
         try:
             stop = await self._guarded()
         except BaseException as exc:
@@ -199,7 +222,15 @@ class RlmRun:
                     return await self._direct()
                 self._session = await self._factory(self.context, self)
                 self._ledger.note_agent(self._session.device_id)
-                return await self._loop()
+                if self._plan is None:
+                    return await self._loop(1)
+                self._recorded = RecordedAnswers(self._plan.sub_calls)
+                diverged = await replay(self._session, self._plan, self._recorded,
+                                        self._ledger, timeout_ms=self._cell_timeout_ms)
+                self._recorded = None
+                if diverged:
+                    return Stop(reason="error", detail=f"the resume failed: {diverged}")
+                return await self._loop(self._plan.next_iteration)
         except (TimeoutError, KowalskiError) as exc:
             if timeout.expired():
                 return Stop(reason="timeout",
@@ -212,9 +243,9 @@ class RlmRun:
                         error=WireError(code=exc.code, message=exc.message,
                                         retryable=exc.is_recoverable))
 
-    async def _loop(self) -> Stop:
+    async def _loop(self, first: int) -> Stop:
         limit = self.config.max_iterations
-        for iteration in range(1, limit + 1):
+        for iteration in range(first, limit + 1):
             stop = budget_stop(self.tokens_used, self.config.token_budget)
             if stop is not None:
                 return stop
@@ -259,8 +290,9 @@ class RlmRun:
             return None
         folded = await fold(
             self._messages, backend=self._backend, model=self.model,
-            keep_last_turns=self.config.keep_last_turns, variable_names=names_in(self._cells),
-            window_tokens=window, threshold=threshold, tokens=tokens)
+            keep_last_turns=self.config.keep_last_turns,
+            variable_names=names_in(self._blocks.cells), window_tokens=window,
+            threshold=threshold, tokens=tokens)
         if folded.method == "none":
             return
         self._messages, self._known = folded.messages, None
@@ -272,36 +304,6 @@ class RlmRun:
             run_id=self.run_id, depth=self.depth, iteration=self._ledger.iteration,
             method=folded.method, folded_turns=folded.folded_turns, tokens_before=tokens,
             tokens_after=folded.tokens_after, summary=folded.summary, error=folded.error))
-
-    async def _run_blocks(self, blocks: list[CodeBlock]) -> list[str]:
-        """Run the Python blocks in order; the feedback for each block, run or not."""
-        assert self._session is not None
-        iteration = self._ledger.iteration
-        feedback: list[str] = []
-        for number, block in enumerate(blocks, start=1):
-            if not (block.fenced and block.language == "python"):
-                feedback.append(prompts.skipped_block_note(number, block))
-                await self._emit(CodeSkipped(
-                    run_id=self.run_id, depth=self.depth, iteration=iteration, block=number,
-                    language=block.raw_language, code=block.code))
-                continue
-            started = time.monotonic()
-            with self._subs.cell(iteration, number):
-                result = await self._session.execute(block.code,
-                                                     timeout_ms=self._cell_timeout_ms)
-            wall_ms = (time.monotonic() - started) * 1000
-            self._answered = self._answered or final.answer_stop(result)
-            self._cells.append(block.code)
-            device = result.agent_id or self._session.device_id
-            self._ledger.note_agent(self._session.device_id)
-            output = prompts.format_output(result, self.config.max_output_chars)
-            title = "REPL output" if len(blocks) == 1 else f"REPL output of block {number}"
-            feedback.append(f"{title}:\n{output}")
-            await self._emit(CodeExecuted(
-                run_id=self.run_id, depth=self.depth, iteration=iteration, block=number,
-                code=block.code, status=result.status, output=output, wall_time_ms=wall_ms,
-                device_id=device, language=block.raw_language))
-        return feedback
 
     async def _turn(self, iteration: int, phase: Literal["turn", "final_request"]
                     ) -> Stop | None:
@@ -315,14 +317,14 @@ class RlmRun:
         blocks = extract_code_blocks(result.text)
         code_started = time.monotonic()
         # The extra request at the limit asks for an answer only: its code is not run.
-        feedback = (await self._run_blocks(blocks) if phase == "turn"
+        assert self._session is not None
+        feedback = (await self._blocks.run(self._session, blocks) if phase == "turn"
                     or self.config.final_protocol == "answer_dict" else [])
         marker = final.find_final(result.text, blocks)
         stop, note = None, ""
         if marker is not None:
-            assert self._session is not None
             stop, note = await final.resolve(marker, self._session)
-        stop = stop or self._answered
+        stop = stop or self._blocks.answered
         code_ms = (time.monotonic() - code_started) * 1000
         message = ""
         limit = self.config.max_iterations
@@ -373,14 +375,17 @@ class RlmRun:
             endpoints=list(ledger.endpoints), trajectory_path=self.trajectory_path,
             folds=self._folds, error=stop.error, last_reply=self._last_reply,
             cached_tokens=ledger.cached_tokens)
-        await self._emit(RunFinished(run_id=self.run_id, depth=self.depth, result=result,
-                                     finished_at=time.time()))
+        if not (self.suspended and stop.reason == "cancelled"):
+            await self._emit(RunFinished(run_id=self.run_id, depth=self.depth, result=result,
+                                         finished_at=time.time()))
         return result
 
     # --- sub-calls ------------------------------------------------------------------------
 
     async def answer_sub_calls(self, prompts: list[str], *, model: str = "") -> list[str]:
         """Answers to llm_query / llm_query_batched, in order; a failed one reads "Error: ..."."""
+        if self._recorded is not None:
+            return self._recorded.answer(self._ledger.iteration, prompts)
         return await self._subs.answer(prompts, model=model, root_model=self.model)
 
     async def _run_child(self, query: str, context: str, *, config: RlmConfig, model: str,

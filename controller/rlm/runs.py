@@ -1,4 +1,10 @@
-"""RLM runs on the cluster: sessions on agents, sub-calls back through the controller."""
+"""RLM runs on the cluster: sessions on agents, sub-calls back through the controller.
+
+The registry also makes runs durable: each root run keeps a copy of its context and holds
+its run lock while it goes (durable.py); `resume` goes on with a stopped one from its
+trajectory (resume.py), and `resume_unfinished` does so, at start, for every run whose
+controller is gone.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,34 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from kowalski.common.config import RlmConfig
-from kowalski.common.errors import ContextSizeExceededError, ParseError
+from kowalski.common.errors import (
+    ConflictError,
+    ContextSizeExceededError,
+    KowalskiError,
+    NotFoundError,
+    ParseError,
+    RunNotResumableError,
+)
 from kowalski.common.messages import LlmCallback, WireError
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.fleet.sessions import RemoteSession
 from kowalski.controller.models.chat_types import ChatBackend
+from kowalski.controller.rlm.durable import (
+    RunLock,
+    close_run,
+    highest_child,
+    is_held,
+    load_context,
+    store_context,
+    unfinished_run_ids,
+)
 from kowalski.controller.rlm.events import (
     AnyRlmEvent,
     CodeExecuted,
@@ -31,6 +53,8 @@ from kowalski.controller.rlm.events import (
     SubCallAnswered,
 )
 from kowalski.controller.rlm.loop import RlmRun, new_run_id
+from kowalski.controller.rlm.resume import ResumePlan, ResumeReason, plan_resume
+from kowalski.controller.rlm.trajectory import SUFFIX, read_trajectory, run_dir
 
 log = logging.getLogger(__name__)
 EventListener = Callable[[RlmEvent], None]
@@ -76,6 +100,15 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     token_budget: Annotated[int, Meta(gt=0)] | None = None
     run_timeout_s: Annotated[float, Meta(gt=0)] | None = None
     # Stream events as NDJSON while the run goes, then the result.
+    stream: bool = False
+
+
+class ResumeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/runs/{run_id}/resume: go on with a stopped run."""
+
+    # A new iteration limit: above the iterations done, and above the old limit for a run
+    # stopped there; at most this controller's rlm.max_iterations.
+    max_iterations: Annotated[int, Meta(gt=0)] | None = None
     stream: bool = False
 
 
@@ -149,6 +182,8 @@ class RunRegistry:
         self._tokens: dict[str, RunHandle] = {}
         self._live: OrderedDict[str, _Live] = OrderedDict()
         self._listeners: list[EventListener] = []
+        # Runs going on, and the task awaiting each.
+        self._running: dict[str, tuple[RlmRun, asyncio.Task[Any] | None]] = {}
 
     def subscribe(self, listener: EventListener) -> Callable[[], None]:
         self._listeners.append(listener)
@@ -205,8 +240,123 @@ class RunRegistry:
                   ) -> RlmResult:
         """Run one RLM job to its end; events go to observer and to subscribers."""
         self._check_context(request.context)
-        run_id = new_run_id()
-        live = self._live[run_id] = _Live(run_id, request.query)
+        run_id, directory = new_run_id(), self.config.trajectory_dir
+        lock = await asyncio.to_thread(RunLock.take, directory, run_id)
+        assert lock is not None  # a fresh id
+        try:
+            context_file = await asyncio.to_thread(store_context, directory, request.context)
+            run = RlmRun(request.query, request.context, backend=self._backend,
+                         session_factory=self._session, config=self._overrides(request),
+                         model=request.model, run_id=run_id, context_file=context_file,
+                         observer=self._observer(run_id, request.query, observer))
+            return await self._going(run, run.run())
+        finally:
+            lock.release()
+
+    async def resume(self, run_id: str, *, max_iterations: int | None = None,
+                     reason: ResumeReason = "by hand", observer: EventListener | None = None
+                     ) -> RlmResult:
+        """Go on with a stopped run from its trajectory; raises why it cannot."""
+        await self.check_resume(run_id, max_iterations=max_iterations)
+        directory = run_dir(self.config.trajectory_dir)
+        lock = await asyncio.to_thread(RunLock.take, directory, run_id)
+        if lock is None:
+            raise ConflictError(f"run {run_id} is running on a controller now; it cannot be "
+                                "resumed while it goes")
+        try:
+            plan = await self.check_resume(run_id, max_iterations=max_iterations, reason=reason)
+            # Sub-call runs cut off by the stop have files too: new ones get fresh numbers.
+            children = await asyncio.to_thread(highest_child, directory, run_id)
+            plan = msgspec.structs.replace(plan, children=max(plan.children, children))
+            context = await asyncio.to_thread(load_context, plan.trajectory_path,
+                                              plan.context_file)
+            run = self._resumed_run(plan, context, observer)
+            return await self._going(run, run.resume(plan))
+        finally:
+            lock.release()
+
+    async def check_resume(self, run_id: str, *, max_iterations: int | None = None,
+                           reason: ResumeReason = "by hand") -> ResumePlan:
+        """What resuming the run would do; raises why it cannot (unknown, finished, limit)."""
+        if not run_id.replace("-", "").isalnum():
+            raise ParseError(f"not a run id: {run_id!r}")
+        limit = self.config.max_iterations
+        if max_iterations is not None and max_iterations > limit:
+            raise ParseError(f"max_iterations = {max_iterations} is over this controller's "
+                             f"limit of {limit} (rlm.max_iterations)")
+        directory = run_dir(self.config.trajectory_dir)
+        if not (directory / f"{run_id}{SUFFIX}").is_file():
+            raise NotFoundError(f"no run {run_id} in {directory}",
+                                next_step="List the runs with `kowalski-ctl runs list`")
+        trajectory = await asyncio.to_thread(read_trajectory, run_id, directory)
+        return plan_resume(trajectory, reason=reason, max_iterations=max_iterations)
+
+    def _resumed_run(self, plan: ResumePlan, context: Any, observer: EventListener | None
+                     ) -> RlmRun:
+        # The record's own limits and model; its file stays where it is.
+        config = msgspec.structs.replace(
+            plan.config, trajectory_dir=str(run_dir(plan.trajectory_path).parent))
+        return RlmRun(plan.query, context, backend=self._backend, session_factory=self._session,
+                      config=config, model=plan.model, run_id=plan.run_id,
+                      context_file=plan.context_file,
+                      observer=self._observer(plan.run_id, plan.query, observer))
+
+    async def resume_unfinished(self) -> None:
+        """Resume, side by side, every run whose controller is gone; log what happens."""
+        directory = self.config.trajectory_dir
+        run_ids = await asyncio.to_thread(unfinished_run_ids, directory)
+        if run_ids:
+            log.info("resuming %d run(s) left unfinished: %s", len(run_ids), ", ".join(run_ids))
+        async with asyncio.TaskGroup() as group:
+            for run_id in run_ids:
+                group.create_task(self._resume_one(run_id), name=f"resume-{run_id}")
+
+    async def _resume_one(self, run_id: str) -> None:
+        try:
+            trajectory = await asyncio.to_thread(read_trajectory, run_id,
+                                                 self.config.trajectory_dir)
+            if trajectory.started.depth > 0:
+                # A sub-call's run: its parent, resumed, asks again if it must. Root run
+                # ids have no "-s": theirs ends at the first one.
+                root = run_id.partition("-s")[0]
+                if await asyncio.to_thread(is_held, self.config.trajectory_dir, root):
+                    return
+                await self._close(run_id, RunNotResumableError(
+                    "the controller stopped while this sub-call's run went on; its parent "
+                    "run does the sub-call again when it is resumed"))
+                return
+            result = await self.resume(run_id, reason="controller restart")
+            log.info("resumed run %s ended: %s", run_id, result.stop_reason)
+        except KowalskiError as exc:
+            if isinstance(exc, ConflictError) and not isinstance(exc, RunNotResumableError):
+                log.info("run %s: %s", run_id, exc.message)  # another controller took it
+                return
+            log.warning("run %s cannot be resumed: %s", run_id, exc.user_message())
+            try:
+                await self._close(run_id, exc)
+            except KowalskiError as again:
+                log.warning("run %s: cannot close its file either: %s", run_id, again)
+        except Exception:
+            # A fault in Kowalski itself: logged, and the controller goes on.
+            log.exception("run %s: resuming it failed", run_id)
+
+    async def _close(self, run_id: str, why: KowalskiError) -> None:
+        """End an unfinished run's file with a failed end naming why, unless someone holds it."""
+        directory = self.config.trajectory_dir
+        lock = await asyncio.to_thread(RunLock.take, directory, run_id)
+        if lock is None:
+            return
+        try:
+            trajectory = await asyncio.to_thread(read_trajectory, run_id, directory)
+            if trajectory.finished is None:
+                await close_run(trajectory, why)
+        finally:
+            lock.release()
+
+    def _observer(self, run_id: str, query: str, observer: EventListener | None
+                  ) -> EventListener:
+        """Counts the run's events for the status page and hands them to every listener."""
+        live = self._live[run_id] = _Live(run_id, query)
         while len(self._live) > _KEEP_FINISHED:
             oldest = next(iter(self._live))
             if self._live[oldest].summary.status == "running":
@@ -221,12 +371,25 @@ class RunRegistry:
                 except Exception:
                     log.exception("run event listener failed")
 
-        run = RlmRun(request.query, request.context, backend=self._backend,
-                     session_factory=self._session, config=self._overrides(request),
-                     model=request.model, observer=observe, run_id=run_id)
+        return observe
+
+    async def _going(self, run: RlmRun, going: Awaitable[RlmResult]) -> RlmResult:
+        """Await a run; a cancelled one is marked so on the status page."""
+        self._running[run.run_id] = (run, asyncio.current_task())
         try:
-            return await run.run()
+            return await going
         except asyncio.CancelledError:
-            live.summary = msgspec.structs.replace(live.summary, status="cancelled",
-                                                   reply_so_far="", reply_iteration=0)
+            live = self._live.get(run.run_id)
+            if live is not None:
+                live.summary = msgspec.structs.replace(live.summary, status="cancelled",
+                                                       reply_so_far="", reply_iteration=0)
             raise
+        finally:
+            self._running.pop(run.run_id, None)
+
+    def suspend(self) -> None:
+        """The controller is stopping: its runs stop now and keep no end, to be resumed."""
+        for run, task in self._running.values():
+            run.suspended = True
+            if task is not None:
+                task.cancel()

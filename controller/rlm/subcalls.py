@@ -70,7 +70,8 @@ class SubCalls:
         self._emit = emit
         self._run_child = run_child
         self._temperature = temperature
-        self._children = 0
+        # Child runs started; a resumed run goes on from its record's count.
+        self.children = 0
         self._semaphore = asyncio.Semaphore(config.sub_call_concurrency)
         self._cells_running = 0
         self._cell: Cell = (0, 0)
@@ -169,14 +170,14 @@ class SubCalls:
     async def _child_call(self, prompt: str, model: str, started: float, cell: Cell) -> str:
         """A sub-call below max_depth: an RLM run of its own over the prompt."""
         ledger, config = self._ledger, self._config
-        self._children += 1
+        self.children += 1
         remaining_s = max(ledger.deadline - asyncio.get_running_loop().time(), 0.001)
         child_config = msgspec.structs.replace(
             config, run_timeout_s=remaining_s,
             token_budget=max(1, config.token_budget - ledger.tokens_used))
         query = prompt if len(prompt) <= _QUERY_CHARS else (
             f"Answer the request written in `context` (a prompt of {len(prompt)} characters).")
-        child_run_id = f"{self._run_id}-s{self._children}"
+        child_run_id = f"{self._run_id}-s{self.children}"
         result = await self._run_child(query, prompt, config=child_config, model=model,
                                        run_id=child_run_id, cell=cell)
         for name in result.agents:
@@ -203,5 +204,5 @@ class SubCalls:
             run_id=self._run_id, depth=self._depth, iteration=cell[0], block=cell[1],
             prompt_chars=len(prompt), answer_chars=len(answer), latency_ms=latency_ms,
             tokens=tokens, error=error, prompt=prompt[:SUB_CALL_CHARS],
-            answer=answer[:SUB_CALL_CHARS], endpoint=endpoint, child_run_id=child_run_id,
+            answer=answer, endpoint=endpoint, child_run_id=child_run_id,
             cached_tokens=cached_tokens or TokenCount()))

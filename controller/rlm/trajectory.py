@@ -27,6 +27,7 @@ from kowalski.controller.rlm.events import (
     ModelReplied,
     RlmEvent,
     RunFinished,
+    RunResumed,
     RunStarted,
     StopReason,
     SubCallAnswered,
@@ -42,7 +43,7 @@ from kowalski.controller.rlm.trajectory_v1 import (
 )
 
 __all__ = ["SUFFIX", "StoredRunSummary", "Trajectory", "TrajectoryWriter", "list_runs",
-           "read_trajectory", "render_trajectory", "resolve", "run_dir"]
+           "read_trajectory", "render_trajectory", "resolve", "resumed_line", "run_dir"]
 
 SUFFIX = ".jsonl"
 # How far back from the end to look for the last line when listing runs.
@@ -301,10 +302,18 @@ def _by_iteration(events: list[AnyRlmEvent]) -> list[list[AnyRlmEvent]]:
     for event in events:
         if isinstance(event, RunStarted | RunFinished):
             continue
-        if isinstance(event, IterationStarted) or not groups:
+        if isinstance(event, IterationStarted | RunResumed) or not groups:
             groups.append([])
         groups[-1].append(event)
     return groups
+
+
+def resumed_line(event: RunResumed) -> str:
+    """The seam of a resumed run, as one line."""
+    return (f"── Resumed at iteration {event.iteration} ({event.reason}, "
+            f"{_when(event.resumed_at)}) ── replayed {event.replayed_cells} cell(s) and "
+            f"{event.replayed_sub_calls} sub-call answer(s) from the record; limit "
+            f"{event.max_iterations} iterations")
 
 
 def render_trajectory(trajectory: Trajectory, *, max_chars: int = 4000) -> str:
@@ -319,6 +328,10 @@ def render_trajectory(trajectory: Trajectory, *, max_chars: int = 4000) -> str:
         "Query:", _indent(_cut(start.query, max_chars)), "",
     ]
     for group in _by_iteration(trajectory.events):
+        first = group[0]
+        if isinstance(first, RunResumed):
+            lines += [resumed_line(first), ""]
+            continue
         lines += [*_iteration(group, max_chars), ""]
     finished = trajectory.finished
     if finished is None:

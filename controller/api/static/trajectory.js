@@ -50,18 +50,24 @@ function subCalls(calls) {
       block("Answer", call.answer, "sub-answer"))));
 }
 
-/** The events between run_started and run_finished, one group per iteration. */
+/** The events between run_started and run_finished, one group per iteration or resume. */
 function byIteration(events) {
   const groups = [];
   for (const event of events) {
     if (event.kind === "run_started" || event.kind === "run_finished") continue;
-    if (event.kind === "iteration_started" || groups.length === 0) groups.push([]);
+    if (event.kind === "iteration_started" || event.kind === "resumed" || groups.length === 0) groups.push([]);
     groups[groups.length - 1].push(event);
   }
   return groups;
 }
 
 function iteration(events) {
+  const seam = events[0];
+  if (seam.kind === "resumed") {
+    return h("div", {class: "note"}, `Resumed at iteration ${seam.iteration} (${seam.reason}, ` +
+      `${formatClock(seam.resumed_at)}): replayed ${seam.replayed_cells} cell(s) and ` +
+      `${seam.replayed_sub_calls} sub-call answer(s) from the record`);
+  }
   const find = (kind) => events.find((event) => event.kind === kind);
   const reply = find("model_replied") ?? {};
   const finished = find("iteration_finished") ?? {};

@@ -1,0 +1,149 @@
+"""What lets a run outlast its controller: a stored copy of its context, and an owner's lock.
+
+The context of a root run is written once under `<trajectory_dir>/contexts/`, named by its
+SHA-256, and the run's `RunStarted` names that file. While a controller runs a run it holds
+an flock on `<trajectory_dir>/<run_id>.lock`; the kernel drops the lock when the process
+dies, so a run whose file has no end and whose lock can be taken has lost its controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from kowalski.common.errors import KowalskiError, NotFoundError
+from kowalski.common.messages import WireError
+from kowalski.controller.rlm.events import ModelReplied, RlmResult, RunFinished, TokenCount
+from kowalski.controller.rlm.trajectory import (
+    SUFFIX,
+    Trajectory,
+    TrajectoryWriter,
+    list_runs,
+    run_dir,
+)
+
+__all__ = ["CONTEXTS", "RunLock", "close_run", "highest_child", "is_held", "load_context",
+           "store_context", "unfinished_run_ids"]
+
+CONTEXTS = "contexts"
+LOCK_SUFFIX = ".lock"
+
+
+def store_context(directory: str | os.PathLike[str], context: Any) -> str:
+    """Write the context beside the trajectories (once per content); its name there."""
+    data = msgspec.json.encode(context)
+    name = f"{CONTEXTS}/{hashlib.sha256(data).hexdigest()}.json"
+    path = run_dir(directory) / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed: a crash mid-write never leaves a short copy under the name.
+        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    return name
+
+
+def load_context(trajectory_path: str | os.PathLike[str], name: str) -> Any:
+    """The context a run's `RunStarted.context_file` names, read back."""
+    path = Path(trajectory_path).parent / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"the run's stored context {path} is gone",
+                            next_step="Start the run again with its context") from None
+    return msgspec.json.decode(data)
+
+
+class RunLock:
+    """An flock held by the controller running a run; released at its end, or by its death."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def take(cls, directory: str | os.PathLike[str], run_id: str) -> RunLock | None:
+        """The run's lock, or None when a live process holds it."""
+        path = run_dir(directory) / f"{run_id}{LOCK_SUFFIX}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            # A holder that just released may have removed the file we opened: lock the new one.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return cls(path, fd)
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file and let go; safe to call twice."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(fd)
+
+
+def unfinished_run_ids(directory: str | os.PathLike[str]) -> list[str]:
+    """Runs in directory whose file has no end and whose lock nobody holds, oldest first."""
+    return [summary.run_id for summary in reversed(list_runs(directory))
+            if summary.stop_reason is None and not is_held(directory, summary.run_id)
+            and (run_dir(directory) / f"{summary.run_id}{SUFFIX}").is_file()]
+
+
+def is_held(directory: str | os.PathLike[str], run_id: str) -> bool:
+    """Whether a live process holds the run's lock."""
+    path = run_dir(directory) / f"{run_id}{LOCK_SUFFIX}"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def highest_child(directory: str | os.PathLike[str], run_id: str) -> int:
+    """The highest N of the run's sub-call run files (`<run_id>-sN.jsonl`), 0 if none."""
+    pattern = re.compile(re.escape(run_id) + r"-s(\d+)" + re.escape(SUFFIX))
+    numbers = [int(match.group(1)) for path in run_dir(directory).glob(f"{run_id}-s*{SUFFIX}")
+               if (match := pattern.fullmatch(path.name))]
+    return max(numbers, default=0)
+
+
+async def close_run(trajectory: Trajectory, error: KowalskiError) -> None:
+    """End a run that cannot go on with a failed `run_finished` naming why."""
+    start = trajectory.started
+    iterations = max((event.iteration for event in trajectory.events
+                      if isinstance(event, ModelReplied)), default=0)
+    result = RlmResult(
+        run_id=start.run_id, answer="", stop_reason="error",
+        detail=f"the run could not be resumed: {error.user_message()}",
+        iterations=min(iterations, start.config.max_iterations), sub_calls=0,
+        tokens=TokenCount(), sub_call_tokens=TokenCount(), steps=[], latency_ms=0.0,
+        devices=[], agents=[], endpoints=[], trajectory_path=trajectory.path,
+        error=WireError(code=error.code, message=error.user_message(), retryable=False))
+    writer = TrajectoryWriter(Path(trajectory.path).parent, start.run_id)
+    await asyncio.shield(writer.write(RunFinished(
+        run_id=start.run_id, depth=start.depth, result=result, finished_at=time.time())))
