@@ -28,7 +28,7 @@ from kowalski.common.messages import LlmCallback, SessionCreate
 from kowalski.controller.cli.exit_codes import EXIT_FAILED, EXIT_OK
 from kowalski.controller.models.chat_types import ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
-from kowalski.controller.rlm.durable import store_context
+from kowalski.controller.rlm.durable import context_name, store_context
 from kowalski.controller.rlm.events import (
     IterationFinished,
     RlmEvent,
@@ -126,8 +126,14 @@ class Rig:
         config = RlmConfig(trajectory_dir=str(self.runs_dir), max_iterations=LAST)
         return RlmRun(QUERY, CONTEXT, backend=self.backend, session_factory=self.factory,
                       config=config, model=DEFAULT_MODEL, run_id=run_id, observer=observer,
-                      context_file=store_context(self.runs_dir, CONTEXT))
+                      context_file=_stored_context(self.runs_dir, run_id))
 
+
+
+def _stored_context(runs_dir: Path, run_id: str) -> str:
+    name = context_name(run_id)
+    store_context(runs_dir, name, CONTEXT)
+    return name
 
 @pytest.fixture
 async def rig(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Rig]:
@@ -364,6 +370,9 @@ async def test_runs_resume_goes_past_an_iteration_limit_and_says_what_is_wrong(
         stopped = await response.json()
     assert stopped["stop_reason"] == "max_iterations"
     run_id = stopped["run_id"]
+    # A run that can still go on keeps its context; one that has ended for good does not.
+    stored_context = tmp_path / "runs" / context_name(run_id)
+    assert stored_context.is_file()
     for argv, message in (
         (["rlm-nope"], "no run rlm-nope"),
         ([run_id], "stopped at its iteration limit of 3; give a higher one with "
@@ -380,6 +389,7 @@ async def test_runs_resume_goes_past_an_iteration_limit_and_says_what_is_wrong(
     result = json.loads(out)
     assert (result["stop_reason"], result["answer"]) == ("final_var", EXPECTED)
     assert result["iterations"] == LAST
+    assert not stored_context.exists()
     code, _, err = await _ctl("runs", "resume", run_id, "--url", base)
     assert code == EXIT_FAILED
     assert f"run {run_id} has finished (final_var)" in err

@@ -44,7 +44,7 @@ from kowalski.common import messages
 from kowalski.controller.api import dashboard, openai_front, status
 from kowalski.controller.api.app import make_app as make_controller_app
 from kowalski.controller.rlm import events as rlm_events
-from kowalski.controller.rlm import runs, trajectory
+from kowalski.controller.rlm import resume, runs, trajectory
 from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,7 +65,7 @@ def wire_schemas() -> dict[str, Any]:
         messages.SessionInfo, messages.CellRequest, messages.CellResult, messages.VariableValue,
         messages.Heartbeat, messages.Metrics, messages.LlmQuery, messages.LlmAnswer,
         messages.CancelRequest, messages.CancelResult,
-        runs.RunRequest, runs.ResumeRequest, openai_front.CompletionBody, status.Status,
+        runs.RunRequest, resume.ResumeRequest, openai_front.CompletionBody, status.Status,
         status.DeviceStatus, runs.LiveRunSummary, trajectory.StoredRunSummary,
         trajectory.Trajectory, messages.JobStreamLine,
         rlm_events.RlmResult, dashboard.Snapshot, runs.RunStreamLine, rlm_events.AnyRlmEvent,

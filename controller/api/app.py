@@ -29,9 +29,9 @@ from kowalski.controller.api.openai_front import chat_completions, list_models
 from kowalski.controller.api.state import STATE, ControllerState, require_token
 from kowalski.controller.api.status import device_statuses, prometheus_text
 from kowalski.controller.rlm.events import RlmEvent, RlmResult
+from kowalski.controller.rlm.resume import ResumeRequest
 from kowalski.controller.rlm.runs import (
     EventListener,
-    ResumeRequest,
     RunRequest,
     RunStreamError,
     RunStreamResult,

@@ -39,8 +39,8 @@ from kowalski.controller.rlm.events import (
     SubCallAnswered,
     TokenCount,
 )
+from kowalski.controller.rlm.resume import ResumeRequest
 from kowalski.controller.rlm.runs import (
-    ResumeRequest,
     RunRequest,
     RunStreamError,
     RunStreamLine,

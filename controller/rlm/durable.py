@@ -1,7 +1,8 @@
 """What lets a run outlast its controller: a stored copy of its context, and an owner's lock.
 
-The context of a root run is written once under `<trajectory_dir>/contexts/`, named by its
-SHA-256, and the run's `RunStarted` names that file. While a controller runs a run it holds
+The context of a root run is written under `<trajectory_dir>/contexts/<run_id>.json` while
+the run starts, and the run's `RunStarted` names that file; it is removed when the run ends
+in a way no resume can go on from. While a controller runs a run it holds
 an flock on `<trajectory_dir>/<run_id>.lock`; the kernel drops the lock when the process
 dies, so a run whose file has no end and whose lock can be taken has lost its controller.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
+import logging
 import os
 import re
 import time
@@ -31,25 +32,58 @@ from kowalski.controller.rlm.trajectory import (
     run_dir,
 )
 
-__all__ = ["CONTEXTS", "RunLock", "close_run", "highest_child", "is_held", "load_context",
-           "store_context", "unfinished_run_ids"]
+__all__ = ["CONTEXTS", "ContextCopy", "RunLock", "close_run", "context_name", "drop_context",
+           "highest_child", "is_held", "load_context", "store_context", "unfinished_run_ids"]
 
+log = logging.getLogger(__name__)
 CONTEXTS = "contexts"
 LOCK_SUFFIX = ".lock"
 
 
-def store_context(directory: str | os.PathLike[str], context: Any) -> str:
-    """Write the context beside the trajectories (once per content); its name there."""
+def context_name(run_id: str) -> str:
+    """Where, under the trajectory directory, a root run's context is kept."""
+    return f"{CONTEXTS}/{run_id}.json"
+
+
+def store_context(directory: str | os.PathLike[str], name: str, context: Any) -> None:
+    """Write the context beside the trajectories under the name its RunStarted gives."""
     data = msgspec.json.encode(context)
-    name = f"{CONTEXTS}/{hashlib.sha256(data).hexdigest()}.json"
     path = run_dir(directory) / name
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written aside and renamed: a crash mid-write never leaves a short copy under the name.
-        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    return name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed: a crash mid-write never leaves a short copy under the name.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def drop_context(directory: str | os.PathLike[str], name: str) -> None:
+    """Remove a run's stored context once nothing can resume the run."""
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir(directory) / name).unlink()
+
+
+class ContextCopy:
+    """A root run's stored context: written beside the run, dropped once no resume can use it."""
+
+    def __init__(self, directory: str | os.PathLike[str], run_id: str,
+                 context: Any = None) -> None:
+        self.directory, self.run_id, self.name = directory, run_id, context_name(run_id)
+        # Written while the run starts, not before it: a large context's copy costs the run
+        # no time (a crash before it is written leaves a run that cannot be resumed).
+        self._writing = None if context is None else asyncio.ensure_future(
+            asyncio.to_thread(store_context, directory, self.name, context))
+
+    async def settle(self, result: RlmResult | None, *, suspended: bool) -> None:
+        """Once the run has stopped: wait for the copy, and drop it unless it can resume."""
+        if self._writing is not None:
+            try:
+                await asyncio.shield(self._writing)
+            except OSError as exc:
+                log.warning("run %s: its context could not be stored (%s); it cannot be "
+                            "resumed", self.run_id, exc.strerror or exc)
+        # Only a run stopped at its iteration limit, or by its controller stopping, resumes.
+        if not (result.stop_reason == "max_iterations" if result is not None else suspended):
+            await asyncio.to_thread(drop_context, self.directory, self.name)
 
 
 def load_context(trajectory_path: str | os.PathLike[str], name: str) -> Any:

@@ -11,9 +11,10 @@ record by `RecordedAnswers`, and says where the session stopped matching the rec
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ParseError, RunNotResumableError
@@ -39,6 +40,15 @@ __all__ = ["RecordedAnswers", "ReplayTurn", "ResumePlan", "ResumeReason", "plan_
            "replay"]
 
 ResumeReason = Literal["controller restart", "by hand"]
+
+
+class ResumeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/runs/{run_id}/resume: go on with a stopped run."""
+
+    # A new iteration limit: above the iterations done, and above the old limit for a run
+    # stopped there; at most this controller's rlm.max_iterations.
+    max_iterations: Annotated[int, Meta(gt=0)] | None = None
+    stream: bool = False
 
 
 class ReplayTurn(msgspec.Struct, frozen=True, kw_only=True):

@@ -33,12 +33,12 @@ from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.fleet.sessions import RemoteSession
 from kowalski.controller.models.chat_types import ChatBackend
 from kowalski.controller.rlm.durable import (
+    ContextCopy,
     RunLock,
     close_run,
     highest_child,
     is_held,
     load_context,
-    store_context,
     unfinished_run_ids,
 )
 from kowalski.controller.rlm.events import (
@@ -100,15 +100,6 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     token_budget: Annotated[int, Meta(gt=0)] | None = None
     run_timeout_s: Annotated[float, Meta(gt=0)] | None = None
     # Stream events as NDJSON while the run goes, then the result.
-    stream: bool = False
-
-
-class ResumeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """POST /v1/runs/{run_id}/resume: go on with a stopped run."""
-
-    # A new iteration limit: above the iterations done, and above the old limit for a run
-    # stopped there; at most this controller's rlm.max_iterations.
-    max_iterations: Annotated[int, Meta(gt=0)] | None = None
     stream: bool = False
 
 
@@ -243,15 +234,20 @@ class RunRegistry:
         run_id, directory = new_run_id(), self.config.trajectory_dir
         lock = await asyncio.to_thread(RunLock.take, directory, run_id)
         assert lock is not None  # a fresh id
+        copy = ContextCopy(directory, run_id, request.context)
+        run = RlmRun(request.query, request.context, backend=self._backend,
+                     session_factory=self._session, config=self._overrides(request),
+                     model=request.model, run_id=run_id, context_file=copy.name,
+                     observer=self._observer(run_id, request.query, observer))
+        result: RlmResult | None = None
         try:
-            context_file = await asyncio.to_thread(store_context, directory, request.context)
-            run = RlmRun(request.query, request.context, backend=self._backend,
-                         session_factory=self._session, config=self._overrides(request),
-                         model=request.model, run_id=run_id, context_file=context_file,
-                         observer=self._observer(run_id, request.query, observer))
-            return await self._going(run, run.run())
+            result = await self._going(run, run.run())
+            return result
         finally:
-            lock.release()
+            try:
+                await copy.settle(result, suspended=run.suspended)
+            finally:
+                lock.release()
 
     async def resume(self, run_id: str, *, max_iterations: int | None = None,
                      reason: ResumeReason = "by hand", observer: EventListener | None = None
@@ -271,7 +267,12 @@ class RunRegistry:
             context = await asyncio.to_thread(load_context, plan.trajectory_path,
                                               plan.context_file)
             run = self._resumed_run(plan, context, observer)
-            return await self._going(run, run.resume(plan))
+            copy, result = ContextCopy(directory, plan.run_id), None
+            try:
+                result = await self._going(run, run.resume(plan))
+                return result
+            finally:
+                await copy.settle(result, suspended=run.suspended)
         finally:
             lock.release()
 
@@ -393,3 +394,4 @@ class RunRegistry:
             run.suspended = True
             if task is not None:
                 task.cancel()
+
