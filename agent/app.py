@@ -87,6 +87,7 @@ def heartbeat(state: AgentState) -> Heartbeat:
         jobs_running=len(state.jobs.running_ids),
         jobs_queued=state.jobs.queued,
         sessions=len(state.sessions),
+        warm_sessions=len(state.sessions.pool),
         running_job_ids=state.jobs.running_ids,
     )
 
@@ -141,17 +142,24 @@ async def post_session(request: web.Request) -> web.Response:
     return json_response(msgspec.structs.replace(info, agent_id=state.agent_id), status=201)
 
 
-async def post_cell(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    cell = await read_body(request, CellRequest)
-    _check_code_size(state, cell.code)
+def _check_cell_wanted(state: AgentState, cell: CellRequest) -> None:
+    """Refuse a cell whose attempt was cancelled or whose deadline has passed."""
     if state.jobs.refuses(cell.attempt_id):
         raise CancelledJobError(f"attempt {cell.attempt_id} of cell {cell.cell_id!r} was "
                                 "cancelled by the controller")
     if cell.deadline is not None and cell.deadline <= time.time():
         raise CancelledJobError(f"cell {cell.cell_id!r} was not started: its deadline has "
                                 "passed")
-    result = await state.sessions.execute(_session_id(request), cell)
+
+
+async def post_cell(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    cell = await read_body(request, CellRequest)
+    _check_code_size(state, cell.code)
+    _check_cell_wanted(state, cell)
+    # Again once the cells before it in the session are done: it may have waited long.
+    result = await state.sessions.execute(_session_id(request), cell,
+                                          still_wanted=lambda: _check_cell_wanted(state, cell))
     return json_response(msgspec.structs.replace(result, agent_id=state.agent_id))
 
 
