@@ -33,6 +33,8 @@ class LlmHandler(Protocol):
 
 _DRIVER = "repl_driver.py"
 _CONTEXT = "context.json"
+# A warm session's context up to this many characters is written without a thread.
+_INLINE_CONTEXT_CHARS = 64 * 1024
 # Room on a control line beyond the output it carries: field names, flags, an error text.
 CONTROL_BUDGET_BYTES = 64 * 1024
 # llm_query() requests a session may have waiting at once; more are refused at once.
@@ -137,10 +139,17 @@ class ReplSession:
         self.warm = True
         if context is not None:
             process = self._process
+
+            def write() -> None:
+                process.add_file(_CONTEXT, msgspec.json.encode(context))
+
             try:
-                # The same file as start() writes, so a large context takes the same path.
-                await asyncio.to_thread(
-                    lambda: process.add_file(_CONTEXT, msgspec.json.encode(context)))
+                # The same file as start() writes, so a large context takes the same path;
+                # a short text is written at once: a thread hop would cost more.
+                if isinstance(context, str) and len(context) <= _INLINE_CONTEXT_CHARS:
+                    write()
+                else:
+                    await asyncio.to_thread(write)
             except OSError as exc:
                 raise ExecutionError(f"cannot write the context of session {session_id!r}: "
                                      f"{exc.strerror or exc}") from None

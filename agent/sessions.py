@@ -123,8 +123,10 @@ class SessionManager:
             warm = await self.pool.take()
             # Another call may have made this session while this one waited.
             existing = self._live(request.session_id)
-            if warm is not None and existing is not None:
-                self.pool.give_back(warm)
+            if warm is not None and (existing is not None or self._closed):
+                await self.pool.give_back(warm)
+                if self._closed:
+                    raise ExecutionError("the agent is shutting down")
             elif warm is not None:
                 return await self._adopt(warm, request)
         if existing is not None:
@@ -172,6 +174,8 @@ class SessionManager:
             raise
         finally:
             session.ready.set()
+            # Refilled only now: a process starting beside it would slow the adoption down.
+            self.pool.wake()
         return session.info(self._agent_id)
 
     def _get(self, session_id: SessionId) -> ReplSession:

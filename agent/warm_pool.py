@@ -31,8 +31,6 @@ class WarmPool:
         self._wanted = asyncio.Event()
         self._wanted.set()
         self._closed = False
-        # Sessions handed out since the agent started, for the heartbeat.
-        self.taken = 0
 
     def __len__(self) -> int:
         """Ready sessions."""
@@ -45,7 +43,7 @@ class WarmPool:
         return len(self) + (self._starting is not None)
 
     def wake(self) -> None:
-        """Look again whether a session is missing (one was taken, or room was made)."""
+        """Look again whether a session is missing (one was adopted, or room was made)."""
         self._wanted.set()
 
     async def run(self) -> None:
@@ -85,14 +83,14 @@ class WarmPool:
             await asyncio.wait({self._starting})
         if not len(self):
             return None
-        self.taken += 1
-        self.wake()
         return self._ready.pop(0)
 
-    def give_back(self, session: ReplSession) -> None:
-        """Return a session taken but not used."""
-        self.taken -= 1
-        self._ready.insert(0, session)
+    async def give_back(self, session: ReplSession) -> None:
+        """Return a session taken but not used (killed if the pool has closed since)."""
+        if self._closed:
+            await session.kill("the agent shut down")
+        else:
+            self._ready.insert(0, session)
 
     def make_room(self) -> bool:
         """Give up the session starting now, so a session asked for can take its place."""

@@ -88,6 +88,11 @@ def _batch_outage() -> Measure:
     return batch_outage.measure
 
 
+def _session_open() -> Measure:
+    from bench import session_open
+    return session_open.measure
+
+
 def _fanout() -> Measure:
     from bench import fanout
     return fanout.measure
@@ -110,6 +115,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
      120.0),
     ("fanout", "Sub-calls of one run over several endpoints", _fanout, 300.0),
     ("batch_outage", "A model outage in the middle of a batch", _batch_outage, 180.0),
+    ("session_open", "A run's session open, warm and cold", _session_open, 300.0),
 ]
 
 

@@ -148,3 +148,14 @@ def test_quick_run_of_the_batch_outage_fails_no_item(tmp_path: Path) -> None:
     calm_s, stormy_s = section["raw"]["wall s (no outage, outage)"]
     assert stormy_s > calm_s + section["raw"]["down s"][0]
     assert "model outage in a 100-item batch" in report
+
+
+def test_quick_run_of_session_open_compares_warm_and_cold(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "session_open")
+    [section] = figures["sections"]
+    check_section(section)
+    assert [target["name"] for target in section["targets"]] == ["warm session open p50"]
+    assert [row[0] for row in section["tables"][0]["rows"]] == [
+        "warm, 1 KB context", "cold, 1 KB context", "warm, 1 MB context", "cold, 1 MB context"]
+    assert len(section["raw"]["warm open 1 KB (ms)"]) == 3
+    assert "A run's session open, warm and cold" in report
