@@ -117,7 +117,7 @@ async def test_cell_past_its_deadline_or_cancelled_is_refused(
         await agents.delete_session(agent.url, session.session_id, timeout_s=10)
 
 
-@pytest.mark.parametrize("why", ["cancelled", "deadline"])
+@pytest.mark.parametrize("why", ["cancelled", "deadline", "hung_up"])
 async def test_cell_cancelled_or_expired_while_queued_in_its_session_never_runs(
         one_slot: tuple[AgentProcess, AgentClient], tmp_path: Path, why: str) -> None:
     agent, agents = one_slot
@@ -133,17 +133,21 @@ async def test_cell_cancelled_or_expired_while_queued_in_its_session_never_runs(
     queued_cell = CellRequest(
         cell_id="queued", code=f"ran = True\nopen({str(mark)!r}, 'w').close()",
         attempt_id="queued-a", deadline=time.time() + (0.6 if why == "deadline" else 60))
-    queued = asyncio.create_task(
-        agents.execute(agent.url, session.session_id, queued_cell, timeout_s=30))
+    queued = asyncio.create_task(agents.execute(
+        agent.url, session.session_id, queued_cell, timeout_s=0.6 if why == "hung_up" else 30))
     await asyncio.sleep(0.3)
     assert not queued.done()
     if why == "cancelled":
         await agents.cancel(agent.url, ["queued-a"], timeout_s=5)
-    with pytest.raises(RemoteError) as caught:
-        await queued
-    assert (caught.value.status, caught.value.remote_code) == (409, "cancelled")
-    assert ("was cancelled by the controller" if why == "cancelled"
-            else "its deadline has passed") in caught.value.message
+    if why == "hung_up":
+        with pytest.raises(NetworkError):
+            await queued
+    else:
+        with pytest.raises(RemoteError) as caught:
+            await queued
+        assert (caught.value.status, caught.value.remote_code) == (409, "cancelled")
+        assert ("was cancelled by the controller" if why == "cancelled"
+                else "its deadline has passed") in caught.value.message
     assert (await running).stdout == "long\n"
     check = CellRequest(cell_id="check", code="print(globals().get('ran', False))")
     assert (await agents.execute(agent.url, session.session_id, check,
