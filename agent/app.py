@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -87,6 +87,7 @@ def heartbeat(state: AgentState) -> Heartbeat:
         jobs_running=len(state.jobs.running_ids),
         jobs_queued=state.jobs.queued,
         sessions=len(state.sessions),
+        warm_sessions=len(state.sessions.pool),
         running_job_ids=state.jobs.running_ids,
     )
 
@@ -141,17 +142,30 @@ async def post_session(request: web.Request) -> web.Response:
     return json_response(msgspec.structs.replace(info, agent_id=state.agent_id), status=201)
 
 
+def _check_cell_wanted(state: AgentState, cell: CellRequest,
+                       gone: Callable[[], bool] = lambda: False) -> None:
+    """Refuse a cell whose attempt was cancelled or hung up on, or whose deadline passed."""
+    if state.jobs.refuses(cell.attempt_id):
+        raise CancelledJobError(f"attempt {cell.attempt_id} of cell {cell.cell_id!r} was "
+                                "cancelled by the controller")
+    # As for jobs: only an attempt is given up by hanging up; other callers may come back.
+    if cell.attempt_id is not None and gone():
+        raise CancelledJobError(f"attempt {cell.attempt_id} of cell {cell.cell_id!r} was "
+                                "not started: its caller hung up")
+    if cell.deadline is not None and cell.deadline <= time.time():
+        raise CancelledJobError(f"cell {cell.cell_id!r} was not started: its deadline has "
+                                "passed")
+
+
 async def post_cell(request: web.Request) -> web.Response:
     state = request.app[STATE]
     cell = await read_body(request, CellRequest)
     _check_code_size(state, cell.code)
-    if state.jobs.refuses(cell.attempt_id):
-        raise CancelledJobError(f"attempt {cell.attempt_id} of cell {cell.cell_id!r} was "
-                                "cancelled by the controller")
-    if cell.deadline is not None and cell.deadline <= time.time():
-        raise CancelledJobError(f"cell {cell.cell_id!r} was not started: its deadline has "
-                                "passed")
-    result = await state.sessions.execute(_session_id(request), cell)
+    _check_cell_wanted(state, cell)
+    # Again once the cells before it in the session are done: it may have waited long.
+    result = await state.sessions.execute(
+        _session_id(request), cell,
+        still_wanted=lambda: _check_cell_wanted(state, cell, lambda: _client_gone(request)))
     return json_response(msgspec.structs.replace(result, agent_id=state.agent_id))
 
 

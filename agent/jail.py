@@ -102,6 +102,10 @@ class SandboxedProcess:
     def pids_exhausted(self) -> bool:
         return self.cgroup is not None and self.cgroup.pids_exhausted()
 
+    def add_file(self, name: str, data: bytes) -> None:
+        """Write one more file into the work dir, as spawn would have (blocking I/O)."""
+        self._jail.write_file(self.workdir, name, data)
+
     async def stop(self) -> None:
         """SIGKILL the process group and every process in the cgroup, then reap."""
         pid = self.process.pid
@@ -252,6 +256,15 @@ class Jail:
         if self.job_user is not None:
             for path in [workdir, *(workdir / file_name for file_name in files)]:
                 os.chown(path, *self.job_user)
+
+    def write_file(self, workdir: Path, name: str, data: bytes) -> None:
+        path = workdir / name
+        # Never through a link, nor over a file: the process may have made either there.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        if self.job_user is not None:
+            os.chown(path, *self.job_user)
 
     def environment(self, workdir: Path) -> dict[str, str]:
         home = INNER_WORKDIR if self._bwrap else str(workdir)

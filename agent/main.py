@@ -63,7 +63,8 @@ class Agent:
                                  timeout_s=self._config.exo.request_timeout_s)
                 sessions = SessionManager(sandbox, max_sessions=settings.max_sessions,
                                           idle_timeout_s=settings.session_idle_timeout_s,
-                                          llm_handler=relay)
+                                          llm_handler=relay,
+                                          warm_sessions=settings.warm_sessions)
                 name = settings.name or socket.gethostname()
                 # The id needs the port: it must be stable across restarts and unique
                 # when several agents share a host.

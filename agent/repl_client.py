@@ -24,7 +24,6 @@ from kowalski.common.messages import CellResult, LlmCallback, SessionId, Session
 log = logging.getLogger("kowalski.agent.sessions")
 
 
-
 class LlmHandler(Protocol):
     """Answers a session's llm_query calls; model is the one the call named (empty: none)."""
 
@@ -34,6 +33,8 @@ class LlmHandler(Protocol):
 
 _DRIVER = "repl_driver.py"
 _CONTEXT = "context.json"
+# A warm session's context up to this many characters is written without a thread.
+_INLINE_CONTEXT_CHARS = 64 * 1024
 # Room on a control line beyond the output it carries: field names, flags, an error text.
 CONTROL_BUDGET_BYTES = 64 * 1024
 # llm_query() requests a session may have waiting at once; more are refused at once.
@@ -63,6 +64,8 @@ class ReplSession:
         self.last_used = time.monotonic()
         self.cells: OrderedDict[str, CellResult] = OrderedDict()
         self.cells_run = 0
+        # Started ahead of need, without a context, and adopted by this session.
+        self.warm = False
         self.lock = asyncio.Lock()
         self.ready = asyncio.Event()
         # Why the session is gone; empty while it lives.
@@ -83,7 +86,7 @@ class ReplSession:
 
     def info(self, agent_id: str) -> SessionInfo:
         return SessionInfo(session_id=self.id, agent_id=agent_id, cells_run=self.cells_run,
-                           created_at=self.created_at)
+                           created_at=self.created_at, warm=self.warm)
 
     def check(self) -> None:
         if self.lost:
@@ -124,8 +127,38 @@ class ReplSession:
         self._spawn(self._read_replies(reader))
         self._spawn(self._collect(process.stdout, "stdout"))
         self._spawn(self._collect(process.stderr, "stderr"))
+        await self._init(_CONTEXT in files, timeout_s)
+
+    async def adopt(self, session_id: SessionId, callback: LlmCallback | None, context: Any,
+                    timeout_s: float) -> None:
+        """Make a warm session (started without a context) this session, as start would."""
+        self.check()
+        assert self._process is not None
+        self.id = session_id
+        self.callback = callback
+        self.warm = True
+        if context is not None:
+            process = self._process
+
+            def write() -> None:
+                process.add_file(_CONTEXT, msgspec.json.encode(context))
+
+            try:
+                # The same file as start() writes, so a large context takes the same path;
+                # a short text is written at once: a thread hop would cost more.
+                if isinstance(context, str) and len(context) <= _INLINE_CONTEXT_CHARS:
+                    write()
+                else:
+                    await asyncio.to_thread(write)
+            except OSError as exc:
+                raise ExecutionError(f"cannot write the context of session {session_id!r}: "
+                                     f"{exc.strerror or exc}") from None
+        await self._init(context is not None, timeout_s)
+        self.last_used = time.monotonic()
+
+    async def _init(self, has_context: bool, timeout_s: float) -> None:
         init = {"op": "init", "llm": self.callback is not None,
-                "context_file": _CONTEXT if _CONTEXT in files else None,
+                "context_file": _CONTEXT if has_context else None,
                 "max_message_bytes": self.message_limit - CONTROL_BUDGET_BYTES // 2}
         try:
             await asyncio.wait_for(self._call(init), timeout_s)

@@ -186,6 +186,7 @@ class Driver:
             self._channel.send(reply)
 
     def _init(self, message: dict[str, Any]) -> dict[str, Any]:
+        # Sent twice to a warm session: once when it starts, again with its run's context.
         self._llm_enabled = bool(message.get("llm"))
         self._max_message_bytes = int(message.get("max_message_bytes", self._max_message_bytes))
         path = message.get("context_file")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kowalski.agent.repl_client import LlmHandler, ReplSession
 from kowalski.agent.sandbox import OUTPUT_LIMIT, Sandbox
+from kowalski.agent.warm_pool import WarmPool
 from kowalski.common.errors import (
     BusyError,
     ExecutionError,
@@ -21,6 +24,7 @@ from kowalski.common.messages import (
     CellRequest,
     CellResult,
     JobStatus,
+    LlmCallback,
     SessionCreate,
     SessionId,
     SessionInfo,
@@ -37,11 +41,16 @@ _MAX_CACHED_CELLS = 10_000
 
 
 class SessionManager:
-    """Creates, runs and expires sessions; at most max_sessions live at once."""
+    """Creates, runs and expires sessions; at most max_sessions at once, warm ones counted.
+
+    With warm_sessions, that many sessions are kept started without a context; a new
+    session adopts one (and loads its context into it) instead of starting a process.
+    """
 
     def __init__(self, sandbox: Sandbox, *, max_sessions: int, idle_timeout_s: float,
                  llm_handler: LlmHandler, interrupt_grace_s: float = 2.0,
-                 start_timeout_s: float = 60.0, agent_id: str = "") -> None:
+                 start_timeout_s: float = 60.0, agent_id: str = "",
+                 warm_sessions: int = 0) -> None:
         self._sandbox = sandbox
         # Stamped on results; empty leaves it to the caller.
         self._agent_id = agent_id
@@ -53,16 +62,42 @@ class SessionManager:
         # Lost sessions stay until they expire, so their users learn why.
         self._sessions: dict[SessionId, ReplSession] = {}
         self._closed = False
+        # Warm sessions are named outside the id alphabet: no client id can clash with one.
+        self._warm_names = (SessionId(f"warm+{number}") for number in itertools.count(1))
+        self.pool = WarmPool(size=warm_sessions, start=self._start_warm, room=self._room)
 
     def __len__(self) -> int:
         return sum(1 for session in self._sessions.values() if not session.lost)
 
+    def _room(self) -> int:
+        return self._max_sessions - len(self) - self.pool.held
+
     async def run(self) -> None:
-        """Expire idle sessions until cancelled."""
-        interval = min(max(self._idle_timeout_s / 4, 0.05), 30.0)
-        while True:
-            await asyncio.sleep(interval)
-            await self.expire_idle()
+        """Expire idle sessions and keep the warm ones ready, until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.pool.run(), name="warm-sessions")
+            interval = min(max(self._idle_timeout_s / 4, 0.05), 30.0)
+            while True:
+                await asyncio.sleep(interval)
+                await self.expire_idle()
+                # Lost sessions free their room too: a look now and then finds it.
+                self.pool.wake()
+
+    def _new_session(self, session_id: SessionId, callback: LlmCallback | None
+                     ) -> ReplSession:
+        return ReplSession(session_id, callback, self._handler,
+                           stray_cap=self._sandbox.output_cap(None),
+                           memory_limit_mb=self._sandbox.config.memory_limit_mb)
+
+    async def _start_warm(self) -> ReplSession:
+        session = self._new_session(next(self._warm_names), None)
+        try:
+            await session.start(self._sandbox, None, self._start_timeout_s)
+        except BaseException:
+            await asyncio.shield(session.kill("it could not start"))
+            raise
+        session.ready.set()
+        return session
 
     async def expire_idle(self) -> int:
         """End sessions unused for idle_timeout_s; returns how many."""
@@ -75,26 +110,39 @@ class SessionManager:
         for session in idle:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
+        if idle:
+            self.pool.wake()
         return len(idle)
 
     async def create(self, request: SessionCreate) -> SessionInfo:
         """Start a session; an id that is already live returns its info."""
         if self._closed:
             raise ExecutionError("the agent is shutting down")
-        existing = self._sessions.get(request.session_id)
-        if existing is not None and not existing.lost:
+        existing = self._live(request.session_id)
+        if existing is None:
+            warm = await self.pool.take()
+            # Another call may have made this session while this one waited.
+            existing = self._live(request.session_id)
+            if warm is not None and (existing is not None or self._closed):
+                await self.pool.give_back(warm)
+                if self._closed:
+                    raise ExecutionError("the agent is shutting down")
+            elif warm is not None:
+                return await self._adopt(warm, request)
+        if existing is not None:
             await existing.ready.wait()
             existing.check()
             return existing.info(self._agent_id)
-        if len(self) >= self._max_sessions:
+        if len(self) + self.pool.held >= self._max_sessions:
             await self.expire_idle()
+        if len(self) + self.pool.held >= self._max_sessions:
+            # A warm session on its way yields its place to one asked for.
+            self.pool.make_room()
         if len(self) >= self._max_sessions:
             raise BusyError(f"this agent already runs its limit of {self._max_sessions} "
                             "sessions; delete one or wait for idle ones to expire",
                             retry_after_s=min(self._idle_timeout_s, 30.0))
-        session = ReplSession(request.session_id, request.llm_callback, self._handler,
-                           stray_cap=self._sandbox.output_cap(None),
-                           memory_limit_mb=self._sandbox.config.memory_limit_mb)
+        session = self._new_session(request.session_id, request.llm_callback)
         self._sessions[session.id] = session
         try:
             await session.start(self._sandbox, request.context, self._start_timeout_s)
@@ -107,6 +155,29 @@ class SessionManager:
             session.ready.set()
         return session.info(self._agent_id)
 
+    def _live(self, session_id: SessionId) -> ReplSession | None:
+        session = self._sessions.get(session_id)
+        return None if session is None or session.lost else session
+
+    async def _adopt(self, session: ReplSession, request: SessionCreate) -> SessionInfo:
+        """Give a warm session the request's id, callback and context."""
+        self._sessions[request.session_id] = session
+        # A second create for this id waits until the context is in.
+        session.ready.clear()
+        try:
+            await session.adopt(request.session_id, request.llm_callback, request.context,
+                                self._start_timeout_s)
+        except BaseException:
+            if self._sessions.get(request.session_id) is session:
+                del self._sessions[request.session_id]
+            await asyncio.shield(session.kill("it could not load its context"))
+            raise
+        finally:
+            session.ready.set()
+            # Refilled only now: a process starting beside it would slow the adoption down.
+            self.pool.wake()
+        return session.info(self._agent_id)
+
     def _get(self, session_id: SessionId) -> ReplSession:
         session = self._sessions.get(session_id)
         if session is None:
@@ -114,10 +185,17 @@ class SessionManager:
         session.check()
         return session
 
-    async def execute(self, session_id: SessionId, request: CellRequest) -> CellResult:
-        """Run a cell; a repeated cell id returns the first result without running again."""
+    async def execute(self, session_id: SessionId, request: CellRequest, *,
+                      still_wanted: Callable[[], None] | None = None) -> CellResult:
+        """Run a cell; a repeated cell id returns the first result without running again.
+
+        still_wanted raises when the cell must not start after all: it is called once the
+        cells queued before it in the session are done.
+        """
         session = self._get(session_id)
         async with session.lock:
+            if still_wanted is not None:
+                still_wanted()
             cached = session.cells.get(request.cell_id)
             if cached is not None:
                 return cached
@@ -156,6 +234,7 @@ class SessionManager:
         if session is None:
             return False
         await session.kill()
+        self.pool.wake()
         return True
 
     async def close(self) -> None:
@@ -163,7 +242,8 @@ class SessionManager:
         self._closed = True
         sessions = list(self._sessions.values())
         self._sessions.clear()
-        await asyncio.gather(*(session.kill("the agent shut down") for session in sessions))
+        await asyncio.gather(self.pool.close(),
+                             *(session.kill("the agent shut down") for session in sessions))
 
 
 def _cell_result(session_id: SessionId, cell_id: str, reply: dict[str, Any], killed: bool,

@@ -87,6 +87,11 @@ def _batch_outage() -> Measure:
     return batch_outage.measure
 
 
+def _session_open() -> Measure:
+    from bench import session_open
+    return session_open.measure
+
+
 def _fanout() -> Measure:
     from bench import fanout
     return fanout.measure
@@ -122,6 +127,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("peer", "Side by side with the reference rlm", _peer, 600.0),
     ("session_flood", "Agent memory while every session floods its pipes", _session_flood,
      300.0),
+    ("session_open", "A run's session open, warm and cold", _session_open, 300.0),
 ]
 
 

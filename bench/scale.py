@@ -17,7 +17,7 @@ from bench.cluster import ServerProcess, agents, controller_config
 from bench.fleet import SERVED_PATH
 from bench.report import Section, Table, Target, fmt, p50, percentile
 from kowalski.common import config as config_module
-from kowalski.common.config import ControllerConfig
+from kowalski.common.config import AgentConfig, ControllerConfig
 from kowalski.common.messages import DeviceId, Heartbeat, Metrics
 from kowalski.controller.fleet.device_table import (
     DeviceDiscovered,
@@ -168,18 +168,26 @@ def _selection(count: int, repeats: int) -> list[float]:
     return samples
 
 
-async def _agent_rss(tmp: Path, settle_s: float) -> tuple[float, float, float, float]:
-    """(agent RSS, agent USS, bare interpreter RSS, interpreter with the agent's imports) MiB."""
+async def _agent_rss(tmp: Path, settle_s: float
+                     ) -> tuple[float, float, float, float, float]:
+    """(agent RSS, agent USS, bare interpreter RSS, interpreter with the agent's imports,
+    the warm sessions' processes RSS) MiB."""
     async with agents(tmp, 1) as started:
         assert started[0].process is not None
         await asyncio.sleep(settle_s)
         process = psutil.Process(started[0].process.pid)
-        if process.children(recursive=True):
-            raise RuntimeError("the idle agent has child processes")
+        children = process.children(recursive=True)
+        drivers = [child for child in children
+                   if "python" in child.name() and "repl_driver.py" in child.cmdline()]
+        # Its warm sessions (agent.warm_sessions, shipped at 1) are all an idle agent runs.
+        if len(drivers) != AgentConfig().warm_sessions or (children and not drivers):
+            raise RuntimeError(f"the idle agent runs {len(children)} child processes, "
+                               f"{len(drivers)} of them session drivers")
         rss, uss = process.memory_info().rss / MIB, process.memory_full_info().uss / MIB
+        warm = sum(child.memory_info().rss for child in children) / MIB
     bare = await _interpreter_rss("import time; time.sleep(30)")
     imports = await _interpreter_rss("import kowalski.agent.main, time; time.sleep(30)")
-    return rss, uss, bare, imports
+    return rss, uss, bare, imports, warm
 
 
 # Imported in this order by a fresh interpreter to see what each adds to its memory.
@@ -229,7 +237,7 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
     count, window_s = (20, 2.0) if quick else (1000, 10.0)
     rows, targets, raw, notes = await _controller_rows(tmp, count, window_s)
     selection = _selection(1000, 200 if quick else 5000)
-    rss, uss, bare, imports = await _agent_rss(tmp, 1.0 if quick else 5.0)
+    rss, uss, bare, imports, warm = await _agent_rss(tmp, 1.0 if quick else 5.0)
     if rss > RSS_TARGET_MIB:
         costs = ", ".join(f"{name} {fmt(mib, 1)}" for name, mib in await _import_costs())
         notes.append(
@@ -258,7 +266,8 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
             "job over a table of 1000 healthy agents, built with `apply` (half the agents "
             "offer the requested language). The idle agent is a real agent process, measured "
             "after it has been up for a few seconds, next to a bare interpreter and one that "
-            "only imports the agent's modules."),
+            "only imports the agent's modules; the processes of its warm session (the "
+            "shipped `agent.warm_sessions = 1`) are counted apart."),
         tables=[
             Table(headers=["process", "CPU cores", "RSS MiB", "heartbeats/s answered",
                            "healthy at the end"], rows=rows),
@@ -268,7 +277,8 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
             Table(headers=["idle agent memory", "MiB"], rows=[
                 ["agent RSS", fmt(rss, 1)], ["agent USS (not shared)", fmt(uss, 1)],
                 ["bare interpreter RSS (baseline)", fmt(bare, 1)],
-                ["interpreter after importing the agent's modules", fmt(imports, 1)]]),
+                ["interpreter after importing the agent's modules", fmt(imports, 1)],
+                ["its warm session's processes (sandbox and driver), RSS", fmt(warm, 1)]]),
         ],
         targets=targets, raw=raw, notes=notes,
     )]

@@ -43,6 +43,9 @@ class AgentConfig(_Section, frozen=True):
     # Jobs waiting for a slot beyond this are refused with 503 + Retry-After.
     max_queued_jobs: Annotated[int, Meta(ge=0)] = 64
     max_sessions: PositiveInt = 16
+    # Sessions kept started without a context, for a new one (an RLM run's) to adopt at
+    # once; they count against max_sessions. 0 starts every session on demand.
+    warm_sessions: Annotated[int, Meta(ge=0)] = 1
     session_idle_timeout_s: PositiveFloat = 900.0
     # Results kept for idempotent job ids (a repeated id returns the first result).
     result_cache_size: PositiveInt = 4096

@@ -30,7 +30,9 @@ KEYS: dict[str, str] = {
     "agent.work_dir": "Where per-job directories are made.",
     "agent.max_concurrent_jobs": "Jobs run at once; more wait in the queue.",
     "agent.max_queued_jobs": "Jobs waiting beyond this are refused with 503 and Retry-After.",
-    "agent.max_sessions": "Persistent Python sessions alive at once.",
+    "agent.max_sessions": "Persistent Python sessions alive at once, warm ones counted.",
+    "agent.warm_sessions": ("Sessions kept started without a context, so that a new session "
+                            "(an RLM run's) adopts one at once; 0 starts each on demand."),
     "agent.session_idle_timeout_s": "A session unused this long is ended.",
     "agent.result_cache_size": "Finished job results kept so a repeated job id is not run twice.",
     "agent.max_body_bytes": "Largest request body accepted (contexts travel in bodies).",

@@ -136,7 +136,10 @@ class SessionInfo(Message, frozen=True):
     session_id: SessionId
     agent_id: str
     cells_run: int
+    # When the session's process started: before the create call when it was warm.
     created_at: float
+    # Whether the agent handed out a session it had started ahead of need.
+    warm: bool = False
 
 
 class CellRequest(Message, frozen=True):
@@ -206,6 +209,8 @@ class Heartbeat(Message, frozen=True):
     sessions: int
     # Job ids running now, so a controller can tell which of its jobs are alive.
     running_job_ids: list[JobId] = msgspec.field(default_factory=list)
+    # Sessions started ahead of need and not yet handed out; counted apart from `sessions`.
+    warm_sessions: int = 0
 
 
 # --- llm sub-calls from a session to the controller ---------------------------------------

@@ -234,3 +234,12 @@ def test_quick_run_of_the_side_by_side_measures_the_kowalski_half(tmp_path: Path
         assert "per iteration: Kowalski / reference" in names
         assert all(row[3] for row in rows)
     assert "Side by side with the reference rlm" in report
+def test_quick_run_of_session_open_compares_warm_and_cold(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "session_open")
+    [section] = figures["sections"]
+    check_section(section)
+    assert [target["name"] for target in section["targets"]] == ["warm session open p50"]
+    assert [row[0] for row in section["tables"][0]["rows"]] == [
+        "warm, 1 KB context", "cold, 1 KB context", "warm, 1 MB context", "cold, 1 MB context"]
+    assert len(section["raw"]["warm open 1 KB (ms)"]) == 3
+    assert "A run's session open, warm and cold" in report

@@ -338,3 +338,35 @@ async def test_close_kills_every_session_and_is_idempotent(
     await manager.close()
     assert len(manager) == 0
     assert job_cgroups(sandbox) == []
+
+
+async def test_a_warm_session_takes_a_large_context_and_close_ends_the_pool_too(
+        make_manager: Factory, sandbox: Sandbox) -> None:
+    manager = await make_manager(warm_sessions=1)
+    pool = asyncio.create_task(manager.run())
+    try:
+        deadline = time.monotonic() + 20
+        while len(manager.pool) < 1:
+            assert time.monotonic() < deadline, "no warm session was started"
+            await asyncio.sleep(0.01)
+        # A warm session is a process and a cgroup of its own, but not a live session.
+        assert (len(manager), len(job_cgroups(sandbox))) == (0, 1)
+        context = "\n".join(f"line {index}" for index in range(1_000_000))
+        info = await manager.create(SessionCreate(session_id="big", context=context,
+                                                  llm_callback=CALLBACK))
+        assert info.warm
+        result = await run(manager, "big", "lines = context.splitlines()\n"
+                                           "(len(lines), lines[-1], llm_query('q'))")
+        assert result.stdout == "(1000000, 'line 999999', 'answer to q')\n"
+        while len(manager.pool) < 1:
+            assert time.monotonic() < deadline, "the warm session was not replaced"
+            await asyncio.sleep(0.01)
+        assert len(job_cgroups(sandbox)) == 2
+    finally:
+        pool.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pool
+    await manager.close()
+    await manager.close()
+    assert (len(manager), len(manager.pool)) == (0, 0)
+    assert job_cgroups(sandbox) == []

@@ -117,6 +117,45 @@ async def test_cell_past_its_deadline_or_cancelled_is_refused(
         await agents.delete_session(agent.url, session.session_id, timeout_s=10)
 
 
+@pytest.mark.parametrize("why", ["cancelled", "deadline", "hung_up"])
+async def test_cell_cancelled_or_expired_while_queued_in_its_session_never_runs(
+        one_slot: tuple[AgentProcess, AgentClient], tmp_path: Path, why: str) -> None:
+    agent, agents = one_slot
+    session = SessionCreate(session_id="queued-cells")
+    await agents.create_session(agent.url, session, timeout_s=30)
+    long_cell = CellRequest(cell_id="long", code="import time\ntime.sleep(1.5)\nprint('long')",
+                            attempt_id="long-a", deadline=time.time() + 60)
+    running = asyncio.create_task(
+        agents.execute(agent.url, session.session_id, long_cell, timeout_s=30))
+    await asyncio.sleep(0.3)
+    # It would leave a mark in the session and a file beside the agent's log.
+    mark = tmp_path / "queued-cell-ran"
+    queued_cell = CellRequest(
+        cell_id="queued", code=f"ran = True\nopen({str(mark)!r}, 'w').close()",
+        attempt_id="queued-a", deadline=time.time() + (0.6 if why == "deadline" else 60))
+    queued = asyncio.create_task(agents.execute(
+        agent.url, session.session_id, queued_cell, timeout_s=0.6 if why == "hung_up" else 30))
+    await asyncio.sleep(0.3)
+    assert not queued.done()
+    if why == "cancelled":
+        await agents.cancel(agent.url, ["queued-a"], timeout_s=5)
+    if why == "hung_up":
+        with pytest.raises(NetworkError):
+            await queued
+    else:
+        with pytest.raises(RemoteError) as caught:
+            await queued
+        assert (caught.value.status, caught.value.remote_code) == (409, "cancelled")
+        assert ("was cancelled by the controller" if why == "cancelled"
+                else "its deadline has passed") in caught.value.message
+    assert (await running).stdout == "long\n"
+    check = CellRequest(cell_id="check", code="print(globals().get('ran', False))")
+    assert (await agents.execute(agent.url, session.session_id, check,
+                                 timeout_s=30)).stdout == "False\n"
+    assert not mark.exists()
+    await agents.delete_session(agent.url, session.session_id, timeout_s=10)
+
+
 async def test_resumed_agent_starts_no_job_given_elsewhere_and_answers_fresh_work_at_once(
         tmp_path: Path) -> None:
     victim = AgentProcess(tmp_path, name="victim", log_level="DEBUG",

@@ -47,12 +47,15 @@ class RemoteSession:
         self.device_id: str = ""
         self.devices_used: list[str] = []
         self.rebuilds = 0
+        # Whether the agent gave this session one it had started before it was asked.
+        self.warm = False
         self._on_close = on_close
 
     async def _open_on(self, row: DeviceRow) -> None:
         create = SessionCreate(session_id=self.session_id, context=self._context,
                                llm_callback=self._callback)
-        await self._agents.create_session(row.url, create, timeout_s=self._timeout_s)
+        info = await self._agents.create_session(row.url, create, timeout_s=self._timeout_s)
+        self.warm = info.warm
         for cell, status in zip(self._cells, self._statuses, strict=True):
             if status in _REPLAYABLE:
                 await self._agents.execute(row.url, self.session_id, cell,
