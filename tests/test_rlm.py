@@ -487,6 +487,9 @@ async def test_depth_below_max_depth_makes_sub_calls_recursive_runs(harness: Har
     assert tree.events == parent.events
     assert tree.descendants == [child]
     assert parent.descendants == []
+    # Listed once, as the root with its one child run; the child is read by its id.
+    [listed] = list_runs(harness.runs_dir)
+    assert (listed.run_id, listed.child_runs, listed.sub_calls) == (result.run_id, 1, 1)
     assert result.sub_calls == 1
     assert harness.model.sub_prompts == []
 

@@ -274,9 +274,11 @@ def runs_command(args: argparse.Namespace, config: Config) -> int:
     directory = args.dir or config.rlm.trajectory_dir
     if args.runs_command == "list":
         for summary in list_runs(directory)[: args.limit]:
+            count = summary.child_runs
+            children = f"  ({count} child run{'' if count == 1 else 's'})" if count else ""
             print(f"{summary.run_id}  {summary.stop_reason or 'unfinished':<14} "
                   f"{summary.iterations if summary.iterations is not None else '-':>3} it  "
-                  f"{summary.query[:60]!r}")
+                  f"{summary.query[:60]!r}{children}")
         return EXIT_OK
     print(render_trajectory(read_trajectory(args.run_id, directory)))
     return EXIT_OK

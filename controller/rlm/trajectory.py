@@ -8,10 +8,12 @@ format (meta / iteration / final lines) are read as events too (trajectory_v1.py
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import glob
 import os
 import re
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import msgspec
@@ -50,6 +52,7 @@ _TAIL_BYTES = 1 << 16
 _decoder = msgspec.json.Decoder(AnyRlmEvent | V1Record)
 # What follows a run's id in the ids of the runs below it: `-s1`, `-s1-s3`, ...
 _DESCENDANT = re.compile(r"(?:-s\d+)+")
+_TRAILING_DESCENDANT = re.compile(r"(?:-s\d+)+$")
 _encoder = msgspec.json.Encoder()
 
 
@@ -85,6 +88,9 @@ class StoredRunSummary(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: StopReason | None
     iterations: int | None
     answer: str | None
+    sub_calls: int | None = None
+    # Runs its sub-calls started, at every depth (told by their file names alone).
+    child_runs: int = 0
 
 
 def run_dir(directory: str | os.PathLike[str]) -> Path:
@@ -210,22 +216,45 @@ def _summary(path: Path) -> StoredRunSummary | None:
         started_at=started.started_at, stop_reason=result.stop_reason if result else None,
         iterations=result.iterations if result else None,
         answer=result.answer if result else None,
+        sub_calls=result.sub_calls if result else None,
     )
 
 
+def _root_of(run_id: str, present: AbstractSet[str]) -> str | None:
+    """The topmost run in present that run_id descends from (by its `-sN` suffixes)."""
+    suffix = _TRAILING_DESCENDANT.search(run_id)
+    if suffix is None:
+        return None
+    for piece in re.finditer("-s", suffix.group()):
+        parent = run_id[:suffix.start() + piece.start()]
+        if parent in present:
+            return parent
+    return None
+
+
 def list_runs(directory: str | os.PathLike[str]) -> list[StoredRunSummary]:
-    """Runs in directory, newest first; files that are not trajectories are skipped."""
+    """Root runs in directory, newest first, each with its count of child runs.
+
+    A child run's file is named after its parent's (`ID-s1`, `ID-s1-s2`, ...), so child
+    runs are counted from names alone and never opened; `read_trajectory` reads them.
+    Files that are not trajectories are skipped.
+    """
     folder = run_dir(directory)
     if not folder.is_dir():
         return []
+    paths = {path.name.removesuffix(SUFFIX): path for path in folder.glob(f"*{SUFFIX}")}
+    roots = {run_id: _root_of(run_id, paths.keys()) for run_id in paths}
+    children = collections.Counter(root for root in roots.values() if root is not None)
     runs = []
-    for path in folder.glob(f"*{SUFFIX}"):
+    for run_id, path in paths.items():
+        if roots[run_id] is not None:
+            continue
         try:
             summary = _summary(path)
         except OSError:
             continue
         if summary is not None:
-            runs.append(summary)
+            runs.append(msgspec.structs.replace(summary, child_runs=children.get(run_id, 0)))
     return sorted(runs, key=lambda run: (run.started_at, run.run_id), reverse=True)
 
 
