@@ -617,6 +617,8 @@ def test_a_trajectory_of_the_first_format_reads_as_events() -> None:
             result.folds) == ("kept across the fold", "final_var", 4, 1, 2)
     assert [step.iteration for step in result.steps] == [1, 2, 3, 4]
     assert result.agents == ["local-agent"]
+    # That format had no last_reply: the last model call's reply stands in.
+    assert result.last_reply == "FINAL_VAR(first_var)"
     text = render_trajectory(trajectory)
     for piece in ("Run rlm-20260101-120000-0a1b2c3d", "Iteration 4", "[block 1: ```bash not run]",
                   "[context folded by model: 2 turns", "[sub-call 1: 19 chars in",
