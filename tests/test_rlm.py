@@ -564,7 +564,8 @@ async def test_trajectory_file_holds_the_whole_run(harness: Harness) -> None:
     assert trajectory.finished.result == result
     text = render_trajectory(trajectory)
     for piece in ("what happened?", "Iteration 1", "Iteration 2", "r = llm_query('sub')",
-                  "[block 1: ```bash not run]", "| answer to sub", "[sub-call 1: 3 chars in",
+                  "[block 1: ```bash not run]", "| answer to sub",
+                  "[sub-call 1 from block 2: 3 chars in",
                   "Finished: final", "all done"):
         assert piece in text
     [summary] = list_runs(harness.runs_dir)

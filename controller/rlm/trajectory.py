@@ -312,7 +312,9 @@ def _iteration(events: list[AnyRlmEvent], limit: int) -> list[str]:
     calls = [e for e in events if isinstance(e, SubCallAnswered)]
     for count, call in enumerate(calls, start=1):
         child = f", child run {call.child_run_id}" if call.child_run_id else ""
-        lines.append(f"[sub-call {count}: {call.prompt_chars} chars in, {call.answer_chars} "
+        # Files written before sub-calls named their cell have block 0.
+        cell = f" from block {call.block}" if call.block else ""
+        lines.append(f"[sub-call {count}{cell}: {call.prompt_chars} chars in, {call.answer_chars} "
                      f"out, {call.latency_ms:.0f} ms, {call.tokens.total_tokens} tokens{child}]")
         if call.error:
             lines.append(f"  error: {call.error}")
