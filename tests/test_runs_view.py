@@ -281,12 +281,14 @@ async def test_dashboard_lists_root_runs_and_shows_why_a_run_has_no_answer(
     stored_run(runs, "run-dead", query="died mid-run", started_at=1.0)
     config = controller_config([], [], tmp_path)
     async with running_controller(config) as controller, aiohttp.ClientSession() as session:
-        # The page's snapshot carries stored runs as StoredRunSummary, without answers.
+        # The page's snapshot carries stored runs as StoredRunSummary, without answers. The
+        # directory is read in the background: the first snapshots may come before it.
         async with session.get(controller.base_url + "/v1/events") as response:
             async for line in response.content:
                 if line.startswith(b"data: "):
                     snapshot = json.loads(line.removeprefix(b"data: "))
-                    break
+                    if snapshot["stored_runs"]:
+                        break
         stored = {run["run_id"]: run for run in snapshot["stored_runs"]}
         assert set(stored) == {"run-root", "run-limited", "run-cancelled", "run-dead"}
         assert set(stored["run-root"]) == set(StoredRunSummary.__struct_fields__)
