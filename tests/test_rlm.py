@@ -487,6 +487,9 @@ async def test_depth_below_max_depth_makes_sub_calls_recursive_runs(harness: Har
     assert tree.events == parent.events
     assert tree.descendants == [child]
     assert parent.descendants == []
+    # Listed once, as the root with its one child run; the child is read by its id.
+    [listed] = list_runs(harness.runs_dir)
+    assert (listed.run_id, listed.child_runs, listed.sub_calls) == (result.run_id, 1, 1)
     assert result.sub_calls == 1
     assert harness.model.sub_prompts == []
 
@@ -561,7 +564,8 @@ async def test_trajectory_file_holds_the_whole_run(harness: Harness) -> None:
     assert trajectory.finished.result == result
     text = render_trajectory(trajectory)
     for piece in ("what happened?", "Iteration 1", "Iteration 2", "r = llm_query('sub')",
-                  "[block 1: ```bash not run]", "| answer to sub", "[sub-call 1: 3 chars in",
+                  "[block 1: ```bash not run]", "| answer to sub",
+                  "[sub-call 1 from block 2: 3 chars in",
                   "Finished: final", "all done"):
         assert piece in text
     [summary] = list_runs(harness.runs_dir)
@@ -614,6 +618,8 @@ def test_a_trajectory_of_the_first_format_reads_as_events() -> None:
             result.folds) == ("kept across the fold", "final_var", 4, 1, 2)
     assert [step.iteration for step in result.steps] == [1, 2, 3, 4]
     assert result.agents == ["local-agent"]
+    # That format had no last_reply: the last model call's reply stands in.
+    assert result.last_reply == "FINAL_VAR(first_var)"
     text = render_trajectory(trajectory)
     for piece in ("Run rlm-20260101-120000-0a1b2c3d", "Iteration 4", "[block 1: ```bash not run]",
                   "[context folded by model: 2 turns", "[sub-call 1: 19 chars in",

@@ -27,7 +27,7 @@ from kowalski.controller.fleet.device_table import DeviceEvent, DeviceTable
 from kowalski.controller.models.exo_connection import READY_PARTS
 from kowalski.controller.models.router import Endpoint
 from kowalski.controller.rlm.events import RlmEvent, RunFinished
-from kowalski.controller.rlm.trajectory import list_runs
+from kowalski.controller.rlm.trajectory import StoredRunSummary, list_runs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 RECONNECT_MS = 1000
 # Stored runs (from the trajectory directory) sent with each snapshot.
 STORED_RUNS = 30
+# A snapshot goes to every open page several times a second: queries are cut to this.
+QUERY_CHARS = 200
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -64,18 +66,6 @@ class InstanceView(msgspec.Struct, frozen=True, kw_only=True):
     ready: bool
 
 
-class StoredRun(msgspec.Struct, frozen=True, kw_only=True):
-    """A run found in the trajectory directory (from this or an earlier controller)."""
-
-    run_id: str
-    query: str
-    model: str
-    started_at: float
-    # None when the file has no final line: still running, or it died.
-    stop_reason: str | None
-    iterations: int | None
-
-
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     """Everything the page shows, sent as one SSE `snapshot` event."""
 
@@ -87,7 +77,9 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_interval_s: float
     # Endpoint URL -> its exo v1 instances; endpoints of other flavours are absent.
     instances: dict[str, list[InstanceView]]
-    stored_runs: list[StoredRun]
+    # Root runs from the trajectory directory: queries cut to QUERY_CHARS, answers left
+    # out (empty; None still means unfinished).
+    stored_runs: list[StoredRunSummary]
 
 
 class DashboardFeed:
@@ -110,7 +102,7 @@ class DashboardFeed:
         self._work = asyncio.Event()
         self._runs_stale = True
         self._instances: dict[str, list[InstanceView]] = {}
-        self._stored: list[StoredRun] = []
+        self._stored: list[StoredRunSummary] = []
 
     def touch(self) -> None:
         """Note a change: every stream sends a fresh snapshot soon."""
@@ -176,9 +168,11 @@ class DashboardFeed:
 
     async def _refresh_runs(self) -> None:
         found = await asyncio.to_thread(list_runs, self._state.runs.config.trajectory_dir)
-        stored = [StoredRun(run_id=run.run_id, query=run.query[:200], model=run.model,
-                            started_at=run.started_at, stop_reason=run.stop_reason,
-                            iterations=run.iterations) for run in found[:STORED_RUNS]]
+        # The page shows no answers in its table (a selected run's answer comes from its
+        # trajectory): leaving them out halves a snapshot's stored runs.
+        stored = [msgspec.structs.replace(run, query=run.query[:QUERY_CHARS],
+                                          answer=None if run.answer is None else "")
+                  for run in found[:STORED_RUNS]]
         if stored != self._stored:
             self._stored = stored
             self.touch()

@@ -27,6 +27,7 @@ from kowalski.controller.cli.exit_codes import (
 )
 from kowalski.controller.cli.live import LiveReply
 from kowalski.controller.cli.status import no_controller
+from kowalski.controller.rlm.call_tree import render_call_tree
 from kowalski.controller.rlm.events import (
     CodeExecuted,
     ContextFolded,
@@ -322,9 +323,15 @@ def runs_command(args: argparse.Namespace, config: Config, url: str = "") -> int
     directory = args.dir or config.rlm.trajectory_dir
     if args.runs_command == "list":
         for summary in list_runs(directory)[: args.limit]:
+            count = summary.child_runs
+            children = f"  ({count} child run{'' if count == 1 else 's'})" if count else ""
             print(f"{summary.run_id}  {summary.stop_reason or 'unfinished':<14} "
                   f"{summary.iterations if summary.iterations is not None else '-':>3} it  "
-                  f"{summary.query[:60]!r}")
+                  f"{summary.query[:60]!r}{children}")
+        return EXIT_OK
+    if args.tree:
+        trajectory = read_trajectory(args.run_id, directory, descendants=True)
+        print(render_call_tree(trajectory), end="")
         return EXIT_OK
     print(render_trajectory(read_trajectory(args.run_id, directory)))
     return EXIT_OK
@@ -360,6 +367,9 @@ def add_commands(commands: Any) -> None:
                          help="show at most this many runs (default: 20)")
     show = runs_commands.add_parser("show", help="print one run's trajectory")
     show.add_argument("run_id", help="a run id from `runs list`, or a trajectory file's path")
+    show.add_argument("--tree", action="store_true",
+                      help="print the run and its child runs as a call tree: iterations, "
+                           "cells, sub-calls, with where and how long each took")
     resume = runs_commands.add_parser(
         "resume", help="go on with a run that stopped unfinished or at its iteration limit",
         description="A running controller rebuilds the run's session from its trajectory "

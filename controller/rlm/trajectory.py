@@ -8,10 +8,12 @@ format (meta / iteration / final lines) are read as events too (trajectory_v1.py
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import glob
 import os
 import re
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import msgspec
@@ -51,6 +53,7 @@ _TAIL_BYTES = 1 << 16
 _decoder = msgspec.json.Decoder(AnyRlmEvent | V1Record)
 # What follows a run's id in the ids of the runs below it: `-s1`, `-s1-s3`, ...
 _DESCENDANT = re.compile(r"(?:-s\d+)+")
+_TRAILING_DESCENDANT = re.compile(r"(?:-s\d+)+$")
 _encoder = msgspec.json.Encoder()
 
 
@@ -86,6 +89,9 @@ class StoredRunSummary(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: StopReason | None
     iterations: int | None
     answer: str | None
+    sub_calls: int | None = None
+    # Runs its sub-calls started, at every depth (told by their file names alone).
+    child_runs: int = 0
 
 
 def run_dir(directory: str | os.PathLike[str]) -> Path:
@@ -211,22 +217,45 @@ def _summary(path: Path) -> StoredRunSummary | None:
         started_at=started.started_at, stop_reason=result.stop_reason if result else None,
         iterations=result.iterations if result else None,
         answer=result.answer if result else None,
+        sub_calls=result.sub_calls if result else None,
     )
 
 
+def _root_of(run_id: str, present: AbstractSet[str]) -> str | None:
+    """The topmost run in present that run_id descends from (by its `-sN` suffixes)."""
+    suffix = _TRAILING_DESCENDANT.search(run_id)
+    if suffix is None:
+        return None
+    for piece in re.finditer("-s", suffix.group()):
+        parent = run_id[:suffix.start() + piece.start()]
+        if parent in present:
+            return parent
+    return None
+
+
 def list_runs(directory: str | os.PathLike[str]) -> list[StoredRunSummary]:
-    """Runs in directory, newest first; files that are not trajectories are skipped."""
+    """Root runs in directory, newest first, each with its count of child runs.
+
+    A child run's file is named after its parent's (`ID-s1`, `ID-s1-s2`, ...), so child
+    runs are counted from names alone and never opened; `read_trajectory` reads them.
+    Files that are not trajectories are skipped.
+    """
     folder = run_dir(directory)
     if not folder.is_dir():
         return []
+    paths = {path.name.removesuffix(SUFFIX): path for path in folder.glob(f"*{SUFFIX}")}
+    roots = {run_id: _root_of(run_id, paths.keys()) for run_id in paths}
+    children = collections.Counter(root for root in roots.values() if root is not None)
     runs = []
-    for path in folder.glob(f"*{SUFFIX}"):
+    for run_id, path in paths.items():
+        if roots[run_id] is not None:
+            continue
         try:
             summary = _summary(path)
         except OSError:
             continue
         if summary is not None:
-            runs.append(summary)
+            runs.append(msgspec.structs.replace(summary, child_runs=children.get(run_id, 0)))
     return sorted(runs, key=lambda run: (run.started_at, run.run_id), reverse=True)
 
 
@@ -284,7 +313,9 @@ def _iteration(events: list[AnyRlmEvent], limit: int) -> list[str]:
     calls = [e for e in events if isinstance(e, SubCallAnswered)]
     for count, call in enumerate(calls, start=1):
         child = f", child run {call.child_run_id}" if call.child_run_id else ""
-        lines.append(f"[sub-call {count}: {call.prompt_chars} chars in, {call.answer_chars} "
+        # Files written before sub-calls named their cell have block 0.
+        cell = f" from block {call.block}" if call.block else ""
+        lines.append(f"[sub-call {count}{cell}: {call.prompt_chars} chars in, {call.answer_chars} "
                      f"out, {call.latency_ms:.0f} ms, {call.tokens.total_tokens} tokens{child}]")
         if call.error:
             lines.append(f"  error: {call.error}")

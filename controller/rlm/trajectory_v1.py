@@ -186,7 +186,9 @@ def final_event(final: V1Final, iterations: list[V1Iteration], *, depth: int,
                           code_ms=line.code_ms) for line in iterations],
         latency_ms=final.latency_ms, devices=final.devices, agents=list(agents),
         endpoints=list(endpoints), trajectory_path=path, detail=final.detail,
-        folds=sum(line.fold is not None for line in iterations), error=final.error)
+        folds=sum(line.fold is not None for line in iterations), error=final.error,
+        # The first format had no last_reply: the last model call's reply is it.
+        last_reply=iterations[-1].response if iterations else "")
     return RunFinished(run_id=final.run_id, depth=depth, result=result,
                        finished_at=final.finished_at)
 

@@ -89,20 +89,29 @@ function iteration(events) {
       finished.final_note || `${finished.final_kind.toUpperCase()}(${finished.final_value})`) : null);
 }
 
+// Stop reasons that mean the model gave its answer (the others stop without one).
+const ANSWERED = new Set(["final", "final_var", "answer_dict", "direct"]);
+
 function finalPart(final) {
   if (!final) {
     return h("article", {class: "final pending"},
       h("h3", {}, "Not finished"), h("p", {class: "sub"}, "Running, or stopped without a final record."));
   }
   const outcome = final.error ? "failed" : runOutcome(final.stop_reason);
-  return h("article", {class: "final"},
+  const answered = Boolean(final.answer) || ANSWERED.has(final.stop_reason);
+  // A run stopped at a limit, failed or cancelled has no answer: say why, and show what
+  // the model said last instead of an empty box.
+  const body = answered ? [h("pre", {class: "final-answer"}, cut(final.answer) || "(empty)")] : [
+    h("p", {class: "no-answer"}, `No answer (${final.stop_reason}); the model's last reply was:`),
+    h("pre", {class: "last-reply"}, cut(final.last_reply) || "(the model never replied)")];
+  return h("article", {class: "final", dataset: {answered: answered ? "yes" : "no"}},
     h("header", {class: "iteration-head"},
-      h("h3", {}, "Answer"), badge(outcome),
+      h("h3", {}, answered ? "Answer" : "No answer"), badge(outcome),
       h("span", {class: "sub"}, ` ${final.stop_reason} after ${final.iterations} iterations, ` +
         `${final.sub_calls} sub-calls, ${formatMs(final.latency_ms)}, ${tokens(final.tokens)}`)),
-    final.detail ? h("p", {class: "sub"}, final.detail) : null,
+    final.detail ? h("p", {class: "sub stop-detail"}, final.detail) : null,
     final.error ? h("p", {class: "error-text"}, final.error.message) : null,
-    h("pre", {class: "final-answer"}, cut(final.answer) || "(empty)"));
+    body);
 }
 
 export class TrajectoryView {

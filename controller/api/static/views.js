@@ -152,17 +152,20 @@ export function renderEndpoints(snapshot) {
   fill("endpoints", "endpoints-empty", rows);
 }
 
-/** Live runs of this controller first, then older runs from the trajectory directory. */
+/** Live runs of this controller first, then older root runs from the trajectory directory. */
 export function mergeRuns(snapshot) {
+  // Child runs are not rows of their own: a root run counts them (from the stored files).
+  const childRuns = new Map(snapshot.stored_runs.map((run) => [run.run_id, run.child_runs]));
   const live = snapshot.status.runs.map((run) => ({
     ...run, live: true, status: run.status === "running" ? "running" : runOutcome(run.stop_reason),
+    child_runs: childRuns.get(run.run_id) ?? 0,
   }));
   const known = new Set(live.map((run) => run.run_id));
   const stored = snapshot.stored_runs.filter((run) => !known.has(run.run_id)).map((run) => ({
     run_id: run.run_id, query: run.query, started_at: run.started_at,
     status: runOutcome(run.stop_reason),
-    stop_reason: run.stop_reason ?? "", iterations: run.iterations, sub_calls: null, tokens: null,
-    devices: [], live: false,
+    stop_reason: run.stop_reason ?? "", iterations: run.iterations, sub_calls: run.sub_calls,
+    tokens: null, devices: [], live: false, child_runs: run.child_runs,
   }));
   return [...live, ...stored];
 }
@@ -177,7 +180,9 @@ export function renderRuns(runs, selected, onSelect) {
   h("td", {}, h("button", {
     type: "button", class: "link mono", "aria-pressed": run.run_id === selected ? "true" : "false",
     title: "Show this run's trajectory",
-  }, run.run_id)),
+  }, run.run_id),
+  run.child_runs ? h("div", {class: "sub child-runs"},
+    `${run.child_runs} child run${run.child_runs === 1 ? "" : "s"}`) : null),
   h("td", {class: "query", title: run.query}, clip(run.query, 90)),
   h("td", {class: "run-status", dataset: {outcome: run.status}}, badge(run.status),
     run.stop_reason && run.status !== "finished" ? h("span", {class: "sub"}, ` ${run.stop_reason}`) : null),
