@@ -29,6 +29,8 @@ from kowalski.common.job_stream import TextListener, stream_job, text_listener
 from kowalski.common.messages import (
     CancelRequest,
     CellRequest,
+    CellResult,
+    CellStreamResult,
     Heartbeat,
     JobRequest,
     JobResult,
@@ -118,12 +120,16 @@ async def post_job(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     job = await read_body(request, JobRequest)
     _check_code_size(state, job.code)
+    # The session must live here: its context is copied from memory, not sent again.
+    files = None if job.session_id is None else state.sessions.context_files(
+        SessionId(job.session_id))
     if not job.stream:
-        return json_response(await state.jobs.submit(job, gone=lambda: _client_gone(request)))
+        return json_response(await state.jobs.submit(job, gone=lambda: _client_gone(request),
+                                                     files=files))
 
     def run(listener: TextListener) -> Awaitable[JobResult]:
         return state.jobs.submit(job, gone=lambda: _client_gone(request),
-                                 on_output=text_listener(listener))
+                                 on_output=text_listener(listener), files=files)
 
     return await stream_job(request, run, secret=request.app[SECRET] or None,
                             nonce=request.get(VERIFIED_NONCE), signed=True)
@@ -141,7 +147,7 @@ async def post_session(request: web.Request) -> web.Response:
     return json_response(msgspec.structs.replace(info, agent_id=state.agent_id), status=201)
 
 
-async def post_cell(request: web.Request) -> web.Response:
+async def post_cell(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     cell = await read_body(request, CellRequest)
     _check_code_size(state, cell.code)
@@ -151,8 +157,18 @@ async def post_cell(request: web.Request) -> web.Response:
     if cell.deadline is not None and cell.deadline <= time.time():
         raise CancelledJobError(f"cell {cell.cell_id!r} was not started: its deadline has "
                                 "passed")
-    result = await state.sessions.execute(_session_id(request), cell)
-    return json_response(msgspec.structs.replace(result, agent_id=state.agent_id))
+    session_id = _session_id(request)
+    if not cell.stream:
+        result = await state.sessions.execute(session_id, cell)
+        return json_response(msgspec.structs.replace(result, agent_id=state.agent_id))
+
+    async def run(listener: TextListener) -> CellResult:
+        result = await state.sessions.execute(session_id, cell, on_output=listener)
+        return msgspec.structs.replace(result, agent_id=state.agent_id)
+
+    return await stream_job(request, run, secret=request.app[SECRET] or None,
+                            nonce=request.get(VERIFIED_NONCE), signed=True,
+                            result_line=lambda result: CellStreamResult(result=result))
 
 
 async def get_variable(request: web.Request) -> web.Response:

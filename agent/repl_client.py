@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +34,11 @@ class LlmHandler(Protocol):
 
 _DRIVER = "repl_driver.py"
 _CONTEXT = "context.json"
+# The context as a job working beside the session finds it: text as is, the rest as JSON.
+CONTEXT_TEXT_FILE = "context.txt"
+CONTEXT_JSON_FILE = "context.json"
+# Hears each piece of a streamed cell's output: the stream's name and the text.
+OutputListener = Callable[[str, str], None]
 # Room on a control line beyond the output it carries: field names, flags, an error text.
 CONTROL_BUDGET_BYTES = 64 * 1024
 # llm_query() requests a session may have waiting at once; more are refused at once.
@@ -80,6 +85,9 @@ class ReplSession:
         self.message_limit = message_limit(stray_cap)
         self.output_limit_hit = False
         self._llm_in_flight = 0
+        # The context for jobs run beside the session (files by name), kept from the start.
+        self.job_files: dict[str, bytes] = {}
+        self._on_output: OutputListener | None = None
 
     def info(self, agent_id: str) -> SessionInfo:
         return SessionInfo(session_id=self.id, agent_id=agent_id, cells_run=self.cells_run,
@@ -95,6 +103,9 @@ class ReplSession:
         if context is not None:
             # Through a file, not argv or the pipe: it may be tens of MB.
             files[_CONTEXT] = await asyncio.to_thread(msgspec.json.encode, context)
+            self.job_files = (
+                {CONTEXT_TEXT_FILE: context.encode(errors="replace")}
+                if isinstance(context, str) else {CONTEXT_JSON_FILE: files[_CONTEXT]})
         request_read, request_write = os.pipe()
         reply_read, reply_write = os.pipe()
         pipe = asyncio.subprocess.PIPE
@@ -153,16 +164,28 @@ class ReplSession:
         return await asyncio.shield(self._pending)
 
     async def run_cell(self, cell_id: str, code: str, *, timeout_s: float, cap: int,
-                       grace_s: float) -> tuple[dict[str, Any], bool]:
-        """The driver's reply, and whether the session had to be killed at the time limit."""
+                       grace_s: float, on_output: OutputListener | None = None
+                       ) -> tuple[dict[str, Any], bool]:
+        """The driver's reply, and whether the session had to be killed at the time limit.
+
+        With on_output the cell's output is passed on while it runs (within cap).
+        """
         self.check()
         self._seq += 1
         seq = self._seq
         for buffer in self._stray.values():
             buffer.clear()
+        self._on_output = on_output
         reply = asyncio.ensure_future(self._call(
             {"op": "exec", "seq": seq, "cell_id": cell_id, "code": code,
-             "max_output_bytes": cap}))
+             "max_output_bytes": cap, "stream": on_output is not None}))
+        try:
+            return await self._await_cell(reply, seq, cap, timeout_s, grace_s)
+        finally:
+            self._on_output = None
+
+    async def _await_cell(self, reply: asyncio.Future[dict[str, Any]], seq: int, cap: int,
+                          timeout_s: float, grace_s: float) -> tuple[dict[str, Any], bool]:
         try:
             done, _ = await asyncio.wait({reply}, timeout=timeout_s)
             if not done:
@@ -217,6 +240,8 @@ class ReplSession:
                     raise ValueError(f"a {type(message).__name__} where an object belongs")
                 if message.get("op") == "llm":
                     self._llm_request(message)
+                elif message.get("op") == "output":
+                    self._output(message)
                 elif self._pending is not None and not self._pending.done():
                     self._pending.set_result(message)
         except asyncio.IncompleteReadError:
@@ -227,6 +252,13 @@ class ReplSession:
         except ValueError as exc:
             reason = f"its control pipe carried garbage ({str(exc)[:200]})"
         await self._ended(reason)
+
+    def _output(self, message: dict[str, Any]) -> None:
+        listener = self._on_output
+        stream, data = message.get("stream"), message.get("data")
+        if (listener is not None and message.get("seq") == self._seq
+                and stream in ("stdout", "stderr") and isinstance(data, str)):
+            listener(stream, data)
 
     def _llm_request(self, message: dict[str, Any]) -> None:
         if self._llm_in_flight >= _MAX_LLM_IN_FLIGHT:

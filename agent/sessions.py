@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from kowalski.agent.repl_client import LlmHandler, ReplSession
+from kowalski.agent.repl_client import LlmHandler, OutputListener, ReplSession
 from kowalski.agent.sandbox import OUTPUT_LIMIT, Sandbox
 from kowalski.common.errors import (
     BusyError,
@@ -53,6 +53,11 @@ class SessionManager:
         # Lost sessions stay until they expire, so their users learn why.
         self._sessions: dict[SessionId, ReplSession] = {}
         self._closed = False
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """Where the sessions run; jobs beside them run there too."""
+        return self._sandbox
 
     def __len__(self) -> int:
         return sum(1 for session in self._sessions.values() if not session.lost)
@@ -114,8 +119,16 @@ class SessionManager:
         session.check()
         return session
 
-    async def execute(self, session_id: SessionId, request: CellRequest) -> CellResult:
-        """Run a cell; a repeated cell id returns the first result without running again."""
+    def context_files(self, session_id: SessionId) -> dict[str, bytes]:
+        """The session's context as files for a job beside it (none when it has none)."""
+        return self._get(session_id).job_files
+
+    async def execute(self, session_id: SessionId, request: CellRequest, *,
+                      on_output: OutputListener | None = None) -> CellResult:
+        """Run a cell; a repeated cell id returns the first result without running again.
+
+        With on_output its output is passed on as it comes; a repeated id streams nothing.
+        """
         session = self._get(session_id)
         async with session.lock:
             cached = session.cells.get(request.cell_id)
@@ -126,7 +139,7 @@ class SessionManager:
             started = time.monotonic()
             reply, killed = await session.run_cell(
                 request.cell_id, request.code, timeout_s=timeout_ms / 1000, grace_s=self._grace_s,
-                cap=self._sandbox.output_cap(request.max_output_bytes))
+                cap=self._sandbox.output_cap(request.max_output_bytes), on_output=on_output)
             result = _cell_result(session.id, request.cell_id, reply, killed, timeout_ms,
                                   (time.monotonic() - started) * 1000, self._agent_id)
             session.cells[request.cell_id] = result

@@ -12,6 +12,7 @@ import msgspec
 from msgspec import Meta
 
 from kowalski.common.errors import ConfigError, ConfigFileError
+from kowalski.common.messages import LANGUAGES, Language
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -178,6 +179,8 @@ class RlmConfig(_Section, frozen=True):
     # How the system prompt teaches the model to end a run: FINAL(...) lines, or the
     # REPL's `answer` dict; the loop accepts both either way.
     final_protocol: Literal["final", "answer_dict"] = "final"
+    # Languages whose blocks run: Python in the session, the rest as jobs beside it.
+    languages: list[Language] = msgspec.field(default_factory=lambda: list(LANGUAGES))
 
 
 class SecurityConfig(_Section, frozen=True):

@@ -114,6 +114,8 @@ KEYS: dict[str, str] = {
     "rlm.sub_model": "Model answering llm_query sub-calls (the leaves); empty: the run's model.",
     "rlm.final_protocol": ("How the system prompt teaches ending a run: \"final\" (FINAL lines) "
                            "or \"answer_dict\" (the REPL's answer dict); both are accepted."),
+    "rlm.languages": ("Languages whose code blocks run: Python in the run's session, the others "
+                      "as one-shot jobs on its agent; blocks in the rest get a note."),
     "security.secret_file": "Shared HMAC secret (chmod 600); KOWALSKI_SECRET(_FILE) win.",
     "security.allow_unsigned": "Accept unsigned requests: only for a single trusted host.",
     "security.clock_skew_s": "How far a signed request's clock may be off.",
@@ -173,6 +175,9 @@ def render_markdown() -> str:
     def type_text(kind: inspect.Type) -> str:
         if isinstance(kind, inspect.LiteralType):
             return "one of " + ", ".join(f'`"{value}"`' for value in kind.values)
+        if isinstance(kind, inspect.ListType) and isinstance(kind.item_type,
+                                                             inspect.LiteralType):
+            return "list of " + ", ".join(f'`"{value}"`' for value in kind.item_type.values)
         if isinstance(kind, inspect.ListType):
             return f"list of {type_text(kind.item_type)}s"
         if isinstance(kind, inspect.IntType | inspect.FloatType):
@@ -195,7 +200,10 @@ def render_markdown() -> str:
 
     def default_text(field: inspect.Field) -> str:
         value = field.default_factory() if field.default is msgspec.NODEFAULT else field.default
-        text = f"`{tomli_w.dumps({'key': value}).strip().removeprefix('key = ')}`"
+        dumped = tomli_w.dumps({'key': value}).strip().removeprefix('key = ')
+        # tomli_w puts a list's items on lines of their own; a table cell needs one line.
+        one_line = " ".join(line.strip() for line in dumped.splitlines())
+        text = f"`{one_line.replace('[ ', '[').replace(', ]', ']')}`"
         if field.name.endswith("_bytes") and value >= 1024 * 1024:
             text += f" ({value / (1024 * 1024):g} MiB)"
         return text

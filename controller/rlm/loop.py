@@ -1,7 +1,8 @@
 """The Recursive Language Model loop: a model writes code against `context` until FINAL.
 
 A run keeps the context as the variable `context` in a persistent Python session on an
-agent. Each iteration the model replies; its ```repl blocks run in order and what they
+agent. Each iteration the model replies; its ```repl blocks run in order (blocks in the other
+enabled languages run as jobs beside the session, `controller/rlm/blocks.py`) and what they
 print goes back as the next user message. Code may call llm_query / llm_query_batched,
 which the session relays to `RlmRun.answer_sub_calls`. The run ends at FINAL(answer) or
 FINAL_VAR(name) starting a line outside code (read after that reply's code ran), at the
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from kowalski.common.code_blocks import CodeBlock, extract_code_blocks
+from kowalski.common.code_blocks import extract_code_blocks
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ContextSizeExceededError, KowalskiError
 from kowalski.common.messages import WireError
@@ -31,16 +32,15 @@ from kowalski.controller.models.chat_types import (
     ChatResult,
 )
 from kowalski.controller.rlm import final, prompts
+from kowalski.controller.rlm.blocks import BlockRunner
 from kowalski.controller.rlm.events import (
-    CodeExecuted,
+    LIVE_ONLY,
     CodeSession,
-    CodeSkipped,
     ContextFolded,
     IterationFinished,
     IterationStarted,
     ModelReplied,
     Observer,
-    ReplyDelta,
     RlmEvent,
     RlmResult,
     RunFinished,
@@ -105,7 +105,6 @@ class RlmRun:
         self._messages: list[ChatMessage] = []
         # (tokens the server counted for messages[:count], count), from the last reply.
         self._known: tuple[int, int] | None = None
-        self._cells: list[str] = []
         self._steps: list[StepTiming] = []
         self._folds = 0
         self._last_reply = ""
@@ -113,13 +112,15 @@ class RlmRun:
         # model reports 0 iterations.
         self._replied = 0
         self._session: CodeSession | None = None
-        self._answered: Stop | None = None  # set by a cell that made answer["ready"] true
         self._started = False
         self._ledger = RunLedger()
         self._subs = SubCalls(
             run_id=self.run_id, depth=depth, config=self.config, backend=backend,
             ledger=self._ledger, emit=self._emit, run_child=self._run_child,
             temperature=temperature)
+        self._blocks = BlockRunner(
+            run_id=self.run_id, depth=depth, config=self.config, emit=self._emit,
+            subs=self._subs, ledger=self._ledger, cell_timeout_ms=cell_timeout_ms)
 
     # --- bookkeeping ------------------------------------------------------------------------
 
@@ -131,8 +132,8 @@ class RlmRun:
     async def _emit(self, event: RlmEvent) -> None:
         """Store the event in the trajectory, then tell the observer."""
         # The file must hold the run's end even when the run is being cancelled. Streamed
-        # pieces are live only: the ModelReplied after them stores the whole reply.
-        if not isinstance(event, ReplyDelta):
+        # pieces are live only: the ModelReplied or CodeExecuted after them stores the whole.
+        if not isinstance(event, LIVE_ONLY):
             await asyncio.shield(self._writer.write(event))
         if self._observer is None:
             return
@@ -165,7 +166,7 @@ class RlmRun:
         system = prompts.system_prompt(
             info, output_chars=self.config.max_output_chars,
             sub_chars=max_prompt_chars(self.config), recursive_sub_calls=recursive,
-            protocol=self.config.final_protocol)
+            protocol=self.config.final_protocol, languages=self.config.languages)
         task = prompts.task_prompt(self.query)
         self._messages = [ChatMessage(role="system", content=system),
                           ChatMessage(role="user", content=task)]
@@ -256,7 +257,8 @@ class RlmRun:
             return None
         folded = await fold(
             self._messages, backend=self._backend, model=self.model,
-            keep_last_turns=self.config.keep_last_turns, variable_names=names_in(self._cells),
+            keep_last_turns=self.config.keep_last_turns,
+            variable_names=names_in(self._blocks.cells),
             window_tokens=window, threshold=threshold, tokens=tokens)
         if folded.method == "none":
             return
@@ -270,36 +272,6 @@ class RlmRun:
             method=folded.method, folded_turns=folded.folded_turns, tokens_before=tokens,
             tokens_after=folded.tokens_after, summary=folded.summary, error=folded.error))
 
-    async def _run_blocks(self, blocks: list[CodeBlock]) -> list[str]:
-        """Run the Python blocks in order; the feedback for each block, run or not."""
-        assert self._session is not None
-        iteration = self._ledger.iteration
-        feedback: list[str] = []
-        for number, block in enumerate(blocks, start=1):
-            if not (block.fenced and block.language == "python"):
-                feedback.append(prompts.skipped_block_note(number, block))
-                await self._emit(CodeSkipped(
-                    run_id=self.run_id, depth=self.depth, iteration=iteration, block=number,
-                    language=block.raw_language, code=block.code))
-                continue
-            started = time.monotonic()
-            with self._subs.cell():
-                result = await self._session.execute(block.code,
-                                                     timeout_ms=self._cell_timeout_ms)
-            wall_ms = (time.monotonic() - started) * 1000
-            self._answered = self._answered or final.answer_stop(result)
-            self._cells.append(block.code)
-            device = result.agent_id or self._session.device_id
-            self._ledger.note_agent(self._session.device_id)
-            output = prompts.format_output(result, self.config.max_output_chars)
-            title = "REPL output" if len(blocks) == 1 else f"REPL output of block {number}"
-            feedback.append(f"{title}:\n{output}")
-            await self._emit(CodeExecuted(
-                run_id=self.run_id, depth=self.depth, iteration=iteration, block=number,
-                code=block.code, status=result.status, output=output, wall_time_ms=wall_ms,
-                device_id=device, language=block.raw_language))
-        return feedback
-
     async def _turn(self, iteration: int, phase: Literal["turn", "final_request"]
                     ) -> Stop | None:
         """One model call and, in a normal turn, its code; the stop it makes, if any."""
@@ -312,14 +284,14 @@ class RlmRun:
         blocks = extract_code_blocks(result.text)
         code_started = time.monotonic()
         # The extra request at the limit asks for an answer only: its code is not run.
-        feedback = (await self._run_blocks(blocks) if phase == "turn"
+        assert self._session is not None
+        feedback = (await self._blocks.run(self._session, blocks) if phase == "turn"
                     or self.config.final_protocol == "answer_dict" else [])
         marker = final.find_final(result.text, blocks)
         stop, note = None, ""
         if marker is not None:
-            assert self._session is not None
             stop, note = await final.resolve(marker, self._session)
-        stop = stop or self._answered
+        stop = stop or self._blocks.answered
         code_ms = (time.monotonic() - code_started) * 1000
         message = ""
         limit = self.config.max_iterations

@@ -15,7 +15,7 @@ from msgspec import Meta
 
 from kowalski.common.config import RlmConfig
 from kowalski.common.errors import ContextSizeExceededError, ParseError
-from kowalski.common.messages import LlmCallback, WireError
+from kowalski.common.messages import Language, LlmCallback, WireError
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.fleet.sessions import RemoteSession
 from kowalski.controller.models.chat_types import ChatBackend
@@ -72,6 +72,8 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_depth: Annotated[int, Meta(ge=0)] | None = None
     token_budget: Annotated[int, Meta(gt=0)] | None = None
     run_timeout_s: Annotated[float, Meta(gt=0)] | None = None
+    # Languages whose blocks run (empty: rlm.languages); only ones the controller enables.
+    languages: list[Language] = msgspec.field(default_factory=list)
     # Stream events as NDJSON while the run goes, then the result.
     stream: bool = False
 
@@ -189,6 +191,12 @@ class RunRegistry:
         ) if value is not None}
         if request.sub_model:
             changes["sub_model"] = request.sub_model
+        if request.languages:
+            refused = [name for name in request.languages if name not in self.config.languages]
+            if refused:
+                raise ParseError(f"languages {', '.join(refused)} are not enabled on this "
+                                 f"controller (rlm.languages = {self.config.languages})")
+            changes["languages"] = list(dict.fromkeys(request.languages))
         return msgspec.structs.replace(self.config, **changes) if changes else self.config
 
     def _check_context(self, context: Any) -> None:
