@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -165,3 +168,26 @@ async def test_a_run_cannot_enable_a_language_the_controller_leaves_off(
     assert "languages bash are not enabled on this controller" in message
     assert "rlm.languages" in message
     assert exo.app[STANDIN].counts["/v1/chat/completions"] == 0
+
+
+async def test_ctl_run_prints_a_cells_output_while_it_runs(controller: Controller) -> None:
+    PLAN[:] = ["```repl\nimport time\nprint('tick-one', flush=True)\ntime.sleep(2)\n"
+               "print('tick-two')\nprint('py=1')\n```"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kowalski.controller", "run", "tick", "--url",
+        controller.base_url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    seen: list[tuple[float, str]] = []
+    async with asyncio.timeout(60):
+        while line := await process.stdout.readline():
+            seen.append((time.monotonic(), line.decode()))
+    assert await process.wait() == 0, await process.stderr.read() if process.stderr else ""
+    text = "".join(line for _, line in seen)
+    first = next(at for at, line in seen if "│ tick-one" in line)
+    second = next(at for at, line in seen if "│ tick-two" in line)
+    # Line-based output too: the first line was printed while the cell slept.
+    assert second - first > 1.5, text
+    # Printed once as it came, not again with the block's result.
+    assert text.count("│ tick-one") == 1, text
+    assert "▶ block 1 (python) running:" in text
+    assert "=== answer (final) ===\npy=1\n" in text
