@@ -67,7 +67,7 @@ def wire_schemas() -> dict[str, Any]:
         messages.CancelRequest, messages.CancelResult,
         runs.RunRequest, openai_front.CompletionBody, status.Status, status.DeviceStatus,
         runs.LiveRunSummary, trajectory.StoredRunSummary, trajectory.Trajectory,
-        messages.JobStreamLine,
+        messages.JobStreamLine, messages.CellStreamLine,
         rlm_events.RlmResult, dashboard.Snapshot, runs.RunStreamLine, rlm_events.AnyRlmEvent,
     ]
     schemas, components = msgspec.json.schema_components(
@@ -75,6 +75,10 @@ def wire_schemas() -> dict[str, Any]:
     components["JobStreamLine"] = {
         "title": "JobStreamLine",
         "description": "One line of a streamed job: output, then its result or error.",
+        **schemas[-6]}
+    components["CellStreamLine"] = {
+        "title": "CellStreamLine",
+        "description": "One line of a streamed cell: output, then its result or error.",
         **schemas[-5]}
     components["RlmEvent"] = {"title": "RlmEvent",
                               "description": "One line of a streamed run, before its result.",

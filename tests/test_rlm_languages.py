@@ -191,3 +191,14 @@ async def test_ctl_run_prints_a_cells_output_while_it_runs(controller: Controlle
     assert text.count("│ tick-one") == 1, text
     assert "▶ block 1 (python) running:" in text
     assert "=== answer (final) ===\npy=1\n" in text
+
+
+async def test_the_controller_refuses_jobs_that_name_a_session(controller: Controller) -> None:
+    async with aiohttp.ClientSession() as session, session.post(
+        controller.base_url + "/v1/jobs",
+        json={"job_id": "peek", "language": "bash", "code": "cat context.txt",
+              "session_id": "someone-elses"},
+    ) as response:
+        assert response.status == 400
+        message = (await response.json())["error"]["message"]
+    assert "session_id is for jobs of the controller's own RLM runs" in message
