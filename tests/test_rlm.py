@@ -374,6 +374,16 @@ async def test_bash_block_runs_as_a_job_reading_the_context_file(harness: Harnes
     assert "".join(e.text for e in live).startswith("11\n")
 
 
+async def test_a_cell_printing_many_lines_streams_them_in_few_events(harness: Harness) -> None:
+    harness.model.script("", repl("for i in range(3000):\n    print(i)"), "FINAL(ok)")
+    result = await harness.new_run("q", "c", max_output_chars=100_000).run()
+    assert result.answer == "ok"
+    live = [e for e in harness.events if isinstance(e, CellOutput)]
+    # 6000 writes (each number, then its newline), sent on as they queued up.
+    assert "".join(e.text for e in live) == "".join(f"{i}\n" for i in range(3000))
+    assert len(live) < 3000, len(live)
+
+
 async def test_a_list_context_is_json_for_jobs(harness: Harness) -> None:
     harness.model.script(
         "", "```bash\ncat context.json; test -e context.txt || echo no-text\n```", "FINAL(ok)")

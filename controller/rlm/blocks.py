@@ -105,10 +105,19 @@ class BlockRunner:
         pieces: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
 
         async def pump() -> None:
-            while (piece := await pieces.get()) is not None:
-                await self._emit(CellOutput(
-                    run_id=self._run_id, depth=self._depth, iteration=iteration, block=block,
-                    language=language, stream=piece[0], text=piece[1]))
+            while True:
+                # Pieces that queued up while the last event went out go as one per stream
+                # run: a cell printing many short lines makes few events.
+                batch = [await pieces.get()]
+                while not pieces.empty():
+                    batch.append(pieces.get_nowait())
+                ended = None in batch
+                for stream, text in _merged([p for p in batch if p is not None]):
+                    await self._emit(CellOutput(
+                        run_id=self._run_id, depth=self._depth, iteration=iteration,
+                        block=block, language=language, stream=stream, text=text))
+                if ended:
+                    return
 
         pumping = asyncio.create_task(pump())
         try:
@@ -121,3 +130,14 @@ class BlockRunner:
         pieces.put_nowait(None)
         await pumping
         return result
+
+
+def _merged(pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Consecutive pieces of the same stream joined, in order."""
+    merged: list[tuple[str, str]] = []
+    for stream, text in pieces:
+        if merged and merged[-1][0] == stream:
+            merged[-1] = (stream, merged[-1][1] + text)
+        else:
+            merged.append((stream, text))
+    return merged
