@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from controller_env import controller_config, running_controller
+from controller_env import controller_config, healthy_ids, running_controller
 from exo_standin import STANDIN
 from procs import AgentProcess
 
@@ -202,3 +202,30 @@ async def test_the_controller_refuses_jobs_that_name_a_session(controller: Contr
         assert response.status == 400
         message = (await response.json())["error"]["message"]
     assert "session_id is for jobs of the controller's own RLM runs" in message
+
+
+async def test_a_block_in_a_language_the_agent_lacks_is_feedback_not_the_end(
+    exo: Any, tmp_path: Path,
+) -> None:
+    # A java that fails its probe: the agent starts and does not offer Java.
+    broken = tmp_path / "broken-java"
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(0o755)
+    agent = await AgentProcess(tmp_path, name="nojava",
+                               sandbox={"java_path": str(broken)}).start()
+    try:
+        config = controller_config([agent], [str(exo.make_url("")).rstrip("/")], tmp_path)
+        async with running_controller(config) as running:
+            assert await running.cluster.wait_for(
+                lambda t: len(healthy_ids(t)) == 1, timeout_s=15), running.cluster.table
+            await running.router.first_probes()
+            assert "java" not in _offered(running)
+            PLAN[:] = [f"{JAVA}\n{PYTHON}"]
+            lines = await _streamed_run(running, {"query": "count", "context": CONTEXT})
+    finally:
+        await agent.stop()
+    assert lines[-1]["result"]["answer"] == f"py={LINES}"
+    [java] = [line for line in lines if line["kind"] == "code_executed"
+              and line["ran_as"] == "java"]
+    assert java["status"] == "failed"
+    assert "language 'java' is not supported here" in java["output"]

@@ -17,8 +17,14 @@ from typing import TypeVar
 
 from kowalski.common.code_blocks import CodeBlock
 from kowalski.common.config import RlmConfig
+from kowalski.common.errors import (
+    KowalskiError,
+    ParseError,
+    RemoteError,
+    UnsupportedLanguageError,
+)
 from kowalski.common.job_stream import TextListener
-from kowalski.common.messages import CellResult, JobResult, Language
+from kowalski.common.messages import CellResult, JobId, JobResult, Language, WireError
 from kowalski.controller.rlm import final, prompts
 from kowalski.controller.rlm.events import (
     CellOutput,
@@ -34,6 +40,8 @@ from kowalski.controller.rlm.subcalls import SubCalls
 __all__ = ["BlockRunner"]
 
 R = TypeVar("R")
+# Refusals of one block by the agent: told to the model, not the end of the run.
+_REFUSED_JOB_CODES = frozenset({UnsupportedLanguageError.code, ParseError.code})
 
 
 class BlockRunner:
@@ -96,8 +104,17 @@ class BlockRunner:
             with self._subs.cell():
                 return await session.execute(code, timeout_ms=self._timeout_ms,
                                              on_output=listener)
-        return await session.run_job(language, code, timeout_ms=self._timeout_ms,
-                                     on_output=listener)
+        try:
+            return await session.run_job(language, code, timeout_ms=self._timeout_ms,
+                                         on_output=listener)
+        except KowalskiError as exc:
+            code_name = exc.remote_code if isinstance(exc, RemoteError) else exc.code
+            if code_name not in _REFUSED_JOB_CODES:
+                raise
+            # The agent will not take this block (a language it lacks, code too large):
+            # the model hears why and the run goes on, as after code that failed.
+            return JobResult(job_id=JobId(""), status="failed", exit_code=None, stdout="",
+                             stderr="", error=WireError(code=code_name, message=exc.message))
 
     async def _streamed(self, call: Callable[[TextListener], Awaitable[R]], iteration: int,
                         block: int, language: str) -> R:
