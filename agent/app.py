@@ -29,6 +29,8 @@ from kowalski.common.job_stream import TextListener, stream_job, text_listener
 from kowalski.common.messages import (
     CancelRequest,
     CellRequest,
+    CellResult,
+    CellStreamResult,
     Heartbeat,
     JobRequest,
     JobResult,
@@ -119,12 +121,16 @@ async def post_job(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     job = await read_body(request, JobRequest)
     _check_code_size(state, job.code)
+    # The session must live here: its context is copied from its own, not sent again.
+    files = None if job.session_id is None else await state.sessions.context_files(
+        SessionId(job.session_id))
     if not job.stream:
-        return json_response(await state.jobs.submit(job, gone=lambda: _client_gone(request)))
+        return json_response(await state.jobs.submit(job, gone=lambda: _client_gone(request),
+                                                     files=files))
 
     def run(listener: TextListener) -> Awaitable[JobResult]:
         return state.jobs.submit(job, gone=lambda: _client_gone(request),
-                                 on_output=text_listener(listener))
+                                 on_output=text_listener(listener), files=files)
 
     return await stream_job(request, run, secret=request.app[SECRET] or None,
                             nonce=request.get(VERIFIED_NONCE), signed=True)
@@ -157,16 +163,29 @@ def _check_cell_wanted(state: AgentState, cell: CellRequest,
                                 "passed")
 
 
-async def post_cell(request: web.Request) -> web.Response:
+async def post_cell(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     cell = await read_body(request, CellRequest)
     _check_code_size(state, cell.code)
     _check_cell_wanted(state, cell)
-    # Again once the cells before it in the session are done: it may have waited long.
-    result = await state.sessions.execute(
-        _session_id(request), cell,
-        still_wanted=lambda: _check_cell_wanted(state, cell, lambda: _client_gone(request)))
-    return json_response(msgspec.structs.replace(result, agent_id=state.agent_id))
+    session_id = _session_id(request)
+
+    def still_wanted() -> None:
+        # Again once the cells before it in the session are done: it may have waited long.
+        _check_cell_wanted(state, cell, lambda: _client_gone(request))
+
+    if not cell.stream:
+        result = await state.sessions.execute(session_id, cell, still_wanted=still_wanted)
+        return json_response(msgspec.structs.replace(result, agent_id=state.agent_id))
+
+    async def run(listener: TextListener) -> CellResult:
+        result = await state.sessions.execute(session_id, cell, on_output=listener,
+                                              still_wanted=still_wanted)
+        return msgspec.structs.replace(result, agent_id=state.agent_id)
+
+    return await stream_job(request, run, secret=request.app[SECRET] or None,
+                            nonce=request.get(VERIFIED_NONCE), signed=True,
+                            result_line=lambda result: CellStreamResult(result=result))
 
 
 async def get_variable(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -50,6 +51,20 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             pending.append(child)
     return found
+
+
+def read_back(path: Path, size: int) -> bytes:
+    """A file the agent wrote into a work dir, read back: the job owns that directory.
+
+    Never through a link, never a pipe or a device, never a file of another size than the
+    one written (blocking I/O).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_size != size:
+            raise ValueError(f"{path.name} is no longer the file written there")
+        return file.read(size)
 
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,16 +22,14 @@ log = logging.getLogger(__name__)
 _CANCELLED_KEPT = 65_536
 
 
-# Told each piece of a job's output as it arrives: the stream's name and the bytes.
-
-
 class JobSandbox(Protocol):
-    async def run_job(self, request: JobRequest, *,
-                      on_output: OutputListener | None = None) -> JobResult: ...
+    async def run_job(self, request: JobRequest, *, on_output: OutputListener | None = None,
+                      extra_files: Mapping[str, bytes] | None = None) -> JobResult: ...
 
 
 def _fingerprint(request: JobRequest) -> str:
-    return hashlib.sha256(f"{request.language}\0{request.code}".encode()).hexdigest()
+    return hashlib.sha256(
+        f"{request.language}\0{request.session_id or ''}\0{request.code}".encode()).hexdigest()
 
 
 def _never_gone() -> bool:
@@ -92,8 +90,12 @@ class JobRunner:
         return len(self._live) - len(self._running)
 
     async def submit(self, request: JobRequest, *, gone: Callable[[], bool] = _never_gone,
-                     on_output: OutputListener | None = None) -> JobResult:
-        """Run a job, or join the run already under way for its id (on_output hears it)."""
+                     on_output: OutputListener | None = None,
+                     files: Mapping[str, bytes] | None = None) -> JobResult:
+        """Run a job, or join the run already under way for its id (on_output hears it).
+
+        files go into the job's working directory beside its program.
+        """
         fingerprint = _fingerprint(request)
         if request.job_id in self._done:
             known, result = self._done[request.job_id]
@@ -112,7 +114,8 @@ class JobRunner:
                     f"agent is running {len(self._running)} jobs with {self.queued} queued",
                     retry_after_s=1.0,
                 )
-            task = asyncio.create_task(self._run(request), name=f"job-{request.job_id}")
+            task = asyncio.create_task(self._run(request, files or {}),
+                                       name=f"job-{request.job_id}")
             live = self._live[request.job_id] = LiveJob(fingerprint=fingerprint, task=task)
         live.waiters.append(waiter)
         if on_output is not None:
@@ -154,7 +157,7 @@ class JobRunner:
             return "its deadline has passed"
         return None
 
-    async def _run(self, request: JobRequest) -> JobResult:
+    async def _run(self, request: JobRequest, files: Mapping[str, bytes]) -> JobResult:
         try:
             async with self._slots:
                 # The last look before starting: a controller may have moved the job while
@@ -168,7 +171,8 @@ class JobRunner:
                 self._running.add(request.job_id)
                 try:
                     listening = self._live[request.job_id]
-                    result = await self._sandbox.run_job(request, on_output=listening.tell)
+                    result = await self._sandbox.run_job(request, on_output=listening.tell,
+                                                         extra_files=files)
                 finally:
                     self._running.discard(request.job_id)
             result = msgspec.structs.replace(result, agent_id=self._agent_id)

@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import msgspec
 
 from kowalski.agent.jail import SandboxedProcess
+from kowalski.agent.kept_context import KeptContext
 from kowalski.agent.sandbox import Sandbox
 from kowalski.common.errors import ExecutionError, SessionLostError
 from kowalski.common.messages import CellResult, LlmCallback, SessionId, SessionInfo
@@ -35,6 +36,8 @@ _DRIVER = "repl_driver.py"
 _CONTEXT = "context.json"
 # A warm session's context up to this many characters is written without a thread.
 _INLINE_CONTEXT_CHARS = 64 * 1024
+# Hears each piece of a streamed cell's output: the stream's name and the text.
+OutputListener = Callable[[str, str], None]
 # Room on a control line beyond the output it carries: field names, flags, an error text.
 CONTROL_BUDGET_BYTES = 64 * 1024
 # llm_query() requests a session may have waiting at once; more are refused at once.
@@ -83,6 +86,9 @@ class ReplSession:
         self.message_limit = message_limit(stray_cap)
         self.output_limit_hit = False
         self._llm_in_flight = 0
+        # The context for jobs run beside the session, kept on disk, not in memory.
+        self._kept = KeptContext()
+        self._on_output: OutputListener | None = None
 
     def info(self, agent_id: str) -> SessionInfo:
         return SessionInfo(session_id=self.id, agent_id=agent_id, cells_run=self.cells_run,
@@ -127,6 +133,9 @@ class ReplSession:
         self._spawn(self._read_replies(reader))
         self._spawn(self._collect(process.stdout, "stdout"))
         self._spawn(self._collect(process.stderr, "stderr"))
+        if context is not None:
+            await asyncio.to_thread(self._kept.keep, self._process.workdir, _CONTEXT, context,
+                                    len(files[_CONTEXT]))
         await self._init(_CONTEXT in files, timeout_s)
 
     async def adopt(self, session_id: SessionId, callback: LlmCallback | None, context: Any,
@@ -141,7 +150,9 @@ class ReplSession:
             process = self._process
 
             def write() -> None:
-                process.add_file(_CONTEXT, msgspec.json.encode(context))
+                data = msgspec.json.encode(context)
+                process.add_file(_CONTEXT, data)
+                self._kept.keep(process.workdir, _CONTEXT, context, len(data))
 
             try:
                 # The same file as start() writes, so a large context takes the same path;
@@ -155,6 +166,10 @@ class ReplSession:
                                      f"{exc.strerror or exc}") from None
         await self._init(context is not None, timeout_s)
         self.last_used = time.monotonic()
+
+    async def job_files(self) -> dict[str, bytes]:
+        """The context as files for a job beside the session: context.txt or context.json."""
+        return await self._kept.files(self.id)
 
     async def _init(self, has_context: bool, timeout_s: float) -> None:
         init = {"op": "init", "llm": self.callback is not None,
@@ -186,16 +201,28 @@ class ReplSession:
         return await asyncio.shield(self._pending)
 
     async def run_cell(self, cell_id: str, code: str, *, timeout_s: float, cap: int,
-                       grace_s: float) -> tuple[dict[str, Any], bool]:
-        """The driver's reply, and whether the session had to be killed at the time limit."""
+                       grace_s: float, on_output: OutputListener | None = None
+                       ) -> tuple[dict[str, Any], bool]:
+        """The driver's reply, and whether the session had to be killed at the time limit.
+
+        With on_output the cell's output is passed on while it runs (within cap).
+        """
         self.check()
         self._seq += 1
         seq = self._seq
         for buffer in self._stray.values():
             buffer.clear()
+        self._on_output = on_output
         reply = asyncio.ensure_future(self._call(
             {"op": "exec", "seq": seq, "cell_id": cell_id, "code": code,
-             "max_output_bytes": cap}))
+             "max_output_bytes": cap, "stream": on_output is not None}))
+        try:
+            return await self._await_cell(reply, seq, cap, timeout_s, grace_s)
+        finally:
+            self._on_output = None
+
+    async def _await_cell(self, reply: asyncio.Future[dict[str, Any]], seq: int, cap: int,
+                          timeout_s: float, grace_s: float) -> tuple[dict[str, Any], bool]:
         try:
             done, _ = await asyncio.wait({reply}, timeout=timeout_s)
             if not done:
@@ -250,6 +277,8 @@ class ReplSession:
                     raise ValueError(f"a {type(message).__name__} where an object belongs")
                 if message.get("op") == "llm":
                     self._llm_request(message)
+                elif message.get("op") == "output":
+                    self._output(message)
                 elif self._pending is not None and not self._pending.done():
                     self._pending.set_result(message)
         except asyncio.IncompleteReadError:
@@ -260,6 +289,13 @@ class ReplSession:
         except ValueError as exc:
             reason = f"its control pipe carried garbage ({str(exc)[:200]})"
         await self._ended(reason)
+
+    def _output(self, message: dict[str, Any]) -> None:
+        listener = self._on_output
+        stream, data = message.get("stream"), message.get("data")
+        if (listener is not None and message.get("seq") == self._seq
+                and stream in ("stdout", "stderr") and isinstance(data, str)):
+            listener(stream, data)
 
     def _llm_request(self, message: dict[str, Any]) -> None:
         if self._llm_in_flight >= _MAX_LLM_IN_FLIGHT:
@@ -327,6 +363,7 @@ class ReplSession:
                 task.cancel()
         if self._process is not None:
             await self._process.release()
+            await self._kept.drop()
         # Only now: whoever waits for the reply learns of the loss once nothing is left.
         if self._pending is not None and not self._pending.done():
             self._pending.set_exception(

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 _HERE = os.path.abspath(__file__)
@@ -35,9 +36,11 @@ class CappedText(io.TextIOBase):
 
     encoding = "utf-8"
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, on_piece: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self._cap = cap
+        # Hears each kept piece as it is written, for a cell whose output streams.
+        self._on_piece = on_piece
         self._parts: list[bytes] = []
         self._size = 0
         self.truncated = False
@@ -60,6 +63,8 @@ class CappedText(io.TextIOBase):
                 self.truncated = True
             self._parts.append(data)
             self._size += len(data)
+        if self._on_piece is not None and data:
+            self._on_piece(data.decode("utf-8", "replace"))
         return len(text)
 
     def getvalue(self) -> str:
@@ -199,7 +204,9 @@ class Driver:
     def _exec(self, message: dict[str, Any]) -> dict[str, Any]:
         seq = int(message["seq"])
         cap = int(message["max_output_bytes"])
-        out, err = CappedText(cap), CappedText(cap)
+        stream = bool(message.get("stream"))
+        out = CappedText(cap, self._streamer(seq, "stdout", cap) if stream else None)
+        err = CappedText(cap, self._streamer(seq, "stderr", cap) if stream else None)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
         status = "ok"
@@ -236,6 +243,14 @@ class Driver:
             room = self._max_message_bytes - len(json.dumps(reply)) - 256
             reply["answer"], reply["answer_truncated"] = fit(content, max(room, 0))
         return reply
+
+    def _streamer(self, seq: int, name: str, cap: int) -> Callable[[str], None]:
+        """Sends each piece of a cell's output to the agent as it is written."""
+        def send(piece: str) -> None:
+            # The result carries the whole output; a piece only has to fit on its line.
+            data, _ = fit(piece, cap)
+            self._channel.send({"op": "output", "seq": seq, "stream": name, "data": data})
+        return send
 
     def _ready_answer(self) -> str | None:
         """str() of answer["content"] once a cell set answer["ready"], else None."""

@@ -209,9 +209,12 @@ class Sandbox:
         cap = self._config.max_output_bytes
         return cap if requested is None else min(requested, cap)
 
-    async def run_job(self, request: JobRequest, *,
-                      on_output: OutputListener | None = None) -> JobResult:
-        """Run one job (on_output hears its run's output live); failures come back as data."""
+    async def run_job(self, request: JobRequest, *, on_output: OutputListener | None = None,
+                      extra_files: Mapping[str, bytes] | None = None) -> JobResult:
+        """Run one job (on_output hears its run's output live); failures come back as data.
+
+        extra_files are put beside the program for its run (not for its compilation).
+        """
         toolchain = self.toolchain(request.language)
         timeout_ms = request.timeout_ms or self.default_timeout_ms(request.language)
         cap = self.output_cap(request.max_output_bytes)
@@ -233,7 +236,7 @@ class Sandbox:
                 argv = toolchain.run_argv()
                 files = {toolchain.spec.source_file: request.code.encode()}
             outcome = await self._run(
-                f"job-{request.job_id}", toolchain, argv, files=files,
+                f"job-{request.job_id}", toolchain, argv, files={**(extra_files or {}), **files},
                 stdin=request.stdin.encode(), timeout_s=timeout_ms / 1000, cap=cap,
                 on_output=on_output)
         except ExecutionError as exc:

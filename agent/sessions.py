@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kowalski.agent.repl_client import LlmHandler, ReplSession
+from kowalski.agent.repl_client import LlmHandler, OutputListener, ReplSession
 from kowalski.agent.sandbox import OUTPUT_LIMIT, Sandbox
 from kowalski.agent.warm_pool import WarmPool
 from kowalski.common.errors import (
@@ -65,6 +65,11 @@ class SessionManager:
         # Warm sessions are named outside the id alphabet: no client id can clash with one.
         self._warm_names = (SessionId(f"warm+{number}") for number in itertools.count(1))
         self.pool = WarmPool(size=warm_sessions, start=self._start_warm, room=self._room)
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """Where the sessions run; jobs beside them run there too."""
+        return self._sandbox
 
     def __len__(self) -> int:
         return sum(1 for session in self._sessions.values() if not session.lost)
@@ -185,10 +190,16 @@ class SessionManager:
         session.check()
         return session
 
+    async def context_files(self, session_id: SessionId) -> dict[str, bytes]:
+        """The session's context as files for a job beside it (none when it has none)."""
+        return await self._get(session_id).job_files()
+
     async def execute(self, session_id: SessionId, request: CellRequest, *,
+                      on_output: OutputListener | None = None,
                       still_wanted: Callable[[], None] | None = None) -> CellResult:
         """Run a cell; a repeated cell id returns the first result without running again.
 
+        With on_output its output is passed on as it comes; a repeated id streams nothing.
         still_wanted raises when the cell must not start after all: it is called once the
         cells queued before it in the session are done.
         """
@@ -204,7 +215,7 @@ class SessionManager:
             started = time.monotonic()
             reply, killed = await session.run_cell(
                 request.cell_id, request.code, timeout_s=timeout_ms / 1000, grace_s=self._grace_s,
-                cap=self._sandbox.output_cap(request.max_output_bytes))
+                cap=self._sandbox.output_cap(request.max_output_bytes), on_output=on_output)
             result = _cell_result(session.id, request.cell_id, reply, killed, timeout_ms,
                                   (time.monotonic() - started) * 1000, self._agent_id)
             session.cells[request.cell_id] = result

@@ -12,6 +12,7 @@ import msgspec
 from msgspec import Meta
 
 from kowalski.common.errors import ConfigError, ConfigFileError
+from kowalski.common.messages import LANGUAGES, Language
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -184,6 +185,8 @@ class RlmConfig(_Section, frozen=True):
     # When the controller starts, runs left unfinished by a controller that stopped or died
     # go on by themselves (replayed from their trajectories).
     resume_on_start: bool = True
+    # Languages whose blocks run: Python in the session, the rest as jobs beside it.
+    languages: list[Language] = msgspec.field(default_factory=lambda: list(LANGUAGES))
 
 
 class SecurityConfig(_Section, frozen=True):

@@ -120,6 +120,8 @@ KEYS: dict[str, str] = {
                            "or \"answer_dict\" (the REPL's answer dict); both are accepted."),
     "rlm.resume_on_start": ("At start, runs a stopped or dead controller left unfinished go on "
                             "by themselves (docs/RLM.md, Durable runs)."),
+    "rlm.languages": ("Languages whose code blocks run: Python in the run's session, the others "
+                      "as one-shot jobs on its agent; blocks in the rest get a note."),
     "security.secret_file": "Shared HMAC secret (chmod 600); KOWALSKI_SECRET(_FILE) win.",
     "security.allow_unsigned": "Accept unsigned requests: only for a single trusted host.",
     "security.clock_skew_s": "How far a signed request's clock may be off.",
@@ -179,6 +181,9 @@ def render_markdown() -> str:
     def type_text(kind: inspect.Type) -> str:
         if isinstance(kind, inspect.LiteralType):
             return "one of " + ", ".join(f'`"{value}"`' for value in kind.values)
+        if isinstance(kind, inspect.ListType) and isinstance(kind.item_type,
+                                                             inspect.LiteralType):
+            return "list of " + ", ".join(f'`"{value}"`' for value in kind.item_type.values)
         if isinstance(kind, inspect.ListType):
             return f"list of {type_text(kind.item_type)}s"
         if isinstance(kind, inspect.IntType | inspect.FloatType):
@@ -201,7 +206,10 @@ def render_markdown() -> str:
 
     def default_text(field: inspect.Field) -> str:
         value = field.default_factory() if field.default is msgspec.NODEFAULT else field.default
-        text = f"`{tomli_w.dumps({'key': value}).strip().removeprefix('key = ')}`"
+        dumped = tomli_w.dumps({'key': value}).strip().removeprefix('key = ')
+        # tomli_w puts a list's items on lines of their own; a table cell needs one line.
+        one_line = " ".join(line.strip() for line in dumped.splitlines())
+        text = f"`{one_line.replace('[ ', '[').replace(', ]', ']')}`"
         if field.name.endswith("_bytes") and value >= 1024 * 1024:
             text += f" ({value / (1024 * 1024):g} MiB)"
         return text

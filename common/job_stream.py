@@ -1,4 +1,4 @@
-"""A streamed job's answer: NDJSON lines of output while it runs, then its result."""
+"""A streamed job's or cell's answer: NDJSON lines of output while it runs, then its result."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import codecs
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -14,7 +15,6 @@ from aiohttp import web
 from kowalski.common.errors import KowalskiError
 from kowalski.common.messages import (
     JobOutput,
-    JobResult,
     JobStreamEnd,
     JobStreamError,
     JobStreamResult,
@@ -25,6 +25,7 @@ from kowalski.common.messages import (
 # Told each piece of output as text: the stream's name ("stdout" or "stderr") and the text.
 TextListener = Callable[[str, str], None]
 NDJSON = "application/x-ndjson"
+R = TypeVar("R")
 
 
 def stream_signature(secret: bytes, nonce: str, body_sha256: str) -> str:
@@ -50,10 +51,16 @@ def text_listener(listener: TextListener) -> Callable[[str, bytes], None]:
     return hear
 
 
-async def stream_job(request: web.Request, run: Callable[[TextListener], Awaitable[JobResult]],
+def _job_line(result: Any) -> msgspec.Struct:
+    return JobStreamResult(result=result)
+
+
+async def stream_job(request: web.Request, run: Callable[[TextListener], Awaitable[R]],
                      *, secret: bytes | None = None, nonce: str | None = None,
-                     signed: bool = False) -> web.StreamResponse:
-    """Answer with the job's output as it comes, then its result.
+                     signed: bool = False,
+                     result_line: Callable[[R], msgspec.Struct] = _job_line
+                     ) -> web.StreamResponse:
+    """Answer with the job's (or cell's) output as it comes, then result_line(its result).
 
     The answer starts with the first piece of output, so a job refused before any (busy,
     cancelled) is a plain error answer the caller may send elsewhere. With signed, the
@@ -84,9 +91,9 @@ async def stream_job(request: web.Request, run: Callable[[TextListener], Awaitab
             await write(getter.result())
         while not lines.empty():
             await write(lines.get_nowait())
-        last: JobStreamResult | JobStreamError
+        last: msgspec.Struct
         try:
-            last = JobStreamResult(result=task.result())
+            last = result_line(task.result())
         except KowalskiError as exc:
             if response is None:
                 raise

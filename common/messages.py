@@ -55,6 +55,9 @@ class JobRequest(Message, frozen=True):
     deadline: float | None = None
     # Answer with NDJSON lines: output while the job runs, then its result (JobStreamLine).
     stream: bool = False
+    # A session live on this agent whose context the job finds in its working directory:
+    # context.txt for a string, context.json for anything else.
+    session_id: Identifier | None = None
 
 
 class JobResult(Message, frozen=True):
@@ -73,7 +76,7 @@ class JobResult(Message, frozen=True):
 
 
 class JobOutput(Message, frozen=True, tag_field="kind", tag="output"):
-    """A piece of a running job's output, within its max_output_bytes."""
+    """A piece of a running job's or cell's output, within its max_output_bytes."""
 
     stream: Literal["stdout", "stderr"]
     data: str
@@ -150,6 +153,8 @@ class CellRequest(Message, frozen=True):
     max_output_bytes: Annotated[int, Meta(gt=0)] | None = None
     attempt_id: Identifier | None = None
     deadline: float | None = None
+    # Answer with NDJSON lines: output while the cell runs, then its result (CellStreamLine).
+    stream: bool = False
 
 
 class CellResult(Message, frozen=True):
@@ -166,6 +171,16 @@ class CellResult(Message, frozen=True):
     # str() of the session's answer["content"] when the cell left answer["ready"] set.
     answer: str | None = None
     answer_truncated: bool = False
+
+
+class CellStreamResult(Message, frozen=True, tag_field="kind", tag="cell_result"):
+    """The line after a streamed cell's output: its result (the whole capped output again)."""
+
+    result: CellResult
+
+
+# One line of POST /v1/sessions/{id}/exec with "stream": true.
+CellStreamLine = JobOutput | CellStreamResult | JobStreamError | JobStreamEnd
 
 
 class SessionDeleted(Message, frozen=True):

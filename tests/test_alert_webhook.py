@@ -23,7 +23,7 @@ from kowalski.controller.api.alerts import Alerter, AlertNotice, changes, firing
 from kowalski.controller.api.status import DeviceStatus, Status
 from kowalski.controller.fleet.dispatch import JobCounters
 from kowalski.controller.models.router import EndpointView
-from kowalski.controller.rlm.runs import LiveRunSummary
+from kowalski.controller.rlm.live import LiveRunSummary
 
 pytestmark = pytest.mark.timeout(90)
 Server = Any  # pytest-aiohttp's TestServer

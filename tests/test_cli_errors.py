@@ -102,6 +102,7 @@ USAGE_ERRORS = [
     (["run", "q", "--model-file", "m.gguf", "--url", "http://127.0.0.1:9"],
      "leave out --url"),
     (["--url", "http://127.0.0.1:9", "run", "q", "--local"], "not allowed with"),
+    (["run", "q", "--languages", "python,cobol"], "'cobol' is not a language"),
     (["runs"], "required: COMMAND"),
     (["runs", "list", "--limit", "0"], "must be at least 1, got 0"),
     (["runs", "show"], "required: run_id"),

@@ -60,6 +60,8 @@ class ScriptedModel:
     def __init__(self) -> None:
         self.asked: list[str] = []
         self.sub_prefix = "a"
+        # Set: the second reply also runs a bash block, a job beside the session.
+        self.with_bash = False
         # While set, a root request for this iteration waits until the event is set.
         self.hold_at = 0
         self.release = asyncio.Event()
@@ -80,7 +82,8 @@ class ScriptedModel:
         if n == 1:
             return "```repl\nacc = [llm_query('step 1')]\nprint(len(acc))\n```"
         if n < LAST:
-            return f"```repl\nacc.append(llm_query('step {n}'))\nprint(len(acc))\n```"
+            bash = "```bash\necho step two\n```\n" if self.with_bash and n == 2 else ""
+            return f"{bash}```repl\nacc.append(llm_query('step {n}'))\nprint(len(acc))\n```"
         return "```repl\nanswer = '|'.join(acc) + f'|{len(context)}'\n```\nFINAL_VAR(answer)"
 
 
@@ -152,8 +155,13 @@ async def rig(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Rig]:
     await client.close()
 
 
-async def test_resume_replays_cells_with_recorded_sub_call_answers(rig: Rig) -> None:
-    rig.model.hold_at = 4
+@pytest.mark.parametrize("with_bash", [False, True], ids=["python", "python-and-bash"])
+async def test_resume_replays_cells_with_recorded_sub_call_answers(
+    rig: Rig, with_bash: bool,
+) -> None:
+    # A bash block ran as a job beside the session: replaying it into the Python session
+    # would fail, so only the Python cells are replayed.
+    rig.model.hold_at, rig.model.with_bash = 4, with_bash
     finished: list[int] = []
 
     def observe(event: RlmEvent) -> None:

@@ -44,7 +44,7 @@ from kowalski.common import messages
 from kowalski.controller.api import dashboard, openai_front, status
 from kowalski.controller.api.app import make_app as make_controller_app
 from kowalski.controller.rlm import events as rlm_events
-from kowalski.controller.rlm import resume, runs, trajectory
+from kowalski.controller.rlm import live, resume, runs, trajectory
 from kowalski.controller.service import Controller
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,8 +66,8 @@ def wire_schemas() -> dict[str, Any]:
         messages.Heartbeat, messages.Metrics, messages.LlmQuery, messages.LlmAnswer,
         messages.CancelRequest, messages.CancelResult,
         runs.RunRequest, resume.ResumeRequest, openai_front.CompletionBody, status.Status,
-        status.DeviceStatus, runs.LiveRunSummary, trajectory.StoredRunSummary,
-        trajectory.Trajectory, messages.JobStreamLine,
+        status.DeviceStatus, live.LiveRunSummary, trajectory.StoredRunSummary,
+        trajectory.Trajectory, messages.JobStreamLine, messages.CellStreamLine,
         rlm_events.RlmResult, dashboard.Snapshot, runs.RunStreamLine, rlm_events.AnyRlmEvent,
     ]
     schemas, components = msgspec.json.schema_components(
@@ -75,6 +75,10 @@ def wire_schemas() -> dict[str, Any]:
     components["JobStreamLine"] = {
         "title": "JobStreamLine",
         "description": "One line of a streamed job: output, then its result or error.",
+        **schemas[-6]}
+    components["CellStreamLine"] = {
+        "title": "CellStreamLine",
+        "description": "One line of a streamed cell: output, then its result or error.",
         **schemas[-5]}
     components["RlmEvent"] = {"title": "RlmEvent",
                               "description": "One line of a streamed run, before its result.",

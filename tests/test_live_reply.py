@@ -9,6 +9,7 @@ import pty
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,13 @@ from procs import AgentProcess
 
 from kowalski.common.config import ControllerConfig, ExoConfig
 from kowalski.controller.circuit import CircuitPolicy
+from kowalski.controller.cli.live import LiveReply
+from kowalski.controller.cli.run import RunWatch
 from kowalski.controller.models.cache import CachedBackend, ResultCache
 from kowalski.controller.models.chat_types import ChatMessage, ChatRequest
 from kowalski.controller.models.router import LlmRouter
 from kowalski.controller.retry import RetryPolicy
+from kowalski.controller.rlm.events import CellOutput, CodeExecuted
 from kowalski.controller.rlm.streaming import ask_streamed
 from kowalski.controller.service import Controller
 
@@ -249,3 +253,26 @@ async def test_ctl_run_on_a_terminal_shows_the_reply_growing_under_a_status_line
     assert first_text_at is not None
     # About 20 pieces at 0.1 s each: the first words were on screen well before the end.
     assert ended - first_text_at > 1.0, (first_text_at - started, ended - started)
+
+
+def test_a_blocks_output_is_printed_in_whole_lines_as_it_comes_on_a_terminal() -> None:
+    screen = StringIO()
+    watch = RunWatch(screen, LiveReply(screen))
+
+    def piece(stream: str, text: str) -> None:
+        watch(CellOutput(run_id="r", depth=0, iteration=1, block=2, language="rust",
+                         stream=stream, text=text))
+
+    piece("stdout", "one\ntw")
+    assert screen.getvalue().endswith("▶ block 2 (rust) running:\n│ one\n")
+    piece("stdout", "o\nthree")
+    assert screen.getvalue().endswith("│ one\n│ two\n")
+    watch(CodeExecuted(run_id="r", depth=0, iteration=1, block=2, code="...", status="error",
+                       output="[rust] stdout:\none\ntwo\nthree\n[rust code failed (exit 1): x]",
+                       wall_time_ms=12.0, device_id="node1", language="rs", ran_as="rust"))
+    shown = screen.getvalue()
+    # The unfinished line is printed once the block ends; the output is not repeated, its
+    # failure note is.
+    assert shown.endswith("│ three\n▶ block 2 (rust) on node1: error (12 ms)\n"
+                          "│ [rust code failed (exit 1): x]\n")
+    assert shown.count("│ one") == 1

@@ -29,6 +29,7 @@ from kowalski.controller.models.chat_types import ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.rlm import prompts as rlm_prompts
 from kowalski.controller.rlm.events import (
+    CellOutput,
     CodeExecuted,
     CodeSkipped,
     ContextFolded,
@@ -241,7 +242,10 @@ async def test_code_runs_before_final_and_its_output_is_the_next_message(
     assert all(step.model_ms > 0 for step in result.steps)
     assert result.steps[0].code_ms > 0
     assert result.tokens.total_tokens > 0
-    kinds = [type(event) for event in harness.events]
+    kinds = [type(event) for event in harness.events if not isinstance(event, CellOutput)]
+    # The cell's output went out live too, before its CodeExecuted.
+    live = [event.text for event in harness.events if isinstance(event, CellOutput)]
+    assert "".join(live) == "12\nhello\n"
     assert kinds == [RunStarted, IterationStarted, ModelReplied, CodeExecuted,
                      IterationFinished, IterationStarted, ModelReplied, IterationFinished,
                      RunFinished]
@@ -325,21 +329,69 @@ async def test_a_cell_past_its_time_limit_is_interrupted_and_the_session_lives_o
     assert "exceeded the 0.3 s limit" in feedback
 
 
-async def test_blocks_in_other_languages_or_untagged_are_not_run(harness: Harness) -> None:
+async def test_blocks_in_disabled_languages_or_untagged_are_not_run(harness: Harness) -> None:
     harness.model.script(
         "",
         "```bash\necho hi\n```\n```\nprint('untagged')\n```\n```python\nprint('ran')\n```",
         "Let me think.",
         "FINAL(done)",
     )
-    result = await harness.new_run("q", "c").run()
+    result = await harness.new_run("q", "c", languages=["python"]).run()
     assert result.answer == "done"
+    system = harness.model.root_requests[0][0]["content"]
+    assert "```bash" not in system.split("For example:")[0]
     feedback = last_user(harness.model.root_requests[1])
-    assert "Block 1 (```bash) was not run" in feedback
+    assert ("Block 1 (```bash) was not run: the languages that run here are ```python"
+            in feedback)
+    assert "hi" not in feedback.split("\n")
     assert "Block 2 has no language tag and was not run" in feedback
     assert "REPL output of block 3:\nran" in feedback
     assert "untagged" not in feedback.replace("Block 2 has no language tag", "")
     assert "no ```repl block and no FINAL" in last_user(harness.model.root_requests[2])
+
+
+async def test_bash_block_runs_as_a_job_reading_the_context_file(harness: Harness) -> None:
+    harness.model.script(
+        "",
+        "```bash\nwc -c < context.txt; ls\n```\n```bash\nexit 3\n```\n"
+        + repl("print(len(context))"),
+        "FINAL(done)",
+    )
+    result = await harness.new_run("q", "hello world").run()
+    assert result.answer == "done"
+    system = harness.model.root_requests[0][0]["content"]
+    assert "`context.txt`" in system
+    assert "```bash, ```javascript, ```rust, ```java" in system
+    feedback = last_user(harness.model.root_requests[1])
+    assert "[bash] output of block 1:\n[bash] stdout:\n11\ncontext.txt" in feedback
+    assert "[bash] output of block 2:\n[bash code failed (exit 3)" in feedback
+    assert "REPL output of block 3:\n11" in feedback
+    executed = [e for e in harness.events if isinstance(e, CodeExecuted)]
+    assert [(e.ran_as, e.status) for e in executed] == [
+        ("bash", "ok"), ("bash", "error"), ("python", "ok")]
+    live = [e for e in harness.events if isinstance(e, CellOutput) and e.block == 1]
+    assert {e.language for e in live} == {"bash"}
+    assert "".join(e.text for e in live).startswith("11\n")
+
+
+async def test_a_cell_printing_many_lines_streams_them_in_few_events(harness: Harness) -> None:
+    harness.model.script("", repl("for i in range(3000):\n    print(i)"), "FINAL(ok)")
+    result = await harness.new_run("q", "c", max_output_chars=100_000).run()
+    assert result.answer == "ok"
+    live = [e for e in harness.events if isinstance(e, CellOutput)]
+    # 6000 writes (each number, then its newline), sent on as they queued up.
+    assert "".join(e.text for e in live) == "".join(f"{i}\n" for i in range(3000))
+    assert len(live) < 3000, len(live)
+
+
+async def test_a_list_context_is_json_for_jobs(harness: Harness) -> None:
+    harness.model.script(
+        "", "```bash\ncat context.json; test -e context.txt || echo no-text\n```", "FINAL(ok)")
+    result = await harness.new_run("q", ["a", {"b": 1}]).run()
+    assert result.answer == "ok"
+    assert "`context.json` (as JSON)" in harness.model.root_requests[0][0]["content"]
+    feedback = last_user(harness.model.root_requests[1])
+    assert '[bash] stdout:\n["a",{"b":1}]no-text' in feedback
 
 
 @pytest.mark.parametrize(("last_reply", "answer"), [
@@ -531,7 +583,7 @@ async def test_long_conversations_fold_and_final_var_still_works(harness: Harnes
 
 async def test_trajectory_file_holds_the_whole_run(harness: Harness) -> None:
     harness.model.script(
-        "", "Look:\n```bash\nls\n```\n" + repl("r = llm_query('sub')\nprint(r)"),
+        "", "Look:\n```text\nls\n```\n" + repl("r = llm_query('sub')\nprint(r)"),
         "FINAL(all done)")
     result = await harness.new_run("what happened?", ["a", "bb"]).run()
     path = Path(result.trajectory_path)
@@ -543,15 +595,17 @@ async def test_trajectory_file_holds_the_whole_run(harness: Harness) -> None:
         "iteration_finished", "run_finished"]
     trajectory = read_trajectory(result.run_id, harness.runs_dir)
     assert trajectory == read_trajectory(path)
-    # The file holds the very events the observer saw, in the same order.
-    assert trajectory.events == harness.events
+    # The file holds the very events the observer saw, in the same order, but the live
+    # pieces of output (the CodeExecuted after them holds it whole).
+    assert trajectory.events == [e for e in harness.events if not isinstance(e, CellOutput)]
+    assert any(isinstance(e, CellOutput) for e in harness.events)
     start = trajectory.started
     assert (start.query, start.model, start.context_type, start.context_chars,
             start.context_chunks) == ("what happened?", MODEL, "list", 3, 2)
     assert start.config.trajectory_dir == str(harness.runs_dir)
     assert "list of 2 items" in start.system_prompt
     [skipped] = of_kind(trajectory, CodeSkipped)
-    assert (skipped.block, skipped.language, skipped.code) == (1, "bash", "ls\n")
+    assert (skipped.block, skipped.language, skipped.code) == (1, "text", "ls\n")
     [block] = of_kind(trajectory, CodeExecuted)
     assert (block.block, block.status, block.output) == (2, "ok", "answer to sub")
     [call] = of_kind(trajectory, SubCallAnswered)
@@ -564,7 +618,7 @@ async def test_trajectory_file_holds_the_whole_run(harness: Harness) -> None:
     assert trajectory.finished.result == result
     text = render_trajectory(trajectory)
     for piece in ("what happened?", "Iteration 1", "Iteration 2", "r = llm_query('sub')",
-                  "[block 1: ```bash not run]", "| answer to sub",
+                  "[block 1: ```text not run]", "| answer to sub",
                   "[sub-call 1 from block 2: 3 chars in",
                   "Finished: final", "all done"):
         assert piece in text

@@ -78,6 +78,10 @@ async def post_job(request: web.Request) -> web.StreamResponse:
     """Run a code job; with "stream": true, NDJSON output lines and then the result."""
     require_token(request)
     job = await read_body(request, JobRequest)
+    if job.session_id is not None:
+        # Sessions belong to the controller's own runs: a caller may not read their contexts.
+        raise ParseError("session_id is for jobs of the controller's own RLM runs; leave it out "
+                         "and send what the job needs in its code or stdin")
     dispatcher = request.app[STATE].dispatcher
     if not job.stream:
         return json_response(await dispatcher.run_job(job))

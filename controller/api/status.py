@@ -15,7 +15,7 @@ from kowalski.controller.fleet.device_table import DeviceTable, Sample
 from kowalski.controller.fleet.dispatch import JobCounters
 from kowalski.controller.fleet.selection import exclusion_reason, score
 from kowalski.controller.models.router import EndpointView
-from kowalski.controller.rlm.runs import LiveRunSummary
+from kowalski.controller.rlm.live import LiveRunSummary
 from kowalski.controller.scoring import OPERATIONS
 
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any, NoReturn
 
+from kowalski.common.code_blocks import normalize_language
+from kowalski.common.messages import LANGUAGES
 from kowalski.controller.cli.exit_codes import EXIT_USAGE
 
 # Options every command takes, before or after its name.
@@ -48,6 +50,19 @@ def log_level(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a level; use one of {', '.join(LOG_LEVELS).lower()}")
     return text.upper()
+
+
+def language_list(text: str) -> list[str]:
+    """Comma-separated languages (aliases such as js or rs allowed), in canonical names."""
+    names: list[str] = []
+    for word in (part.strip() for part in text.split(",")):
+        language = normalize_language(word) if word else None
+        if language is None:
+            raise argparse.ArgumentTypeError(
+                f"{word!r} is not a language; use some of {', '.join(LANGUAGES)}")
+        if language not in names:
+            names.append(language)
+    return names
 
 
 class Parser(argparse.ArgumentParser):

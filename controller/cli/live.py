@@ -1,8 +1,9 @@
-"""A run's reply on a terminal as it is generated, under a one-line status.
+"""A run's reply on a terminal as it is generated, under a one-line status; code output live.
 
 On a terminal the root run's reply streams in as the model writes it; the last screen line
 is a status (iteration, tokens so far, tokens/s, elapsed) redrawn in place. Output that is
-not a terminal gets nothing from here: it stays one block per reply, for scripts.
+not a terminal gets no reply pieces from here: it stays one block per reply, for scripts.
+Either way a running block's output is printed line by line as it arrives (`CellEcho`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from typing import TextIO
 
 from kowalski.controller.rlm.events import (
+    CellOutput,
+    CodeExecuted,
     IterationStarted,
     ModelReplied,
     ReplyDelta,
@@ -20,7 +23,7 @@ from kowalski.controller.rlm.events import (
     RunFinished,
 )
 
-__all__ = ["LiveReply"]
+__all__ = ["CellEcho", "LiveReply"]
 
 # Seconds between redraws of the status while nothing arrives.
 TICK_S = 0.5
@@ -114,3 +117,40 @@ class LiveReply:
             await asyncio.sleep(TICK_S)
             if self._waiting:
                 self.draw()
+
+
+class CellEcho:
+    """Prints a running block's output as whole lines arrive, under one header per block."""
+
+    def __init__(self) -> None:
+        self._block: tuple[str, int, int] | None = None
+        self._partial = ""
+        self._streamed: set[tuple[str, int, int]] = set()
+
+    def output(self, event: CellOutput, out: TextIO) -> None:
+        """Print the lines of a piece of output that are complete."""
+        key, indent = (event.run_id, event.iteration, event.block), "  " * event.depth
+        if key != self._block:
+            self._flush(out, indent)
+            self._block = key
+            self._streamed.add(key)
+            out.write(f"{indent}▶ block {event.block} ({event.language}) running:\n")
+        *lines, self._partial = (self._partial + event.text).split("\n")
+        for line in lines:
+            out.write(f"{indent}│ {line}\n")
+
+    def shown(self, event: CodeExecuted, out: TextIO) -> bool:
+        """Whether this block's output was printed as it ran (its last partial line now)."""
+        key = (event.run_id, event.iteration, event.block)
+        if key == self._block:
+            self._flush(out, "  " * event.depth)
+            self._block = None
+        if key in self._streamed:
+            self._streamed.discard(key)
+            return True
+        return False
+
+    def _flush(self, out: TextIO, indent: str) -> None:
+        if self._partial:
+            out.write(f"{indent}│ {self._partial}\n")
+            self._partial = ""

@@ -18,17 +18,18 @@ from kowalski.common.config import Config, EndpointConfig, read_api_token
 from kowalski.common.errors import KowalskiError, NetworkError, NotFoundError, RemoteError
 from kowalski.common.messages import ErrorBody
 from kowalski.common.tls import client_ssl_context, loop_factory
-from kowalski.controller.cli.arguments import http_url, positive_int
+from kowalski.controller.cli.arguments import http_url, language_list, positive_int
 from kowalski.controller.cli.exit_codes import (
     EXIT_FAILED,
     EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
     EXIT_OK,
 )
-from kowalski.controller.cli.live import LiveReply
+from kowalski.controller.cli.live import CellEcho, LiveReply
 from kowalski.controller.cli.status import no_controller
 from kowalski.controller.rlm.call_tree import render_call_tree
 from kowalski.controller.rlm.events import (
+    CellOutput,
     CodeExecuted,
     ContextFolded,
     ModelReplied,
@@ -65,8 +66,8 @@ def _cut(text: str, limit: int = _SHOWN_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… [{len(text) - limit} more chars]"
 
 
-def print_event(event: RlmEvent, out: TextIO) -> None:
-    """One event, as a person watching the run wants to read it."""
+def print_event(event: RlmEvent, out: TextIO, echo: CellEcho | None = None) -> None:
+    """One event, as a person watching the run wants to read it (code output live with echo)."""
     indent = "  " * event.depth
     if isinstance(event, RunStarted):
         out.write(f"{indent}run {event.run_id}: model {event.model or '(default)'}, context "
@@ -78,11 +79,19 @@ def print_event(event: RlmEvent, out: TextIO) -> None:
             # A reasoning model's thinking, apart from the reply: never read for code or FINAL.
             out.write(_indent(_cut(event.reasoning, 800), indent + "┆ ") + "\n")
         out.write(f"{_indent(_cut(event.text), indent)}\n")
+    elif isinstance(event, CellOutput):
+        if echo is not None:
+            echo.output(event, out)
     elif isinstance(event, CodeExecuted):
-        out.write(f"{indent}▶ block {event.block} on {event.device_id or '?'}: {event.status} "
-                  f"({event.wall_time_ms:.0f} ms)\n")
-        if event.output.strip():
-            out.write(_indent(_cut(event.output, 800), indent + "│ ") + "\n")
+        streamed = echo is not None and echo.shown(event, out)
+        language = f" ({event.ran_as})" if event.ran_as != "python" else ""
+        out.write(f"{indent}▶ block {event.block}{language} on {event.device_id or '?'}: "
+                  f"{event.status} ({event.wall_time_ms:.0f} ms)\n")
+        # Output printed as it ran is not repeated; a failure's note still is.
+        lines = event.output.strip().splitlines()
+        shown = (lines[-1:] if event.status != "ok" else []) if streamed else lines
+        if shown:
+            out.write(_indent(_cut("\n".join(shown), 800), indent + "│ ") + "\n")
     elif isinstance(event, SubCallAnswered):
         out.write(f"{indent}  sub-call: {event.prompt_chars} chars → {event.answer_chars} chars"
                   f" ({event.latency_ms:.0f} ms){' error: ' + event.error if event.error else ''}"
@@ -128,13 +137,14 @@ class RunWatch:
         self.iterations = 0
         self.tokens = TokenCount()
         self.result: RlmResult | None = None
+        self._echo = CellEcho()
 
     def __call__(self, event: RlmEvent) -> None:
         if self.live is None or not self.live.handle(event):
             if self.live is not None:
                 self.live.clear()
             if self._out is not None:
-                print_event(event, self._out)
+                print_event(event, self._out, self._echo)
             if self.live is not None:
                 self.live.draw()
         if event.depth != 0:
@@ -195,7 +205,7 @@ def _request(args: argparse.Namespace) -> RunRequest:
                                 next_step="Check the path given to --context-file") from None
     return RunRequest(query=args.prompt, context=context, model=args.model or "",
                       sub_model=args.sub_model or "", max_iterations=args.max_iterations,
-                      stream=True)
+                      languages=args.languages or [], stream=True)
 
 
 async def _run_local(config: Config, request: RunRequest, watch: RunWatch, show: bool
@@ -347,6 +357,9 @@ def add_commands(commands: Any) -> None:
                                          "rlm.sub_model, else --model)")
     run.add_argument("--max-iterations", type=positive_int,
                      help="override rlm.max_iterations (at least 1)")
+    run.add_argument("--languages", type=language_list, metavar="LIST",
+                     help="comma-separated languages whose blocks run, e.g. python,rust "
+                          "(default: rlm.languages, all five)")
     run.add_argument("--json", action="store_true", help="print only the result, as JSON")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running controller (default: from the config)")

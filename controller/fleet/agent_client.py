@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 import msgspec
@@ -14,6 +15,8 @@ from kowalski.common.messages import (
     CancelResult,
     CellRequest,
     CellResult,
+    CellStreamLine,
+    CellStreamResult,
     Heartbeat,
     JobOutput,
     JobRequest,
@@ -29,7 +32,8 @@ from kowalski.common.messages import (
     VariableValue,
 )
 
-_stream_decoder = msgspec.json.Decoder(JobStreamLine)
+_job_lines = msgspec.json.Decoder(JobStreamLine)
+_cell_lines = msgspec.json.Decoder(CellStreamLine)
 
 
 class AgentClient:
@@ -58,26 +62,32 @@ class AgentClient:
     async def run_job_streamed(self, agent_url: str, job: JobRequest, *,
                                on_output: TextListener, timeout_s: float) -> JobResult:
         """Run a job, passing its output on as it comes; its result when it ends."""
-        result: JobResult | None = None
+        result: JobResult = await self._streamed(
+            f"{agent_url}/v1/jobs", msgspec.structs.replace(job, stream=True), _job_lines,
+            on_output=on_output, timeout_s=timeout_s, what="job")
+        return result
+
+    async def _streamed(self, url: str, body: msgspec.Struct, decoder: msgspec.json.Decoder[Any],
+                        *, on_output: TextListener, timeout_s: float, what: str) -> Any:
+        """POST body for an NDJSON answer: output lines to on_output, then the result."""
+        result: Any = None
         failure: JobStreamError | None = None
 
         def on_line(line: bytes) -> None:
             nonlocal result, failure
-            item = _stream_decoder.decode(line)
+            item = decoder.decode(line)
             if isinstance(item, JobOutput):
                 on_output(item.stream, item.data)
-            elif isinstance(item, JobStreamResult):
+            elif isinstance(item, JobStreamResult | CellStreamResult):
                 result = item.result
             elif isinstance(item, JobStreamError):
                 failure = item
 
-        streamed = msgspec.structs.replace(job, stream=True)
-        await self._client.stream("POST", f"{agent_url}/v1/jobs", streamed,
-                                  timeout_s=timeout_s, on_line=on_line)
+        await self._client.stream("POST", url, body, timeout_s=timeout_s, on_line=on_line)
         if failure is not None:
             raise error_from_wire(failure.error, status=500)
         if result is None:
-            raise ParseError(f"{agent_url} ended the job's stream without a result")
+            raise ParseError(f"{url} ended the {what}'s stream without a result")
         return result
 
     async def cancel(self, agent_url: str, attempt_ids: list[str], *,
@@ -97,6 +107,14 @@ class AgentClient:
         """Run one cell in a session; the same cell id is not run twice."""
         return await self._client.call("POST", f"{_session(agent_url, session_id)}/exec",
                                        CellResult, cell, timeout_s=timeout_s)
+
+    async def execute_streamed(self, agent_url: str, session_id: SessionId, cell: CellRequest,
+                               *, on_output: TextListener, timeout_s: float) -> CellResult:
+        """Run one cell, passing its output on as it comes; its result when it ends."""
+        result: CellResult = await self._streamed(
+            f"{_session(agent_url, session_id)}/exec", msgspec.structs.replace(cell, stream=True),
+            _cell_lines, on_output=on_output, timeout_s=timeout_s, what="cell")
+        return result
 
     async def get_variable(self, agent_url: str, session_id: SessionId, name: str, *,
                            max_chars: int, timeout_s: float) -> VariableValue:

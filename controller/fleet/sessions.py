@@ -1,4 +1,7 @@
-"""A persistent Python session on some agent, rebuilt elsewhere by replay when it is lost."""
+"""A persistent Python session on some agent, rebuilt elsewhere by replay when it is lost.
+
+Jobs in other languages run beside it, on the same agent, reading its context from there.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +14,27 @@ from typing import Any
 import msgspec
 
 from kowalski.common.errors import KowalskiError, NetworkError, RemoteError, SessionLostError
+from kowalski.common.job_stream import TextListener
 from kowalski.common.messages import (
     CellRequest,
     CellResult,
     DeviceId,
+    JobId,
+    JobRequest,
+    JobResult,
+    Language,
     LlmCallback,
     SessionCreate,
     SessionId,
     VariableValue,
 )
 from kowalski.controller.fleet.device_table import DeviceRow
-from kowalski.controller.fleet.dispatch import Dispatcher
+from kowalski.controller.fleet.dispatch import (
+    CALL_MARGIN_S,
+    COMPILE_MARGIN_S,
+    DEFAULT_JOB_TIMEOUT_S,
+    Dispatcher,
+)
 
 log = logging.getLogger(__name__)
 # Replayed cells skip what did not finish the first time: re-running them would only
@@ -49,6 +62,7 @@ class RemoteSession:
         self.rebuilds = 0
         # Whether the agent gave this session one it had started before it was asked.
         self.warm = False
+        self._jobs = 0
         self._on_close = on_close
 
     async def _open_on(self, row: DeviceRow) -> None:
@@ -99,7 +113,9 @@ class RemoteSession:
         """Create the session on the best agent for code."""
         await self._on_session_device(f"{self.session_id}-open", lambda row: _noop())
 
-    async def execute(self, code: str, *, timeout_ms: int | None = None) -> CellResult:
+    async def execute(self, code: str, *, timeout_ms: int | None = None,
+                      on_output: TextListener | None = None) -> CellResult:
+        """Run a cell; with on_output its output is passed on while it runs."""
         cell = CellRequest(cell_id=f"{self.session_id}-{len(self._cells)}", code=code,
                            timeout_ms=timeout_ms)
 
@@ -107,6 +123,10 @@ class RemoteSession:
             attempt = msgspec.structs.replace(cell, attempt_id=self._dispatcher.new_attempt(),
                                               deadline=time.time() + self._timeout_s)
             try:
+                if on_output is not None:
+                    return await self._agents.execute_streamed(
+                        row.url, self.session_id, attempt, on_output=on_output,
+                        timeout_s=self._timeout_s)
                 return await self._agents.execute(row.url, self.session_id, attempt,
                                                   timeout_s=self._timeout_s)
             except (asyncio.CancelledError, NetworkError):
@@ -116,6 +136,30 @@ class RemoteSession:
         result: CellResult = await self._on_session_device(cell.cell_id, run)
         self._cells.append(cell)
         self._statuses.append(result.status)
+        return result
+
+    async def run_job(self, language: Language, code: str, *, timeout_ms: int | None = None,
+                      on_output: TextListener | None = None) -> JobResult:
+        """Run a one-shot job on the session's agent, its context beside it as a file."""
+        self._jobs += 1
+        job = JobRequest(job_id=JobId(f"{self.session_id}-job-{self._jobs}"), language=language,
+                         code=code, timeout_ms=timeout_ms, session_id=self.session_id)
+        call_timeout_s = ((timeout_ms / 1000 if timeout_ms else DEFAULT_JOB_TIMEOUT_S)
+                          + COMPILE_MARGIN_S.get(language, 0.0) + CALL_MARGIN_S)
+
+        async def run(row: DeviceRow) -> JobResult:
+            attempt = msgspec.structs.replace(job, attempt_id=self._dispatcher.new_attempt(),
+                                              deadline=time.time() + call_timeout_s)
+            try:
+                if on_output is not None:
+                    return await self._agents.run_job_streamed(
+                        row.url, attempt, on_output=on_output, timeout_s=call_timeout_s)
+                return await self._agents.run_job(row.url, attempt, timeout_s=call_timeout_s)
+            except (asyncio.CancelledError, NetworkError):
+                self._dispatcher.moved(row.device_id, str(attempt.attempt_id))
+                raise
+
+        result: JobResult = await self._on_session_device(job.job_id, run)
         return result
 
     async def get_variable(self, name: str, max_chars: int = 100_000) -> VariableValue:

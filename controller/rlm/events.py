@@ -1,6 +1,7 @@
 """A run's interfaces and its one event family: what it talks to, what happened, how it ended.
 
-A run sends model calls to a `ChatBackend` and code to a `CodeSession`. Every step is an
+A run sends model calls to a `ChatBackend` and code to a `CodeSession` (Python cells, and
+one-shot jobs in other languages beside it). Every step is an
 `RlmEvent`: observers (the CLI, the dashboard) receive them live, and the trajectory file
 stores the same events, one JSON line each. The last one, `RunFinished`, carries the
 `RlmResult`.
@@ -14,7 +15,8 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from kowalski.common.config import RlmConfig
-from kowalski.common.messages import CellResult, VariableValue, WireError
+from kowalski.common.job_stream import TextListener
+from kowalski.common.messages import CellResult, JobResult, Language, VariableValue, WireError
 from kowalski.controller.models.chat_types import ChatMessage, ChatResult
 from kowalski.controller.rlm.folding import CHARS_PER_TOKEN, estimate_tokens
 
@@ -189,8 +191,18 @@ class ReplyDelta(RlmEvent, frozen=True, tag="reply_delta"):
     elapsed_s: float
 
 
+class CellOutput(RlmEvent, frozen=True, tag="cell_output"):
+    """Output of a running block as it comes; live only, `CodeExecuted` keeps the whole."""
+
+    iteration: int
+    block: int
+    language: str
+    stream: str
+    text: str
+
+
 class CodeSkipped(RlmEvent, frozen=True, tag="code_skipped"):
-    """A block of the reply that was not run (not ```repl / ```python, or not fenced)."""
+    """A block of the reply that was not run (not fenced, or not in an enabled language)."""
 
     iteration: int
     block: int
@@ -207,7 +219,9 @@ class CodeExecuted(RlmEvent, frozen=True, tag="code_executed"):
     output: str
     wall_time_ms: float
     device_id: str
+    # As written in the fence (```repl, ```rs ...), and the language it ran as.
     language: str
+    ran_as: str = "python"
 
 
 class SubCallAnswered(RlmEvent, frozen=True, tag="sub_call"):
@@ -261,19 +275,25 @@ class RunFinished(RlmEvent, frozen=True, tag="run_finished"):
 
 
 AnyRlmEvent = (RunStarted | IterationStarted | ContextFolded | ReplyDelta | ModelReplied
-               | CodeSkipped | CodeExecuted | SubCallAnswered | IterationFinished | RunResumed
-               | RunFinished)
+               | CellOutput | CodeSkipped | CodeExecuted | SubCallAnswered | IterationFinished
+               | RunResumed | RunFinished)
+# Events sent to observers only: the trajectory keeps what they add up to.
+LIVE_ONLY = (ReplyDelta, CellOutput)
 # Sub-call prompts and answers are stored cut to this many characters.
 SUB_CALL_CHARS = 2000
 
 
 class CodeSession(Protocol):
-    """A persistent Python session holding `context`."""
+    """A persistent Python session holding `context`, and jobs run beside it."""
 
     # Where it runs now; may change after a failover.
     device_id: str
 
-    async def execute(self, code: str, *, timeout_ms: int | None = None) -> CellResult: ...
+    async def execute(self, code: str, *, timeout_ms: int | None = None,
+                      on_output: TextListener | None = None) -> CellResult: ...
+
+    async def run_job(self, language: Language, code: str, *, timeout_ms: int | None = None,
+                      on_output: TextListener | None = None) -> JobResult: ...
 
     async def get_variable(self, name: str, max_chars: int = 100_000) -> VariableValue: ...
 

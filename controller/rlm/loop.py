@@ -1,7 +1,8 @@
 """The Recursive Language Model loop: a model writes code against `context` until FINAL.
 
 A run keeps the context as the variable `context` in a persistent Python session on an
-agent. Each iteration the model replies; its ```repl blocks run in order and what they
+agent. Each iteration the model replies; its ```repl blocks run in order (blocks in the other
+enabled languages run as jobs beside the session, `controller/rlm/blocks.py`) and what they
 print goes back as the next user message. Code may call llm_query / llm_query_batched,
 which the session relays to `RlmRun.answer_sub_calls`. The run ends at FINAL(answer) or
 FINAL_VAR(name) starting a line outside code (read after that reply's code ran), at the
@@ -31,15 +32,15 @@ from kowalski.controller.models.chat_types import (
     ChatResult,
 )
 from kowalski.controller.rlm import final, prompts
-from kowalski.controller.rlm.cells import CellRunner
+from kowalski.controller.rlm.blocks import BlockRunner
 from kowalski.controller.rlm.events import (
+    LIVE_ONLY,
     CodeSession,
     ContextFolded,
     IterationFinished,
     IterationStarted,
     ModelReplied,
     Observer,
-    ReplyDelta,
     RlmEvent,
     RlmResult,
     RunFinished,
@@ -123,9 +124,9 @@ class RlmRun:
             run_id=self.run_id, depth=depth, config=self.config, backend=backend,
             ledger=self._ledger, emit=self._emit, run_child=self._run_child,
             temperature=temperature)
-        self._blocks = CellRunner(run_id=self.run_id, depth=depth, config=self.config,
-                                  subs=self._subs, ledger=self._ledger, emit=self._emit,
-                                  timeout_ms=cell_timeout_ms)
+        self._blocks = BlockRunner(
+            run_id=self.run_id, depth=depth, config=self.config, emit=self._emit,
+            subs=self._subs, ledger=self._ledger, cell_timeout_ms=cell_timeout_ms)
 
     # --- bookkeeping ------------------------------------------------------------------------
 
@@ -137,8 +138,8 @@ class RlmRun:
     async def _emit(self, event: RlmEvent) -> None:
         """Store the event in the trajectory, then tell the observer."""
         # The file must hold the run's end even when the run is being cancelled. Streamed
-        # pieces are live only: the ModelReplied after them stores the whole reply.
-        if not isinstance(event, ReplyDelta):
+        # pieces are live only: the ModelReplied or CodeExecuted after them stores the whole.
+        if not isinstance(event, LIVE_ONLY):
             await asyncio.shield(self._writer.write(event))
         if self._observer is None:
             return
@@ -171,7 +172,7 @@ class RlmRun:
         system = prompts.system_prompt(
             info, output_chars=self.config.max_output_chars,
             sub_chars=max_prompt_chars(self.config), recursive_sub_calls=recursive,
-            protocol=self.config.final_protocol)
+            protocol=self.config.final_protocol, languages=self.config.languages)
         task = prompts.task_prompt(self.query)
         self._messages = [ChatMessage(role="system", content=system),
                           ChatMessage(role="user", content=task)]
@@ -192,7 +193,7 @@ class RlmRun:
         self._messages, self._steps, self._folds = plan.messages(), plan.steps(), plan.folds
         plan.restore(self._ledger)
         self._subs.children = plan.children
-        self._blocks.cells = [cell.code for turn in plan.turns for cell in turn.cells]
+        self._blocks.cells = plan.python_cells()
         self._last_reply, self._replied = plan.last_reply, len(plan.turns)
         started = time.monotonic()
         self._ledger.deadline = (asyncio.get_running_loop().time()

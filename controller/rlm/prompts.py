@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
 
 from kowalski.common.code_blocks import CodeBlock
-from kowalski.common.messages import CellResult
+from kowalski.common.messages import LANGUAGES, CellResult, JobResult
 
 # Lengths listed one by one in the prompt before the rest is summarised (the reference
 # implementation lists 100; small models have little room to spare).
@@ -87,8 +88,7 @@ as a list in the same order. Much faster than llm_query in a loop.
 cut, so print counts, short slices and summaries, never the whole context.
 Variables persist from one block and one step to the next.
 
-Only ```repl (or ```python) blocks run; blocks in other languages or without a language are \
-not run. For example:
+{languages}For example:
 ```repl
 print(type(context), len(context))
 print(context[:500])
@@ -135,8 +135,27 @@ The run ends with answer["content"] once answer["ready"] is True. Do not set it 
 before you know the answer, and answer the query itself."""
 
 
+def languages_note(languages: Sequence[str], context_type: str) -> str:
+    """What the system prompt says about the languages whose blocks run."""
+    others = [language for language in LANGUAGES if language != "python" and language in languages]
+    python = ("Only ```repl (or ```python) blocks run in the REPL" if "python" in languages
+              else "Python blocks do not run in this run")
+    if not others:
+        return (f"{python}; blocks in other languages or without a language are not run. ")
+    tags = ", ".join(f"```{language}" for language in others)
+    file = "context.txt" if context_type == "str" else "context.json"
+    how = "as text" if context_type == "str" else "as JSON"
+    return (f"{python}. Blocks tagged {tags} also run, each as a fresh one-shot program on "
+            f"the same machine: nothing persists between them and they cannot call llm_query, "
+            f"but the context is in their working directory as the file `{file}` ({how}). "
+            "Their output comes back labelled with the language; a compile error comes back "
+            "as an error to fix. Rust or Java statements without a main are wrapped in one. "
+            "Blocks without a language are not run. ")
+
+
 def system_prompt(info: ContextInfo, *, output_chars: int, sub_chars: int,
-                  recursive_sub_calls: bool, protocol: str = "final") -> str:
+                  recursive_sub_calls: bool, protocol: str = "final",
+                  languages: Sequence[str] = ("python",)) -> str:
     """The system prompt: the REPL, its functions, how to end (protocol) and the context."""
     sub_call = (
         "starts a sub-model with a REPL of its own, whose `context` is your prompt, and "
@@ -147,6 +166,7 @@ def system_prompt(info: ContextInfo, *, output_chars: int, sub_chars: int,
         sub_call=sub_call, sub_chars=sub_chars, output_chars=output_chars,
         chunk_chars=max(1000, sub_chars // 2), context_sentence=context_sentence(info),
         ending=(_ANSWER_ENDING if protocol == "answer_dict" else _FINAL_ENDING).format(),
+        languages=languages_note(languages, info.type),
     )
 
 
@@ -214,29 +234,41 @@ _STATUS_NOTES = {
 }
 
 
-def format_output(result: CellResult, limit: int) -> str:
-    """A cell's stdout and stderr as the model sees them, at most about limit characters."""
+def format_output(result: CellResult | JobResult, limit: int, *, label: str = "") -> str:
+    """A cell's or job's stdout and stderr as the model sees them, about limit characters.
+
+    With a label (a job's language) each stream is named, and a failure's reason is added.
+    """
     stdout, stderr = result.stdout, result.stderr
     # A traceback's last lines matter most: stderr keeps its tail, stdout its head.
     stderr_room = min(len(stderr), max(limit // 4, limit - len(stdout)))
     parts = []
+    named = {"stdout": f"[{label}] stdout:\n", "stderr": f"[{label}] stderr:\n"} if label else {}
     if stdout:
-        parts.append(truncate(stdout.rstrip("\n"), max(limit - stderr_room, 0) or 1))
+        parts.append(named.get("stdout", "")
+                     + truncate(stdout.rstrip("\n"), max(limit - stderr_room, 0) or 1))
     if stderr:
-        parts.append(truncate(stderr.rstrip("\n"), max(stderr_room, 1), keep="tail"))
+        parts.append(named.get("stderr", "")
+                     + truncate(stderr.rstrip("\n"), max(stderr_room, 1), keep="tail"))
     if result.stdout_truncated or result.stderr_truncated:
         parts.append("[... the agent cut this output at its size limit ...]")
     default = _STATUS_NOTES.get(result.status)
+    if label and result.status == "error" and result.error is not None:
+        # Jobs fail by exit code or at compilation: say which, as the compiler does.
+        default = result.error.message
     if default is not None:
         parts.append(f"[{result.error.message if result.error is not None else default}]")
     return "\n".join(parts) if parts else "(no output)"
 
 
-def skipped_block_note(number: int, block: CodeBlock) -> str:
+def skipped_block_note(number: int, block: CodeBlock,
+                       languages: Sequence[str] = ("python",)) -> str:
     """Why a block in the reply was not run."""
     if not block.fenced:
         return (f"Block {number} (indented) was not run: put code in a ```repl block.")
+    enabled = ", ".join(f"```{language}" for language in LANGUAGES if language in languages)
+    runnable = (f"the languages that run here are {enabled} (```repl is Python)" if enabled
+                else "no language runs in this run")
     if block.raw_language:
-        return (f"Block {number} (```{block.raw_language}) was not run: only ```repl blocks "
-                "run here, in Python.")
-    return f"Block {number} has no language tag and was not run: tag it ```repl."
+        return f"Block {number} (```{block.raw_language}) was not run: {runnable}."
+    return f"Block {number} has no language tag and was not run: {runnable}."

@@ -117,11 +117,16 @@ class ResumePlan(msgspec.Struct, frozen=True, kw_only=True):
         return [StepTiming(iteration=turn.iteration, model_ms=turn.model_ms,
                            code_ms=turn.code_ms) for turn in self.turns]
 
+    def python_cells(self) -> list[str]:
+        """The code of the Python cells done, in order: what made the session's state."""
+        return [cell.code for turn in self.turns for cell in turn.cells
+                if cell.ran_as == "python"]
+
     def seam(self) -> RunResumed:
         """The event that marks where the run resumed."""
         return RunResumed(
             run_id=self.run_id, depth=0, iteration=self.next_iteration, reason=self.reason,
-            replayed_cells=sum(len(turn.cells) for turn in self.turns),
+            replayed_cells=len(self.python_cells()),
             replayed_sub_calls=len(self.sub_calls), resumed_at=time.time(),
             max_iterations=self.config.max_iterations)
 
@@ -265,7 +270,8 @@ async def replay(session: CodeSession, plan: ResumePlan, answers: RecordedAnswer
     """Run the recorded cells again in order; why the session left the record, or ""."""
     for turn in plan.turns:
         ledger.iteration = turn.iteration
-        for cell in turn.cells:
+        # Only Python cells made the session's state; other languages ran as jobs beside it.
+        for cell in (cell for cell in turn.cells if cell.ran_as == "python"):
             result = await session.execute(cell.code, timeout_ms=timeout_ms)
             if result.status != cell.status:
                 return (f"replaying iteration {turn.iteration} block {cell.block}: the cell "

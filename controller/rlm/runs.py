@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -28,7 +27,7 @@ from kowalski.common.errors import (
     ParseError,
     RunNotResumableError,
 )
-from kowalski.common.messages import LlmCallback, WireError
+from kowalski.common.messages import Language, LlmCallback, WireError
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.fleet.sessions import RemoteSession
 from kowalski.controller.models.chat_types import ChatBackend
@@ -43,15 +42,11 @@ from kowalski.controller.rlm.durable import (
 )
 from kowalski.controller.rlm.events import (
     AnyRlmEvent,
-    CodeExecuted,
-    ModelReplied,
-    ReplyDelta,
     RlmEvent,
     RlmResult,
-    RunFinished,
     RunHandle,
-    SubCallAnswered,
 )
+from kowalski.controller.rlm.live import LiveRun, LiveRunSummary
 from kowalski.controller.rlm.loop import RlmRun, new_run_id
 from kowalski.controller.rlm.resume import ResumePlan, ResumeReason, plan_resume
 from kowalski.controller.rlm.trajectory import SUFFIX, read_trajectory, run_dir
@@ -60,30 +55,6 @@ log = logging.getLogger(__name__)
 EventListener = Callable[[RlmEvent], None]
 # Summaries of finished runs kept for the status page.
 _KEEP_FINISHED = 50
-
-
-class LiveRunSummary(msgspec.Struct, frozen=True, kw_only=True):
-    """A run of this controller, counted from its events as they come: running or done is known."""
-
-    run_id: str
-    query: str
-    status: str
-    iterations: int
-    sub_calls: int
-    tokens: int
-    started_at: float
-    devices: list[str]
-    stop_reason: str = ""
-    # The root model's reply while it streams (its last REPLY_SO_FAR_CHARS), and its iteration.
-    reply_so_far: str = ""
-    reply_iteration: int = 0
-    # Events stored so far by the run and the child runs below it: a page showing its
-    # trajectory reads it again when this moves.
-    events: int = 0
-
-
-# A live summary keeps at most this much of the reply being generated.
-REPLY_SO_FAR_CHARS = 4000
 
 
 class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -99,6 +70,8 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_depth: Annotated[int, Meta(ge=0)] | None = None
     token_budget: Annotated[int, Meta(gt=0)] | None = None
     run_timeout_s: Annotated[float, Meta(gt=0)] | None = None
+    # Languages whose blocks run (empty: rlm.languages); only ones the controller enables.
+    languages: list[Language] = msgspec.field(default_factory=list)
     # Stream events as NDJSON while the run goes, then the result.
     stream: bool = False
 
@@ -121,44 +94,6 @@ class RunStreamError(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"
 RunStreamLine = AnyRlmEvent | RunStreamResult | RunStreamError
 
 
-class _Live:
-    """A run's live numbers, for the status page."""
-
-    def __init__(self, run_id: str, query: str) -> None:
-        self.summary = LiveRunSummary(run_id=run_id, query=query[:200], status="running",
-                                  iterations=0, sub_calls=0, tokens=0,
-                                  started_at=time.time(), devices=[])
-
-    def update(self, event: RlmEvent) -> None:
-        summary = self.summary
-        if not isinstance(event, ReplyDelta):
-            summary = msgspec.structs.replace(summary, events=summary.events + 1)
-        if isinstance(event, ReplyDelta) and event.depth == 0:
-            text = (summary.reply_so_far if summary.reply_iteration == event.iteration else "")
-            summary = msgspec.structs.replace(
-                summary, reply_so_far=(text + event.text)[-REPLY_SO_FAR_CHARS:],
-                reply_iteration=event.iteration)
-        elif isinstance(event, ModelReplied) and event.depth == 0:
-            summary = msgspec.structs.replace(
-                summary, iterations=max(summary.iterations, event.iteration),
-                tokens=summary.tokens + event.tokens.total_tokens, reply_so_far="",
-                reply_iteration=0)
-        elif isinstance(event, SubCallAnswered):
-            summary = msgspec.structs.replace(summary, sub_calls=summary.sub_calls + 1,
-                                              tokens=summary.tokens + event.tokens.total_tokens)
-        elif isinstance(event, CodeExecuted) and event.device_id not in summary.devices:
-            summary = msgspec.structs.replace(summary,
-                                              devices=[*summary.devices, event.device_id])
-        elif isinstance(event, RunFinished) and event.depth == 0:
-            result = event.result
-            summary = msgspec.structs.replace(
-                summary, status="finished" if result.error is None else "failed",
-                iterations=result.iterations, sub_calls=result.sub_calls,
-                tokens=result.tokens.total_tokens, devices=result.devices,
-                stop_reason=result.stop_reason, reply_so_far="", reply_iteration=0)
-        self.summary = summary
-
-
 class RunRegistry:
     """Starts runs, answers their sessions' llm_query calls, and lists them."""
 
@@ -171,7 +106,7 @@ class RunRegistry:
         self._cell_timeout_s = cell_timeout_s
         # Token -> run, for sub-calls; tokens die with their run.
         self._tokens: dict[str, RunHandle] = {}
-        self._live: OrderedDict[str, _Live] = OrderedDict()
+        self._live: OrderedDict[str, LiveRun] = OrderedDict()
         self._listeners: list[EventListener] = []
         # Runs going on, and the task awaiting each.
         self._running: dict[str, tuple[RlmRun, asyncio.Task[Any] | None]] = {}
@@ -209,17 +144,22 @@ class RunRegistry:
         self._tokens.pop(token, None)
 
     def _overrides(self, request: RunRequest) -> RlmConfig:
+        changes: dict[str, Any] = {}
         for key in ("max_iterations", "max_depth", "token_budget", "run_timeout_s"):
             value, limit = getattr(request, key), getattr(self.config, key)
             if value is not None and value > limit:
                 raise ParseError(f"{key} = {value} is over this controller's limit of {limit} "
                                  f"(rlm.{key})")
-        changes: dict[str, Any] = {key: value for key, value in (
-            ("max_iterations", request.max_iterations), ("max_depth", request.max_depth),
-            ("token_budget", request.token_budget), ("run_timeout_s", request.run_timeout_s),
-        ) if value is not None}
+            if value is not None:
+                changes[key] = value
         if request.sub_model:
             changes["sub_model"] = request.sub_model
+        if request.languages:
+            refused = [name for name in request.languages if name not in self.config.languages]
+            if refused:
+                raise ParseError(f"languages {', '.join(refused)} are not enabled on this "
+                                 f"controller (rlm.languages = {self.config.languages})")
+            changes["languages"] = list(dict.fromkeys(request.languages))
         return msgspec.structs.replace(self.config, **changes) if changes else self.config
 
     def _check_context(self, context: Any) -> None:
@@ -357,7 +297,7 @@ class RunRegistry:
     def _observer(self, run_id: str, query: str, observer: EventListener | None
                   ) -> EventListener:
         """Counts the run's events for the status page and hands them to every listener."""
-        live = self._live[run_id] = _Live(run_id, query)
+        live = self._live[run_id] = LiveRun(run_id, query)
         while len(self._live) > _KEEP_FINISHED:
             oldest = next(iter(self._live))
             if self._live[oldest].summary.status == "running":

@@ -306,8 +306,9 @@ def _iteration(events: list[AnyRlmEvent], limit: int) -> list[str]:
             lines.append(f"[block {block.block}: ```{block.language or '(untagged)'} not run]")
         elif isinstance(block, CodeExecuted):
             where = f" on {block.device_id}" if block.device_id else ""
-            lines.append(f"[block {block.block}: {block.status}, {block.wall_time_ms:.0f} ms"
-                         f"{where}]")
+            language = f" {block.ran_as}" if block.ran_as != "python" else ""
+            lines.append(f"[block {block.block}{language}: {block.status}, "
+                         f"{block.wall_time_ms:.0f} ms{where}]")
             lines += [_indent(_cut(block.code.rstrip("\n"), limit), "  > "),
                       _indent(_cut(block.output, limit), "  | ")]
     calls = [e for e in events if isinstance(e, SubCallAnswered)]

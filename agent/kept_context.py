@@ -1,0 +1,83 @@
+"""A session's context kept for the jobs that run beside it, without holding it in memory.
+
+The session's driver deletes its context file once it has read it. Before that, the agent
+makes a hard link to it in a directory beside the work dirs that no job sees: no copy is
+made, and a job naming the session gets the context as `context.txt` (text) or
+`context.json` (anything else) from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from kowalski.agent.jail import read_back
+from kowalski.common.errors import ExecutionError
+
+__all__ = ["CONTEXT_JSON_FILE", "CONTEXT_TEXT_FILE", "KeptContext"]
+
+# The context as a job working beside the session finds it: text as is, the rest as JSON.
+CONTEXT_TEXT_FILE = "context.txt"
+CONTEXT_JSON_FILE = "context.json"
+# Beside the work dirs: the contexts of live sessions.
+_KEPT = ".contexts"
+
+
+class KeptContext:
+    """One session's context file, linked aside before its driver deletes it."""
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._kind: Literal["text", "json"] = "json"
+        self._size = 0
+
+    def keep(self, workdir: Path, name: str, context: Any, size: int) -> None:
+        """Link workdir/name aside (blocking I/O): the context it holds, `size` bytes of JSON."""
+        kept = workdir.parent / _KEPT / workdir.name
+        for attempt in range(3):
+            kept.parent.mkdir(mode=0o700, exist_ok=True)
+            kept.unlink(missing_ok=True)
+            try:
+                os.link(workdir / name, kept, follow_symlinks=False)
+                break
+            except FileNotFoundError:
+                # The last session's drop removed the directory just now: make it again.
+                if attempt == 2 or not (workdir / name).exists():
+                    raise
+        self._path, self._size = kept, size
+        self._kind = "text" if isinstance(context, str) else "json"
+
+    async def files(self, session_id: str) -> dict[str, bytes]:
+        """The context as files for a job beside the session (none without a context)."""
+        if self._path is None:
+            return {}
+        return await asyncio.to_thread(self._read, self._path, session_id)
+
+    def _read(self, path: Path, session_id: str) -> dict[str, bytes]:
+        try:
+            data = read_back(path, self._size)
+        except (OSError, ValueError) as exc:
+            raise ExecutionError(f"a job beside session {session_id!r} cannot read its context: "
+                                 f"{exc.strerror if isinstance(exc, OSError) else exc}") from None
+        if self._kind == "json":
+            return {CONTEXT_JSON_FILE: data}
+        return {CONTEXT_TEXT_FILE: msgspec.json.decode(data, type=str).encode(errors="replace")}
+
+    async def drop(self) -> None:
+        """Remove the link once the session has ended."""
+        path, self._path = self._path, None
+        if path is not None:
+            await asyncio.to_thread(_remove, path)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+        # The last one out leaves the work root as it found it; a directory still in use
+        # is not empty and stays.
+        path.parent.rmdir()
