@@ -88,6 +88,8 @@ def heartbeat(state: AgentState) -> Heartbeat:
         jobs_queued=state.jobs.queued,
         sessions=len(state.sessions),
         running_job_ids=state.jobs.running_ids,
+        pool_size=0 if state.sandbox.pool is None else state.sandbox.pool.size,
+        pool_ready=0 if state.sandbox.pool is None else state.sandbox.pool.ready,
     )
 
 

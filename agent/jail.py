@@ -253,6 +253,19 @@ class Jail:
             for path in [workdir, *(workdir / file_name for file_name in files)]:
                 os.chown(path, *self.job_user)
 
+    def add_files(self, handle: SandboxedProcess, files: Mapping[str, bytes]) -> None:
+        """Write files into a started process's work dir, owned by the job user."""
+        for file_name, data in files.items():
+            # The dir is the job user's: never follow or reuse what is there.
+            fd = os.open(handle.workdir / file_name,
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                if self.job_user is not None:
+                    os.fchown(fd, *self.job_user)
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+
     def environment(self, workdir: Path) -> dict[str, str]:
         home = INNER_WORKDIR if self._bwrap else str(workdir)
         return {"PATH": SYSTEM_PATH, "HOME": home, "TMPDIR": "/tmp", "LANG": "C.UTF-8"}

@@ -7,8 +7,9 @@ import logging
 import time
 from typing import Any
 
+from kowalski.agent.job_result import OUTPUT_LIMIT
 from kowalski.agent.repl_client import LlmHandler, ReplSession
-from kowalski.agent.sandbox import OUTPUT_LIMIT, Sandbox
+from kowalski.agent.sandbox import Sandbox
 from kowalski.common.errors import (
     BusyError,
     ExecutionError,

@@ -206,6 +206,10 @@ class Heartbeat(Message, frozen=True):
     sessions: int
     # Job ids running now, so a controller can tell which of its jobs are alive.
     running_job_ids: list[JobId] = msgspec.field(default_factory=list)
+    # Ready sandboxes the agent aims to keep (sandbox.pool_size per pooled language) and
+    # how many are ready now; a job finding none starts its own.
+    pool_size: int = 0
+    pool_ready: int = 0
 
 
 # --- llm sub-calls from a session to the controller ---------------------------------------

@@ -22,7 +22,7 @@ COMPILED = ["rust", "java"]
 
 def config(**overrides: Any) -> SandboxConfig:
     values: dict[str, Any] = {"mode": "bwrap", "memory_limit_mb": 512, "pids_limit": 64,
-                              "max_output_bytes": 65536}
+                              "max_output_bytes": 65536, "pool_size": 0}
     values.update(overrides)
     return SandboxConfig(**values)
 
