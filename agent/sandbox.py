@@ -42,8 +42,7 @@ class Sandbox:
     def __init__(self, config: SandboxConfig, *, work_root: Path,
                  search_path: str = SYSTEM_PATH, job_slots: int | None = None) -> None:
         self._config = config
-        # Jobs that may run at once: ready sandboxes and running jobs together stay within
-        # it, so the pool adds nothing to the memory the agent's jobs may take.
+        # Jobs that may run at once; the pool stays within them (see SandboxPool).
         self._job_slots = job_slots
         self._jobs_running = 0
         self.pool: SandboxPool | None = None
@@ -141,11 +140,6 @@ class Sandbox:
             if name in self._toolchains}
         if self._config.pool_size == 0 or not pooled:
             return
-        size = self._config.pool_size
-
-        def limit() -> int:
-            slots = size * len(pooled) if self._job_slots is None else self._job_slots
-            return slots - self._jobs_running
 
         async def spawn(name: str, toolchain: Toolchain, argv: list[str],
                         gate: int) -> SandboxedProcess:
@@ -154,8 +148,9 @@ class Sandbox:
                                     stderr=pipe, pass_fds=(gate,))
 
         assert self._jail is not None
-        self.pool = SandboxPool(toolchains=pooled, size=size, spawn=spawn,
-                                prepare=self._jail.add_files, limit=limit)
+        self.pool = SandboxPool(toolchains=pooled, size=self._config.pool_size, spawn=spawn,
+                                prepare=self._jail.add_files, slots=self._job_slots,
+                                busy=lambda: self._jobs_running)
         self.pool.start()
 
     def _require(self, binary: str, package: str) -> str:

@@ -74,13 +74,16 @@ class SandboxPool:
     """Keeps up to size ready sandboxes per language, within a limit that may change."""
 
     def __init__(self, *, toolchains: Mapping[str, Toolchain], size: int, spawn: Spawn,
-                 prepare: Prepare, limit: Callable[[], int]) -> None:
+                 prepare: Prepare, slots: int | None = None,
+                 busy: Callable[[], int] = lambda: 0) -> None:
         self._toolchains = dict(toolchains)
         self._size = size
         self._spawn = spawn
         self._prepare = prepare
-        # How many sandboxes the pool may hold now (the agent's free job slots).
-        self._limit = limit
+        # The agent's job slots: ready sandboxes and busy ones (running jobs) stay within
+        # them, so the pool adds nothing to the memory the agent's jobs may take.
+        self._slots = slots
+        self._busy = busy
         self._ready: dict[str, deque[_Ready]] = {name: deque() for name in self._toolchains}
         # Name prefixes of sandboxes being made, whose work dirs and cgroups exist already.
         self._making: set[str] = set()
@@ -96,8 +99,9 @@ class SandboxPool:
 
     @property
     def size(self) -> int:
-        """Sandboxes the pool aims to hold, over all its languages."""
-        return self._size * len(self._toolchains)
+        """Sandboxes the pool holds when the agent is idle, over all its languages."""
+        wanted = self._size * len(self._toolchains)
+        return wanted if self._slots is None else min(wanted, self._slots)
 
     @property
     def ready(self) -> int:
@@ -127,7 +131,9 @@ class SandboxPool:
 
     def _short(self) -> str | None:
         """A language the pool should make a sandbox for now, if any."""
-        if self.ready + len(self._making) >= self._limit():
+        held = self.ready + len(self._making)
+        if held >= self.size or (self._slots is not None
+                                 and held + self._busy() >= self._slots):
             return None
         for language, queue in sorted(self._ready.items(), key=lambda item: len(item[1])):
             if len(queue) < self._size:
