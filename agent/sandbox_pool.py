@@ -120,7 +120,7 @@ class SandboxPool:
             self.refill()
 
     def refill(self) -> None:
-        """Ask the background task to top the pool up (after a take, or a job's end)."""
+        """Ask the background task to top the pool up (after a job's end)."""
         self._settled.clear()
         self._wanted.set()
 
@@ -176,8 +176,9 @@ class SandboxPool:
         """A ready sandbox, given files and told to go; None when the pool has none."""
         queue = self._ready.get(language)
         while queue:
+            # Refilled when the job ends (the caller's refill()), not now: a new sandbox's
+            # start would take CPU from this job's.
             entry = queue.popleft()
-            self.refill()
             handle = entry.handle
             try:
                 if handle.returncode is not None:

@@ -88,6 +88,11 @@ def _batch_outage() -> Measure:
     return batch_outage.measure
 
 
+def _pool() -> Measure:
+    from bench import pool
+    return pool.measure
+
+
 def _fanout() -> Measure:
     from bench import fanout
     return fanout.measure
@@ -110,6 +115,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
      120.0),
     ("fanout", "Sub-calls of one run over several endpoints", _fanout, 300.0),
     ("batch_outage", "A model outage in the middle of a batch", _batch_outage, 180.0),
+    ("pool", "Cold Python jobs with the sandbox pool warm and empty", _pool, 300.0),
 ]
 
 

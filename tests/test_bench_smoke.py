@@ -148,3 +148,15 @@ def test_quick_run_of_the_batch_outage_fails_no_item(tmp_path: Path) -> None:
     calm_s, stormy_s = section["raw"]["wall s (no outage, outage)"]
     assert stormy_s > calm_s + section["raw"]["down s"][0]
     assert "model outage in a 100-item batch" in report
+
+
+def test_quick_run_of_the_sandbox_pool_times_warm_and_empty_jobs(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "pool")
+    [section] = figures["sections"]
+    check_section(section)
+    assert {target["name"] for target in section["targets"]} == {
+        "cold job p50, pool warm", "cold job p50 with the pool warm / bare python spawn p50",
+        "cold job p50, pool empty", "idle agent RSS with the pool"}
+    steps = [row[0] for row in section["tables"][2]["rows"]]
+    assert steps[0] == "pooled: take (write main.py, send the go)"
+    assert "Cold Python jobs with the sandbox pool warm and empty" in report
