@@ -147,10 +147,13 @@ async def test_ready_sandboxes_and_running_jobs_share_the_job_slots(tmp_path: Pa
         assert (box.pool.size, box.pool.ready) == (2, 2)
         running = asyncio.ensure_future(box.run_job(job("python", "import time\n"
                                                                   "time.sleep(1.5)\n")))
-        await asyncio.sleep(0.5)
+        # The job takes its sandbox in its first step.
+        await asyncio.sleep(0)
+        box.pool.refill()
         await box.pool.wait_ready()
         # One slot runs the job, so the pool keeps one ready sandbox, not two.
         assert box.pool.ready == 1
+        assert not running.done()
         assert (await running).status == "ok"
         await box.pool.wait_ready()
         assert box.pool.ready == 2
