@@ -34,6 +34,7 @@ from kowalski.common.messages import JobRequest, JobResult
 log = logging.getLogger("kowalski.agent.sandbox")
 _PROBE_TIMEOUT_S = 60.0
 _DRAIN_TIMEOUT_S = 2.0
+_POOL_FILL_TIMEOUT_S = 10.0
 
 
 class Sandbox:
@@ -133,6 +134,7 @@ class Sandbox:
                 log.warning("%s is not offered: %s", name, outcome)
         self.languages = sorted(self._toolchains)
         self._start_pool()
+        await self._fill_pool()
 
     def _start_pool(self) -> None:
         pooled: dict[str, Toolchain] = {
@@ -152,6 +154,17 @@ class Sandbox:
                                 prepare=self._jail.add_files, slots=self._job_slots,
                                 busy=lambda: self._jobs_running)
         self.pool.start()
+
+    async def _fill_pool(self) -> None:
+        # Before the agent answers: a pool filling beside its first jobs and heartbeats
+        # would slow both, and make the agent look slower to the controller than it is.
+        if self.pool is None:
+            return
+        try:
+            await asyncio.wait_for(self.pool.wait_ready(), _POOL_FILL_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("the sandbox pool is not full after %g s; filling on in the "
+                        "background", _POOL_FILL_TIMEOUT_S)
 
     def _require(self, binary: str, package: str) -> str:
         found = shutil.which(binary, path=self._search_path)

@@ -125,7 +125,7 @@ class SandboxPool:
         self._wanted.set()
 
     async def wait_ready(self) -> None:
-        """Wait until the pool holds all it may hold now; for tests and benchmarks."""
+        """Wait until the pool holds all it may hold now, or a try to fill it failed."""
         if self._task is not None and not self._closed:
             await self._settled.wait()
 
@@ -152,6 +152,8 @@ class SandboxPool:
                 except ExecutionError as exc:
                     log.warning("cannot make a ready %s sandbox (%s); retrying in %g s",
                                 language, exc.message, pause_s)
+                    # Waiters learn the pool is as full as it gets for now.
+                    self._settled.set()
                     await asyncio.sleep(pause_s)
                     pause_s = min(pause_s * 2, _RETRY_MAX_S)
             self._settled.set()
