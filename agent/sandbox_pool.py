@@ -71,7 +71,7 @@ class _Ready:
 
 
 class SandboxPool:
-    """Keeps up to size ready sandboxes per language, within a limit that may change."""
+    """Keeps up to size ready sandboxes per language, within the agent's free job slots."""
 
     def __init__(self, *, toolchains: Mapping[str, Toolchain], size: int, spawn: Spawn,
                  prepare: Prepare, slots: int | None = None,
@@ -92,10 +92,6 @@ class SandboxPool:
         self._settled = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-
-    @property
-    def languages(self) -> list[str]:
-        return sorted(self._toolchains)
 
     @property
     def size(self) -> int:
