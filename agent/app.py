@@ -91,6 +91,8 @@ def heartbeat(state: AgentState) -> Heartbeat:
         sessions=len(state.sessions),
         warm_sessions=len(state.sessions.pool),
         running_job_ids=state.jobs.running_ids,
+        pool_size=0 if state.sandbox.pool is None else state.sandbox.pool.size,
+        pool_ready=0 if state.sandbox.pool is None else state.sandbox.pool.ready,
     )
 
 

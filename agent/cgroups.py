@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kowalski.agent.cgroup_events import wait_unpopulated
+
 log = logging.getLogger("kowalski.agent.cgroups")
 
 # Names of the per-agent parent cgroups; the pid lets a new agent clear a dead one's leftovers.
@@ -145,15 +147,24 @@ class JobCgroup:
     async def kill_all(self, timeout_s: float = 5.0) -> bool:
         """SIGKILL every process until none is left; False if some survived the timeout."""
         kill_file = self.dirs.get("pids", next(iter(self.dirs.values()))) / "cgroup.kill"
+        if self.version == 2 and kill_file.exists():
+            # One write kills every process, forks under way included; cgroup.events says
+            # when the last has gone.
+            try:
+                kill_file.write_text("1")
+                if await wait_unpopulated(kill_file.parent, timeout_s):
+                    return True
+                log.error("processes %s survived cgroup.kill in %s", sorted(self.pids()),
+                          kill_file.parent)
+                return False
+            except OSError as exc:
+                log.warning("cannot kill through %s (%s): killing pid by pid", kill_file, exc)
         deadline = time.monotonic() + timeout_s
         pause_s = _KILL_FIRST_PAUSE_S
         while True:
             pids = self.pids()
             if not pids:
                 return True
-            if self.version == 2 and kill_file.exists():
-                with contextlib.suppress(OSError):
-                    kill_file.write_text("1")
             # A fork between reading and killing adds a pid; the pids limit bounds the rounds.
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -273,13 +273,19 @@ class Jail:
                 os.chown(path, *self.job_user)
 
     def write_file(self, workdir: Path, name: str, data: bytes) -> None:
-        path = workdir / name
-        # Never through a link, nor over a file: the process may have made either there.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        """Write one more file into a work dir, owned by the job user (blocking I/O)."""
+        # The dir is the job user's: never follow a link there, nor reuse a file.
+        fd = os.open(workdir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                     0o600)
         with os.fdopen(fd, "wb") as file:
+            if self.job_user is not None:
+                os.fchown(fd, *self.job_user)
             file.write(data)
-        if self.job_user is not None:
-            os.chown(path, *self.job_user)
+
+    def add_files(self, handle: SandboxedProcess, files: Mapping[str, bytes]) -> None:
+        """Write files into a started process's work dir, owned by the job user."""
+        for file_name, data in files.items():
+            self.write_file(handle.workdir, file_name, data)
 
     def environment(self, workdir: Path) -> dict[str, str]:
         home = INNER_WORKDIR if self._bwrap else str(workdir)

@@ -68,6 +68,10 @@ class Toolchain:
     shell: str = ""
     # Compiled languages: the compiler (rustc, javac) on the host.
     compiler: str = ""
+    # java: the memory the JVM sizes its heap from (MiB), the job's limit: on cgroup v1 it
+    # does not find its memory limit (jobs lack the cpuset and cpuacct hierarchies it
+    # wants), and without a cgroup there is none to find. 0: let the JVM look.
+    jvm_max_ram_mb: int = 0
 
     @property
     def spec(self) -> LanguageSpec:
@@ -103,8 +107,14 @@ class Toolchain:
         if self.language == "rust":
             return [compiler, "--edition", "2021", "-C", "opt-level=1", "-C", "strip=symbols",
                     "-A", "warnings", "-o", "main", program.source_file]
-        return [compiler, *(f"-J{flag}" for flag in _JVM_FLAGS), "-Xlint:none", "-nowarn",
+        return [compiler, *(f"-J{flag}" for flag in self._jvm_flags()), "-Xlint:none", "-nowarn",
                 "-encoding", "UTF-8", "-d", ".", program.source_file]
+
+    def _jvm_flags(self) -> tuple[str, ...]:
+        # So a program over the limit gets OutOfMemoryError, not the kernel's SIGKILL.
+        if self.jvm_max_ram_mb:
+            return (*_JVM_FLAGS, f"-XX:MaxRAM={self.jvm_max_ram_mb}m")
+        return _JVM_FLAGS
 
     def run_argv(self, program: Program | None = None) -> list[str]:
         """The command that runs the job (compiled: its artifacts) in its work dir."""
@@ -113,7 +123,7 @@ class Toolchain:
             return [self.shell, "-c", _RUST_RUN_SCRIPT]
         if self.language == "java":
             main_class = program.main_class if program else JAVA_MAIN_CLASS
-            return [exe, *_JVM_FLAGS, "-cp", ".", main_class]
+            return [exe, *self._jvm_flags(), "-cp", ".", main_class]
         if self.language == "python":
             # Unbuffered, so output written before a timeout is not lost.
             return [exe, "-u", self.spec.source_file]
@@ -212,12 +222,13 @@ def _rust_toolchain(sysroot: str, search_path: str) -> Toolchain:
     return Toolchain("rust", rustc, sysroot, shell=shell, compiler=rustc)
 
 
-def _java_toolchain(java: str) -> Toolchain:
+def _java_toolchain(java: str, config: SandboxConfig) -> Toolchain:
     javac = os.path.join(os.path.dirname(java), "javac")
     if not os.access(javac, os.X_OK):
         raise LookupError(f"no javac beside {java}: install a JDK, not only a runtime "
                           "(apt-get install default-jdk-headless)")
-    return Toolchain("java", java, _prefix(java), compiler=javac)
+    max_ram_mb = config.memory_limit_mb if config.mode != "none" else 0
+    return Toolchain("java", java, _prefix(java), compiler=javac, jvm_max_ram_mb=max_ram_mb)
 
 
 def _visible(path: str) -> bool:
@@ -257,6 +268,6 @@ async def resolve(language: str, config: SandboxConfig, *, search_path: str,
         toolchain = _rust_toolchain(await _rust_sysroot(executable), search_path)
     else:
         real = _real_path(executable)
-        toolchain = (_java_toolchain(real) if language == "java"
+        toolchain = (_java_toolchain(real, config) if language == "java"
                      else Toolchain(language, real, _prefix(real)))
     return _place(toolchain, relocate, job_user)

@@ -49,7 +49,8 @@ class Agent:
         settings = self._config.agent
         # Before the slow sandbox probes: a bad certificate path fails start-up at once.
         tls = server_ssl_context(self._config.security)
-        sandbox = Sandbox(self._config.sandbox, work_root=Path(settings.work_dir))
+        sandbox = Sandbox(self._config.sandbox, work_root=Path(settings.work_dir),
+                          job_slots=settings.max_concurrent_jobs)
         advertiser: Advertiser | None = None
         runner: web.AppRunner | None = None
         jobs: JobRunner | None = None

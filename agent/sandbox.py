@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,6 +16,7 @@ from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager
 from kowalski.agent.jail import Jail, SandboxedProcess
 from kowalski.agent.job_output import Flood, OutputListener, drain, feed, flood_limit
+from kowalski.agent.job_result import Outcome, job_result, wire_error
 from kowalski.agent.languages import (
     SPECS,
     SYSTEM_PATH,
@@ -24,54 +25,28 @@ from kowalski.agent.languages import (
     reachable_by,
     resolve,
 )
-from kowalski.agent.launcher import LAUNCH_FAILED, LAUNCH_MARK, build_launcher, cache_dir
+from kowalski.agent.launcher import build_launcher, cache_dir
+from kowalski.agent.sandbox_pool import SandboxPool
 from kowalski.common.config import SandboxConfig
-from kowalski.common.errors import (
-    ConfigError,
-    ExecutionError,
-    ReplError,
-    ReplTimeoutError,
-    UnsupportedLanguageError,
-)
-from kowalski.common.messages import JobRequest, JobResult, JobStatus, WireError
+from kowalski.common.errors import ConfigError, ExecutionError, UnsupportedLanguageError
+from kowalski.common.messages import JobRequest, JobResult
 
 log = logging.getLogger("kowalski.agent.sandbox")
-# Told each piece of a job's kept output as it arrives: the stream's name and the bytes.
-# Wire codes for jobs stopped at a resource limit.
-MEMORY_LIMIT = "memory_limit"
-OUTPUT_LIMIT = "output_limit"
 _PROBE_TIMEOUT_S = 60.0
 _DRAIN_TIMEOUT_S = 2.0
-
-
-@dataclass
-class _Outcome:
-    returncode: int | None
-    stdout: bytes
-    stderr: bytes
-    stdout_truncated: bool
-    stderr_truncated: bool
-    wall_time_ms: float
-    timed_out: bool
-    # The stream that passed flood_limit, if the job was killed for it.
-    flooded: str
-    flood_limit: int
-    memory_exceeded: bool
-    pids_exhausted: bool
-    # What the run left in its work dir that the caller asked to keep (compilers' output).
-    artifacts: dict[str, bytes] = field(default_factory=dict)
-
-    @property
-    def launch_failed(self) -> bool:
-        return self.returncode == LAUNCH_FAILED and self.stderr.startswith(LAUNCH_MARK)
+_POOL_FILL_TIMEOUT_S = 10.0
 
 
 class Sandbox:
     """Runs jobs in the configured mode: bwrap, rlimit or none."""
 
     def __init__(self, config: SandboxConfig, *, work_root: Path,
-                 search_path: str = SYSTEM_PATH) -> None:
+                 search_path: str = SYSTEM_PATH, job_slots: int | None = None) -> None:
         self._config = config
+        # Jobs that may run at once; the pool stays within them (see SandboxPool).
+        self._job_slots = job_slots
+        self._jobs_running = 0
+        self.pool: SandboxPool | None = None
         self._work_root = Path(work_root)
         self._search_path = search_path
         self.mode: str = config.mode
@@ -158,6 +133,38 @@ class Sandbox:
                 self.unavailable[name] = outcome
                 log.warning("%s is not offered: %s", name, outcome)
         self.languages = sorted(self._toolchains)
+        self._start_pool()
+        await self._fill_pool()
+
+    def _start_pool(self) -> None:
+        pooled: dict[str, Toolchain] = {
+            name: self._toolchains[name] for name in self._config.pool_languages
+            if name in self._toolchains}
+        if self._config.pool_size == 0 or not pooled:
+            return
+
+        async def spawn(name: str, toolchain: Toolchain, argv: list[str],
+                        gate: int) -> SandboxedProcess:
+            pipe = asyncio.subprocess.PIPE
+            return await self.spawn(name, toolchain, argv, files={}, stdin=pipe, stdout=pipe,
+                                    stderr=pipe, pass_fds=(gate,))
+
+        assert self._jail is not None
+        self.pool = SandboxPool(toolchains=pooled, size=self._config.pool_size, spawn=spawn,
+                                prepare=self._jail.add_files, slots=self._job_slots,
+                                busy=lambda: self._jobs_running)
+        self.pool.start()
+
+    async def _fill_pool(self) -> None:
+        # Before the agent answers: a pool filling beside its first jobs and heartbeats
+        # would slow both, and make the agent look slower to the controller than it is.
+        if self.pool is None:
+            return
+        try:
+            await asyncio.wait_for(self.pool.wait_ready(), _POOL_FILL_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("the sandbox pool is not full after %g s; filling on in the "
+                        "background", _POOL_FILL_TIMEOUT_S)
 
     def _require(self, binary: str, package: str) -> str:
         found = shutil.which(binary, path=self._search_path)
@@ -216,6 +223,17 @@ class Sandbox:
         extra_files are put beside the program for its run (not for its compilation).
         """
         toolchain = self.toolchain(request.language)
+        self._jobs_running += 1
+        try:
+            return await self._run_job(request, toolchain, on_output, extra_files)
+        finally:
+            self._jobs_running -= 1
+            if self.pool is not None:
+                self.pool.refill()
+
+    async def _run_job(self, request: JobRequest, toolchain: Toolchain,
+                       on_output: OutputListener | None,
+                       extra_files: Mapping[str, bytes] | None) -> JobResult:
         timeout_ms = request.timeout_ms or self.default_timeout_ms(request.language)
         cap = self.output_cap(request.max_output_bytes)
         compile_ms = 0.0
@@ -228,7 +246,7 @@ class Sandbox:
                     files={program.source_file: program.source.encode()},
                     timeout_s=compile_timeout_ms / 1000, cap=cap, keep=toolchain.spec.artifacts)
                 if built.returncode != 0 or not built.artifacts:
-                    return _job_result(request, built, compile_timeout_ms, self._config,
+                    return job_result(request, built, compile_timeout_ms, self._config,
                                        phase="compile")
                 compile_ms = built.wall_time_ms
                 argv, files = toolchain.run_argv(program), built.artifacts
@@ -238,13 +256,13 @@ class Sandbox:
             outcome = await self._run(
                 f"job-{request.job_id}", toolchain, argv, files={**(extra_files or {}), **files},
                 stdin=request.stdin.encode(), timeout_s=timeout_ms / 1000, cap=cap,
-                on_output=on_output)
+                on_output=on_output, pooled=not toolchain.compiled)
         except ExecutionError as exc:
             return JobResult(job_id=request.job_id, status="failed", exit_code=None,
                              stdout="", stderr="", error=wire_error(exc))
         # The caller waited for both steps.
         outcome.wall_time_ms += compile_ms
-        return _job_result(request, outcome, timeout_ms, self._config)
+        return job_result(request, outcome, timeout_ms, self._config)
 
     async def spawn(self, name: str, toolchain: Toolchain | None, argv: list[str], *,
                     files: Mapping[str, bytes], stdin: int | IO[Any] | None,
@@ -259,13 +277,20 @@ class Sandbox:
 
     async def _run(self, name: str, toolchain: Toolchain | None, argv: list[str], *,
                    files: Mapping[str, bytes], timeout_s: float, cap: int,
-                   stdin: bytes = b"", keep: str = "",
-                   on_output: OutputListener | None = None) -> _Outcome:
-        """Run argv to its end or timeout_s; keep: a glob of work dir files to return."""
+                   stdin: bytes = b"", keep: str = "", pooled: bool = False,
+                   on_output: OutputListener | None = None) -> Outcome:
+        """Run argv to its end or timeout_s; keep: a glob of work dir files to return.
+
+        pooled: a ready sandbox of the toolchain's language may run it instead, if any.
+        """
         pipe = asyncio.subprocess.PIPE
         started = time.monotonic()
-        handle = await self.spawn(name, toolchain, argv, files=files, stdin=pipe,
-                                  stdout=pipe, stderr=pipe)
+        handle = None
+        if pooled and self.pool is not None and toolchain is not None:
+            handle = await self.pool.take(toolchain.language, files)
+        if handle is None:
+            handle = await self.spawn(name, toolchain, argv, files=files, stdin=pipe,
+                                      stdout=pipe, stderr=pipe)
         process = handle.process
         assert process.stdin is not None
         assert process.stdout is not None
@@ -291,7 +316,7 @@ class Sandbox:
             err, err_truncated = drains[1].result() if drains[1] in drained else (b"", True)
             artifacts = (await asyncio.to_thread(_collect, handle.workdir, keep)
                          if keep and returncode == 0 else {})
-            return _Outcome(
+            return Outcome(
                 returncode=returncode,
                 stdout=out, stderr=err, stdout_truncated=out_truncated,
                 stderr_truncated=err_truncated, wall_time_ms=wall_time_ms,
@@ -309,56 +334,13 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
+        if self.pool is not None:
+            await self.pool.close()
         if self._jail is not None:
             await self._jail.close()
         if self._cgroups is not None:
             self._cgroups.close()
 
 
-def wire_error(error: ExecutionError) -> WireError:
-    return WireError(code=error.code, message=error.message, retryable=error.retry_elsewhere)
-
-
 def _collect(workdir: Path, pattern: str) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in workdir.glob(pattern) if path.is_file()}
-
-
-def _job_result(request: JobRequest, outcome: _Outcome, timeout_ms: int,
-                config: SandboxConfig, *, phase: str = "code") -> JobResult:
-    """The job's result from its last step: its run, or a compilation that failed."""
-    error: WireError | None = None
-    status: JobStatus
-    exit_code = outcome.returncode
-    process_note = (f"; it reached the limit of {config.pids_limit} processes"
-                    if outcome.pids_exhausted else "")
-    if outcome.launch_failed:
-        status = "failed"
-        message = outcome.stderr.decode(errors="replace").strip()
-        error = wire_error(ExecutionError(f"the sandbox could not start the job: {message}"))
-    elif outcome.flooded:
-        status = "killed"
-        error = WireError(code=OUTPUT_LIMIT, message=(
-            f"output limit exceeded: the job wrote more than {outcome.flood_limit} bytes to "
-            f"{outcome.flooded} and was killed"))
-    elif outcome.memory_exceeded and exit_code != 0:
-        status = "killed"
-        error = WireError(code=MEMORY_LIMIT, message=(
-            f"memory limit exceeded: the job used more than {config.memory_limit_mb} MB "
-            "and was killed"))
-    elif outcome.timed_out:
-        status = "timeout"
-        timeout = ReplTimeoutError(request.language, timeout_ms, phase=phase)
-        error = WireError(code=timeout.code, message=timeout.message + process_note)
-    elif exit_code == 0 and phase == "code":
-        status = "ok"
-    else:
-        status = "error"
-        failure = ReplError(request.language, outcome.stderr.decode(errors="replace"), exit_code,
-                            phase=phase)
-        error = WireError(code=failure.code, message=failure.message + process_note)
-    return JobResult(
-        job_id=request.job_id, status=status, exit_code=exit_code,
-        stdout=outcome.stdout.decode(errors="replace"),
-        stderr=outcome.stderr.decode(errors="replace"),
-        stdout_truncated=outcome.stdout_truncated, stderr_truncated=outcome.stderr_truncated,
-        wall_time_ms=round(outcome.wall_time_ms, 3), error=error)

@@ -9,8 +9,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kowalski.agent.job_result import OUTPUT_LIMIT
 from kowalski.agent.repl_client import LlmHandler, OutputListener, ReplSession
-from kowalski.agent.sandbox import OUTPUT_LIMIT, Sandbox
+from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.warm_pool import WarmPool
 from kowalski.common.errors import (
     BusyError,

@@ -70,12 +70,14 @@ async def controller(config: Config, *, expect_agents: int = 0,
 
 
 @asynccontextmanager
-async def agents(tmp: Path, count: int) -> AsyncIterator[list[AgentProcess]]:
-    """Real agent processes with the shipped sandbox limits; stopped on exit."""
+async def agents(tmp: Path, count: int, *, prefix: str = "bench",
+                 **sandbox: object) -> AsyncIterator[list[AgentProcess]]:
+    """Real agent processes with the shipped sandbox limits (sandbox overrides them)."""
     started: list[AgentProcess] = []
     try:
         for number in range(count):
-            agent = AgentProcess(tmp, name=f"bench{number}", sandbox=agent_sandbox())
+            agent = AgentProcess(tmp, name=f"{prefix}{number}",
+                                 sandbox={**agent_sandbox(), **sandbox})
             started.append(agent)
             await agent.start(timeout_s=60)
         yield started

@@ -53,7 +53,8 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
         true = shutil.which("true", path=SYSTEM_PATH) or "true"
         bwrap = shutil.which("bwrap", path=SYSTEM_PATH)
         agent_side: list[float] = []
-        async with agents(tmp, 1) as started:
+        # Every cold job in a sandbox made for it: bench/pool.py measures ready ones.
+        async with agents(tmp, 1, pool_size=0) as started:
             config = controller_config(tmp, agents=[f"127.0.0.1:{started[0].port}"])
             async with controller(config, expect_agents=1) as running:
                 ids = itertools.count()
@@ -111,7 +112,8 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
     round_trip = Section(
         key="roundtrip", title="Sandboxed job round trip",
         method=(
-            f"One real agent process (sandbox mode `{sandbox.mode}`, shipped limits) and the "
+            f"One real agent process (sandbox mode `{sandbox.mode}`, shipped limits, no "
+            "sandbox pool) and the "
             "controller's services in the harness process at default settings. A cold job is "
             "`Dispatcher.run_job` of a new Python job `print(1)` (new job id each time: a new "
             "sandboxed process); a warm cell is `RemoteSession.execute('print(1)')` on a "

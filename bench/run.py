@@ -90,6 +90,9 @@ def _batch_outage() -> Measure:
 def _session_open() -> Measure:
     from bench import session_open
     return session_open.measure
+def _pool() -> Measure:
+    from bench import pool
+    return pool.measure
 
 
 def _fanout() -> Measure:
@@ -128,6 +131,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("session_flood", "Agent memory while every session floods its pipes", _session_flood,
      300.0),
     ("session_open", "A run's session open, warm and cold", _session_open, 300.0),
+    ("pool", "Cold Python jobs with the sandbox pool warm and empty", _pool, 300.0),
 ]
 
 

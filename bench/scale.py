@@ -172,7 +172,9 @@ async def _agent_rss(tmp: Path, settle_s: float
                      ) -> tuple[float, float, float, float, float]:
     """(agent RSS, agent USS, bare interpreter RSS, interpreter with the agent's imports,
     the warm sessions' processes RSS) MiB."""
-    async with agents(tmp, 1) as started:
+    # Without the sandbox pool, whose ready sandboxes are the agent's children (bench/pool.py
+    # measures the agent with it).
+    async with agents(tmp, 1, pool_size=0) as started:
         assert started[0].process is not None
         await asyncio.sleep(settle_s)
         process = psutil.Process(started[0].process.pid)

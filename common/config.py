@@ -127,6 +127,8 @@ class ExoConfig(_Section, frozen=True):
 
 
 SandboxMode = Literal["bwrap", "rlimit", "none"]
+# The languages whose sandboxes can be made ahead of time (an interpreter waits for code).
+PoolLanguage = Literal["python"]
 
 
 class SandboxConfig(_Section, frozen=True):
@@ -158,6 +160,9 @@ class SandboxConfig(_Section, frozen=True):
     rustc_path: str = ""
     java_path: str = ""
     bash_path: str = ""
+    # Sandboxes made ahead of time per pooled language, each used by one job; 0: no pool.
+    pool_size: Annotated[int, Meta(ge=0, le=64)] = 2
+    pool_languages: list[PoolLanguage] = msgspec.field(default_factory=lambda: ["python"])
 
 
 class RlmConfig(_Section, frozen=True):

@@ -103,6 +103,9 @@ KEYS: dict[str, str] = {
     "sandbox.rustc_path": "rustc for Rust jobs; empty finds rustc.",
     "sandbox.java_path": "java for Java jobs; empty finds java.",
     "sandbox.bash_path": "bash for shell jobs; empty finds bash.",
+    "sandbox.pool_size": ("Ready sandboxes kept per pooled language (each serves one job, then "
+                          "is destroyed); 0 turns the pool off."),
+    "sandbox.pool_languages": "Languages whose jobs may take a ready sandbox (python only).",
     "rlm.max_iterations": "Model turns before the loop asks for a final answer.",
     "rlm.max_depth": "Nesting of llm_query sub-calls; at this depth they are plain calls.",
     "rlm.max_context_length": "Largest context, in characters.",

@@ -226,6 +226,10 @@ class Heartbeat(Message, frozen=True):
     running_job_ids: list[JobId] = msgspec.field(default_factory=list)
     # Sessions started ahead of need and not yet handed out; counted apart from `sessions`.
     warm_sessions: int = 0
+    # Ready sandboxes the agent aims to keep (sandbox.pool_size per pooled language) and
+    # how many are ready now; a job finding none starts its own.
+    pool_size: int = 0
+    pool_ready: int = 0
 
 
 # --- llm sub-calls from a session to the controller ---------------------------------------

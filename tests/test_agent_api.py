@@ -79,6 +79,9 @@ async def test_heartbeat_reports_identity_sandbox_languages_and_metrics(
     assert second.seq == first.seq + 1
     assert "python" in first.languages
     assert first.sandbox_mode in ("bwrap", "rlimit")
+    # Two ready Python sandboxes by default, but the agent has only one job slot; the
+    # pool is full before the agent answers.
+    assert (first.pool_size, first.pool_ready) == (1, 1)
     assert 0 < first.metrics.memory_available_bytes <= first.metrics.memory_total_bytes
     metrics = await client.call("GET", agent.url + "/v1/metrics", Metrics, timeout_s=5)
     assert metrics.cpu_count >= 1

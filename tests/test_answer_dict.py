@@ -141,7 +141,7 @@ async def manager(tmp_path: Path) -> AsyncIterator[SessionManager]:
         return [f"{model or 'default'}: {prompt}" for prompt in prompts]
 
     mode = "bwrap" if os.geteuid() == 0 else "rlimit"
-    box = Sandbox(SandboxConfig(mode=mode, memory_limit_mb=256, pids_limit=64,
+    box = Sandbox(SandboxConfig(mode=mode, memory_limit_mb=256, pids_limit=64, pool_size=0,
                                 max_output_bytes=4096), work_root=tmp_path / "work")
     await box.start()
     made = SessionManager(box, max_sessions=2, idle_timeout_s=60, llm_handler=handler)

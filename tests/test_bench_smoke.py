@@ -243,3 +243,13 @@ def test_quick_run_of_session_open_compares_warm_and_cold(tmp_path: Path) -> Non
         "warm, 1 KB context", "cold, 1 KB context", "warm, 1 MB context", "cold, 1 MB context"]
     assert len(section["raw"]["warm open 1 KB (ms)"]) == 3
     assert "A run's session open, warm and cold" in report
+def test_quick_run_of_the_sandbox_pool_times_warm_and_empty_jobs(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "pool")
+    [section] = figures["sections"]
+    check_section(section)
+    assert {target["name"] for target in section["targets"]} == {
+        "cold job p50, pool warm", "cold job p50 with the pool warm / bare python spawn p50",
+        "cold job p50, pool empty", "idle agent RSS with the pool"}
+    steps = [row[0] for row in section["tables"][2]["rows"]]
+    assert steps[0] == "pooled: take (write main.py, send the go)"
+    assert "Cold Python jobs with the sandbox pool warm and empty" in report

@@ -359,7 +359,7 @@ def _error_codes() -> set[str]:
         cls = pending.pop()
         codes.add(cls.code)
         pending += cls.__subclasses__()
-    from kowalski.agent.sandbox import MEMORY_LIMIT, OUTPUT_LIMIT
+    from kowalski.agent.job_result import MEMORY_LIMIT, OUTPUT_LIMIT
 
     return codes | {MEMORY_LIMIT, OUTPUT_LIMIT}
 

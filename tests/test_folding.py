@@ -351,7 +351,7 @@ async def test_a_failing_summariser_never_fails_the_run(
                                 retry_max_delay_ms=2, circuit_failure_threshold=2,
                                 circuit_reset_s=60)
     mode = "bwrap" if os.geteuid() == 0 else "rlimit"
-    box = Sandbox(SandboxConfig(mode=mode, memory_limit_mb=512, pids_limit=64),
+    box = Sandbox(SandboxConfig(mode=mode, memory_limit_mb=512, pids_limit=64, pool_size=0),
                   work_root=tmp_path / "jobs")
     await box.start()
     async def no_sub_calls(callback: Any, prompts: list[str]) -> list[str]:

@@ -148,7 +148,7 @@ class Harness:
 @pytest.fixture
 async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
     mode = "bwrap" if os.geteuid() == 0 else "rlimit"
-    config = SandboxConfig(mode=mode, memory_limit_mb=512, pids_limit=64,
+    config = SandboxConfig(mode=mode, memory_limit_mb=512, pids_limit=64, pool_size=0,
                            max_output_bytes=256 * 1024, timeout_ms_python=10_000)
     box = Sandbox(config, work_root=tmp_path / "jobs")
     await box.start()

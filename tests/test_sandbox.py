@@ -18,7 +18,8 @@ import leftovers
 import pytest
 
 from kowalski.agent.cgroups import locate, parse_mountinfo, parse_proc_cgroup
-from kowalski.agent.sandbox import MEMORY_LIMIT, OUTPUT_LIMIT, Sandbox
+from kowalski.agent.job_result import MEMORY_LIMIT, OUTPUT_LIMIT
+from kowalski.agent.sandbox import Sandbox
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import ConfigError, UnsupportedLanguageError
 from kowalski.common.messages import LANGUAGES, JobRequest
@@ -43,6 +44,7 @@ def small_config(**overrides: Any) -> SandboxConfig:
     values: dict[str, Any] = {
         "mode": "bwrap", "memory_limit_mb": 256, "pids_limit": 64, "max_output_bytes": 4096,
         "timeout_ms_python": 2000, "timeout_ms_bash": 2000, "timeout_ms_javascript": 2000,
+        "pool_size": 0,
     }
     values.update(overrides)
     return SandboxConfig(**values)
@@ -58,20 +60,32 @@ def marker() -> str:
 
 
 def assert_nothing_left(sandbox: Sandbox, text: str | None = None) -> None:
-    """No job cgroup, work dir or (with text) matching process survives the job."""
+    """No job cgroup, work dir or (with text) matching process survives the job.
+
+    The pool's sandboxes, ready or being made, wait for the next job: they are not left.
+    """
+    idle = set() if sandbox.pool is None else sandbox.pool.idle_names()
     for base in sandbox.cgroup_dirs:
-        assert [path.name for path in base.iterdir() if path.is_dir()] == []
+        assert [path.name for path in base.iterdir()
+                if path.is_dir() and not any(path.name.startswith(name) for name in idle)] == []
         assert (base / "cgroup.procs").read_text() == ""
     if text is not None:
         assert leftovers.processes_with(text) == []
 
 
-@pytest.fixture
-async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+# Python jobs run in a ready sandbox from the pool or in one made for them: the same tests
+# hold both ways.
+POOL_SIZES = [pytest.param(0, id="unpooled"), pytest.param(2, id="pooled")]
+
+
+@pytest.fixture(params=POOL_SIZES)
+async def sandbox(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
     if os.geteuid() != 0:
         pytest.skip("bubblewrap mode needs root")
-    box = Sandbox(small_config(), work_root=tmp_path / "jobs")
+    box = Sandbox(small_config(pool_size=request.param), work_root=tmp_path / "jobs")
     await box.start()
+    if box.pool is not None:
+        await box.pool.wait_ready()
     yield box
     await box.close()
     assert list((tmp_path / "jobs").iterdir()) == []

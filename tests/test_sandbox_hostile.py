@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyseccomp
 import pytest
-from test_sandbox import job, small_config
+from test_sandbox import POOL_SIZES, job, small_config
 
 from kowalski.agent.cgroups import CPU_PERIOD_US
 from kowalski.agent.sandbox import Sandbox
@@ -55,13 +55,15 @@ print(open("/proc/self/status").read().split("Seccomp:")[1].split()[0])
 """
 
 
-@pytest.fixture
-async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+@pytest.fixture(params=POOL_SIZES)
+async def sandbox(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
     if os.geteuid() != 0:
         pytest.skip("bubblewrap mode needs root")
-    box = Sandbox(small_config(cpu_limit_cores=CPU_CORES, timeout_ms_python=10_000),
-                  work_root=tmp_path / "jobs")
+    box = Sandbox(small_config(cpu_limit_cores=CPU_CORES, timeout_ms_python=10_000,
+                               pool_size=request.param), work_root=tmp_path / "jobs")
     await box.start()
+    if box.pool is not None:
+        await box.pool.wait_ready()
     yield box
     await box.close()
 

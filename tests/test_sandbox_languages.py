@@ -22,7 +22,7 @@ COMPILED = ["rust", "java"]
 
 def config(**overrides: Any) -> SandboxConfig:
     values: dict[str, Any] = {"mode": "bwrap", "memory_limit_mb": 512, "pids_limit": 64,
-                              "max_output_bytes": 65536}
+                              "max_output_bytes": 65536, "pool_size": 0}
     values.update(overrides)
     return SandboxConfig(**values)
 
@@ -118,6 +118,20 @@ async def test_a_java_statement_runs_as_written(sandbox: Sandbox) -> None:
     need(sandbox, "java")
     result = await sandbox.run_job(job("java", "System.out.println(6*7);"))
     assert (result.status, result.stdout, result.error) == ("ok", "42\n", None)
+
+
+async def test_a_java_job_over_its_memory_limit_gets_an_out_of_memory_error(
+        sandbox: Sandbox) -> None:
+    need(sandbox, "java")
+    # On cgroup v1 the JVM cannot read the job's limit itself: it is told it.
+    result = await sandbox.run_job(job("java", """
+System.out.println(Runtime.getRuntime().maxMemory() >> 20);
+java.util.List<long[]> kept = new java.util.ArrayList<>();
+while (true) kept.add(new long[1 << 20]);
+""", timeout_ms=60_000))
+    assert result.status == "error", result
+    assert 0 < int(result.stdout.split()[0]) <= sandbox.config.memory_limit_mb
+    assert "java.lang.OutOfMemoryError" in result.stderr
 
 
 async def test_a_java_snippet_with_imports_runs(sandbox: Sandbox) -> None:

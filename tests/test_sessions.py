@@ -60,7 +60,7 @@ def handler() -> RecordingHandler:
 async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
     if os.geteuid() != 0:
         pytest.skip("bubblewrap mode needs root")
-    box = Sandbox(SandboxConfig(mode="bwrap", memory_limit_mb=256, pids_limit=64,
+    box = Sandbox(SandboxConfig(mode="bwrap", memory_limit_mb=256, pids_limit=64, pool_size=0,
                                 max_output_bytes=4096, timeout_ms_python=2000),
                   work_root=tmp_path / "work")
     await box.start()

@@ -87,7 +87,7 @@ async def rig(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Rig]:
     server = await aiohttp_server(make_exo_app(flavour="v1", models=(MODEL,), reply=model))
     client = ExoClient(str(server.make_url("")))
     mode = "bwrap" if os.geteuid() == 0 else "rlimit"
-    box = Sandbox(SandboxConfig(mode=mode, memory_limit_mb=512, pids_limit=64),
+    box = Sandbox(SandboxConfig(mode=mode, memory_limit_mb=512, pids_limit=64, pool_size=0),
                   work_root=tmp_path / "jobs")
     await box.start()
     made = Rig(model, Backend(client), tmp_path / "runs")
