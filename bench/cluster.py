@@ -71,13 +71,15 @@ async def controller(config: Config, *, expect_agents: int = 0,
 
 @asynccontextmanager
 async def agents(tmp: Path, count: int, *, prefix: str = "bench",
+                 agent_settings: dict[str, object] | None = None,
                  **sandbox: object) -> AsyncIterator[list[AgentProcess]]:
     """Real agent processes with the shipped sandbox limits (sandbox overrides them)."""
     started: list[AgentProcess] = []
     try:
         for number in range(count):
             agent = AgentProcess(tmp, name=f"{prefix}{number}",
-                                 sandbox={**agent_sandbox(), **sandbox})
+                                 sandbox={**agent_sandbox(), **sandbox},
+                                 **({"agent": agent_settings} if agent_settings else {}))
             started.append(agent)
             await agent.start(timeout_s=60)
         yield started

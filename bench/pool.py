@@ -132,8 +132,10 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
     await probe.start()
     python = probe.toolchain("python").executable
     await probe.close()
-    async with (agents(tmp, 1, prefix="pooled") as (pooled,),
-                agents(tmp, 1, prefix="unpooled", pool_size=0) as (plain,),
+    # No warm sessions: their processes would count as the pool's (bench/session_open.py).
+    quiet = {"warm_sessions": 0}
+    async with (agents(tmp, 1, prefix="pooled", agent_settings=quiet) as (pooled,),
+                agents(tmp, 1, prefix="unpooled", agent_settings=quiet, pool_size=0) as (plain,),
                 aiohttp.ClientSession() as session):
         client = SignedClient(session, secret=SECRET.encode())
         await _pool_full(client, pooled)
