@@ -34,7 +34,7 @@ from kowalski.common.messages import (
     Heartbeat,
     JobRequest,
     JobResult,
-    SessionCreate,
+    SessionCreateRaw,
     SessionDeleted,
     SessionId,
 )
@@ -145,7 +145,7 @@ async def post_cancel(request: web.Request) -> web.Response:
 
 async def post_session(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    create = await read_body(request, SessionCreate)
+    create = await read_body(request, SessionCreateRaw)
     info = await state.sessions.create(create)
     return json_response(msgspec.structs.replace(info, agent_id=state.agent_id), status=201)
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -36,8 +36,8 @@ class KeptContext:
         self._kind: Literal["text", "json"] = "json"
         self._size = 0
 
-    def keep(self, workdir: Path, name: str, context: Any, size: int) -> None:
-        """Link workdir/name aside (blocking I/O): the context it holds, `size` bytes of JSON."""
+    def keep(self, workdir: Path, name: str, data: bytes) -> None:
+        """Link workdir/name aside (blocking I/O): the context's JSON, `data`, it holds."""
         kept = workdir.parent / _KEPT / workdir.name
         for attempt in range(3):
             kept.parent.mkdir(mode=0o700, exist_ok=True)
@@ -49,8 +49,10 @@ class KeptContext:
                 # The last session's drop removed the directory just now: make it again.
                 if attempt == 2 or not (workdir / name).exists():
                     raise
-        self._path, self._size = kept, size
-        self._kind = "text" if isinstance(context, str) else "json"
+        self._path, self._size = kept, len(data)
+        # JSON text starts at its first byte here: the encoder and the API's decoder leave
+        # no white space in front of a string.
+        self._kind = "text" if data[:64].lstrip()[:1] == b'"' else "json"
 
     async def files(self, session_id: str) -> dict[str, bytes]:
         """The context as files for a job beside the session (none without a context)."""

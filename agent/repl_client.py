@@ -34,8 +34,8 @@ class LlmHandler(Protocol):
 
 _DRIVER = "repl_driver.py"
 _CONTEXT = "context.json"
-# A warm session's context up to this many characters is written without a thread.
-_INLINE_CONTEXT_CHARS = 64 * 1024
+# A warm session's context up to this many bytes is written without a thread.
+_INLINE_CONTEXT_BYTES = 64 * 1024
 # Hears each piece of a streamed cell's output: the stream's name and the text.
 OutputListener = Callable[[str, str], None]
 # Room on a control line beyond the output it carries: field names, flags, an error text.
@@ -101,9 +101,10 @@ class ReplSession:
     async def start(self, sandbox: Sandbox, context: Any, timeout_s: float) -> None:
         toolchain = sandbox.toolchain("python")
         files = {_DRIVER: _driver_source()}
-        if context is not None:
+        data = await _context_json(context)
+        if data is not None:
             # Through a file, not argv or the pipe: it may be tens of MB.
-            files[_CONTEXT] = await asyncio.to_thread(msgspec.json.encode, context)
+            files[_CONTEXT] = data
         request_read, request_write = os.pipe()
         reply_read, reply_write = os.pipe()
         pipe = asyncio.subprocess.PIPE
@@ -133,10 +134,9 @@ class ReplSession:
         self._spawn(self._read_replies(reader))
         self._spawn(self._collect(process.stdout, "stdout"))
         self._spawn(self._collect(process.stderr, "stderr"))
-        if context is not None:
-            await asyncio.to_thread(self._kept.keep, self._process.workdir, _CONTEXT, context,
-                                    len(files[_CONTEXT]))
-        await self._init(_CONTEXT in files, timeout_s)
+        if data is not None:
+            await asyncio.to_thread(self._kept.keep, self._process.workdir, _CONTEXT, data)
+        await self._init(data is not None, timeout_s)
 
     async def adopt(self, session_id: SessionId, callback: LlmCallback | None, context: Any,
                     timeout_s: float) -> None:
@@ -146,25 +146,25 @@ class ReplSession:
         self.id = session_id
         self.callback = callback
         self.warm = True
-        if context is not None:
+        data = await _context_json(context)
+        if data is not None:
             process = self._process
 
             def write() -> None:
-                data = msgspec.json.encode(context)
                 process.add_file(_CONTEXT, data)
-                self._kept.keep(process.workdir, _CONTEXT, context, len(data))
+                self._kept.keep(process.workdir, _CONTEXT, data)
 
             try:
                 # The same file as start() writes, so a large context takes the same path;
-                # a short text is written at once: a thread hop would cost more.
-                if isinstance(context, str) and len(context) <= _INLINE_CONTEXT_CHARS:
+                # a short one is written at once: a thread hop would cost more.
+                if len(data) <= _INLINE_CONTEXT_BYTES:
                     write()
                 else:
                     await asyncio.to_thread(write)
             except OSError as exc:
                 raise ExecutionError(f"cannot write the context of session {session_id!r}: "
                                      f"{exc.strerror or exc}") from None
-        await self._init(context is not None, timeout_s)
+        await self._init(data is not None, timeout_s)
         self.last_used = time.monotonic()
 
     async def job_files(self) -> dict[str, bytes]:
@@ -370,6 +370,18 @@ class ReplSession:
                 SessionLostError(f"session {self.id!r} is lost: {self.lost}"))
             # Nobody may be waiting (a timed-out start); do not log it as unretrieved.
             self._pending.exception()
+
+
+async def _context_json(context: Any) -> bytes | None:
+    """The context as the JSON its file holds; None for no context (or JSON null)."""
+    if isinstance(context, msgspec.Raw):
+        # As the agent's API hands it over: JSON text already, checked by the decoder.
+        return None if len(context) <= 8 and bytes(context).strip() == b"null" else bytes(context)
+    if context is None:
+        return None
+    if isinstance(context, str) and len(context) <= _INLINE_CONTEXT_BYTES:
+        return msgspec.json.encode(context)
+    return await asyncio.to_thread(msgspec.json.encode, context)
 
 
 def append_output(text: str, stray: bytearray, cap: int) -> tuple[str, bool]:

@@ -27,6 +27,7 @@ from kowalski.common.messages import (
     JobStatus,
     LlmCallback,
     SessionCreate,
+    SessionCreateRaw,
     SessionId,
     SessionInfo,
     VariableValue,
@@ -120,7 +121,7 @@ class SessionManager:
             self.pool.wake()
         return len(idle)
 
-    async def create(self, request: SessionCreate) -> SessionInfo:
+    async def create(self, request: SessionCreate | SessionCreateRaw) -> SessionInfo:
         """Start a session; an id that is already live returns its info."""
         if self._closed:
             raise ExecutionError("the agent is shutting down")
@@ -165,7 +166,8 @@ class SessionManager:
         session = self._sessions.get(session_id)
         return None if session is None or session.lost else session
 
-    async def _adopt(self, session: ReplSession, request: SessionCreate) -> SessionInfo:
+    async def _adopt(self, session: ReplSession, request: SessionCreate | SessionCreateRaw
+                     ) -> SessionInfo:
         """Give a warm session the request's id, callback and context."""
         self._sessions[request.session_id] = session
         # A second create for this id waits until the context is in.

@@ -135,6 +135,18 @@ class SessionCreate(Message, frozen=True):
     llm_callback: LlmCallback | None = None
 
 
+class SessionCreateRaw(Message, frozen=True):
+    """SessionCreate as an agent reads it: the context stays JSON text, never made objects.
+
+    The agent only writes the context into the session's file, so decoding tens of MB into
+    objects and encoding them again would be wasted; JSON null is no context.
+    """
+
+    session_id: Annotated[SessionId, IDENTIFIER]
+    context: msgspec.Raw = msgspec.Raw(b"null")
+    llm_callback: LlmCallback | None = None
+
+
 class SessionInfo(Message, frozen=True):
     session_id: SessionId
     agent_id: str

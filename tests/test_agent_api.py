@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from kowalski.common.messages import (
     JobResult,
     Metrics,
     SessionCreate,
+    SessionCreateRaw,
     SessionInfo,
     VariableValue,
 )
@@ -188,3 +190,26 @@ async def test_session_keeps_state_across_cells_over_http(
     with pytest.raises(RemoteError) as caught:
         await client.call("POST", f"{base}/s1/exec", CellResult, cell, timeout_s=10)
     assert caught.value.status == 404
+
+
+@pytest.mark.parametrize("context", [
+    None, "tab\there \"quoted\" \\ back ünï \u2028 \U0001f600 \x00 end",
+    ["a", {"b": [1, 2.5, None]}], {"text": "x" * 70_000}, "",
+], ids=["none", "escaped-text", "nested", "large-dict", "empty-text"])
+async def test_a_context_reaches_the_session_exactly_as_sent_over_http(
+    agent: AgentProcess, client: SignedClient, context: object,
+) -> None:
+    # The agent keeps the context as the JSON it received, never decoding it: what the
+    # session sees must still be exactly what was sent.
+    base = agent.url + "/v1/sessions"
+    await client.call("POST", base, SessionInfo, SessionCreate(session_id="exact",
+                                                               context=context), timeout_s=30)
+    cell = CellRequest(cell_id="c", code="import json\nprint(json.dumps(context))")
+    result = await client.call("POST", f"{base}/exact/exec", CellResult, cell, timeout_s=30)
+    assert result.status == "ok", result
+    assert json.loads(result.stdout) == context
+    await raw(agent, "DELETE", "/v1/sessions/exact")
+
+
+def test_the_raw_session_request_has_the_fields_of_the_session_request() -> None:
+    assert SessionCreate.__struct_fields__ == SessionCreateRaw.__struct_fields__

@@ -28,7 +28,12 @@ from kowalski.common.messages import LlmCallback, SessionCreate
 from kowalski.controller.cli.exit_codes import EXIT_FAILED, EXIT_OK
 from kowalski.controller.models.chat_types import ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
-from kowalski.controller.rlm.durable import context_name, store_context
+from kowalski.controller.rlm.durable import (
+    ContextCopy,
+    context_name,
+    load_context,
+    store_context,
+)
 from kowalski.controller.rlm.events import (
     IterationFinished,
     RlmEvent,
@@ -134,7 +139,7 @@ class Rig:
 
 
 def _stored_context(runs_dir: Path, run_id: str) -> str:
-    name = context_name(run_id)
+    name = context_name(run_id, CONTEXT)
     store_context(runs_dir, name, CONTEXT)
     return name
 
@@ -379,7 +384,7 @@ async def test_runs_resume_goes_past_an_iteration_limit_and_says_what_is_wrong(
     assert stopped["stop_reason"] == "max_iterations"
     run_id = stopped["run_id"]
     # A run that can still go on keeps its context; one that has ended for good does not.
-    stored_context = tmp_path / "runs" / context_name(run_id)
+    stored_context = tmp_path / "runs" / context_name(run_id, CONTEXT)
     assert stored_context.is_file()
     for argv, message in (
         (["rlm-nope"], "no run rlm-nope"),
@@ -435,3 +440,16 @@ async def test_a_run_that_cannot_be_resumed_is_closed_with_the_reason(
     await controller.state.runs.resume_unfinished()
     events = read_trajectory("rlm-durable-lost", tmp_path / "runs").events
     assert sum(isinstance(event, RunFinished) for event in events) == 1
+
+
+@pytest.mark.parametrize("context", [None, "", "text ünï \U0001f600\nline two", {"k": [1, "v"]}],
+                         ids=["none", "empty", "text", "dict"])
+async def test_a_stored_context_reads_back_as_it_was_given(tmp_path: Path, context: Any) -> None:
+    # A run without a context is resumable too: its copy says so rather than being missing.
+    copy = ContextCopy(tmp_path, "rlm-copy", context=context)
+    await copy.settle(None, suspended=True)
+    assert copy.name.endswith(".txt" if isinstance(context, str) else ".json")
+    assert load_context(tmp_path / "rlm-copy.jsonl", copy.name) == context
+    done = ContextCopy(tmp_path, "rlm-copy", stored=copy.name)
+    await done.settle(None, suspended=False)
+    assert not (tmp_path / copy.name).exists()

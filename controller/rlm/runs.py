@@ -174,7 +174,7 @@ class RunRegistry:
         run_id, directory = new_run_id(), self.config.trajectory_dir
         lock = await asyncio.to_thread(RunLock.take, directory, run_id)
         assert lock is not None  # a fresh id
-        copy = ContextCopy(directory, run_id, request.context)
+        copy = ContextCopy(directory, run_id, context=request.context)
         run = RlmRun(request.query, request.context, backend=self._backend,
                      session_factory=self._session, config=self._overrides(request),
                      model=request.model, run_id=run_id, context_file=copy.name,
@@ -207,7 +207,7 @@ class RunRegistry:
             context = await asyncio.to_thread(load_context, plan.trajectory_path,
                                               plan.context_file)
             run = self._resumed_run(plan, context, observer)
-            copy, result = ContextCopy(directory, plan.run_id), None
+            copy, result = ContextCopy(directory, plan.run_id, stored=plan.context_file), None
             try:
                 result = await self._going(run, run.resume(plan))
                 return result
