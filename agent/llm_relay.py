@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from kowalski.common.client import SignedClient
-from kowalski.common.errors import KowalskiError
+from kowalski.common.errors import ConfigError, KowalskiError
 from kowalski.common.messages import LlmAnswer, LlmCallback, LlmQuery
+
+if TYPE_CHECKING:
+    import ssl
 
 
 class LlmRelay:
@@ -31,6 +34,16 @@ class LlmRelay:
         if urlsplit(url).scheme != "https":
             return self._client
         if self._system_ca_client is None:
+            try:
+                import ssl
+            except ImportError:
+                # Started without TLS settings, the agent left TLS out (see __main__.run).
+                raise ConfigError(
+                    f"the controller's callback {url} is https, but this agent runs without "
+                    "TLS: it has no security.tls_* setting. Set security.tls_ca_file (the CA "
+                    "that signed the controller's certificate, or the system bundle, e.g. "
+                    "/etc/ssl/certs/ca-certificates.crt) and restart the agent",
+                    key="security.tls_ca_file") from None
             context = await asyncio.to_thread(ssl.create_default_context)
             self._system_ca_client = SignedClient(self._http, secret=self._secret, ssl=context)
         return self._system_ca_client

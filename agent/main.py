@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
@@ -12,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
-import msgspec
 from aiohttp import web
 
 from kowalski.agent.app import VERSION, AgentState, make_app
+from kowalski.agent.arguments import build_config, parse_args
 from kowalski.agent.jobs import JobRunner
 from kowalski.agent.llm_relay import LlmRelay
 from kowalski.agent.metrics import MetricsSampler
@@ -125,30 +124,6 @@ class Agent:
             if sessions is not None:
                 await sessions.close()
             await sandbox.close()
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kowalski-agent", description=__doc__)
-    parser.add_argument("-c", "--config", help="config file (TOML); defaults if omitted")
-    parser.add_argument("--host", help="override agent.host")
-    parser.add_argument("--port", type=int, help="override agent.port (0 picks a free port)")
-    parser.add_argument("--name", help="override agent.name")
-    parser.add_argument("--work-dir", help="override agent.work_dir")
-    parser.add_argument("--no-mdns", action="store_true", help="do not advertise over mDNS")
-    parser.add_argument("--port-file", type=Path, help="write the bound port here when ready")
-    parser.add_argument("--log-level", default="INFO")
-    return parser.parse_args(argv)
-
-
-def build_config(args: argparse.Namespace) -> Config:
-    config = config_module.load(args.config)
-    overrides = {
-        "host": args.host, "port": args.port, "name": args.name, "work_dir": args.work_dir,
-        "advertise_mdns": False if args.no_mdns else None,
-    }
-    agent = msgspec.structs.replace(
-        config.agent, **{key: value for key, value in overrides.items() if value is not None})
-    return msgspec.structs.replace(config, agent=agent)
 
 
 def main(argv: list[str] | None = None) -> int:

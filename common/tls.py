@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kowalski.common.config import SecurityConfig
 from kowalski.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ssl
 
 
 def server_ssl_context(security: SecurityConfig) -> ssl.SSLContext | None:
     """A server context when a certificate is configured, else None (plain HTTP)."""
     if not security.tls_cert_file:
         return None
+    # Here, not at the top: an agent without TLS settings runs without the ssl module.
+    import ssl
+
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     cert, key = (str(Path(name).expanduser())
@@ -31,6 +37,8 @@ def client_ssl_context(security: SecurityConfig) -> ssl.SSLContext | None:
     """A client context trusting the configured CA (and no other), else None (system CAs)."""
     if not security.tls_ca_file:
         return None
+    import ssl
+
     cafile = str(Path(security.tls_ca_file).expanduser())
     try:
         context = ssl.create_default_context(cafile=cafile)

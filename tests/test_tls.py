@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -183,3 +184,37 @@ async def test_unreadable_certificates_fail_start_up_with_the_reason(
     assert agent.process is not None
     assert await agent.process.wait() == 1
     agent.log.close()
+
+
+async def test_an_agent_without_tls_settings_runs_without_tls_and_says_so_to_https_callbacks(
+    pki: Pki, tmp_path: Path, aiohttp_server: Any,
+) -> None:
+    # No tls_* key at all: the agent leaves the ssl module (and libssl) out, which keeps
+    # an idle agent small; a controller that calls back over https gets a clear reason.
+    agent = AgentProcess(tmp_path, name="plain")
+    await agent.start()
+    try:
+        assert agent.process is not None
+        maps = Path(f"/proc/{agent.process.pid}/maps").read_text()
+        assert "libssl" not in maps
+        exo = await aiohttp_server(make_exo_app(flavour="v1", models=(DEFAULT_MODEL,),
+                                                reply=scripted))
+        config = controller_config([], [str(exo.make_url("")).rstrip("/")], tmp_path,
+                                   controller={"static_agents": [agent.url]},
+                                   rlm={"max_iterations": 1},
+                                   security={**pki.server(), "tls_ca_file": str(pki.ca_file)})
+        async with running_controller(config) as running:
+            assert await running.cluster.wait_for(lambda t: len(healthy_ids(t)) == 1,
+                                                  timeout_s=15)
+            async with aiohttp.ClientSession() as session, session.post(
+                    running.base_url + "/v1/runs", ssl=pki.client_context(),
+                    json={"query": "ping it", "context": "x", "stream": True}) as response:
+                assert response.status == 200, await response.text()
+                lines = [line async for line in response.content]
+    finally:
+        assert await agent.stop() == 0, agent.read_log()
+    outputs = [event["output"] for event in map(json.loads, lines)
+               if event.get("kind") == "code_executed"]
+    assert outputs, lines[-1]
+    assert "this agent runs without TLS: it has no security.tls_* setting" in outputs[0]
+    assert "security.tls_ca_file" in outputs[0]
