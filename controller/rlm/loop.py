@@ -87,6 +87,7 @@ class RlmRun:
         parent_run_id: str = "",
         temperature: float | None = None,
         cell_timeout_ms: int | None = None,
+        grammar: str | None = None,
     ) -> None:
         self.query = query
         self.context = context
@@ -100,6 +101,7 @@ class RlmRun:
         self._observer = observer
         self._temperature = temperature
         self._cell_timeout_ms = cell_timeout_ms
+        self._grammar = grammar  # the reply's shape (llama.cpp); sub-calls answer freely
         self._writer = TrajectoryWriter(self.config.trajectory_dir, self.run_id)
         self.trajectory_path = str(self._writer.path)
         self._messages: list[ChatMessage] = []
@@ -228,7 +230,7 @@ class RlmRun:
         sent, prompt_chars = len(self._messages), sum(len(m.content) for m in self._messages)
         request = ChatRequest(model=self.model, messages=list(self._messages),
                               max_tokens=self.config.max_reply_tokens,
-                              temperature=self._temperature)
+                              temperature=self._temperature, grammar=self._grammar)
         started = time.monotonic()
         sink = reply_sink(self._emit, self.run_id, self.depth, self._ledger.iteration)
         result, cached = await ask_streamed(self._backend, request, sink)
@@ -387,5 +389,5 @@ class RlmRun:
             query, context, backend=self._backend, session_factory=self._factory,
             config=config, model=model, observer=self._observer, run_id=run_id,
             depth=self.depth + 1, parent_run_id=self.run_id, temperature=self._temperature,
-            cell_timeout_ms=self._cell_timeout_ms)
+            cell_timeout_ms=self._cell_timeout_ms, grammar=self._grammar)
         return await child.run()

@@ -134,8 +134,11 @@ class RunRegistry:
     """Starts runs, answers their sessions' llm_query calls, and lists them."""
 
     def __init__(self, *, config: RlmConfig, dispatcher: Dispatcher, backend: ChatBackend,
-                 callback_url: str, cell_timeout_s: float = 300.0) -> None:
+                 callback_url: str, cell_timeout_s: float = 300.0,
+                 reply_grammar: str | None = None) -> None:
         self.config = config
+        # For the embedded model only: a GBNF grammar its RLM replies must follow.
+        self._reply_grammar = reply_grammar
         self._dispatcher = dispatcher
         self._backend = backend
         self._callback_url = callback_url
@@ -218,7 +221,8 @@ class RunRegistry:
 
         run = RlmRun(request.query, request.context, backend=self._backend,
                      session_factory=self._session, config=self._overrides(request),
-                     model=request.model, observer=observe, run_id=run_id)
+                     model=request.model, observer=observe, run_id=run_id,
+                     grammar=self._reply_grammar)
         try:
             return await run.run()
         except asyncio.CancelledError:
