@@ -93,6 +93,16 @@ def _fanout() -> Measure:
     return fanout.measure
 
 
+def _demo() -> Measure:
+    from bench import demo
+    return demo.measure
+
+
+def _grammar() -> Measure:
+    from bench import grammar
+    return grammar.measure
+
+
 # key, title (for a benchmark that fails before it reports), loader, time limit in seconds.
 BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
     ("roundtrip", "Sandboxed job round trip", _roundtrip, 420.0),
@@ -110,6 +120,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
      120.0),
     ("fanout", "Sub-calls of one run over several endpoints", _fanout, 300.0),
     ("batch_outage", "A model outage in the middle of a batch", _batch_outage, 180.0),
+    ("demo", "The demo, end to end: first token and total time", _demo, 900.0),
+    ("grammar", "The demo's replies with and without the REPL grammar", _grammar, 3600.0),
 ]
 
 
