@@ -49,7 +49,7 @@ def test_a_grammar_the_config_does_not_know_is_refused_naming_the_key() -> None:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def model() -> AsyncIterator[EmbeddedModel]:
-    async with EmbeddedModel(context_tokens=2048, startup_timeout_s=60) as running:
+    async with EmbeddedModel(context_tokens=4096, startup_timeout_s=60) as running:
         yield running
 
 
@@ -86,11 +86,11 @@ async def test_a_constrained_reply_to_the_loop_s_first_prompt_has_the_protocol_s
     messages = [{"role": "system", "content": system},
                 {"role": "user", "content": prompts.task_prompt(QUESTION)}]
     for seed in (1, 2):
-        status, answer = await _chat(model, {"messages": messages, "max_tokens": 512,
+        status, answer = await _chat(model, {"messages": messages, "max_tokens": 1024,
                                              "seed": seed, "grammar": REPL_GRAMMAR})
         assert status == 200, answer
         choice = answer["choices"][0]
-        # The grammar bounds every part, so the reply ends well inside 512 tokens.
+        # The grammar bounds every part, so the reply ends well inside 1024 tokens.
         assert choice["finish_reason"] == "stop", choice
         assert SHAPE.match(choice["message"]["content"]), choice["message"]["content"]
 
@@ -102,7 +102,7 @@ async def test_the_embedded_model_s_run_replies_follow_the_grammar(tmp_path: Pat
 
     config = loads(tomli_w.dumps({
         "rlm": {"trajectory_dir": str(tmp_path / "runs"), "max_iterations": 1,
-                "context_window_tokens": 2048, "max_reply_tokens": 512, "run_timeout_s": 400},
+                "context_window_tokens": 4096, "max_reply_tokens": 1024, "run_timeout_s": 400},
         "sandbox": {"memory_limit_mb": 256}, "exo": {"embedded_grammar": "repl"},
     }))
     async with local_cluster(config) as running:
