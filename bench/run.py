@@ -108,6 +108,14 @@ def _peer() -> Measure:
 def _session_flood() -> Measure:
     from bench import session_flood
     return session_flood.measure
+def _demo() -> Measure:
+    from bench import demo
+    return demo.measure
+
+
+def _grammar() -> Measure:
+    from bench import grammar
+    return grammar.measure
 
 
 # key, title (for a benchmark that fails before it reports), loader, time limit in seconds.
@@ -132,6 +140,8 @@ BENCHMARKS: list[tuple[str, str, Callable[[], Measure], float]] = [
      300.0),
     ("session_open", "A run's session open, warm and cold", _session_open, 300.0),
     ("pool", "Cold Python jobs with the sandbox pool warm and empty", _pool, 300.0),
+    ("demo", "The demo, end to end: first token and total time", _demo, 900.0),
+    ("grammar", "The demo's replies with and without the REPL grammar", _grammar, 3600.0),
 ]
 
 

@@ -119,6 +119,9 @@ class ExoConfig(_Section, frozen=True):
     embedded_startup_timeout_s: PositiveFloat = 120.0
     # A GGUF file for the embedded server; empty: the SmolLM2 weights package.
     embedded_model_file: str = ""
+    # "repl": a grammar holds the embedded model's RLM replies to the REPL protocol's
+    # shape; "": free replies. Never sent to the endpoints above.
+    embedded_grammar: Literal["repl", ""] = ""
 
     def endpoint_settings(self) -> list[EndpointConfig]:
         """Every endpoint as a table, plain URLs given default settings."""

@@ -80,6 +80,8 @@ KEYS: dict[str, str] = {
     "exo.embedded_context_tokens": "Context window of the embedded model.",
     "exo.embedded_startup_timeout_s": "How long the embedded model may take to start.",
     "exo.embedded_model_file": "A GGUF file the embedded server loads instead of SmolLM2-135M.",
+    "exo.embedded_grammar": ('"repl": the embedded model\'s RLM replies follow a grammar (a '
+                             'little prose, then one ```repl block or a FINAL line); "": free.'),
     "sandbox.mode": '"bwrap" (bubblewrap + cgroup + rlimits), "rlimit", or "none".',
     "sandbox.memory_limit_mb": "Memory of one job or session (cgroup).",
     "sandbox.pids_limit": "Processes and threads of one job or session (cgroup).",

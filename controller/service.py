@@ -41,6 +41,7 @@ from kowalski.controller.fleet.cluster import Cluster
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.models.cache import CachedBackend, ResultCache
 from kowalski.controller.models.embedded import EmbeddedModel
+from kowalski.controller.models.grammar import reply_grammar
 from kowalski.controller.models.router import LlmRouter
 from kowalski.controller.retry import RetryPolicy
 from kowalski.controller.rlm.runs import RunRegistry
@@ -170,7 +171,9 @@ class Controller:
             backend = CachedBackend(router, cache)
             runs = RunRegistry(config=config.rlm, dispatcher=dispatcher, backend=backend,
                                callback_url=base_url + "/v1/llm/query",
-                               cell_timeout_s=config.rlm.run_timeout_s)
+                               cell_timeout_s=config.rlm.run_timeout_s,
+                               reply_grammar=(reply_grammar(config.exo.embedded_grammar)
+                                              if model is not None else None))
             state = ControllerState(cluster=cluster, dispatcher=dispatcher, router=router,
                                     cache=cache, backend=backend, runs=runs, verifier=verifier,
                                     api_token=api_token)

@@ -19,13 +19,14 @@ CLUSTER_SECTIONS = {"roundtrip", "languages", "sandbox_steps", "rlm", "batch", "
 pytestmark = pytest.mark.timeout(300)
 
 
-def run_harness(tmp_path: Path, only: str) -> tuple[dict[str, Any], str]:
+def run_harness(tmp_path: Path, only: str, timeout_s: float = 280
+                ) -> tuple[dict[str, Any], str]:
     """Run `python -m bench.run --quick --only ...`; the JSON figures and the Markdown."""
     report, figures = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--only", only, "--output", str(report),
          "--json", str(figures)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280, check=False)
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(figures.read_text()), report.read_text()
 
@@ -78,6 +79,28 @@ def test_quick_run_of_the_embedded_model_compares_router_and_direct(tmp_path: Pa
     assert all(value > 0 for value in section["raw"]["direct tokens/s"])
     assert all(value > 0 for value in section["raw"]["routed tokens/s"])
     assert "router / direct (p50 over p50)" in report
+
+
+@pytest.mark.model
+@pytest.mark.timeout(1500)
+def test_quick_run_of_the_demo_and_the_grammar_reports_times_and_rates(tmp_path: Path) -> None:
+    figures, report = run_harness(tmp_path, "demo,grammar", timeout_s=1450)
+    sections = {section["key"]: section for section in figures["sections"]}
+    assert set(sections) == {"demo", "grammar"}
+    for section in sections.values():
+        if section["skipped"]:
+            pytest.skip(section["skipped"])
+        check_section(section)
+    demo = sections["demo"]
+    assert {target["name"] for target in demo["targets"]} == {
+        "demo first token after model load p50", "demo total time max"}
+    (load_s,) = demo["raw"]["model loaded s"]
+    (total_s,) = demo["raw"]["total s"]
+    assert 0 < load_s < total_s
+    grammar = sections["grammar"]["tables"][0]["rows"]
+    assert [row[0] for row in grammar] == ["free (no grammar, the baseline)", "REPL grammar"]
+    assert all(row[1] in ("0/1", "1/1") for row in grammar)
+    assert "The demo, end to end" in report
 
 
 @pytest.mark.netns

@@ -79,6 +79,25 @@ async def test_run_over_http_answers_from_the_repl_with_a_sub_call(
     assert f"what is {EXPECTED}" in prompts
 
 
+async def test_the_reply_grammar_switched_on_never_reaches_an_exo_endpoint(
+    exo: Any, agents: list[AgentProcess], tmp_path: Path,
+) -> None:
+    config = controller_config(agents, [str(exo.make_url("")).rstrip("/")], tmp_path,
+                               exo={"embedded_grammar": "repl"})
+    async with running_controller(config) as running:
+        assert await running.cluster.wait_for(
+            lambda table: any(row.health == "healthy" for row in table.devices.values()),
+            timeout_s=15)
+        await running.router.first_probes()
+        result = await running.state.runs.run(RunRequest(query="count letters",
+                                                         context=CONTEXT))
+    assert result.answer == EXPECTED
+    bodies = exo.app[STANDIN].chat_requests
+    assert len(bodies) == 3  # two root replies and one sub-call
+    # The grammar is the embedded model's alone: an exo endpoint gets plain requests.
+    assert not any("grammar" in body for body in bodies)
+
+
 async def test_streamed_run_sends_events_then_the_result(controller: Controller) -> None:
     kinds = []
     async with aiohttp.ClientSession() as session, session.post(

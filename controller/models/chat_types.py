@@ -24,6 +24,8 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    # A GBNF grammar the reply must follow: llama.cpp's extension, sent to its server only.
+    grammar: str | None = None
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):

@@ -90,17 +90,17 @@ class RlmRun:
         temperature: float | None = None,
         cell_timeout_ms: int | None = None,
         context_file: str = "",
+        grammar: str | None = None,
     ) -> None:
-        self.query = query
-        self.context = context
-        self.config = config or RlmConfig()
-        self.model = model
+        self.query, self.context = query, context
+        self.config, self.model = config or RlmConfig(), model
         self.run_id = run_id or new_run_id()
         self.depth, self.parent_run_id, self.parent_cell = depth, parent_run_id, parent_cell
         self._backend, self._factory = backend, session_factory
         self._observer = observer
         self._temperature, self._cell_timeout_ms = temperature, cell_timeout_ms
-        self._context_file = context_file
+        # grammar: the shape of the root model's replies (llama.cpp); sub-calls answer freely.
+        self._context_file, self._grammar = context_file, grammar
         # Set while a resumed run replays its recorded cells: llm_query is answered from it.
         self._recorded: RecordedAnswers | None = None
         self._plan: ResumePlan | None = None
@@ -112,8 +112,7 @@ class RlmRun:
         # (tokens the server counted for messages[:count], count), from the last reply.
         self._known: tuple[int, int] | None = None
         self._steps: list[StepTiming] = []
-        self._folds = 0
-        self._last_reply = ""
+        self._folds, self._last_reply = 0, ""
         # The last iteration whose model call came back: a run that never reached the
         # model reports 0 iterations.
         self._replied = 0
@@ -263,7 +262,7 @@ class RlmRun:
         sent, prompt_chars = len(self._messages), sum(len(m.content) for m in self._messages)
         request = ChatRequest(model=self.model, messages=list(self._messages),
                               max_tokens=self.config.max_reply_tokens,
-                              temperature=self._temperature)
+                              temperature=self._temperature, grammar=self._grammar)
         started = time.monotonic()
         sink = reply_sink(self._emit, self.run_id, self.depth, self._ledger.iteration)
         result, cached = await ask_streamed(self._backend, request, sink)
@@ -396,5 +395,6 @@ class RlmRun:
             query, context, backend=self._backend, session_factory=self._factory,
             config=config, model=model, observer=self._observer, run_id=run_id,
             depth=self.depth + 1, parent_run_id=self.run_id, parent_cell=cell,
-            temperature=self._temperature, cell_timeout_ms=self._cell_timeout_ms)
+            temperature=self._temperature, cell_timeout_ms=self._cell_timeout_ms,
+            grammar=self._grammar)
         return await child.run()

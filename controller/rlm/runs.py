@@ -98,8 +98,11 @@ class RunRegistry:
     """Starts runs, answers their sessions' llm_query calls, and lists them."""
 
     def __init__(self, *, config: RlmConfig, dispatcher: Dispatcher, backend: ChatBackend,
-                 callback_url: str, cell_timeout_s: float = 300.0) -> None:
+                 callback_url: str, cell_timeout_s: float = 300.0,
+                 reply_grammar: str | None = None) -> None:
         self.config = config
+        # For the embedded model only: a GBNF grammar its RLM replies must follow.
+        self._reply_grammar = reply_grammar
         self._dispatcher = dispatcher
         self._backend = backend
         self._callback_url = callback_url
@@ -178,7 +181,8 @@ class RunRegistry:
         run = RlmRun(request.query, request.context, backend=self._backend,
                      session_factory=self._session, config=self._overrides(request),
                      model=request.model, run_id=run_id, context_file=copy.name,
-                     observer=self._observer(run_id, request.query, observer))
+                     observer=self._observer(run_id, request.query, observer),
+                     grammar=self._reply_grammar)
         result: RlmResult | None = None
         try:
             result = await self._going(run, run.run())
@@ -239,7 +243,7 @@ class RunRegistry:
             plan.config, trajectory_dir=str(run_dir(plan.trajectory_path).parent))
         return RlmRun(plan.query, context, backend=self._backend, session_factory=self._session,
                       config=config, model=plan.model, run_id=plan.run_id,
-                      context_file=plan.context_file,
+                      context_file=plan.context_file, grammar=self._reply_grammar,
                       observer=self._observer(plan.run_id, plan.query, observer))
 
     async def resume_unfinished(self) -> None:
