@@ -77,9 +77,10 @@ async def exo() -> AsyncIterator[tuple[str, ExoStandin]]:
 async def controller(exo: tuple[str, ExoStandin], tmp_path_factory: pytest.TempPathFactory
                      ) -> AsyncIterator[Controller]:
     tmp = tmp_path_factory.mktemp("examples")
-    # No warm sessions: the one started after a test's run would outlive that test, and
-    # the leak check would count it against the test.
-    agent = await AgentProcess(tmp, name="agent0", agent={"warm_sessions": 0}).start()
+    # No warm sessions and no sandbox pool: the session or sandbox refilled after a test's
+    # work would outlive that test, and the leak check would count it against the test.
+    agent = await AgentProcess(tmp, name="agent0", agent={"warm_sessions": 0},
+                               sandbox={"pool_size": 0}).start()
     try:
         async with running_controller(controller_config([agent], [exo[0]], tmp)) as running:
             assert await running.cluster.wait_for(lambda t: len(healthy_ids(t)) == 1,
