@@ -26,13 +26,14 @@ from kowalski.controller.api.status import Status
 from kowalski.controller.circuit import CircuitPolicy
 from kowalski.controller.cli.status import status_text
 from kowalski.controller.fleet.dispatch import JobCounters
-from kowalski.controller.models.chat_types import ChatDelta, ChatMessage, ChatRequest
+from kowalski.controller.models.chat_types import ChatDelta, ChatMessage, ChatRequest, Usage
 from kowalski.controller.models.exo_client import ExoClient
 from kowalski.controller.models.exo_errors import (
     ModelMismatchError,
     ModelNotServedError,
     UnknownModelError,
 )
+from kowalski.controller.models.exo_v0 import enforce_limits
 from kowalski.controller.models.router import LlmRouter
 from kowalski.controller.retry import RetryPolicy
 
@@ -388,3 +389,17 @@ async def test_a_chat_with_no_first_byte_is_retried_on_another_endpoint(
 def test_the_captures_cover_every_card_id() -> None:
     assert len(v0_cards()) == len(set(v0_cards())) == 73
     assert {DUMMY, V0_DEFAULT_MODEL} <= set(v0_cards())
+
+
+@pytest.mark.parametrize(("max_tokens", "completion_tokens"), [(0, 0), (0, 5), (-3, 0), (2, 4)])
+def test_a_token_limit_is_applied_to_any_count_without_failing(
+    max_tokens: int, completion_tokens: int,
+) -> None:
+    usage = Usage(prompt_tokens=1, completion_tokens=completion_tokens,
+                  total_tokens=1 + completion_tokens)
+    request = ChatRequest(model="m", messages=[], max_tokens=max_tokens)
+    text, finish, kept = enforce_limits("abcdefgh", "stop", usage, request)
+    assert kept is not None
+    assert kept.completion_tokens == min(completion_tokens, max(max_tokens, 0))
+    assert len(text) <= 8
+    assert finish == ("length" if completion_tokens > max(max_tokens, 0) else "stop")

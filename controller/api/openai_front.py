@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
+from msgspec import Meta
 
 from kowalski.common.errors import KowalskiError, ParseError
 from kowalski.common.http import json_response, read_body
@@ -38,8 +39,9 @@ class CompletionBody(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     messages: list[InMessage]
     stream: bool = False
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    # As OpenAI's: at least one token when given.
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None

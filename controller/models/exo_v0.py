@@ -70,7 +70,7 @@ def enforce_limits(
     cuts = [text.find(s) for s in stop_strings(request) if s in text]
     if cuts:
         text, finish = text[: min(cuts)], "stop"
-    limit = request.max_tokens
+    limit = None if request.max_tokens is None else max(request.max_tokens, 0)
     if limit is not None and usage is not None and usage.completion_tokens > limit:
         # No tokenizer here: keep the share of the text the allowed tokens make up.
         keep = len(text) * limit // usage.completion_tokens
