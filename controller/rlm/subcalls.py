@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
@@ -54,6 +55,18 @@ class ChildRunner(Protocol):
 def max_prompt_chars(config: RlmConfig) -> int:
     """How long a sub-call prompt may be: most of the window, leaving room for the answer."""
     return config.context_window_tokens * CHARS_PER_TOKEN * 3 // 4
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One sub-call's answer and what its record holds."""
+
+    answer: str
+    tokens: TokenCount
+    endpoint: str = ""
+    error: str = ""
+    child_run_id: str = ""
+    cached_tokens: TokenCount | None = None
 
 
 class SubCalls:
@@ -124,13 +137,10 @@ class SubCalls:
         # A child run loops with the root model; a leaf is one call to the sub model.
         chosen = model or (root_model if recursive else config.sub_model or root_model)
 
-        async def one(prompt: str) -> str:
-            async with self._semaphore:
-                return await self._sub_call(prompt, chosen, cell)
-
         try:
             async with asyncio.timeout_at(ledger.deadline), asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(prompt)) for prompt in prompts]
+                tasks = [group.create_task(self._sub_call(prompt, chosen, cell))
+                         for prompt in prompts]
         except TimeoutError:
             raise BudgetExceededError(f"run {self._run_id} passed its time limit of "
                                       f"{config.run_timeout_s:g} s") from None
@@ -138,36 +148,45 @@ class SubCalls:
 
     async def _sub_call(self, prompt: str, model: str, cell: Cell) -> str:
         limit = max_prompt_chars(self._config)
-        refusal = ""
-        if self._ledger.tokens_used >= self._config.token_budget:
-            refusal = "Error: the run's token budget is spent; no more sub-calls."
-        elif len(prompt) > limit:
+        if len(prompt) > limit:
             refusal = (f"Error: the prompt is {len(prompt)} characters; a sub-call takes at "
                        f"most about {limit}. Split it into smaller pieces.")
-        if refusal:
             await self._record(prompt, refusal, TokenCount(), 0.0, cell, error=refusal)
             return refusal
-        started = time.monotonic()
-        if self._depth + 1 < self._config.max_depth:
-            return await self._child_call(prompt, model, started, cell)
+        # Only the model call (or child run) holds a slot: recording its answer must not keep
+        # the next prompt waiting. The budget is looked at once the slot is ours.
+        async with self._semaphore:
+            spent = self._ledger.tokens_used >= self._config.token_budget
+            started = time.monotonic()
+            if not spent and self._depth + 1 < self._config.max_depth:
+                outcome = await self._child_call(prompt, model, cell)
+            elif not spent:
+                outcome = await self._model_call(prompt, model)
+        if spent:
+            refusal = "Error: the run's token budget is spent; no more sub-calls."
+            await self._record(prompt, refusal, TokenCount(), 0.0, cell, error=refusal)
+            return refusal
+        await self._record(prompt, outcome.answer, outcome.tokens,
+                           (time.monotonic() - started) * 1000, cell, endpoint=outcome.endpoint,
+                           error=outcome.error, child_run_id=outcome.child_run_id,
+                           cached_tokens=outcome.cached_tokens)
+        return outcome.answer
+
+    async def _model_call(self, prompt: str, model: str) -> _Outcome:
+        """A leaf: one call to the model; its answer and what the record of it holds."""
         messages = [ChatMessage(role="user", content=prompt)]
         request = ChatRequest(model=model, messages=messages, temperature=self._temperature)
         try:
             result, cached = await chat_outcome(self._backend, request,
                                                 operation="llm_inference")
         except KowalskiError as exc:
-            answer = f"Error: {exc.message}"
-            await self._record(prompt, answer, TokenCount(),
-                               (time.monotonic() - started) * 1000, cell, error=exc.message)
-            return answer
+            return _Outcome(f"Error: {exc.message}", TokenCount(), error=exc.message)
         self._ledger.note_endpoint(result.endpoint)
         tokens = chat_tokens(result, messages)
-        await self._record(prompt, result.text, TokenCount() if cached else tokens,
-                           (time.monotonic() - started) * 1000, cell, endpoint=result.endpoint,
-                           cached_tokens=tokens if cached else TokenCount())
-        return result.text
+        return _Outcome(result.text, TokenCount() if cached else tokens,
+                        endpoint=result.endpoint, cached_tokens=tokens if cached else None)
 
-    async def _child_call(self, prompt: str, model: str, started: float, cell: Cell) -> str:
+    async def _child_call(self, prompt: str, model: str, cell: Cell) -> _Outcome:
         """A sub-call below max_depth: an RLM run of its own over the prompt."""
         ledger, config = self._ledger, self._config
         self.children += 1
@@ -188,10 +207,8 @@ class SubCalls:
         error = result.detail if result.stop_reason == "error" else ""
         answer = result.answer or (f"Error: the sub-call's run stopped without an answer "
                                    f"({result.stop_reason}: {result.detail})")
-        await self._record(prompt, answer, result.tokens,
-                           (time.monotonic() - started) * 1000, cell, error=error,
-                           child_run_id=child_run_id, cached_tokens=result.cached_tokens)
-        return answer
+        return _Outcome(answer, result.tokens, error=error, child_run_id=child_run_id,
+                        cached_tokens=result.cached_tokens)
 
     async def _record(self, prompt: str, answer: str, tokens: TokenCount, latency_ms: float,
                       cell: Cell, *, endpoint: str = "", error: str = "", child_run_id: str = "",

@@ -105,16 +105,23 @@ class TrajectoryWriter:
     def __init__(self, directory: str | os.PathLike[str], run_id: str) -> None:
         self.path = run_dir(directory) / f"{run_id}{SUFFIX}"
         self._lock = asyncio.Lock()
+        # Lines waiting for the writer; whoever holds the lock writes all of them at once.
+        self._pending: list[bytes] = []
 
-    def _append(self, line: bytes) -> None:
+    def _append(self, lines: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("ab") as file:
-            file.write(line)
+            file.write(lines)
 
     async def write(self, event: RlmEvent) -> None:
-        line = _encoder.encode(event) + b"\n"
+        """Append the event; returns once it is in the file, in the order written."""
+        self._pending.append(_encoder.encode(event) + b"\n")
         async with self._lock:
-            await asyncio.to_thread(self._append, line)
+            # Many events at once (a batch of sub-calls ending together) make one write,
+            # not one thread hop and file open each; a line already written returns at once.
+            lines, self._pending = self._pending, []
+            if lines:
+                await asyncio.to_thread(self._append, b"".join(lines))
 
 
 def resolve(path_or_run_id: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:
