@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
-from exo_standin import DEFAULT_MODEL, make_exo_app
+from exo_standin import DEFAULT_MODEL
 
-from bench import REPO_ROOT, serving
+from bench import REPO_ROOT, scripted_model, serving
 from bench.cluster import ServerProcess, agents, controller, controller_config, wait_until
 from bench.compression import make_context
 from bench.peer_driver import RESULT_PREFIX
@@ -223,6 +224,8 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
                 for case in CASES:
                     await _round(running, reference, case, number, contexts, tmp, times,
                                  fan_out_cells)
+                if number:
+                    times.setdefault(("fanout", "floor"), []).append(await _floor(url))
     return [_section(times, fan_out_cells, python is not None, why_not, quick, rounds)]
 
 
@@ -265,6 +268,22 @@ async def _maybe_reference(python: Path | None, url: str) -> AsyncIterator[Refer
         yield reference
 
 
+async def _floor(url: str) -> float:
+    """The model server's own floor: a bare client sending the fan-out's prompts, 16 at once."""
+    slots = asyncio.Semaphore(SUB_CALL_CONCURRENCY)
+    async with aiohttp.ClientSession() as http:
+
+        async def one(number: int) -> None:
+            async with slots, http.post(url + "/v1/chat/completions", json={
+                    "model": DEFAULT_MODEL,
+                    "messages": [{"role": "user", "content": f"floor item {number}"}]}) as answer:
+                await answer.read()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(number) for number in range(FAN_OUT)))
+        return time.perf_counter() - started
+
+
 def _section(times: dict[tuple[str, str], list[float]], fan_out_cells: list[float],
              compared: bool, why_not: str, quick: bool, rounds: int) -> Section:
     median = {key: statistics.median(values) for key, values in times.items()}
@@ -292,9 +311,15 @@ def _section(times: dict[tuple[str, str], list[float]], fan_out_cells: list[floa
                    median[("context", "kowalski")] / median[("context", "reference")],
                    CONTEXT_LIMIT, "x"),
         ]
+    floor_s = median.get(("fanout", "floor"), 0.0)
     notes = [f"The fan-out cell alone (Kowalski, the `CodeExecuted` wall time): "
              f"{fmt(fan_out_s, 3)} s against the ideal {FAN_OUT} / {SUB_CALL_CONCURRENCY} x "
-             f"{SUB_CALL_MS:g} ms = {fmt(ideal_s, 3)} s.",
+             f"{SUB_CALL_MS:g} ms = {fmt(ideal_s, 3)} s. The model server's own floor, a bare "
+             f"aiohttp client sending the same number of prompts {SUB_CALL_CONCURRENCY} at a "
+             f"time to it in the same rounds: {fmt(floor_s, 3)} s, so Kowalski's cell takes "
+             f"{fmt(fan_out_s / floor_s if floor_s else 0.0, 2)}x what this server allows; "
+             "on 2 cores the client's and the server's HTTP handling alone add some 10% to "
+             "the ideal.",
              "Opening the session is the time from the call to the first iteration: the "
              "context's trip to the agent (encoded, signed, sent, checked) and into the "
              "sandboxed interpreter, which the reference does in its own process by writing "
@@ -302,8 +327,8 @@ def _section(times: dict[tuple[str, str], list[float]], fan_out_cells: list[floa
     return Section(
         key="peer", title="Side by side with the reference rlm",
         method=(
-            f"The same scripted OpenAI-compatible model (the stand-in's `openai` flavour in "
-            f"its own process; root replies at once, sub-calls after {SUB_CALL_MS:g} ms) "
+            f"The same scripted OpenAI-compatible model (`bench/scripted_model.py` in its own "
+            f"process; root replies at once, sub-calls after {SUB_CALL_MS:g} ms) "
             f"drives both. The reference is `{REFERENCE}` from PyPI in its own venv, one "
             "driver process calling `RLM(backend='openai', environment='local')."
             "completion(context, root_prompt=query)` (the in-process REPL, no sandbox; 16 "
@@ -329,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__)
     parser.add_argument("--port-file", type=Path, required=True)
     args = parser.parse_args(argv)
-    app = make_exo_app(flavour="openai", models=(DEFAULT_MODEL,), reply=reply)
+    app = scripted_model.make_app(DEFAULT_MODEL, reply)
     return serving.run(lambda: serving.serve_sites(app, 1, args.port_file))
 
 
