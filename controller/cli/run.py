@@ -291,16 +291,19 @@ def run_command(args: argparse.Namespace, config: Config, url: str) -> int:
         stopped = watch.stopped()
         if stopped is None:
             print("kowalski-ctl: stopped before the run began", file=sys.stderr)
-        elif args.json:
-            sys.stdout.write(msgspec.json.format(msgspec.json.encode(stopped)).decode() + "\n")
         else:
-            print_result(stopped, sys.stdout)
+            _show(stopped, as_json=args.json)
         return EXIT_INTERRUPTED
-    if args.json:
+    _show(result, as_json=args.json)
+    return exit_code(result)
+
+
+def _show(result: RlmResult, *, as_json: bool) -> None:
+    """A run's result on stdout: as JSON, or as the text a person reads."""
+    if as_json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(result)).decode() + "\n")
     else:
         print_result(result, sys.stdout)
-    return exit_code(result)
 
 
 def _resume(args: argparse.Namespace, config: Config, url: str) -> int:
@@ -320,10 +323,7 @@ def _resume(args: argparse.Namespace, config: Config, url: str) -> int:
         print(f"kowalski-ctl: stopped watching; run {args.run_id} is cancelled",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    if args.json:
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(result)).decode() + "\n")
-    else:
-        print_result(result, sys.stdout)
+    _show(result, as_json=args.json)
     return exit_code(result)
 
 
