@@ -215,3 +215,40 @@ async def test_resumed_agent_starts_no_job_given_elsewhere_and_answers_fresh_wor
     finally:
         for agent in (victim, other):
             await agent.stop()
+
+
+async def test_an_agent_that_died_with_moved_attempts_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    victim = AgentProcess(tmp_path, name="victim", agent={"max_concurrent_jobs": 1,
+                                                          "max_queued_jobs": 20})
+    other = AgentProcess(tmp_path, name="other")
+    for agent in (victim, other):
+        await agent.start()
+    config = controller_config([victim, other], [], tmp_path, exo={"embedded": False},
+                               controller={"retry_max_attempts": 6})
+    try:
+        async with running_controller(config) as controller:
+            cluster = controller.cluster
+            victim_id = DeviceId(victim.agent_id)
+            assert await cluster.wait_for(lambda t: len(t.devices) == 2 and all(
+                row.health == "healthy" for row in t.devices.values()), 15)
+            jobs = [JobRequest(job_id=f"moving-{n}", language="bash", code=f"sleep 1; echo {n}")
+                    for n in range(8)]
+            tasks = [asyncio.create_task(controller.dispatcher.run_job(job)) for job in jobs]
+            assert await cluster.wait_for(
+                lambda t: len(t.devices[victim_id].in_flight) >= 2, 15)
+            caplog.set_level("DEBUG", logger="kowalski.controller.fleet.dispatch")
+            await victim.kill()
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            assert sorted(r.stdout for r in results) == sorted(f"{n}\n" for n in range(8))
+            assert await cluster.wait_for(
+                lambda t: (row := t.devices.get(victim_id)) is None or row.health != "healthy",
+                15)
+            # Every heartbeat of the other agent retried the cancel on the dead one.
+            await asyncio.sleep(1.0)
+    finally:
+        await other.stop()
+    failed = [r for r in caplog.records if r.getMessage().startswith("could not cancel")
+              and victim.agent_id in r.getMessage()]
+    assert [r.levelname for r in failed if r.levelname == "WARNING"] == ["WARNING"]

@@ -87,6 +87,8 @@ class Dispatcher:
         # Attempts given up on each device (it stopped answering): cancelled there when it
         # answers again, before it gets new work.
         self._moved: dict[DeviceId, list[str]] = {}
+        # Devices whose last cancel failed: warned about once, not at every retry.
+        self._cancel_failed: set[DeviceId] = set()
 
     def select(self, operation: Operation, *, language: str | None = None,
                exclude: frozenset[DeviceId] = frozenset()) -> DeviceRow:
@@ -117,6 +119,7 @@ class Dispatcher:
             gone = [d for d in self._moved if d not in table.devices]
             for device_id in gone:
                 del self._moved[device_id]
+                self._cancel_failed.discard(device_id)
             await asyncio.gather(*(self._cancel_moved(d) for d in back))
             await self.cluster.changed()
 
@@ -127,9 +130,14 @@ class Dispatcher:
                                               timeout_s=_CANCEL_TIMEOUT_S)
         except KowalskiError as exc:
             # It stays out of selection; the next table change (a heartbeat) tries again.
-            log.warning("could not cancel %d moved attempts on %s: %s", len(attempts),
-                        device_id, exc.message)
+            # Said once per device: an agent that just died fails every try until the
+            # failure detector takes its row out.
+            level = logging.DEBUG if device_id in self._cancel_failed else logging.WARNING
+            self._cancel_failed.add(device_id)
+            log.log(level, "could not cancel %d moved attempts on %s: %s", len(attempts),
+                    device_id, exc.message)
             return
+        self._cancel_failed.discard(device_id)
         remaining = self._moved.get(device_id, [])[len(attempts):]
         if remaining:
             self._moved[device_id] = remaining
