@@ -135,7 +135,13 @@ class SessionManager:
                 if self._closed:
                     raise ExecutionError("the agent is shutting down")
             elif warm is not None:
-                return await self._adopt(warm, request)
+                try:
+                    return await self._adopt(warm, request)
+                except SessionLostError as exc:
+                    # It died between being taken and handed over: start one as if no
+                    # session had been warm.
+                    log.info("warm session for %s was lost (%s); starting one",
+                             request.session_id, exc.message)
         if existing is not None:
             await existing.ready.wait()
             existing.check()

@@ -370,3 +370,35 @@ async def test_a_warm_session_takes_a_large_context_and_close_ends_the_pool_too(
     await manager.close()
     assert (len(manager), len(manager.pool)) == (0, 0)
     assert job_cgroups(sandbox) == []
+
+
+async def test_a_warm_session_lost_on_its_way_to_a_caller_gives_way_to_a_new_one(
+        make_manager: Factory, sandbox: Sandbox) -> None:
+    manager = await make_manager(warm_sessions=1)
+    pool = asyncio.create_task(manager.run())
+    try:
+        deadline = time.monotonic() + 20
+        while len(manager.pool) < 1:
+            assert time.monotonic() < deadline, "no warm session was started"
+            await asyncio.sleep(0.01)
+        take = manager.pool.take
+
+        async def take_one_that_dies() -> Any:
+            # The race this covers: the process ends after the pool hands it out and before
+            # the context reaches it (an OOM kill, say).
+            session = await take()
+            assert session is not None
+            await session.kill("killed on its way out of the pool")
+            return session
+
+        manager.pool.take = take_one_that_dies  # type: ignore[method-assign]
+        info = await manager.create(SessionCreate(session_id="after-loss", context="abc"))
+        assert not info.warm
+        result = await run(manager, "after-loss", "print(len(context))")
+        assert result.stdout == "3\n"
+    finally:
+        pool.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pool
+    await manager.close()
+    assert job_cgroups(sandbox) == []
