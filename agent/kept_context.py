@@ -19,13 +19,13 @@ import msgspec
 from kowalski.agent.jail import read_back
 from kowalski.common.errors import ExecutionError
 
-__all__ = ["CONTEXT_JSON_FILE", "CONTEXT_TEXT_FILE", "KeptContext"]
+__all__ = ["CONTEXT_JSON_FILE", "CONTEXT_TEXT_FILE", "KEPT_DIR", "KeptContext"]
 
 # The context as a job working beside the session finds it: text as is, the rest as JSON.
 CONTEXT_TEXT_FILE = "context.txt"
 CONTEXT_JSON_FILE = "context.json"
-# Beside the work dirs: the contexts of live sessions.
-_KEPT = ".contexts"
+# Beside the work dirs, out of every job's sight: the contexts of live sessions.
+KEPT_DIR = ".contexts"
 
 
 class KeptContext:
@@ -38,17 +38,10 @@ class KeptContext:
 
     def keep(self, workdir: Path, name: str, data: bytes) -> None:
         """Link workdir/name aside (blocking I/O): the context's JSON, `data`, it holds."""
-        kept = workdir.parent / _KEPT / workdir.name
-        for attempt in range(3):
-            kept.parent.mkdir(mode=0o700, exist_ok=True)
-            kept.unlink(missing_ok=True)
-            try:
-                os.link(workdir / name, kept, follow_symlinks=False)
-                break
-            except FileNotFoundError:
-                # The last session's drop removed the directory just now: make it again.
-                if attempt == 2 or not (workdir / name).exists():
-                    raise
+        # The directory is the sandbox's: made when it starts, removed when it closes.
+        kept = workdir.parent / KEPT_DIR / workdir.name
+        kept.unlink(missing_ok=True)
+        os.link(workdir / name, kept, follow_symlinks=False)
         self._path, self._size = kept, len(data)
         # JSON text starts at its first byte here: the encoder and the API's decoder leave
         # no white space in front of a string.
@@ -74,12 +67,5 @@ class KeptContext:
         """Remove the link once the session has ended."""
         path, self._path = self._path, None
         if path is not None:
-            await asyncio.to_thread(_remove, path)
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
-        # The last one out leaves the work root as it found it; a directory still in use
-        # is not empty and stays.
-        path.parent.rmdir()
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(path.unlink, True)

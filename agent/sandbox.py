@@ -17,6 +17,7 @@ from kowalski.agent.cgroups import CgroupManager
 from kowalski.agent.jail import Jail, SandboxedProcess
 from kowalski.agent.job_output import Flood, OutputListener, drain, feed, flood_limit
 from kowalski.agent.job_result import Outcome, job_result, wire_error
+from kowalski.agent.kept_context import KEPT_DIR
 from kowalski.agent.languages import (
     SPECS,
     SYSTEM_PATH,
@@ -104,6 +105,8 @@ class Sandbox:
             log.warning("SANDBOX DISABLED (sandbox.mode = \"none\"): jobs run as uid %d with "
                         "no isolation and no limit but their timeout", os.geteuid())
         await asyncio.to_thread(self._work_root.mkdir, parents=True, exist_ok=True)
+        # Where sessions keep their contexts for the jobs beside them (agent/kept_context.py).
+        await asyncio.to_thread((self._work_root / KEPT_DIR).mkdir, mode=0o700, exist_ok=True)
         uid, gid = self._config.unprivileged_uid, self._config.unprivileged_gid
         if self._setpriv and not bwrap and not reachable_by(self._work_root, uid, gid):
             # Without bubblewrap the job sees its dir at its real path (runtimes resolve it).
@@ -340,6 +343,7 @@ class Sandbox:
             await self._jail.close()
         if self._cgroups is not None:
             self._cgroups.close()
+        await asyncio.to_thread(shutil.rmtree, self._work_root / KEPT_DIR, True)
 
 
 def _collect(workdir: Path, pattern: str) -> dict[str, bytes]:
