@@ -22,13 +22,16 @@ def run() -> int:
     time a callback is https without a configured CA (see LlmRelay).
     """
     from kowalski.agent.arguments import build_config, needs_tls, parse_args
+    from kowalski.common.config import Config
     from kowalski.common.errors import KowalskiError
 
+    args = parse_args(None)
+    config: Config | KowalskiError
     try:
-        tls = needs_tls(build_config(parse_args(None)).security)
-    except KowalskiError:
-        tls = True  # main() reports the config's problem; nothing is decided here
-    if not tls:
+        config = build_config(args)
+    except KowalskiError as exc:
+        config = exc  # main() reports it; with TLS left in, nothing is decided here
+    if isinstance(config, Config) and not needs_tls(config.security):
         sys.modules["ssl"] = None  # type: ignore[assignment]
     saved = {name: os.environ.get(name) for name in _CA_ENVIRONMENT}
     for name in _CA_ENVIRONMENT:
@@ -41,7 +44,7 @@ def run() -> int:
                 del os.environ[name]
             else:
                 os.environ[name] = value
-    return main()
+    return main(parsed=(args, config))
 
 
 if __name__ == "__main__":

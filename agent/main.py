@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
@@ -22,7 +23,7 @@ from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
 from kowalski.common import config as config_module
 from kowalski.common.config import Config
-from kowalski.common.errors import KowalskiError, MissingSecretError
+from kowalski.common.errors import KowalskiError
 from kowalski.common.http import ServerLog
 from kowalski.common.ratelimit import RateLimiter
 from kowalski.common.signing import Verifier
@@ -126,18 +127,17 @@ class Agent:
             await sandbox.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, *,
+         parsed: tuple[argparse.Namespace, Config | KowalskiError] | None = None) -> int:
+    """The daemon; parsed: the arguments and the config (or why it failed) already read."""
+    args, built = parsed or (parse_args(argv), None)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = build_config(args)
-        secret = config_module.read_secret(config.security)
-        if secret is None and not config.security.allow_unsigned:
-            raise MissingSecretError(
-                "no shared secret: set KOWALSKI_SECRET or KOWALSKI_SECRET_FILE, "
-                "security.secret_file, or security.allow_unsigned = true on a trusted host",
-                key="security.secret_file")
+        if isinstance(built, KowalskiError):
+            raise built
+        config = built or build_config(args)
+        secret = config_module.required_secret(config.security)
     except KowalskiError as exc:
         print(f"kowalski-agent: {exc.user_message()}", file=sys.stderr)
         return 3

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from kowalski.common.errors import ConfigError, ConfigFileError
+from kowalski.common.errors import ConfigError, ConfigFileError, MissingSecretError
 from kowalski.common.messages import LANGUAGES, Language
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -335,6 +335,17 @@ def read_secret(security: SecurityConfig) -> bytes | None:
     for candidate in filter(None, candidates):
         return read_secret_file(Path(candidate).expanduser())
     return None
+
+
+def required_secret(security: SecurityConfig) -> bytes | None:
+    """The shared secret a daemon needs; None only where unsigned requests are allowed."""
+    secret = read_secret(security)
+    if secret is None and not security.allow_unsigned:
+        raise MissingSecretError(
+            "no shared secret: set KOWALSKI_SECRET or KOWALSKI_SECRET_FILE, "
+            "security.secret_file, or security.allow_unsigned = true on a trusted host",
+            key="security.secret_file")
+    return secret
 
 
 def read_api_token(security: SecurityConfig) -> bytes | None:

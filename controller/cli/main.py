@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kowalski.common import config as config_module
 from kowalski.common.config_docs import render_commented
-from kowalski.common.errors import ConfigError, KowalskiError, MissingSecretError, NotFoundError
+from kowalski.common.errors import ConfigError, KowalskiError, NotFoundError
 from kowalski.common.tls import client_ssl_context, server_ssl_context
 from kowalski.controller.cli.arguments import (
     Parser,
@@ -47,12 +47,7 @@ def _config_init(args: argparse.Namespace) -> int:
 
 def _serve_checks(config: config_module.Config) -> bytes | None:
     """What `serve` reads before it starts: the secret, the API token, the TLS files."""
-    secret = config_module.read_secret(config.security)
-    if secret is None and not config.security.allow_unsigned:
-        raise MissingSecretError(
-            "no shared secret: set KOWALSKI_SECRET or KOWALSKI_SECRET_FILE, "
-            "security.secret_file, or security.allow_unsigned = true on a trusted host",
-            key="security.secret_file")
+    secret = config_module.required_secret(config.security)
     config_module.read_api_token(config.security)
     server_ssl_context(config.security)
     client_ssl_context(config.security)
