@@ -14,12 +14,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 from controller_env import controller_config, healthy_ids, running_controller, start_agents
 from exo_standin import DEFAULT_MODEL, STANDIN, ExoStandin, make_exo_app
-from procs import AgentProcess
+from procs import SECRET, AgentProcess
 
+from kowalski.common.client import SignedClient
+from kowalski.controller.fleet.agent_client import AgentClient
 from kowalski.controller.service import Controller
 
 
@@ -149,3 +152,10 @@ async def browser_page(tmp_path: Path) -> AsyncIterator[Any]:
         finally:
             await context.close()
     assert errors == []
+
+
+@pytest.fixture
+async def agent_client() -> AsyncIterator[AgentClient]:
+    """A signed client for agents' APIs, holding the test secret."""
+    async with aiohttp.ClientSession() as session:
+        yield AgentClient(SignedClient(session, secret=SECRET.encode()))

@@ -115,3 +115,14 @@ class AgentProcess:
         self.signal(signal.SIGKILL)
         await self.process.wait()
         self.log.close()
+
+
+async def stop_process(process: asyncio.subprocess.Process, timeout_s: float = 15.0) -> None:
+    """SIGTERM a child, then SIGKILL it if it does not exit in time."""
+    if process.returncode is None:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), timeout_s)
+        except TimeoutError:
+            process.kill()
+            await process.wait()

@@ -6,11 +6,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
-from procs import SECRET, AgentProcess
+from procs import AgentProcess
 
-from kowalski.common.client import SignedClient
 from kowalski.common.errors import RemoteError
 from kowalski.common.messages import (
     CellRequest,
@@ -32,12 +30,6 @@ async def agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
     process = await AgentProcess(tmp_path, name="cells").start()
     yield process
     assert await process.stop() == 0, process.read_log()
-
-
-@pytest.fixture
-async def agent_client() -> AsyncIterator[AgentClient]:
-    async with aiohttp.ClientSession() as session:
-        yield AgentClient(SignedClient(session, secret=SECRET.encode()))
 
 
 async def _session(agent: AgentProcess, client: AgentClient, context: object) -> SessionId:

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import tomli_w
 from exo_standin import DEFAULT_MODEL, make_exo_app
-from procs import SECRET
+from procs import SECRET, stop_process
 
 from kowalski.controller.cli.exit_codes import EXIT_CONFIG
 
@@ -67,15 +67,6 @@ async def serve(tmp: Path, config: Path) -> asyncio.subprocess.Process:
         log.close()
 
 
-async def stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 15)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
 
 async def first_answer(tmp: Path, process: asyncio.subprocess.Process, timeout_s: float
                        ) -> tuple[str, Any]:
@@ -124,7 +115,7 @@ async def test_serve_answers_at_once_beside_a_hung_endpoint(tmp_path: Path,
             assert endpoints[good_url]["state"] == "up"
             assert endpoints[hung_url]["state"] == "probing"
         finally:
-            await stop(process)
+            await stop_process(process)
     assert "Traceback" not in (tmp_path / "controller.log").read_text()
 
 
@@ -146,7 +137,7 @@ async def test_hung_probe_marks_endpoint_down_with_reason_and_warns(
             assert "no answer to the health probe within 0.5 s" in endpoint["last_error"]
             await asyncio.sleep(1.0)
         finally:
-            await stop(process)
+            await stop_process(process)
     log = (tmp_path / "controller.log").read_text()
     warnings = [line for line in log.splitlines()
                 if "WARNING" in line and hung_url in line and "no answer" in line]
@@ -163,7 +154,7 @@ async def test_open_api_on_the_network_is_refused_with_how_to_make_a_token(
     try:
         assert await asyncio.wait_for(process.wait(), 30) == EXIT_CONFIG
     finally:
-        await stop(process)
+        await stop_process(process)
     output = (tmp_path / "controller.log").read_text()
     assert "Traceback" not in output
     assert len(output.strip().splitlines()) <= 2, output
@@ -188,4 +179,4 @@ async def test_network_address_serves_with_a_token_or_on_purpose(
         _, status = await first_answer(tmp_path, process, 20)
         assert status["endpoints"] == []
     finally:
-        await stop(process)
+        await stop_process(process)

@@ -17,7 +17,7 @@ import pytest
 from controller_env import controller_config
 from exo_standin import DEFAULT_MODEL, make_exo_app
 from local_session import LocalSession
-from procs import SECRET, AgentProcess
+from procs import SECRET, AgentProcess, stop_process
 
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
@@ -267,15 +267,6 @@ async def _serve(tmp: Path, config: Path, name: str) -> tuple[asyncio.subprocess
     return process, f"http://127.0.0.1:{int(port_file.read_text())}"
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 15)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
 
 async def _wait_healthy(http: aiohttp.ClientSession, base: str) -> None:
     async with asyncio.timeout(30):
@@ -317,7 +308,7 @@ async def test_a_run_killed_with_its_controller_finishes_after_the_restart(
                             process.send_signal(signum)
             await process.wait()
     finally:
-        await _stop(process)
+        await stop_process(process)
     cut = read_trajectory(run_id, tmp_path / "runs")
     assert cut.finished is None
     asked_before = list(model.asked)
@@ -341,7 +332,7 @@ async def test_a_run_killed_with_its_controller_finishes_after_the_restart(
                 assert response.status == 200, await response.text()
                 uninterrupted = await response.json()
     finally:
-        await _stop(process)
+        await stop_process(process)
     result = stored["events"][-1]["result"]
     assert (result["stop_reason"], result["answer"]) == ("final_var", EXPECTED)
     assert uninterrupted["answer"] == result["answer"]

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from procs import SECRET, AgentProcess
+from procs import AgentProcess
 
 from kowalski.common.client import SignedClient
 from kowalski.common.errors import RemoteError, UnverifiedAnswerError
@@ -38,12 +38,6 @@ async def agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
     process = await AgentProcess(tmp_path, name="streamer").start()
     yield process
     assert await process.stop() == 0, process.read_log()
-
-
-@pytest.fixture
-async def agent_client() -> AsyncIterator[AgentClient]:
-    async with aiohttp.ClientSession() as session:
-        yield AgentClient(SignedClient(session, secret=SECRET.encode()))
 
 
 async def test_an_agent_streams_output_before_the_job_ends(
