@@ -623,7 +623,9 @@ async def test_batch_with_one_endpoint_rides_out_its_outage_behind_a_circuit(
                               for n in range(total)))
     config = tmp_path / "config.toml"
     # Attempts alone (three, a few hundred ms apart) cannot span the outage; the circuit can.
-    config.write_text("[controller]\ncircuit_reset_s = 1.0\nretry_max_attempts = 3\n"
+    # Its first probe comes after the outage: a probe that met the server still down would
+    # spend the probing item's attempts, and under load that made the test flaky.
+    config.write_text("[controller]\ncircuit_reset_s = 4.0\nretry_max_attempts = 3\n"
                       "retry_max_delay_ms = 200\n[exo]\npoll_interval_s = 0.5\n")
     process = await start_batch(f"http://127.0.0.1:{server.port}", source, "-o", str(output),
                                 "--concurrency", "8", "--quiet", config=config)
