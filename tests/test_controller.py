@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from controller_env import controller_config, running_controller
+from controller_env import controller_config, healthy_ids, running_controller
 from exo_standin import DEFAULT_MODEL, STANDIN
 from procs import AgentProcess
 
@@ -78,13 +78,25 @@ async def test_status_command_without_a_controller_says_so() -> None:
 
 
 async def test_jobs_spread_over_agents_and_come_back_through_the_api(
-    controller: Controller, agents: list[AgentProcess],
+    agents: list[AgentProcess], exo: Any, tmp_path: Path,
 ) -> None:
-    jobs = [JobRequest(job_id=f"spread-{n}", language="bash", code="sleep 0.5; echo hi")
-            for n in range(4)]
-    results = await asyncio.gather(*(controller.dispatcher.run_job(job) for job in jobs))
-    assert {r.stdout for r in results} == {"hi\n"}
-    assert {r.agent_id for r in results} == {agent.agent_id for agent in agents}
+    # A penalty above any score gap: at the default, an agent whose heartbeats come back
+    # faster may rightly take two jobs before a slower one takes any (a loaded machine).
+    config = controller_config(agents, [str(exo.make_url("")).rstrip("/")], tmp_path,
+                               controller={"load_penalty": 1.0})
+    async with running_controller(config) as controller:
+        assert await controller.cluster.wait_for(
+            lambda t: len(healthy_ids(t)) == len(agents), timeout_s=15)
+        jobs = [JobRequest(job_id=f"spread-{n}", language="bash", code="sleep 0.5; echo hi")
+                for n in range(4)]
+        results = await asyncio.gather(*(controller.dispatcher.run_job(job) for job in jobs))
+        assert [r.stdout for r in results] == ["hi\n"] * 4
+        per_agent = [r.agent_id for r in results]
+        assert sorted(per_agent.count(agent.agent_id) for agent in agents) == [2, 2]
+        await _job_through_the_api(controller)
+
+
+async def _job_through_the_api(controller: Controller) -> None:
     async with aiohttp.ClientSession() as session, session.post(
         controller.base_url + "/v1/jobs",
         json={"job_id": "via-api", "language": "python", "code": "print(6 * 7)"},
