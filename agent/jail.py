@@ -196,7 +196,9 @@ class Jail:
                         name, pids_max=self._config.pids_limit,
                         memory_bytes=self._config.memory_limit_mb << 20,
                         cpu_cores=self._config.cpu_limit_cores)
-                    primer = asyncio.ensure_future(asyncio.to_thread(self._cgroups.prime))
+                    if not cgroup.join_files:
+                        # The agent makes the move (v2): overlap its wait, see prime.
+                        primer = asyncio.ensure_future(asyncio.to_thread(self._cgroups.prime))
             except OSError as exc:
                 raise ExecutionError(f"cannot make the job's cgroup: {exc}") from exc
             try:
@@ -204,13 +206,16 @@ class Jail:
             except OSError as exc:
                 raise ExecutionError(f"cannot prepare the work dir {workdir}: {exc}") from exc
             filter_fd = seccomp.program_fd() if self._bwrap else -1
-            procs = cgroup.procs_files if cgroup else []
+            # v1: the launcher joins by itself; else the agent moves it, then opens the gate.
+            joins = cgroup.join_files if cgroup else []
+            procs = cgroup.procs_files if cgroup and not joins else []
             gate_read, gate_write = os.pipe() if procs else (-1, -1)
             try:
                 rlimits = self._rlimits(toolchain, cgroup, cpu_limit)
                 command = self._command(toolchain, argv, workdir, cgroup, filter_fd)
-                if procs or rlimits:
-                    command = [*self.launcher, *launcher_args(gate_read, rlimits, command)]
+                if procs or joins or rlimits:
+                    command = [*self.launcher,
+                               *launcher_args(gate_read, rlimits, command, joins=joins)]
                 inherited = tuple(fd for fd in (filter_fd, gate_read) if fd >= 0)
                 loop = asyncio.get_running_loop()
                 transport, protocol = await loop.subprocess_exec(

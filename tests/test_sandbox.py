@@ -17,7 +17,7 @@ from typing import Any
 import leftovers
 import pytest
 
-from kowalski.agent.cgroups import locate, parse_mountinfo, parse_proc_cgroup
+from kowalski.agent.cgroup_mounts import locate, parse_mountinfo, parse_proc_cgroup
 from kowalski.agent.job_result import MEMORY_LIMIT, OUTPUT_LIMIT
 from kowalski.agent.sandbox import Sandbox
 from kowalski.common.config import SandboxConfig
