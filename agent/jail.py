@@ -188,6 +188,7 @@ class Jail:
         workdir = self._work_root / name
         cgroup = None
         primer: asyncio.Future[None] | None = None
+        prepared: asyncio.Future[None] | None = None
         gate_write = -1
         try:
             try:
@@ -202,7 +203,9 @@ class Jail:
             except OSError as exc:
                 raise ExecutionError(f"cannot make the job's cgroup: {exc}") from exc
             try:
-                await asyncio.to_thread(self._prepare, workdir, files)
+                prepared = asyncio.ensure_future(
+                    asyncio.to_thread(self._prepare, workdir, files))
+                await asyncio.shield(prepared)
             except OSError as exc:
                 raise ExecutionError(f"cannot prepare the work dir {workdir}: {exc}") from exc
             filter_fd = seccomp.program_fd() if self._bwrap else -1
@@ -232,6 +235,9 @@ class Jail:
                 os.close(gate_write)
             if primer is not None:
                 await asyncio.shield(primer)
+            if prepared is not None:
+                # Cancelling the wait leaves the thread writing: remove the dir after it.
+                await asyncio.wait([prepared])
             await asyncio.shield(self._discard(workdir, cgroup))
             if isinstance(exc, OSError):
                 raise ExecutionError(f"cannot start the sandbox: {exc}") from exc
