@@ -221,16 +221,20 @@ class Jail:
                                *launcher_args(gate_read, rlimits, command, joins=joins)]
                 inherited = tuple(fd for fd in (filter_fd, gate_read) if fd >= 0)
                 loop = asyncio.get_running_loop()
-                transport, protocol = await loop.subprocess_exec(
+                starting = asyncio.ensure_future(loop.subprocess_exec(
                     lambda: _Protocol(_STREAM_LIMIT, loop), *command,
                     stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=(*pass_fds, *inherited),
-                    start_new_session=True, cwd=workdir, env=self.environment(workdir))
+                    start_new_session=True, cwd=workdir, env=self.environment(workdir)))
+                try:
+                    transport, protocol = await asyncio.shield(starting)
+                except asyncio.CancelledError:
+                    await asyncio.shield(self._abandon(starting, workdir, cgroup))
+                    raise
             finally:
                 for fd in (filter_fd, gate_read):
                     if fd >= 0:
                         os.close(fd)
         except BaseException as exc:
-            # Also when cancelled mid-start: asyncio kills a half-started child itself.
             if gate_write >= 0:
                 os.close(gate_write)
             if primer is not None:
@@ -252,6 +256,21 @@ class Jail:
             if primer is not None:
                 await asyncio.shield(primer)
         return handle
+
+    async def _abandon(self, starting: asyncio.Future[tuple[asyncio.SubprocessTransport,
+                                                             _Protocol]],
+                       workdir: Path, cgroup: JobCgroup | None) -> None:
+        """Stop what a cancelled start started, once started.
+
+        asyncio's own clean-up of a start cancelled while it connects the pipes can wait
+        forever (Python 3.11), so the start itself is never cancelled.
+        """
+        try:
+            transport, protocol = await starting
+        except Exception:
+            return
+        process = asyncio.subprocess.Process(transport, protocol, asyncio.get_running_loop())
+        await SandboxedProcess(process, transport, protocol, workdir, cgroup, self).release()
 
     @staticmethod
     async def _open_gate(handle: SandboxedProcess, procs: list[str], gate_write: int) -> None:

@@ -385,6 +385,34 @@ async def test_the_result_comes_before_the_cleanup_and_a_slow_cleanup_holds_the_
     assert list((tmp_path / "jobs").iterdir()) == []
 
 
+@needs_root
+async def test_a_spawn_cancelled_at_any_step_ends_at_once_and_leaves_nothing(
+        tmp_path: Path) -> None:
+    box = Sandbox(small_config(), work_root=tmp_path / "jobs")
+    await box.start()
+    try:
+        toolchain = box.toolchain("python")
+        tag = marker()
+        pipe = asyncio.subprocess.PIPE
+        # From before the cgroup exists to after the pipes are connected (about 2 ms).
+        for step in range(40):
+            spawning = asyncio.create_task(box.spawn(
+                "cancelled", toolchain,
+                [toolchain.inner_executable, "-c", f"import time; time.sleep({tag})"],
+                files={}, stdin=pipe, stdout=pipe, stderr=pipe))
+            await asyncio.sleep(step * 0.0001)
+            spawning.cancel()
+            done, _ = await asyncio.wait([spawning], timeout=10)
+            assert done, f"a spawn cancelled after {step * 0.1:.1f} ms never ended"
+            if not spawning.cancelled():
+                await spawning.result().release()
+        await assert_nothing_left(box, tag)
+        assert [path for path in (tmp_path / "jobs").iterdir()
+                if path.name.startswith("cancelled-")] == []
+    finally:
+        await box.close()
+
+
 async def test_close_is_idempotent_and_refuses_new_jobs(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("bubblewrap mode needs root")
