@@ -10,90 +10,26 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from kowalski.agent.cgroup_events import wait_unpopulated
+from kowalski.agent.cgroup_mounts import (
+    CONTROLLERS,
+    CPU,
+    locate,
+    parse_mountinfo,
+    parse_proc_cgroup,
+)
 
 log = logging.getLogger("kowalski.agent.cgroups")
 
 # Names of the per-agent parent cgroups; the pid lets a new agent clear a dead one's leftovers.
 BASE_PREFIX = "kowalski-"
-CONTROLLERS = ("memory", "pids")
-# Used when present: the per-job CPU quota (sandbox.cpu_limit_cores).
-CPU = "cpu"
 # The CPU quota is counted per period of this length.
 CPU_PERIOD_US = 100_000
 # kill_all re-reads the cgroup after this pause, doubling it up to the maximum.
 _KILL_FIRST_PAUSE_S = 0.0005
 _KILL_MAX_PAUSE_S = 0.01
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One cgroup file system from /proc/self/mountinfo."""
-
-    root: str
-    mount_point: str
-    version: int
-    # v1 only: the controllers this hierarchy carries.
-    controllers: frozenset[str]
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """The cgroup and cgroup2 mounts in a mountinfo text."""
-    mounts = []
-    for line in text.splitlines():
-        fields = line.split()
-        if " - " not in line or len(fields) < 5:
-            continue
-        before, after = line.split(" - ", 1)
-        fs_type, _source, *rest = after.split()
-        options = rest[0].split(",") if rest else []
-        root, mount_point = before.split()[3], before.split()[4]
-        mount_point = mount_point.replace("\\040", " ")
-        if fs_type == "cgroup2":
-            mounts.append(Mount(root, mount_point, 2, frozenset()))
-        elif fs_type == "cgroup":
-            mounts.append(Mount(root, mount_point, 1,
-                                frozenset(options) & {*CONTROLLERS, CPU}))
-    return mounts
-
-
-def parse_proc_cgroup(text: str) -> dict[str, str]:
-    """Controller name to cgroup path from /proc/<pid>/cgroup; "" is the v2 unified entry."""
-    paths: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, names, path = parts
-        if not names:
-            paths[""] = path
-        for name in names.split(","):
-            if name:
-                paths[name] = path
-    return paths
-
-
-def _under(mount: Mount, path: str) -> Path:
-    # Inside a container the mount's root may be the process's own cgroup.
-    relative = path
-    if mount.root != "/" and (path == mount.root or path.startswith(mount.root + "/")):
-        relative = path[len(mount.root):]
-    return Path(mount.mount_point) / relative.lstrip("/")
-
-
-def locate(mounts: list[Mount], paths: dict[str, str]) -> dict[str, Path]:
-    """Where this process's cgroups are: "v2" and/or one entry per v1 controller."""
-    found: dict[str, Path] = {}
-    for mount in mounts:
-        if mount.version == 2 and "" in paths:
-            found.setdefault("v2", _under(mount, paths[""]))
-        for controller in mount.controllers:
-            if controller in paths:
-                found.setdefault(controller, _under(mount, paths[controller]))
-    return found
 
 
 def _read(path: Path) -> str:
@@ -123,6 +59,18 @@ class JobCgroup:
     def procs_files(self) -> list[str]:
         """The files a process writes its pid to, to join."""
         return sorted({str(path / "cgroup.procs") for path in self.dirs.values()})
+
+    @property
+    def join_files(self) -> list[str]:
+        """v1: the files a single-threaded process writes "0" to, to join by itself.
+
+        Moving one thread, the writer, skips the kernel's threadgroup lock and with it the
+        RCU grace period (about 10 ms) a move by pid waits out after an idle moment. v2
+        moves whole processes only (cgroup.threads stays within a domain): none.
+        """
+        if self.version == 2:
+            return []
+        return sorted({str(path / "tasks") for path in self.dirs.values()})
 
     def pids(self) -> set[int]:
         found: set[int] = set()

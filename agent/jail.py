@@ -188,6 +188,7 @@ class Jail:
         workdir = self._work_root / name
         cgroup = None
         primer: asyncio.Future[None] | None = None
+        prepared: asyncio.Future[None] | None = None
         gate_write = -1
         try:
             try:
@@ -196,37 +197,51 @@ class Jail:
                         name, pids_max=self._config.pids_limit,
                         memory_bytes=self._config.memory_limit_mb << 20,
                         cpu_cores=self._config.cpu_limit_cores)
-                    primer = asyncio.ensure_future(asyncio.to_thread(self._cgroups.prime))
+                    if not cgroup.join_files:
+                        # The agent makes the move (v2): overlap its wait, see prime.
+                        primer = asyncio.ensure_future(asyncio.to_thread(self._cgroups.prime))
             except OSError as exc:
                 raise ExecutionError(f"cannot make the job's cgroup: {exc}") from exc
             try:
-                await asyncio.to_thread(self._prepare, workdir, files)
+                prepared = asyncio.ensure_future(
+                    asyncio.to_thread(self._prepare, workdir, files))
+                await asyncio.shield(prepared)
             except OSError as exc:
                 raise ExecutionError(f"cannot prepare the work dir {workdir}: {exc}") from exc
             filter_fd = seccomp.program_fd() if self._bwrap else -1
-            procs = cgroup.procs_files if cgroup else []
+            # v1: the launcher joins by itself; else the agent moves it, then opens the gate.
+            joins = cgroup.join_files if cgroup else []
+            procs = cgroup.procs_files if cgroup and not joins else []
             gate_read, gate_write = os.pipe() if procs else (-1, -1)
             try:
                 rlimits = self._rlimits(toolchain, cgroup, cpu_limit)
                 command = self._command(toolchain, argv, workdir, cgroup, filter_fd)
-                if procs or rlimits:
-                    command = [*self.launcher, *launcher_args(gate_read, rlimits, command)]
+                if procs or joins or rlimits:
+                    command = [*self.launcher,
+                               *launcher_args(gate_read, rlimits, command, joins=joins)]
                 inherited = tuple(fd for fd in (filter_fd, gate_read) if fd >= 0)
                 loop = asyncio.get_running_loop()
-                transport, protocol = await loop.subprocess_exec(
+                starting = asyncio.ensure_future(loop.subprocess_exec(
                     lambda: _Protocol(_STREAM_LIMIT, loop), *command,
                     stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=(*pass_fds, *inherited),
-                    start_new_session=True, cwd=workdir, env=self.environment(workdir))
+                    start_new_session=True, cwd=workdir, env=self.environment(workdir)))
+                try:
+                    transport, protocol = await asyncio.shield(starting)
+                except asyncio.CancelledError:
+                    await asyncio.shield(self._abandon(starting, workdir, cgroup))
+                    raise
             finally:
                 for fd in (filter_fd, gate_read):
                     if fd >= 0:
                         os.close(fd)
         except BaseException as exc:
-            # Also when cancelled mid-start: asyncio kills a half-started child itself.
             if gate_write >= 0:
                 os.close(gate_write)
             if primer is not None:
                 await asyncio.shield(primer)
+            if prepared is not None:
+                # Cancelling the wait leaves the thread writing: remove the dir after it.
+                await asyncio.wait([prepared])
             await asyncio.shield(self._discard(workdir, cgroup))
             if isinstance(exc, OSError):
                 raise ExecutionError(f"cannot start the sandbox: {exc}") from exc
@@ -241,6 +256,21 @@ class Jail:
             if primer is not None:
                 await asyncio.shield(primer)
         return handle
+
+    async def _abandon(self, starting: asyncio.Future[tuple[asyncio.SubprocessTransport,
+                                                             _Protocol]],
+                       workdir: Path, cgroup: JobCgroup | None) -> None:
+        """Stop what a cancelled start started, once started.
+
+        asyncio's own clean-up of a start cancelled while it connects the pipes can wait
+        forever (Python 3.11), so the start itself is never cancelled.
+        """
+        try:
+            transport, protocol = await starting
+        except Exception:
+            return
+        process = asyncio.subprocess.Process(transport, protocol, asyncio.get_running_loop())
+        await SandboxedProcess(process, transport, protocol, workdir, cgroup, self).release()
 
     @staticmethod
     async def _open_gate(handle: SandboxedProcess, procs: list[str], gate_write: int) -> None:

@@ -1,8 +1,9 @@
-"""The job's first process: waits for its cgroup move, sets rlimits, execs the command.
+"""The job's first process: joins the job's cgroup, sets rlimits, execs the command.
 
 A separate process rather than preexec_fn, which is unsafe in a threaded parent. It execs
-the command only once the agent has moved it into the job's cgroup, so no job code runs
-outside it (membership is inherited). The agent makes the move while the launcher starts.
+the command only once it is in the job's cgroup, so no job code runs outside it
+(membership is inherited). On cgroup v1 it joins by itself; on v2 it waits on a gate fd
+for the agent, which makes the move while the launcher starts.
 A small C program where a C compiler is found at start-up (about 1 ms to start); else
 Python with -I -S (about 7 ms), taking the same arguments (see launcher_args).
 """
@@ -41,8 +42,18 @@ try:
         if os.read(gate, 1) != b"1":
             raise OSError("the agent could not move the job into its cgroup")
         os.close(gate)
-    end = 4 + 2 * int(args[3])
-    for index in range(4, end, 2):
+    start = 4 + int(args[3])
+    for path in args[4:start]:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OSError(f"cannot join the cgroup {path}: {exc.strerror}") from None
+    end = start + 1 + 2 * int(args[start])
+    for index in range(start + 1, end, 2):
         kind = getattr(resource, args[index])
         value = int(args[index + 1])
         hard = resource.getrlimit(kind)[1]
@@ -59,6 +70,7 @@ except OSError as exc:
 
 C_SOURCE = r"""
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,10 +105,23 @@ int main(int argc, char **argv) {
             return fail("the agent could not move the job into its cgroup", "");
         close(gate);
     }
-    int count = atoi(argv[3]);
-    int end = 4 + 2 * count;
+    int joins = atoi(argv[3]);
+    int start = 4 + joins;
+    if (joins < 0 || start >= argc) return fail("bad arguments", "");
+    for (int i = 4; i < start; i++) {
+        /* "0" moves the writing thread alone: the kernel skips the wait a move of a
+           whole process has (see join_files in cgroups.py). */
+        int fd = open(argv[i], O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, "0", 1) != 1) {
+            dprintf(2, "%s cannot join the cgroup %s: %s\n", mark, argv[i], strerror(errno));
+            return 125;
+        }
+        close(fd);
+    }
+    int count = atoi(argv[start]);
+    int end = start + 1 + 2 * count;
     if (count < 0 || end >= argc) return fail("bad arguments", "");
-    for (int i = 4; i < end; i += 2) {
+    for (int i = start + 1; i < end; i += 2) {
         int kind = resource_named(argv[i]);
         if (kind < 0) return fail("unknown resource ", argv[i]);
         rlim_t value = (rlim_t)strtoull(argv[i + 1], NULL, 10);
@@ -168,10 +193,16 @@ def _trusted(path: Path) -> bool:
     return status.st_uid == os.geteuid() and not status.st_mode & 0o022
 
 
-def launcher_args(gate_fd: int, rlimits: list[tuple[str, int]], argv: list[str]) -> list[str]:
-    """The launcher's arguments: its mark, the fd it waits on (-1: none), rlimits, command."""
+def launcher_args(gate_fd: int, rlimits: list[tuple[str, int]], argv: list[str], *,
+                  joins: list[str] | None = None) -> list[str]:
+    """The launcher's arguments: mark, gate fd (-1: none), joins, rlimits, command.
+
+    joins: the cgroup files (v1 `tasks`) the launcher writes "0" to, joining them itself.
+    """
+    joins = joins or []
     limits = [str(part) for pair in rlimits for part in pair]
-    return [LAUNCH_MARK.decode(), str(gate_fd), str(len(rlimits)), *limits, *argv]
+    return [LAUNCH_MARK.decode(), str(gate_fd), str(len(joins)), *joins, str(len(rlimits)),
+            *limits, *argv]
 
 
 def join(procs_files: list[str], pid: int) -> None:

@@ -59,6 +59,8 @@ class Sandbox:
         self._jail: Jail | None = None
         self._setpriv = ""
         self._closed = False
+        # Removals of finished jobs' cgroups and work dirs, running after their results.
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
     def config(self) -> SandboxConfig:
@@ -288,6 +290,7 @@ class Sandbox:
         """
         pipe = asyncio.subprocess.PIPE
         started = time.monotonic()
+        await self._limit_cleanups()
         handle = None
         if pooled and self.pool is not None and toolchain is not None:
             handle = await self.pool.take(toolchain.language, files)
@@ -299,6 +302,7 @@ class Sandbox:
         assert process.stdout is not None
         assert process.stderr is not None
         flood = Flood()
+        ended = False
         limit = flood_limit(cap)
         feeder = asyncio.create_task(feed(process.stdin, stdin))
         drains = [asyncio.create_task(drain(reader, name, cap, limit, flood, on_output))
@@ -319,6 +323,7 @@ class Sandbox:
             err, err_truncated = drains[1].result() if drains[1] in drained else (b"", True)
             artifacts = (await asyncio.to_thread(_collect, handle.workdir, keep)
                          if keep and returncode == 0 else {})
+            ended = True
             return Outcome(
                 returncode=returncode,
                 stdout=out, stderr=err, stdout_truncated=out_truncated,
@@ -330,7 +335,33 @@ class Sandbox:
         finally:
             for task in [feeder, *drains, exited, flooded]:
                 task.cancel()
-            await asyncio.shield(handle.release())
+            if ended:
+                # Every process is gone and the output is read: the result need not wait
+                # for the removals (close() and settled() do).
+                self._clean_up_later(handle)
+            else:
+                await asyncio.shield(handle.release())
+
+    def _clean_up_later(self, handle: SandboxedProcess) -> None:
+        task = asyncio.ensure_future(handle.release())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleaned_up)
+
+    def _cleaned_up(self, task: asyncio.Task[None]) -> None:
+        self._cleanups.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cannot clean up after a job: %r", task.exception())
+
+    async def _limit_cleanups(self) -> None:
+        # A job slot frees before its cleanup ends; past one cleanup per slot a new job
+        # waits, so slow removals (a work dir of many files) cannot pile up.
+        while len(self._cleanups) >= (self._job_slots or 1):
+            await asyncio.wait(self._cleanups, return_when=asyncio.FIRST_COMPLETED)
+
+    async def settled(self) -> None:
+        """Wait until the cgroups and work dirs of every finished job are removed."""
+        while self._cleanups:
+            await asyncio.wait(self._cleanups)
 
     async def close(self) -> None:
         """Kill everything still running and remove the cgroups; safe to call twice."""

@@ -156,14 +156,16 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
                 started = time.perf_counter()
                 await run_process([python, "-c", "print(1)"])
                 timings["bare"] = (time.perf_counter() - started) * 1000
-                started = time.perf_counter()
-                inside = await _job(warm_controller.dispatcher, "warm", ids)
-                timings["warm"] = (time.perf_counter() - started) * 1000
-                timings["warm inside"] = inside
+                # The fresh sandbox before the pooled job: after that job the first agent
+                # refills its pool, a python start that would compete for the same CPUs.
                 started = time.perf_counter()
                 inside = await _job(empty_controller.dispatcher, "empty", ids)
                 timings["empty"] = (time.perf_counter() - started) * 1000
                 timings["empty inside"] = inside
+                started = time.perf_counter()
+                inside = await _job(warm_controller.dispatcher, "warm", ids)
+                timings["warm"] = (time.perf_counter() - started) * 1000
+                timings["warm inside"] = inside
                 if round_number:
                     for name, value in timings.items():
                         samples[name].append(value)
@@ -192,7 +194,9 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
             "default pool (`pool_size = 2`, python), one with `pool_size = 0`, each behind "
             "its own controller in the harness process. Each round spawns a bare "
             "`python3 -c 'print(1)'` with the interpreter the agent resolved, then runs a new "
-            "Python job `print(1)` through `Dispatcher.run_job` on each agent; before the "
+            "Python job `print(1)` through `Dispatcher.run_job` on the agent without a pool, "
+            "then on the one with it (whose refill after the job would otherwise compete "
+            "with the next measurement); before the "
             "round the harness waits (untimed) until the first agent's heartbeat says its "
             f"pool is full again. {repeats} rounds after one warm-up round. Memory: RSS of "
             f"each idle agent process {settle_s:g} s after its pool filled, and of the pool's "

@@ -142,7 +142,8 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
             "harness: the launchers alone (Python with `-I -S`, and the C one the agent "
             "builds where it finds a compiler; exec of `true`), a move into "
             "a fresh job cgroup after an idle gap and right after another move (the kernel "
-            "waits out a grace period on the first), then a sandboxed `true` split into its "
+            "waits out a grace period on the first), on cgroup v1 each launcher moving itself "
+            "after an idle gap (as jobs do there), then a sandboxed `true` split into its "
             f"spawn, its run to exit, stop and removal. {repeats} rounds after one warm-up."),
         tables=[Table(headers=["step", "ms: p50 (p90, min-max)"],
                       rows=[[name, spread(values)] for name, values in steps.items()])],

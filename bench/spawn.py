@@ -98,7 +98,8 @@ async def step_times(sandbox: Sandbox, repeats: int, work: Path) -> dict[str, li
                 if round_number:
                     add(f"{label} started, exec of `true`", started)
             if manager is not None:
-                await _joins(manager, add if round_number else lambda *_: None)
+                await _joins(manager, add if round_number else lambda *_: None, launchers,
+                             true)
             started = time.perf_counter()
             handle = await sandbox.spawn("bench-steps", None, [true], files={}, stdin=DEVNULL,
                                          stdout=DEVNULL, stderr=DEVNULL)
@@ -119,8 +120,9 @@ async def step_times(sandbox: Sandbox, repeats: int, work: Path) -> dict[str, li
     return samples
 
 
-async def _joins(manager: CgroupManager, add: Callable[[str, float], None]) -> None:
-    """Time a cgroup move after an idle gap, then one right after it."""
+async def _joins(manager: CgroupManager, add: Callable[[str, float], None],
+                 launchers: dict[str, list[str]], true: str) -> None:
+    """Time cgroup moves: after an idle gap, right after another, and (v1) a launcher's own."""
     cgroup = manager.create(f"bench-join-{time.monotonic_ns()}", memory_bytes=1 << 28,
                             pids_max=16)
     sleeper = await asyncio.create_subprocess_exec("sleep", "5", stdin=DEVNULL)
@@ -130,6 +132,13 @@ async def _joins(manager: CgroupManager, add: Callable[[str, float], None]) -> N
             started = time.perf_counter()
             await asyncio.to_thread(join, cgroup.procs_files, sleeper.pid)
             add(f"cgroup join, {label}", started)
+        for name, launcher in launchers.items() if cgroup.join_files else ():
+            await asyncio.sleep(IDLE_GAP_S)
+            started = time.perf_counter()
+            await run_process([*launcher, *launcher_args(-1, [], [true],
+                                                         joins=cgroup.join_files)])
+            add(f"{name} joining its cgroup itself (v1), after {IDLE_GAP_S * 1000:.0f} ms "
+                "idle, exec of `true`", started)
     finally:
         sleeper.kill()
         await sleeper.wait()

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from kowalski.agent.cgroup_events import populated, wait_unpopulated
-from kowalski.agent.cgroups import JobCgroup, parse_mountinfo
+from kowalski.agent.cgroup_mounts import parse_mountinfo
+from kowalski.agent.cgroups import JobCgroup
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,13 +1,15 @@
-"""The job launcher: it waits for the agent's cgroup move, sets rlimits, then execs."""
+"""The job launcher: it joins the job's cgroup (or waits for the move), sets rlimits, execs."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from kowalski.agent.cgroup_mounts import parse_proc_cgroup
 from kowalski.agent.cgroups import CgroupManager
 from kowalski.agent.launcher import (
     LAUNCH_FAILED,
@@ -73,6 +75,42 @@ def test_launcher_without_a_gate_reports_a_missing_command_with_its_mark(
     assert process.returncode == LAUNCH_FAILED
     assert process.stderr.startswith(LAUNCH_MARK)
     assert b"cannot run /nonexistent/command" in process.stderr
+
+
+def test_launcher_joins_the_job_cgroups_itself_before_the_command_runs(
+        launcher: list[str]) -> None:
+    manager, reason = CgroupManager.detect()
+    if manager is None:
+        pytest.skip(f"no usable cgroup: {reason}")
+    try:
+        cgroup = manager.create(f"launcher-join-{os.getpid()}", memory_bytes=1 << 28,
+                                pids_max=16)
+        try:
+            if not cgroup.join_files:
+                pytest.skip("cgroup v2: the agent moves the launcher (see the gate tests)")
+            process = subprocess.run(
+                [*launcher, *launcher_args(-1, [], ["/bin/cat", "/proc/self/cgroup"],
+                                           joins=cgroup.join_files)],
+                capture_output=True, timeout=30, check=False)
+            assert (process.returncode, process.stderr) == (0, b"")
+            paths = parse_proc_cgroup(process.stdout.decode())
+            for controller, path in cgroup.dirs.items():
+                assert paths[controller].endswith(f"/{path.name}"), (controller, paths)
+        finally:
+            asyncio.run(cgroup.remove())
+    finally:
+        manager.close()
+
+
+def test_launcher_fails_with_its_mark_when_it_cannot_join_a_cgroup(
+        launcher: list[str], tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-cgroup" / "tasks")
+    process = subprocess.run(
+        [*launcher, *launcher_args(-1, [], ["/bin/true"], joins=[missing])],
+        capture_output=True, timeout=30, check=False)
+    assert process.returncode == LAUNCH_FAILED
+    assert process.stderr.startswith(LAUNCH_MARK)
+    assert f"cannot join the cgroup {missing}".encode() in process.stderr
 
 
 def test_launcher_clamps_a_limit_to_the_hard_limit_it_inherits(launcher: list[str]) -> None:

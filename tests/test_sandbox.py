@@ -17,7 +17,7 @@ from typing import Any
 import leftovers
 import pytest
 
-from kowalski.agent.cgroups import locate, parse_mountinfo, parse_proc_cgroup
+from kowalski.agent.cgroup_mounts import locate, parse_mountinfo, parse_proc_cgroup
 from kowalski.agent.job_result import MEMORY_LIMIT, OUTPUT_LIMIT
 from kowalski.agent.sandbox import Sandbox
 from kowalski.common.config import SandboxConfig
@@ -59,18 +59,19 @@ def marker() -> str:
     return leftovers.marker(4000)
 
 
-def assert_nothing_left(sandbox: Sandbox, text: str | None = None) -> None:
-    """No job cgroup, work dir or (with text) matching process survives the job.
+async def assert_nothing_left(sandbox: Sandbox, text: str | None = None) -> None:
+    """No process matching text outlives the job's result; no job cgroup outlives its cleanup.
 
     The pool's sandboxes, ready or being made, wait for the next job: they are not left.
     """
+    if text is not None:
+        assert leftovers.processes_with(text) == []
+    await sandbox.settled()
     idle = set() if sandbox.pool is None else sandbox.pool.idle_names()
     for base in sandbox.cgroup_dirs:
         assert [path.name for path in base.iterdir()
                 if path.is_dir() and not any(path.name.startswith(name) for name in idle)] == []
         assert (base / "cgroup.procs").read_text() == ""
-    if text is not None:
-        assert leftovers.processes_with(text) == []
 
 
 # Python jobs run in a ready sandbox from the pool or in one made for them: the same tests
@@ -115,7 +116,7 @@ async def test_each_language_reports_stdout_stderr_and_exit_code(
     assert result.error is not None
     assert result.error.code == "repl_error"
     assert result.wall_time_ms > 0
-    assert_nothing_left(sandbox)
+    await assert_nothing_left(sandbox)
 
 
 async def test_languages_are_advertised_sorted_with_their_own_timeouts(
@@ -261,7 +262,7 @@ async def test_a_job_that_deletes_its_own_cwd_ends_cleanly(sandbox: Sandbox) -> 
             'rm -rf "$OLDPWD"/* ; echo wiped\n')
     result = await sandbox.run_job(job("bash", code))
     assert result.stdout.split() == ["gone", "cannot-write", "wiped"]
-    assert_nothing_left(sandbox)
+    await assert_nothing_left(sandbox)
     again = await sandbox.run_job(job("bash", "echo still-works"))
     assert again.stdout == "still-works\n"
 
@@ -277,7 +278,7 @@ async def test_an_infinite_loop_times_out_and_is_killed(sandbox: Sandbox) -> Non
     assert result.error is not None
     assert result.error.code == "repl_timeout"
     assert "exceeded the 1 s limit" in result.error.message
-    assert_nothing_left(sandbox)
+    await assert_nothing_left(sandbox)
 
 
 async def test_a_fork_bomb_hits_the_process_limit_and_dies(sandbox: Sandbox) -> None:
@@ -293,7 +294,7 @@ async def test_a_fork_bomb_hits_the_process_limit_and_dies(sandbox: Sandbox) -> 
     assert result.status == "timeout"
     assert result.error is not None
     assert "limit of 64 processes" in result.error.message
-    assert_nothing_left(sandbox, tag)
+    await assert_nothing_left(sandbox, tag)
 
 
 @pytest.mark.parametrize(("language", "code"), [
@@ -309,7 +310,7 @@ async def test_a_memory_hog_is_killed_at_the_memory_limit(
     assert result.error is not None
     assert result.error.code == MEMORY_LIMIT
     assert "256 MB" in result.error.message
-    assert_nothing_left(sandbox)
+    await assert_nothing_left(sandbox)
 
 
 async def test_an_output_flood_is_capped_then_killed(sandbox: Sandbox) -> None:
@@ -324,7 +325,7 @@ async def test_an_output_flood_is_capped_then_killed(sandbox: Sandbox) -> None:
     assert result.stdout_truncated
     assert len(result.stdout) == 4096
     assert result.stdout.startswith(f"{tag}\n{tag}\n")
-    assert_nothing_left(sandbox, f"yes {tag}")
+    await assert_nothing_left(sandbox, f"yes {tag}")
 
 
 async def test_output_past_the_cap_is_truncated_but_the_job_finishes(sandbox: Sandbox) -> None:
@@ -348,7 +349,7 @@ async def test_a_detached_child_ignoring_sigterm_does_not_outlive_the_job(
             ">/dev/null 2>&1 &\nsleep 0.2\necho started\n")
     result = await sandbox.run_job(job("bash", code))
     assert (result.status, result.stdout) == ("ok", "started\n")
-    assert_nothing_left(sandbox, tag)
+    await assert_nothing_left(sandbox, tag)
 
 
 async def test_cancelling_a_running_job_kills_it(sandbox: Sandbox) -> None:
@@ -361,7 +362,55 @@ async def test_cancelling_a_running_job_kills_it(sandbox: Sandbox) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert_nothing_left(sandbox, tag)
+    await assert_nothing_left(sandbox, tag)
+
+
+@needs_root
+async def test_the_result_comes_before_the_cleanup_and_a_slow_cleanup_holds_the_next_job(
+        tmp_path: Path) -> None:
+    box = Sandbox(small_config(), work_root=tmp_path / "jobs", job_slots=1)
+    await box.start()
+    try:
+        many = job("python", "for n in range(20000):\n    open(f'f{n}', 'w').close()\n")
+        assert (await box.run_job(many)).status == "ok"
+        # The result came first: the work dir, all its files, is still there.
+        [left] = [path for path in (tmp_path / "jobs").iterdir()
+                  if path.name.startswith(f"job-{many.job_id}-")]
+        assert (await box.run_job(job("python", "print(1)\n"))).stdout == "1\n"
+        # One job slot, so one cleanup at a time: the next job waited for this removal.
+        assert not left.exists()
+        await assert_nothing_left(box)
+    finally:
+        await box.close()
+    assert list((tmp_path / "jobs").iterdir()) == []
+
+
+@needs_root
+async def test_a_spawn_cancelled_at_any_step_ends_at_once_and_leaves_nothing(
+        tmp_path: Path) -> None:
+    box = Sandbox(small_config(), work_root=tmp_path / "jobs")
+    await box.start()
+    try:
+        toolchain = box.toolchain("python")
+        tag = marker()
+        pipe = asyncio.subprocess.PIPE
+        # From before the cgroup exists to after the pipes are connected (about 2 ms).
+        for step in range(40):
+            spawning = asyncio.create_task(box.spawn(
+                "cancelled", toolchain,
+                [toolchain.inner_executable, "-c", f"import time; time.sleep({tag})"],
+                files={}, stdin=pipe, stdout=pipe, stderr=pipe))
+            await asyncio.sleep(step * 0.0001)
+            spawning.cancel()
+            done, _ = await asyncio.wait([spawning], timeout=10)
+            assert done, f"a spawn cancelled after {step * 0.1:.1f} ms never ended"
+            if not spawning.cancelled():
+                await spawning.result().release()
+        await assert_nothing_left(box, tag)
+        assert [path for path in (tmp_path / "jobs").iterdir()
+                if path.name.startswith("cancelled-")] == []
+    finally:
+        await box.close()
 
 
 async def test_close_is_idempotent_and_refuses_new_jobs(tmp_path: Path) -> None:
@@ -443,7 +492,7 @@ async def test_rlimit_mode_contains_a_detached_child_and_a_timeout(reachable_dir
         expected_uid = "65534" if os.geteuid() == 0 else str(os.geteuid())
         assert result.stdout == f"{expected_uid}\n"
         if box.cgroup_version is not None:
-            assert_nothing_left(box, tag)
+            await assert_nothing_left(box, tag)
         else:
             for process in leftovers.processes_with(tag):
                 process.kill()

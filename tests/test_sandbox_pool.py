@@ -76,7 +76,7 @@ async def test_a_pooled_job_sees_and_reports_what_a_fresh_one_does(
     assert (taken.stdout, taken.status, taken.exit_code, taken.error) == (
         plain.stdout, plain.status, plain.exit_code, plain.error)
     assert "stdin: given" in taken.stdout
-    assert_nothing_left(pooled)
+    await assert_nothing_left(pooled)
 
 
 async def test_a_syntax_error_and_sys_exit_end_a_pooled_job_as_a_fresh_one(
@@ -122,7 +122,7 @@ print(json.dumps({"cwd": sorted(os.listdir(".")), "tmp": sorted(os.listdir("/tmp
     assert seen["env"] == ["HOME", "LANG", "PATH", "PWD", "TMPDIR"]
     # bubblewrap's init and the job: nothing else in its pid namespace.
     assert len(seen["pids"]) <= 2, seen["pids"]
-    assert_nothing_left(pooled, sleep)
+    await assert_nothing_left(pooled, sleep)
 
 
 async def test_an_empty_pool_falls_back_to_a_fresh_sandbox(tmp_path: Path) -> None:
@@ -173,4 +173,4 @@ async def test_a_pooled_job_keeps_the_time_memory_and_output_limits(pooled: Sand
     await pooled.pool.wait_ready()
     loud = await pooled.run_job(job("python", "print('x' * 10000)\n", max_output_bytes=100))
     assert (loud.status, loud.stdout_truncated, len(loud.stdout)) == ("ok", True, 100)
-    assert_nothing_left(pooled)
+    await assert_nothing_left(pooled)
