@@ -196,9 +196,16 @@ class Driver:
         self._max_message_bytes = int(message.get("max_message_bytes", self._max_message_bytes))
         path = message.get("context_file")
         if path:
-            with open(path, encoding="utf-8") as file:
-                self.namespace["context"] = json.load(file)
-            os.unlink(path)
+            try:
+                if message.get("context_format") == "text":
+                    # Sent as UTF-8, not JSON: one decode, no parse.
+                    with open(path, "rb") as raw:
+                        self.namespace["context"] = raw.read().decode("utf-8")
+                else:
+                    with open(path, encoding="utf-8") as file:
+                        self.namespace["context"] = json.load(file)
+            finally:
+                os.unlink(path)
         return {"op": "ready", "python": sys.version.split()[0]}
 
     def _exec(self, message: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import msgspec
 
 from kowalski.common.errors import KowalskiError, NotFoundError
 from kowalski.common.messages import WireError
+from kowalski.controller.fleet.context_body import ContextBody
 from kowalski.controller.rlm.events import ModelReplied, RlmResult, RunFinished, TokenCount
 from kowalski.controller.rlm.trajectory import (
     SUFFIX,
@@ -45,11 +46,16 @@ def context_name(run_id: str, context: Any) -> str:
     return f"{CONTEXTS}/{run_id}.{'txt' if isinstance(context, str) else 'json'}"
 
 
-def store_context(directory: str | os.PathLike[str], name: str, context: Any) -> None:
-    """Write the context beside the trajectories under the name its RunStarted gives."""
+def store_context(directory: str | os.PathLike[str], name: str, context: Any,
+                  data: bytes | None = None) -> None:
+    """Write the context beside the trajectories under the name its RunStarted gives.
+
+    data is the file's content when the caller has it already.
+    """
     # Text is kept as UTF-8, not JSON: several times faster to write and to read back.
-    data = (context.encode("utf-8", errors="surrogatepass") if name.endswith(".txt")
-            else msgspec.json.encode(context))
+    if data is None:
+        data = (context.encode("utf-8", errors="surrogatepass") if name.endswith(".txt")
+                else msgspec.json.encode(context))
     path = run_dir(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written aside and renamed: a crash mid-write never leaves a short copy under the name.
@@ -68,14 +74,25 @@ class ContextCopy:
     """A root run's stored context: written beside the run, dropped once no resume can use it."""
 
     def __init__(self, directory: str | os.PathLike[str], run_id: str, *, context: Any = None,
-                 stored: str = "") -> None:
-        """A new run's copy of `context`, or the copy `stored` names of a resumed run."""
+                 stored: str = "", body: asyncio.Future[ContextBody] | None = None) -> None:
+        """A new run's copy of `context`, or the copy `stored` names of a resumed run.
+
+        body: the context's bytes as its session gets them, made once for both.
+        """
         self.directory, self.run_id = directory, run_id
         self.name = stored or context_name(run_id, context)
         # Written while the run starts, not before it: a large context's copy costs the run
         # no time (a crash before it is written leaves a run that cannot be resumed).
-        self._writing = None if stored else asyncio.ensure_future(
-            asyncio.to_thread(store_context, directory, self.name, context))
+        self._writing = None if stored else asyncio.ensure_future(self._store(context, body))
+
+    async def _store(self, context: Any, body: asyncio.Future[ContextBody] | None) -> None:
+        data = None
+        if body is not None:
+            made = await asyncio.shield(body)
+            # The same bytes when the session's body is what the file holds: text as text.
+            if (made.format == "text") == self.name.endswith(".txt") and made.format != "none":
+                data = made.data
+        await asyncio.to_thread(store_context, self.directory, self.name, context, data)
 
     async def settle(self, result: RlmResult | None, *, suspended: bool) -> None:
         """Once the run has stopped: wait for the copy, and drop it unless it can resume."""

@@ -28,6 +28,7 @@ from kowalski.common.errors import (
     RunNotResumableError,
 )
 from kowalski.common.messages import Language, LlmCallback, WireError
+from kowalski.controller.fleet.context_body import ContextBody
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.fleet.sessions import RemoteSession
 from kowalski.controller.models.chat_types import ChatBackend
@@ -109,6 +110,8 @@ class RunRegistry:
         self._cell_timeout_s = cell_timeout_s
         # Token -> run, for sub-calls; tokens die with their run.
         self._tokens: dict[str, RunHandle] = {}
+        # A root run's context as the bytes its session is opened with, made once a run.
+        self._bodies: dict[str, asyncio.Future[ContextBody]] = {}
         self._live: OrderedDict[str, LiveRun] = OrderedDict()
         self._listeners: list[EventListener] = []
         # Runs going on, and the task awaiting each.
@@ -135,7 +138,8 @@ class RunRegistry:
             dispatcher=self._dispatcher, session_id=f"{run.run_id}-{secrets.token_hex(3)}",
             context=context,
             llm_callback=LlmCallback(url=self._callback_url, token=token, depth=run.depth + 1),
-            timeout_s=self._cell_timeout_s, on_close=lambda: self._forget(token))
+            timeout_s=self._cell_timeout_s, on_close=lambda: self._forget(token),
+            body=self._bodies.get(run.run_id))
         try:
             await session.open()
         except BaseException:
@@ -177,7 +181,10 @@ class RunRegistry:
         run_id, directory = new_run_id(), self.config.trajectory_dir
         lock = await asyncio.to_thread(RunLock.take, directory, run_id)
         assert lock is not None  # a fresh id
-        copy = ContextCopy(directory, run_id, context=request.context)
+        # Made while the run starts (in a thread for a large context), for its session and
+        # its stored copy alike.
+        body = self._bodies[run_id] = asyncio.ensure_future(ContextBody.of(request.context))
+        copy = ContextCopy(directory, run_id, context=request.context, body=body)
         run = RlmRun(request.query, request.context, backend=self._backend,
                      session_factory=self._session, config=self._overrides(request),
                      model=request.model, run_id=run_id, context_file=copy.name,
@@ -188,6 +195,7 @@ class RunRegistry:
             result = await self._going(run, run.run())
             return result
         finally:
+            self._bodies.pop(run_id, None)
             try:
                 await copy.settle(result, suspended=run.suspended)
             finally:
