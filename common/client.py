@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -22,6 +21,8 @@ from kowalski.common.signing import META_HEADER, NONCE_HEADER, body_digest, sign
 
 T = TypeVar("T")
 _STREAM_FROM_BYTES = 512 * 1024
+# A large body goes out in pieces of this size.
+_PIECE_BYTES = 1024 * 1024
 # The largest answer body accepted after decoding; a job's output is capped far below.
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
 
@@ -94,8 +95,12 @@ class SignedClient:
             headers[META_HEADER] = meta
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
-            # A stream, not bytes: aiohttp warns that a large bytes body blocks the loop.
-            data = io.BytesIO(body) if len(body) > _STREAM_FROM_BYTES else (body or None)
+            data: Any = body or None
+            if len(body) > _STREAM_FROM_BYTES:
+                # Pieces, not bytes, which aiohttp warns would block the loop; and views of
+                # the body, not a BytesIO, which copies it out 64 KiB at a time.
+                data = _pieces(body)
+                headers["Content-Length"] = str(len(body))
             async with self._session.request(method, url, data=data, headers=headers,
                                              timeout=timeout, ssl=self._ssl) as response:
                 payload = await response.read()
@@ -193,6 +198,12 @@ class SignedClient:
                                                       max_bytes=MAX_ANSWER_BYTES)
         except errors.ParseError as exc:
             raise errors.ParseError(f"unexpected answer from {url}: {exc.message}") from None
+
+
+async def _pieces(body: bytes) -> AsyncIterator[memoryview]:
+    view = memoryview(body)
+    for start in range(0, len(body), _PIECE_BYTES):
+        yield view[start:start + _PIECE_BYTES]
 
 
 def _seconds(header: str) -> float | None:
