@@ -19,6 +19,7 @@ import io
 import itertools
 import json
 import linecache
+import mmap
 import os
 import queue
 import signal
@@ -29,6 +30,15 @@ from collections.abc import Callable
 from typing import Any
 
 _HERE = os.path.abspath(__file__)
+
+
+def _read_text(path: str) -> str:
+    """A file of UTF-8 text: one decode, no JSON, and no copy of its bytes (mapped)."""
+    with open(path, "rb") as raw:
+        if os.fstat(raw.fileno()).st_size == 0:
+            return ""
+        with mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return str(mapped, "utf-8")
 
 
 class CappedText(io.TextIOBase):
@@ -198,9 +208,7 @@ class Driver:
         if path:
             try:
                 if message.get("context_format") == "text":
-                    # Sent as UTF-8, not JSON: one decode, no parse.
-                    with open(path, "rb") as raw:
-                        self.namespace["context"] = raw.read().decode("utf-8")
+                    self.namespace["context"] = _read_text(path)
                 else:
                     with open(path, encoding="utf-8") as file:
                         self.namespace["context"] = json.load(file)
