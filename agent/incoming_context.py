@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from kowalski.common import compression
-from kowalski.common.errors import BodyTooLargeError
+from kowalski.common.errors import BodyTooLargeError, ExecutionError
 from kowalski.common.messages import LlmCallback, SessionId
 
 __all__ = ["ReceivedContext", "ReceivedSession", "decode", "receive", "remove"]
@@ -70,33 +70,51 @@ async def receive(chunks: AsyncIterator[bytes], directory: Path, *, max_bytes: i
     BodyTooLargeError past max_bytes; the file is removed on any failure.
     """
     path = directory / f"incoming-{secrets.token_hex(8)}"
-    sink = await asyncio.to_thread(_Sink, path, owner)
-    size = 0
     try:
-        with sink.file:
-            batch: list[bytes] = []
-            batched = 0
-            writing: asyncio.Future[None] | None = None
-            async for chunk in chunks:
-                size += len(chunk)
-                if size > max_bytes:
-                    raise BodyTooLargeError(size, max_bytes, "the session's context")
-                batch.append(chunk)
-                batched += len(chunk)
-                # One batch in the thread at a time, so the hash sees the bytes in order.
-                if batched >= _BATCH_BYTES and (writing is None or writing.done()):
-                    if writing is not None:
-                        await writing
-                    writing = asyncio.ensure_future(asyncio.to_thread(sink.take, batch))
-                    batch, batched = [], 0
-            if writing is not None:
-                await writing
-            if batch:
-                await asyncio.to_thread(sink.take, batch)
+        sink = await asyncio.to_thread(_Sink, path, owner)
+    except OSError as exc:
+        raise ExecutionError(f"cannot store the session's context: {exc.strerror or exc}"
+                             ) from None
+    size = 0
+    writing: asyncio.Future[None] | None = None
+    try:
+        batch: list[bytes] = []
+        batched = 0
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > max_bytes:
+                raise BodyTooLargeError(size, max_bytes, "the session's context")
+            batch.append(chunk)
+            batched += len(chunk)
+            # One batch in the thread at a time, so the hash sees the bytes in order.
+            if batched >= _BATCH_BYTES and (writing is None or writing.done()):
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(sink.take, batch))
+                batch, batched = [], 0
+        if writing is not None:
+            await writing
+        if batch:
+            await asyncio.to_thread(sink.take, batch)
+    except OSError as exc:
+        await asyncio.shield(_discard(sink, writing, path))
+        raise ExecutionError(f"cannot store the session's context: {exc.strerror or exc}"
+                             ) from None
     except BaseException:
-        await asyncio.shield(remove(path))
+        await asyncio.shield(_discard(sink, writing, path))
         raise
+    sink.file.close()
     return path, size, sink.digest.hexdigest()
+
+
+async def _discard(sink: _Sink, writing: asyncio.Future[None] | None, path: Path) -> None:
+    """Let a batch in the thread finish, then close and remove the file."""
+    if writing is not None:
+        await asyncio.wait({writing})
+        if not writing.cancelled():
+            writing.exception()
+    sink.file.close()
+    await remove(path)
 
 
 async def decode(path: Path, encoding: str, *, max_bytes: int,
