@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from kowalski.agent.jail import SandboxedProcess
 from kowalski.agent.kept_context import KeptContext
 from kowalski.agent.sandbox import Sandbox
-from kowalski.common.errors import ExecutionError, SessionLostError
+from kowalski.common.errors import ExecutionError, ParseError, SessionLostError
 from kowalski.common.messages import CellResult, LlmCallback, SessionId, SessionInfo
 
 log = logging.getLogger("kowalski.agent.sessions")
@@ -157,6 +157,10 @@ class ReplSession:
                                  ) from None
         except SessionLostError as exc:
             raise ExecutionError(f"session {self.id!r} could not start: {self.lost}") from exc
+        if reply.get("bad_context"):
+            raise ParseError(f"the context of session {self.id!r} cannot be read as "
+                             f"{'UTF-8 text' if context_format == 'text' else 'JSON'}: "
+                             f"{reply.get('message')}")
         if reply.get("op") != "ready":
             raise ExecutionError(f"session {self.id!r} could not load its context: "
                                  f"{str(reply.get('message', reply))[:300]}")

@@ -212,6 +212,9 @@ class Driver:
                 else:
                     with open(path, encoding="utf-8") as file:
                         self.namespace["context"] = json.load(file)
+            except ValueError as exc:
+                # Not UTF-8, or not JSON: the sender's fault, told apart from a failure here.
+                return {"op": "error", "bad_context": True, "message": str(exc)[:300]}
             finally:
                 os.unlink(path)
         return {"op": "ready", "python": sys.version.split()[0]}

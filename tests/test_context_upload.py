@@ -204,3 +204,17 @@ async def test_a_compressed_context_is_decoded_once_verified(
         out = await cell(client, agent, "packed", "print(len(context), context[:20])")
     assert out == f"{len(text)} {text[:20]}\n"
     assert incoming(agent) == []
+
+
+async def test_a_text_context_that_is_not_utf8_is_refused_and_no_session_is_left(
+        start_agent: Callable[..., Any], client: AgentClient) -> None:
+    agent = await start_agent(warm_sessions=1)
+    path = "/v1/sessions/latin1"
+    body = "caf\u00e9 cr\u00e8me".encode("latin-1")
+    status, answer = await put(agent, "latin1", body,
+                               sign(SECRET.encode(), "PUT", path, body, meta=meta()))
+    assert (status, answer["error"]["code"]) == (400, "parse_error"), answer
+    assert "cannot be read as UTF-8 text" in answer["error"]["message"]
+    beat = await client.heartbeat(agent.url, timeout_s=10)
+    assert beat.sessions == 0
+    assert incoming(agent) == []
