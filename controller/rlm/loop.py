@@ -316,8 +316,9 @@ class RlmRun:
         await self._maybe_fold()
         result, model_ms = await self._ask(phase)
         blocks = extract_code_blocks(result.text)
-        session = await self._opening.get()
+        # Code time includes waiting for a session still opening (the first turn's).
         code_started = time.monotonic()
+        session = await self._opening.get()
         # The extra request at the limit asks for an answer only: its code is not run.
         feedback = (await self._blocks.run(session, blocks) if phase == "turn"
                     or self.config.final_protocol == "answer_dict" else [])
