@@ -1,7 +1,7 @@
 """What lets a run outlast its controller: a stored copy of its context, and an owner's lock.
 
-The context of a root run is written under `<trajectory_dir>/contexts/<run_id>.json` while
-the run starts, and the run's `RunStarted` names that file; it is removed when the run ends
+The context of a root run is written under `<trajectory_dir>/contexts/<run_id>.json` once
+its session is open, and the run's `RunStarted` names that file; it is removed when the run ends
 in a way no resume can go on from. While a controller runs a run it holds
 an flock on `<trajectory_dir>/<run_id>.lock`; the kernel drops the lock when the process
 dies, so a run whose file has no end and whose lock can be taken has lost its controller.
@@ -81,11 +81,19 @@ class ContextCopy:
         """
         self.directory, self.run_id = directory, run_id
         self.name = stored or context_name(run_id, context)
-        # Written while the run starts, not before it: a large context's copy costs the run
-        # no time (a crash before it is written leaves a run that cannot be resumed).
+        self.body = body
+        # Written once the run's session is open (write_now), not before: a large context's
+        # copy then neither delays the run nor competes with the session's opening for the
+        # CPU. A crash before it is written leaves a run that cannot be resumed.
+        self._go = asyncio.Event()
         self._writing = None if stored else asyncio.ensure_future(self._store(context, body))
 
+    def write_now(self) -> None:
+        """Let the copy be written."""
+        self._go.set()
+
     async def _store(self, context: Any, body: asyncio.Future[ContextBody] | None) -> None:
+        await self._go.wait()
         data = None
         if body is not None:
             made = await asyncio.shield(body)
@@ -96,14 +104,21 @@ class ContextCopy:
 
     async def settle(self, result: RlmResult | None, *, suspended: bool) -> None:
         """Once the run has stopped: wait for the copy, and drop it unless it can resume."""
+        # Only a run stopped at its iteration limit, or by its controller stopping, resumes.
+        resumable = result.stop_reason == "max_iterations" if result is not None else suspended
+        if self._writing is not None and not (resumable or self._go.is_set()):
+            # Never begun (the run ended before its session opened), and not needed.
+            self._writing.cancel()
+            await asyncio.wait({self._writing})
+            return
         if self._writing is not None:
+            self.write_now()
             try:
                 await asyncio.shield(self._writing)
             except OSError as exc:
                 log.warning("run %s: its context could not be stored (%s); it cannot be "
                             "resumed", self.run_id, exc.strerror or exc)
-        # Only a run stopped at its iteration limit, or by its controller stopping, resumes.
-        if not (result.stop_reason == "max_iterations" if result is not None else suspended):
+        if not resumable:
             await asyncio.to_thread(drop_context, self.directory, self.name)
 
 

@@ -110,8 +110,8 @@ class RunRegistry:
         self._cell_timeout_s = cell_timeout_s
         # Token -> run, for sub-calls; tokens die with their run.
         self._tokens: dict[str, RunHandle] = {}
-        # A root run's context as the bytes its session is opened with, made once a run.
-        self._bodies: dict[str, asyncio.Future[ContextBody]] = {}
+        # Root runs' stored contexts, with the bytes their sessions are opened with.
+        self._copies: dict[str, ContextCopy] = {}
         self._live: OrderedDict[str, LiveRun] = OrderedDict()
         self._listeners: list[EventListener] = []
         # Runs going on, and the task awaiting each.
@@ -134,17 +134,21 @@ class RunRegistry:
     async def _session(self, context: Any, run: RunHandle) -> RemoteSession:
         token = secrets.token_urlsafe(24)
         self._tokens[token] = run
+        copy = self._copies.get(run.run_id)
         session = RemoteSession(
             dispatcher=self._dispatcher, session_id=f"{run.run_id}-{secrets.token_hex(3)}",
             context=context,
             llm_callback=LlmCallback(url=self._callback_url, token=token, depth=run.depth + 1),
             timeout_s=self._cell_timeout_s, on_close=lambda: self._forget(token),
-            body=self._bodies.get(run.run_id))
+            body=None if copy is None else copy.body)
         try:
             await session.open()
         except BaseException:
             self._tokens.pop(token, None)
             raise
+        if copy is not None:
+            # Now, off the opening's path: see ContextCopy.
+            copy.write_now()
         return session
 
     def _forget(self, token: str) -> None:
@@ -183,8 +187,9 @@ class RunRegistry:
         assert lock is not None  # a fresh id
         # Made while the run starts (in a thread for a large context), for its session and
         # its stored copy alike.
-        body = self._bodies[run_id] = asyncio.ensure_future(ContextBody.of(request.context))
-        copy = ContextCopy(directory, run_id, context=request.context, body=body)
+        body = asyncio.ensure_future(ContextBody.of(request.context))
+        copy = self._copies[run_id] = ContextCopy(directory, run_id, context=request.context,
+                                                  body=body)
         run = RlmRun(request.query, request.context, backend=self._backend,
                      session_factory=self._session, config=self._overrides(request),
                      model=request.model, run_id=run_id, context_file=copy.name,
@@ -195,7 +200,7 @@ class RunRegistry:
             result = await self._going(run, run.run())
             return result
         finally:
-            self._bodies.pop(run_id, None)
+            self._copies.pop(run_id, None)
             try:
                 await copy.settle(result, suspended=run.suspended)
             finally:
