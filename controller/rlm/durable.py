@@ -1,8 +1,8 @@
 """What lets a run outlast its controller: a stored copy of its context, and an owner's lock.
 
 The context of a root run is written under `<trajectory_dir>/contexts/<run_id>.json` once
-its session is open, and the run's `RunStarted` names that file; it is removed when the run ends
-in a way no resume can go on from. While a controller runs a run it holds
+its first iteration has finished, and the run's `RunStarted` names that file; it is
+removed when the run ends in a way no resume can go on from. While a controller runs a run it holds
 an flock on `<trajectory_dir>/<run_id>.lock`; the kernel drops the lock when the process
 dies, so a run whose file has no end and whose lock can be taken has lost its controller.
 """
@@ -82,9 +82,10 @@ class ContextCopy:
         self.directory, self.run_id = directory, run_id
         self.name = stored or context_name(run_id, context)
         self.body = body
-        # Written once the run's session is open (write_now), not before: a large context's
-        # copy then neither delays the run nor competes with the session's opening for the
-        # CPU. A crash before it is written leaves a run that cannot be resumed.
+        # Written once the run's first iteration has finished (write_now), or when it stops
+        # resumable: a large context's copy then neither delays the run nor competes with
+        # the session's opening for the CPU, and a run answered in one iteration writes
+        # none. A crash before it is written leaves a run that cannot be resumed.
         self._go = asyncio.Event()
         self._writing = None if stored else asyncio.ensure_future(self._store(context, body))
 
@@ -107,7 +108,7 @@ class ContextCopy:
         # Only a run stopped at its iteration limit, or by its controller stopping, resumes.
         resumable = result.stop_reason == "max_iterations" if result is not None else suspended
         if self._writing is not None and not (resumable or self._go.is_set()):
-            # Never begun (the run ended before its session opened), and not needed.
+            # Never begun (the run ended within its first iteration), and not needed.
             self._writing.cancel()
             await asyncio.wait({self._writing})
             return

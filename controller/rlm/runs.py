@@ -43,6 +43,7 @@ from kowalski.controller.rlm.durable import (
 )
 from kowalski.controller.rlm.events import (
     AnyRlmEvent,
+    IterationFinished,
     RlmEvent,
     RlmResult,
     RunHandle,
@@ -146,9 +147,6 @@ class RunRegistry:
         except BaseException:
             self._tokens.pop(token, None)
             raise
-        if copy is not None:
-            # Now, off the opening's path: see ContextCopy.
-            copy.write_now()
         return session
 
     def _forget(self, token: str) -> None:
@@ -323,6 +321,11 @@ class RunRegistry:
 
         def observe(event: RlmEvent) -> None:
             live.update(event)
+            if isinstance(event, IterationFinished) and event.run_id == run_id:
+                # Once there is something to resume from: see ContextCopy.
+                copy = self._copies.get(run_id)
+                if copy is not None:
+                    copy.write_now()
             for listener in [*self._listeners, *([observer] if observer else [])]:
                 try:
                     listener(event)
