@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import time
 from collections.abc import Awaitable, Callable
@@ -10,11 +12,14 @@ from dataclasses import dataclass, field
 import msgspec
 from aiohttp import web
 
+from kowalski.agent import incoming_context
+from kowalski.agent.incoming_context import ReceivedContext, ReceivedSession
 from kowalski.agent.jobs import JobRunner
 from kowalski.agent.metrics import MetricsSampler
 from kowalski.agent.sandbox import Sandbox
 from kowalski.agent.sessions import SessionManager
-from kowalski.common.errors import CancelledJobError, ParseError
+from kowalski.common import compression
+from kowalski.common.errors import BodyTooLargeError, CancelledJobError, ExecutionError, ParseError
 from kowalski.common.http import (
     VERIFIED_NONCE,
     compression_middleware,
@@ -24,6 +29,7 @@ from kowalski.common.http import (
     read_body,
     sign_responses,
     signature_middleware,
+    verify_streamed,
 )
 from kowalski.common.job_stream import TextListener, stream_job, text_listener
 from kowalski.common.messages import (
@@ -32,14 +38,17 @@ from kowalski.common.messages import (
     CellResult,
     CellStreamResult,
     Heartbeat,
+    Identifier,
     JobRequest,
     JobResult,
     SessionCreateRaw,
     SessionDeleted,
     SessionId,
+    SessionOpen,
+    decode,
 )
 from kowalski.common.ratelimit import RateLimiter
-from kowalski.common.signing import Verifier
+from kowalski.common.signing import META_HEADER, Verifier
 from kowalski.common.version import VERSION as VERSION
 
 # Liveness for process supervisors and load balancers; carries nothing secret.
@@ -47,6 +56,8 @@ OPEN_PATHS = frozenset({"/healthz"})
 # Counted per client after the signature check. Sessions are bounded by max_sessions
 # and their cells run one at a time, so only job submission needs a rate.
 RATE_LIMITED = frozenset({("POST", "/v1/jobs")})
+# Bodies read as they arrive, and verified by their handlers: a session's context.
+STREAMED = frozenset({("PUT", "/v1/sessions/{session_id}")})
 
 
 @dataclass
@@ -67,6 +78,8 @@ class AgentState:
 STATE = web.AppKey("state", AgentState)
 # The shared secret that signs streamed answers (b"" when unsigned).
 SECRET = web.AppKey("secret", bytes)
+# The largest request body, a streamed one included.
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 
 def _check_code_size(state: AgentState, code: str) -> None:
@@ -150,6 +163,53 @@ async def post_session(request: web.Request) -> web.Response:
     return json_response(msgspec.structs.replace(info, agent_id=state.agent_id), status=201)
 
 
+def _session_open(request: web.Request) -> tuple[SessionId, SessionOpen]:
+    """The new session's id and what its signed metadata header says."""
+    try:
+        session_id = msgspec.convert(request.match_info["session_id"], Identifier)
+    except msgspec.ValidationError as exc:
+        raise ParseError(f"invalid session id: {exc}") from None
+    header = request.headers.get(META_HEADER, "")
+    try:
+        meta = decode(base64.urlsafe_b64decode(header), SessionOpen)
+    except (binascii.Error, ValueError, msgspec.MsgspecError) as exc:
+        raise ParseError(f"header {META_HEADER} must be base64url of a SessionOpen JSON object "
+                         f"(version 1): {exc}") from None
+    return SessionId(session_id), meta
+
+
+async def put_session(request: web.Request) -> web.Response:
+    """Start a session whose context is the body as it is, written to disk as it arrives."""
+    state = request.app[STATE]
+    session_id, meta = _session_open(request)
+    limit = request.app[MAX_BODY_BYTES]
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLargeError(request.content_length, limit, "the session's context")
+    directory = state.sessions.contexts_dir
+    if directory is None:
+        raise ExecutionError("this agent takes no context as a request body")
+    path, size, digest = await incoming_context.receive(
+        request.content.iter_any(), directory, max_bytes=limit, owner=state.sandbox.job_user)
+    try:
+        # Before anything of the body is used: a bad signature leaves nothing behind.
+        verify_streamed(request, digest)
+        context = None
+        if meta.context == "none" and size:
+            raise ParseError('a session opened with context "none" must have an empty body')
+        if meta.context != "none":
+            encoding = compression.encoding_of(request.headers)
+            if encoding:
+                path, size = await incoming_context.decode(path, encoding, max_bytes=limit,
+                                                           owner=state.sandbox.job_user)
+            context = ReceivedContext(path=path, format=meta.context, size_bytes=size)
+        info = await state.sessions.create(ReceivedSession(
+            session_id=session_id, context=context, llm_callback=meta.llm_callback))
+    finally:
+        # Gone already when the session took it.
+        await incoming_context.remove(path)
+    return json_response(msgspec.structs.replace(info, agent_id=state.agent_id), status=201)
+
+
 def _check_cell_wanted(state: AgentState, cell: CellRequest,
                        gone: Callable[[], bool] = lambda: False) -> None:
     """Refuse a cell whose attempt was cancelled or hung up on, or whose deadline passed."""
@@ -212,12 +272,14 @@ def make_app(state: AgentState, *, verifier: Verifier | None, max_body_bytes: in
              ) -> web.Application:
     app = web.Application(
         client_max_size=max_body_bytes,
-        middlewares=[errors_middleware, signature_middleware(verifier, open_paths=OPEN_PATHS),
-                     compression_middleware(max_body_bytes=max_body_bytes),
+        middlewares=[errors_middleware,
+                     signature_middleware(verifier, open_paths=OPEN_PATHS, streamed=STREAMED),
+                     compression_middleware(max_body_bytes=max_body_bytes, streamed=STREAMED),
                      rate_limit_middleware(rate_limiter, limited=RATE_LIMITED)],
     )
     app[STATE] = state
     app[SECRET] = secret or b""
+    app[MAX_BODY_BYTES] = max_body_bytes
     sign_responses(app, secret)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/heartbeat", get_heartbeat)
@@ -225,6 +287,7 @@ def make_app(state: AgentState, *, verifier: Verifier | None, max_body_bytes: in
     app.router.add_post("/v1/jobs", post_job)
     app.router.add_post("/v1/cancel", post_cancel)
     app.router.add_post("/v1/sessions", post_session)
+    app.router.add_put("/v1/sessions/{session_id}", put_session)
     app.router.add_post("/v1/sessions/{session_id}/exec", post_cell)
     app.router.add_get("/v1/sessions/{session_id}/vars/{name}", get_variable)
     app.router.add_delete("/v1/sessions/{session_id}", delete_session)

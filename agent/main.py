@@ -17,6 +17,7 @@ from aiohttp import web
 from kowalski.agent.app import VERSION, AgentState, make_app
 from kowalski.agent.arguments import build_config, parse_args
 from kowalski.agent.jobs import JobRunner
+from kowalski.agent.kept_context import KEPT_DIR
 from kowalski.agent.llm_relay import LlmRelay
 from kowalski.agent.metrics import MetricsSampler
 from kowalski.agent.sandbox import Sandbox
@@ -65,7 +66,8 @@ class Agent:
                 sessions = SessionManager(sandbox, max_sessions=settings.max_sessions,
                                           idle_timeout_s=settings.session_idle_timeout_s,
                                           llm_handler=relay,
-                                          warm_sessions=settings.warm_sessions)
+                                          warm_sessions=settings.warm_sessions,
+                                          contexts_dir=Path(settings.work_dir) / KEPT_DIR)
                 name = settings.name or socket.gethostname()
                 # The id needs the port: it must be stable across restarts and unique
                 # when several agents share a host.

@@ -14,12 +14,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
-import msgspec
-
 from kowalski.agent.jail import SandboxedProcess
 from kowalski.agent.kept_context import KeptContext
 from kowalski.agent.sandbox import Sandbox
-from kowalski.common.errors import ExecutionError, SessionLostError
+from kowalski.common.errors import ExecutionError, ParseError, SessionLostError
 from kowalski.common.messages import CellResult, LlmCallback, SessionId, SessionInfo
 
 log = logging.getLogger("kowalski.agent.sessions")
@@ -33,9 +31,6 @@ class LlmHandler(Protocol):
 
 
 _DRIVER = "repl_driver.py"
-_CONTEXT = "context.json"
-# A warm session's context up to this many bytes is written without a thread.
-_INLINE_CONTEXT_BYTES = 64 * 1024
 # Hears each piece of a streamed cell's output: the stream's name and the text.
 OutputListener = Callable[[str, str], None]
 # Room on a control line beyond the output it carries: field names, flags, an error text.
@@ -99,12 +94,9 @@ class ReplSession:
             raise SessionLostError(f"session {self.id!r} is lost: {self.lost}")
 
     async def start(self, sandbox: Sandbox, context: Any, timeout_s: float) -> None:
+        """Start the driver; context is a value, its JSON (msgspec.Raw) or a received file."""
         toolchain = sandbox.toolchain("python")
         files = {_DRIVER: _driver_source()}
-        data = await _context_json(context)
-        if data is not None:
-            # Through a file, not argv or the pipe: it may be tens of MB.
-            files[_CONTEXT] = data
         request_read, request_write = os.pipe()
         reply_read, reply_write = os.pipe()
         pipe = asyncio.subprocess.PIPE
@@ -134,9 +126,8 @@ class ReplSession:
         self._spawn(self._read_replies(reader))
         self._spawn(self._collect(process.stdout, "stdout"))
         self._spawn(self._collect(process.stderr, "stderr"))
-        if data is not None:
-            await asyncio.to_thread(self._kept.keep, self._process.workdir, _CONTEXT, data)
-        await self._init(data is not None, timeout_s)
+        # Written after the start, as for a warm session: a received one is only linked.
+        await self._init(*await self._kept.place(self._process, context, self.id), timeout_s)
 
     async def adopt(self, session_id: SessionId, callback: LlmCallback | None, context: Any,
                     timeout_s: float) -> None:
@@ -146,43 +137,33 @@ class ReplSession:
         self.id = session_id
         self.callback = callback
         self.warm = True
-        data = await _context_json(context)
-        if data is not None:
-            process = self._process
-
-            def write() -> None:
-                process.add_file(_CONTEXT, data)
-                self._kept.keep(process.workdir, _CONTEXT, data)
-
-            try:
-                # The same file as start() writes, so a large context takes the same path;
-                # a short one is written at once: a thread hop would cost more.
-                if len(data) <= _INLINE_CONTEXT_BYTES:
-                    write()
-                else:
-                    await asyncio.to_thread(write)
-            except OSError as exc:
-                raise ExecutionError(f"cannot write the context of session {session_id!r}: "
-                                     f"{exc.strerror or exc}") from None
-        await self._init(data is not None, timeout_s)
+        await self._init(*await self._kept.place(self._process, context, session_id), timeout_s)
         self.last_used = time.monotonic()
 
     async def job_files(self) -> dict[str, bytes]:
         """The context as files for a job beside the session: context.txt or context.json."""
         return await self._kept.files(self.id)
 
-    async def _init(self, has_context: bool, timeout_s: float) -> None:
+    async def _init(self, context_file: str | None, context_format: str, timeout_s: float
+                    ) -> None:
         init = {"op": "init", "llm": self.callback is not None,
-                "context_file": _CONTEXT if has_context else None,
+                "context_file": context_file, "context_format": context_format,
                 "max_message_bytes": self.message_limit - CONTROL_BUDGET_BYTES // 2}
         try:
-            await asyncio.wait_for(self._call(init), timeout_s)
+            reply = await asyncio.wait_for(self._call(init), timeout_s)
         except TimeoutError:
             await self.kill(f"it did not start within {timeout_s:g} s")
             raise ExecutionError(f"session {self.id!r} did not start within {timeout_s:g} s"
                                  ) from None
         except SessionLostError as exc:
             raise ExecutionError(f"session {self.id!r} could not start: {self.lost}") from exc
+        if reply.get("bad_context"):
+            raise ParseError(f"the context of session {self.id!r} cannot be read as "
+                             f"{'UTF-8 text' if context_format == 'text' else 'JSON'}: "
+                             f"{reply.get('message')}")
+        if reply.get("op") != "ready":
+            raise ExecutionError(f"session {self.id!r} could not load its context: "
+                                 f"{str(reply.get('message', reply))[:300]}")
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -370,18 +351,6 @@ class ReplSession:
                 SessionLostError(f"session {self.id!r} is lost: {self.lost}"))
             # Nobody may be waiting (a timed-out start); do not log it as unretrieved.
             self._pending.exception()
-
-
-async def _context_json(context: Any) -> bytes | None:
-    """The context as the JSON its file holds; None for no context (or JSON null)."""
-    if isinstance(context, msgspec.Raw):
-        # As the agent's API hands it over: JSON text already, checked by the decoder.
-        return None if len(context) <= 8 and bytes(context).strip() == b"null" else bytes(context)
-    if context is None:
-        return None
-    if isinstance(context, str) and len(context) <= _INLINE_CONTEXT_BYTES:
-        return msgspec.json.encode(context)
-    return await asyncio.to_thread(msgspec.json.encode, context)
 
 
 def append_output(text: str, stray: bytearray, cap: int) -> tuple[str, bool]:

@@ -19,6 +19,7 @@ import io
 import itertools
 import json
 import linecache
+import mmap
 import os
 import queue
 import signal
@@ -29,6 +30,15 @@ from collections.abc import Callable
 from typing import Any
 
 _HERE = os.path.abspath(__file__)
+
+
+def _read_text(path: str) -> str:
+    """A file of UTF-8 text: one decode, no JSON, and no copy of its bytes (mapped)."""
+    with open(path, "rb") as raw:
+        if os.fstat(raw.fileno()).st_size == 0:
+            return ""
+        with mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return str(mapped, "utf-8")
 
 
 class CappedText(io.TextIOBase):
@@ -196,9 +206,17 @@ class Driver:
         self._max_message_bytes = int(message.get("max_message_bytes", self._max_message_bytes))
         path = message.get("context_file")
         if path:
-            with open(path, encoding="utf-8") as file:
-                self.namespace["context"] = json.load(file)
-            os.unlink(path)
+            try:
+                if message.get("context_format") == "text":
+                    self.namespace["context"] = _read_text(path)
+                else:
+                    with open(path, encoding="utf-8") as file:
+                        self.namespace["context"] = json.load(file)
+            except ValueError as exc:
+                # Not UTF-8, or not JSON: the sender's fault, told apart from a failure here.
+                return {"op": "error", "bad_context": True, "message": str(exc)[:300]}
+            finally:
+                os.unlink(path)
         return {"op": "ready", "python": sys.version.split()[0]}
 
     def _exec(self, message: dict[str, Any]) -> dict[str, Any]:

@@ -7,8 +7,10 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from kowalski.agent.incoming_context import ReceivedSession
 from kowalski.agent.job_result import OUTPUT_LIMIT
 from kowalski.agent.repl_client import LlmHandler, OutputListener, ReplSession
 from kowalski.agent.sandbox import Sandbox
@@ -52,8 +54,11 @@ class SessionManager:
     def __init__(self, sandbox: Sandbox, *, max_sessions: int, idle_timeout_s: float,
                  llm_handler: LlmHandler, interrupt_grace_s: float = 2.0,
                  start_timeout_s: float = 60.0, agent_id: str = "",
-                 warm_sessions: int = 0) -> None:
+                 warm_sessions: int = 0, contexts_dir: Path | None = None) -> None:
         self._sandbox = sandbox
+        # Where contexts sent as request bodies arrive: the sandbox's kept-context dir,
+        # beside the work dirs, so a session takes its file by a link, not a copy.
+        self.contexts_dir = contexts_dir
         # Stamped on results; empty leaves it to the caller.
         self._agent_id = agent_id
         self._max_sessions = max_sessions
@@ -121,8 +126,12 @@ class SessionManager:
             self.pool.wake()
         return len(idle)
 
-    async def create(self, request: SessionCreate | SessionCreateRaw) -> SessionInfo:
-        """Start a session; an id that is already live returns its info."""
+    async def create(self, request: SessionCreate | SessionCreateRaw | ReceivedSession
+                     ) -> SessionInfo:
+        """Start a session; an id that is already live returns its info.
+
+        A received context's file is taken (moved) only when a session is started with it.
+        """
         if self._closed:
             raise ExecutionError("the agent is shutting down")
         existing = self._live(request.session_id)
@@ -172,7 +181,8 @@ class SessionManager:
         session = self._sessions.get(session_id)
         return None if session is None or session.lost else session
 
-    async def _adopt(self, session: ReplSession, request: SessionCreate | SessionCreateRaw
+    async def _adopt(self, session: ReplSession,
+                     request: SessionCreate | SessionCreateRaw | ReceivedSession
                      ) -> SessionInfo:
         """Give a warm session the request's id, callback and context."""
         self._sessions[request.session_id] = session

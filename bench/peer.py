@@ -28,7 +28,7 @@ from bench.compression import make_context
 from bench.peer_driver import RESULT_PREFIX
 from bench.report import Section, Table, Target, fmt
 from kowalski.common.config import EndpointConfig
-from kowalski.controller.rlm.events import CodeExecuted, IterationStarted, RlmEvent
+from kowalski.controller.rlm.events import CodeExecuted, RlmEvent, SessionOpened
 from kowalski.controller.rlm.runs import RunRequest
 from kowalski.controller.service import Controller
 
@@ -160,12 +160,12 @@ class Reference:
 async def kowalski_run(running: Controller, query: str, context: str) -> dict[str, Any]:
     started = time.perf_counter()
     events: list[RlmEvent] = []
-    # When the first iteration starts, the session holds the context: the open is done.
+    # When the session holds the context (it opens beside the first model call).
     opened_s: list[float] = []
 
     def observe(event: RlmEvent) -> None:
         events.append(event)
-        if isinstance(event, IterationStarted) and not opened_s:
+        if isinstance(event, SessionOpened) and not opened_s:
             opened_s.append(time.perf_counter() - started)
 
     result = await running.state.runs.run(
@@ -320,10 +320,12 @@ def _section(times: dict[tuple[str, str], list[float]], fan_out_cells: list[floa
              f"{fmt(fan_out_s / floor_s if floor_s else 0.0, 2)}x what this server allows; "
              "on 2 cores the client's and the server's HTTP handling alone add some 10% to "
              "the ideal.",
-             "Opening the session is the time from the call to the first iteration: the "
-             "context's trip to the agent (encoded, signed, sent, checked) and into the "
-             "sandboxed interpreter, which the reference does in its own process by writing "
-             "a file and reading it back."]
+             "Opening the session is the time from the call to the run's `session_opened` "
+             "event: the context's trip to the agent (a str as its UTF-8 bytes, signed, "
+             "written on the agent while it arrives, checked) and into the sandboxed "
+             "interpreter, which the reference does in its own process by writing a file and "
+             "reading it back. It overlaps the first model call, so the run's time is less "
+             "than this plus the rest."]
     return Section(
         key="peer", title="Side by side with the reference rlm",
         method=(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -17,10 +17,12 @@ from kowalski.common.addresses import is_loopback
 from kowalski.common.http import RESPONSE_SIGNATURE_HEADER, response_signature
 from kowalski.common.job_stream import NDJSON, stream_signature
 from kowalski.common.messages import ErrorBody, JobStreamEnd, WireError, decode, encode
-from kowalski.common.signing import NONCE_HEADER, sign
+from kowalski.common.signing import META_HEADER, NONCE_HEADER, body_digest, sign
 
 T = TypeVar("T")
 _STREAM_FROM_BYTES = 512 * 1024
+# A large body goes out in pieces of this size.
+_PIECE_BYTES = 1024 * 1024
 # The largest answer body accepted after decoding; a job's output is capped far below.
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
 
@@ -50,11 +52,28 @@ class SignedClient:
         # scheme://host:port to the encodings that peer said it decodes, best first.
         self._peer_accepts: dict[str, tuple[str, ...]] = {}
 
+    @property
+    def signs(self) -> bool:
+        """Whether requests go signed (a secret is set)."""
+        return self._secret is not None
+
     async def call(self, method: str, url: str, kind: type[T], message: Any = None, *,
                    timeout_s: float) -> T:
         """One request; raises NetworkError, RemoteError or ParseError."""
-        body = b"" if message is None else encode(message)
-        headers = {"Content-Type": "application/json"} if message is not None else {}
+        if message is None:
+            return await self.call_raw(method, url, kind, timeout_s=timeout_s)
+        return await self.call_raw(method, url, kind, encode(message), timeout_s=timeout_s,
+                                   content_type="application/json")
+
+    async def call_raw(self, method: str, url: str, kind: type[T], body: bytes = b"", *,
+                       timeout_s: float, content_type: str = "", meta: str = "",
+                       body_hash: str | None = None) -> T:
+        """call() with a body as it is; meta goes signed beside it (signing.META_HEADER).
+
+        body_hash, the body's signing.body_digest when the caller has it, spares hashing
+        it again (unless it goes compressed).
+        """
+        headers = {"Content-Type": content_type} if content_type else {}
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         encoding = ""
@@ -64,13 +83,24 @@ class SignedClient:
         if encoding:
             body = await compression.compress_async(body, encoding)
             headers[compression.ENCODING_HEADER] = encoding
+            body_hash = None
         if self._secret is not None:
             path = parts.path + (f"?{parts.query}" if parts.query else "")
-            headers.update(sign(self._secret, method, path, body, encoding=encoding))
+            if body_hash is None and len(body) > _STREAM_FROM_BYTES:
+                # Hashing tens of MB would hold the event loop; hashlib lets go of the GIL.
+                body_hash = await asyncio.to_thread(body_digest, body)
+            headers.update(sign(self._secret, method, path, body, encoding=encoding,
+                                meta=meta, body_hash=body_hash))
+        elif meta:
+            headers[META_HEADER] = meta
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
-            # A stream, not bytes: aiohttp warns that a large bytes body blocks the loop.
-            data = io.BytesIO(body) if len(body) > _STREAM_FROM_BYTES else (body or None)
+            data: Any = body or None
+            if len(body) > _STREAM_FROM_BYTES:
+                # Pieces, not bytes, which aiohttp warns would block the loop; and views of
+                # the body, not a BytesIO, which copies it out 64 KiB at a time.
+                data = _pieces(body)
+                headers["Content-Length"] = str(len(body))
             async with self._session.request(method, url, data=data, headers=headers,
                                              timeout=timeout, ssl=self._ssl) as response:
                 payload = await response.read()
@@ -168,6 +198,12 @@ class SignedClient:
                                                       max_bytes=MAX_ANSWER_BYTES)
         except errors.ParseError as exc:
             raise errors.ParseError(f"unexpected answer from {url}: {exc.message}") from None
+
+
+async def _pieces(body: bytes) -> AsyncIterator[memoryview]:
+    view = memoryview(body)
+    for start in range(0, len(body), _PIECE_BYTES):
+        yield view[start:start + _PIECE_BYTES]
 
 
 def _seconds(header: str) -> float | None:

@@ -172,6 +172,17 @@ class ContextSizeExceededError(KowalskiError, ValueError):
         self.maximum = maximum
 
 
+class BodyTooLargeError(ContextSizeExceededError):
+    """A request body over the receiver's limit, counted in bytes as it arrived."""
+
+    hint = "Send a smaller one, or raise agent.max_body_bytes on the agent"
+
+    def __init__(self, actual: int, maximum: int, what: str = "the body") -> None:
+        super().__init__(actual, maximum, what)
+        self.message = f"{what} is over {maximum} bytes (at least {actual})"
+        self.args = (self.message,)
+
+
 class NoDevicesAvailableError(KowalskiError):
     code = "no_devices"
     is_recoverable = True

@@ -31,6 +31,11 @@ VERIFIED_NONCE = web.RequestKey("verified_nonce", str)
 SIGNED_HEADERS = (TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER)
 # A compressed request's body after decoding, set by compression_middleware.
 DECODED_BODY = web.RequestKey("decoded_body", bytes)
+# On a streamed route: the verifier its handler must check the body's digest with.
+BODY_VERIFIER = web.RequestKey("body_verifier", Verifier)
+# Routes, as (method, canonical path), whose handlers read the body as it arrives: the
+# middlewares leave it unread, and the handler verifies it (verify_streamed) and decodes it.
+Streamed = frozenset[tuple[str, str]]
 
 _STATUS: dict[type[errors.KowalskiError], int] = {
     errors.ParseError: 400,
@@ -152,30 +157,54 @@ async def verify_request(verifier: Verifier, request: web.Request) -> None:
     request[VERIFIED_NONCE] = request.headers[NONCE_HEADER]
 
 
-def signature_middleware(verifier: Verifier | None, *, open_paths: frozenset[str]
-                         ) -> Middleware:
-    """Refuse requests that are not signed with the shared secret (None: accept all)."""
+def verify_streamed(request: web.Request, body_hash: str) -> None:
+    """On a streamed route, once the body has arrived: check it by its body_digest."""
+    verifier = request.get(BODY_VERIFIER)
+    if verifier is None:
+        return
+    verifier.verify_digest(request.method, request.path_qs, request.headers, body_hash)
+    request[VERIFIED_NONCE] = request.headers[NONCE_HEADER]
+
+
+def _route(request: web.Request) -> tuple[str, str]:
+    resource = request.match_info.route.resource
+    return request.method, "" if resource is None else resource.canonical
+
+
+def signature_middleware(verifier: Verifier | None, *, open_paths: frozenset[str],
+                         streamed: Streamed = frozenset()) -> Middleware:
+    """Refuse requests that are not signed with the shared secret (None: accept all).
+
+    On a streamed route only what needs no body is checked here; its handler must call
+    verify_streamed before it uses anything the body carried.
+    """
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if verifier is not None and request.path not in open_paths:
-            await verify_request(verifier, request)
+            if _route(request) in streamed:
+                verifier.check_fresh(request.headers)
+                request[BODY_VERIFIER] = verifier
+            else:
+                await verify_request(verifier, request)
         return await handler(request)
 
     return middleware
 
 
-def compression_middleware(*, max_body_bytes: int) -> Middleware:
+def compression_middleware(*, max_body_bytes: int, streamed: Streamed = frozenset()
+                           ) -> Middleware:
     """Decode compressed request bodies (up to max_body_bytes) and compress large answers.
 
     Put it after the signature check: a body is decoded only once it is authenticated.
-    Every answer names the encodings this side decodes, so callers learn them.
+    Every answer names the encodings this side decodes, so callers learn them. A streamed
+    route's handler decodes its body itself.
     """
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         encoding = compression.encoding_of(request.headers)
-        if encoding:
+        if encoding and _route(request) not in streamed:
             request[DECODED_BODY] = await compression.decompress_async(
                 await request.read(), encoding, max_bytes=max_body_bytes)
         response = await handler(request)

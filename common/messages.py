@@ -147,6 +147,25 @@ class SessionCreateRaw(Message, frozen=True):
     llm_callback: LlmCallback | None = None
 
 
+# How a context sent as a request's own body is to be read: text is a str as UTF-8, json
+# any other value as JSON; none sends no body.
+ContextFormat = Literal["none", "text", "json"]
+
+
+class SessionOpen(Message, frozen=True):
+    """PUT /v1/sessions/{id}: what goes with a context sent as the body, as it is.
+
+    Sent as the signed X-Kowalski-Meta header (base64url of this JSON), so the context
+    itself is neither JSON-encoded nor decoded on the way, and the agent writes it to the
+    session's file while it arrives.
+    """
+
+    # The layout of this request; an agent refuses one it does not know.
+    version: Literal[1] = 1
+    context: ContextFormat = "none"
+    llm_callback: LlmCallback | None = None
+
+
 class SessionInfo(Message, frozen=True):
     session_id: SessionId
     agent_id: str

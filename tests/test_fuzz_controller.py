@@ -64,7 +64,7 @@ def wire_schemas() -> dict[str, Any]:
         messages.ErrorBody, messages.JobRequest, messages.JobResult, messages.SessionCreate,
         messages.SessionInfo, messages.CellRequest, messages.CellResult, messages.VariableValue,
         messages.Heartbeat, messages.Metrics, messages.LlmQuery, messages.LlmAnswer,
-        messages.CancelRequest, messages.CancelResult,
+        messages.CancelRequest, messages.CancelResult, messages.SessionOpen,
         runs.RunRequest, resume.ResumeRequest, openai_front.CompletionBody, status.Status,
         status.DeviceStatus, live.LiveRunSummary, trajectory.StoredRunSummary,
         trajectory.Trajectory, messages.JobStreamLine, messages.CellStreamLine,

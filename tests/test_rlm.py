@@ -39,6 +39,7 @@ from kowalski.controller.rlm.events import (
     RlmEvent,
     RunFinished,
     RunStarted,
+    SessionOpened,
     SubCallAnswered,
 )
 from kowalski.controller.rlm.final import find_final
@@ -246,6 +247,11 @@ async def test_code_runs_before_final_and_its_output_is_the_next_message(
     # The cell's output went out live too, before its CodeExecuted.
     live = [event.text for event in harness.events if isinstance(event, CellOutput)]
     assert "".join(live) == "12\nhello\n"
+    # The session opened beside the first model call: after the first iteration started,
+    # before its code ran; whether before or after the reply came is a race.
+    opened = kinds.index(SessionOpened)
+    assert kinds.index(IterationStarted) < opened < kinds.index(CodeExecuted)
+    kinds.remove(SessionOpened)
     assert kinds == [RunStarted, IterationStarted, ModelReplied, CodeExecuted,
                      IterationFinished, IterationStarted, ModelReplied, IterationFinished,
                      RunFinished]
@@ -589,7 +595,11 @@ async def test_trajectory_file_holds_the_whole_run(harness: Harness) -> None:
     path = Path(result.trajectory_path)
     assert path.parent == harness.runs_dir
     lines = json_lines(path)
-    assert [line["kind"] for line in lines] == [
+    kinds = [line["kind"] for line in lines]
+    assert kinds.index("iteration_started") < kinds.index("session_opened") < kinds.index(
+        "sub_call")
+    kinds.remove("session_opened")
+    assert kinds == [
         "run_started", "iteration_started", "model_replied", "code_skipped", "sub_call",
         "code_executed", "iteration_finished", "iteration_started", "model_replied",
         "iteration_finished", "run_finished"]
@@ -754,6 +764,54 @@ async def test_a_run_that_never_reached_the_model_reports_zero_iterations(
     assert (result.stop_reason, result.iterations, result.answer, result.last_reply) == (
         "error", 0, "", "")
     assert "endpoints are down" in result.detail
+
+
+async def test_the_session_opens_while_the_model_writes_its_first_reply(
+        harness: Harness) -> None:
+    asked = asyncio.Event()
+
+    def first_reply(messages: list[dict[str, str]]) -> str:
+        asked.set()
+        return repl("print(len(context))")
+
+    harness.model.script("", first_reply, "FINAL(done)")
+
+    async def once_the_model_was_asked(context: Any, run: RlmRun) -> LocalSession:
+        # A loop that waited for its session before the first model call never gets here.
+        await asyncio.wait_for(asked.wait(), 10)
+        return await harness.factory(context, run)
+
+    run = RlmRun("q", "hello", backend=harness.backend, model=MODEL,
+                 session_factory=once_the_model_was_asked, observer=harness.events.append,
+                 config=RlmConfig(trajectory_dir=str(harness.runs_dir)))
+    result = await run.run()
+    assert (result.answer, result.agents) == ("done", ["local-agent"])
+    assert last_user(harness.model.root_requests[1]).startswith("REPL output:\n5\n")
+    [opened] = [event for event in harness.events if isinstance(event, SessionOpened)]
+    assert (opened.iteration, opened.device_id) == (1, "local-agent")
+    assert opened.open_ms > 0
+    kinds = [type(event) for event in harness.events]
+    # The reply came before the session was ready, and its code ran only after.
+    assert kinds.index(ModelReplied) < kinds.index(SessionOpened) < kinds.index(CodeExecuted)
+
+
+async def test_a_session_still_opening_when_the_model_fails_is_closed_all_the_same(
+        harness: Harness) -> None:
+    opened: list[str] = []
+
+    async def slow_open(context: Any, run: RlmRun) -> LocalSession:
+        session = await harness.factory(context, run)
+        opened.append(run.run_id)
+        return session
+
+    run = RlmRun("q", "c", backend=DownBackend(), session_factory=slow_open,
+                 config=RlmConfig(trajectory_dir=str(harness.runs_dir)), model=MODEL)
+    result = await run.run()
+    assert (result.stop_reason, result.iterations) == ("error", 0)
+    # The run waited for the opening it had begun, then ended that session too.
+    assert opened == [run.run_id]
+    assert harness.manager is not None
+    assert len(harness.manager) == 0
 
 
 def cached_run(harness: Harness, cache: ResultCache, *, temperature: float) -> RlmRun:

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from kowalski.common.compression import ENCODING_HEADER
 from kowalski.common.errors import AuthError
-from kowalski.common.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, Verifier, sign
+from kowalski.common.signing import (
+    META_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    Verifier,
+    body_digest,
+    sign,
+)
 
 SECRET = b"k" * 32
 
@@ -68,3 +76,26 @@ def test_forged_signature_is_refused() -> None:
     headers[SIGNATURE_HEADER] = "0" * 64
     with pytest.raises(AuthError, match="bad signature"):
         Verifier(SECRET).verify("GET", "/", headers, b"", now=1.0)
+
+
+def test_a_body_known_by_its_digest_verifies_like_the_body_itself() -> None:
+    body = b"context " * 1000
+    headers = sign(SECRET, "PUT", "/v1/sessions/s", body, now=10.0, meta="bWV0YQ")
+    assert headers[META_HEADER] == "bWV0YQ"
+    Verifier(SECRET).verify_digest("PUT", "/v1/sessions/s", headers, body_digest(body),
+                                   now=10.0)
+    # Signing by a digest made beforehand gives the same signature as signing the body.
+    again = sign(SECRET, "PUT", "/v1/sessions/s", now=11.0, meta="bWV0YQ",
+                 body_hash=body_digest(body))
+    Verifier(SECRET).verify("PUT", "/v1/sessions/s", again, body, now=11.0)
+
+
+def test_the_metadata_header_is_signed_and_cannot_pass_for_the_encoding() -> None:
+    headers = sign(SECRET, "PUT", "/v1/sessions/s", b"x", now=10.0, meta="gzip")
+    swapped = {**headers, META_HEADER: "other"}
+    with pytest.raises(AuthError, match="bad signature"):
+        Verifier(SECRET).verify("PUT", "/v1/sessions/s", swapped, b"x", now=10.0)
+    # The same value as an encoding instead of metadata is another request.
+    moved = {k: v for k, v in headers.items() if k != META_HEADER} | {ENCODING_HEADER: "gzip"}
+    with pytest.raises(AuthError, match="bad signature"):
+        Verifier(SECRET).verify("PUT", "/v1/sessions/s", moved, b"x", now=10.0)

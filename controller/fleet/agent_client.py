@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 from urllib.parse import quote
 
@@ -24,13 +25,17 @@ from kowalski.common.messages import (
     JobStreamError,
     JobStreamLine,
     JobStreamResult,
+    LlmCallback,
     Metrics,
     SessionCreate,
     SessionDeleted,
     SessionId,
     SessionInfo,
+    SessionOpen,
     VariableValue,
+    encode,
 )
+from kowalski.controller.fleet.context_body import ContextBody
 
 _job_lines = msgspec.json.Decoder(JobStreamLine)
 _cell_lines = msgspec.json.Decoder(CellStreamLine)
@@ -101,6 +106,17 @@ class AgentClient:
                              timeout_s: float) -> SessionInfo:
         return await self._client.call("POST", f"{agent_url}/v1/sessions", SessionInfo, create,
                                        timeout_s=timeout_s)
+
+    async def open_session(self, agent_url: str, session_id: SessionId, context: ContextBody,
+                           llm_callback: LlmCallback | None, *, timeout_s: float
+                           ) -> SessionInfo:
+        """Start a session whose context goes as the body, as it is: no JSON on the way."""
+        meta = encode(SessionOpen(context=context.format, llm_callback=llm_callback))
+        return await self._client.call_raw(
+            "PUT", _session(agent_url, session_id), SessionInfo, context.data,
+            content_type=context.content_type, timeout_s=timeout_s,
+            meta=base64.urlsafe_b64encode(meta).decode(),
+            body_hash=await context.digest() if self._client.signs else None)
 
     async def execute(self, agent_url: str, session_id: SessionId, cell: CellRequest, *,
                       timeout_s: float) -> CellResult:

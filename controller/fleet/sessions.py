@@ -24,10 +24,10 @@ from kowalski.common.messages import (
     JobResult,
     Language,
     LlmCallback,
-    SessionCreate,
     SessionId,
     VariableValue,
 )
+from kowalski.controller.fleet.context_body import ContextBody
 from kowalski.controller.fleet.device_table import DeviceRow
 from kowalski.controller.fleet.dispatch import (
     CALL_MARGIN_S,
@@ -48,11 +48,15 @@ class RemoteSession:
 
     def __init__(self, *, dispatcher: Dispatcher, session_id: str, context: Any,
                  llm_callback: LlmCallback | None, timeout_s: float = 300.0,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 body: asyncio.Future[ContextBody] | None = None) -> None:
+        """body: the context's bytes when the caller is making them already (once a run)."""
         self._dispatcher = dispatcher
         self._agents = dispatcher.agents
         self.session_id = SessionId(session_id)
         self._context = context
+        # Made once and kept: a move or a rebuild sends the same bytes again.
+        self._body = body
         self._callback = llm_callback
         self._timeout_s = timeout_s
         self._cells: list[CellRequest] = []
@@ -66,9 +70,10 @@ class RemoteSession:
         self._on_close = on_close
 
     async def _open_on(self, row: DeviceRow) -> None:
-        create = SessionCreate(session_id=self.session_id, context=self._context,
-                               llm_callback=self._callback)
-        info = await self._agents.create_session(row.url, create, timeout_s=self._timeout_s)
+        if self._body is None:
+            self._body = asyncio.ensure_future(ContextBody.of(self._context))
+        info = await self._agents.open_session(row.url, self.session_id, await self._body,
+                                               self._callback, timeout_s=self._timeout_s)
         self.warm = info.warm
         for cell, status in zip(self._cells, self._statuses, strict=True):
             if status in _REPLAYABLE:

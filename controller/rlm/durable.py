@@ -1,8 +1,8 @@
 """What lets a run outlast its controller: a stored copy of its context, and an owner's lock.
 
-The context of a root run is written under `<trajectory_dir>/contexts/<run_id>.json` while
-the run starts, and the run's `RunStarted` names that file; it is removed when the run ends
-in a way no resume can go on from. While a controller runs a run it holds
+The context of a root run is written under `<trajectory_dir>/contexts/<run_id>.json` once
+its first iteration has finished, and the run's `RunStarted` names that file; it is
+removed when the run ends in a way no resume can go on from. While a controller runs a run it holds
 an flock on `<trajectory_dir>/<run_id>.lock`; the kernel drops the lock when the process
 dies, so a run whose file has no end and whose lock can be taken has lost its controller.
 """
@@ -23,6 +23,7 @@ import msgspec
 
 from kowalski.common.errors import KowalskiError, NotFoundError
 from kowalski.common.messages import WireError
+from kowalski.controller.fleet.context_body import ContextBody
 from kowalski.controller.rlm.events import ModelReplied, RlmResult, RunFinished, TokenCount
 from kowalski.controller.rlm.trajectory import (
     SUFFIX,
@@ -45,11 +46,16 @@ def context_name(run_id: str, context: Any) -> str:
     return f"{CONTEXTS}/{run_id}.{'txt' if isinstance(context, str) else 'json'}"
 
 
-def store_context(directory: str | os.PathLike[str], name: str, context: Any) -> None:
-    """Write the context beside the trajectories under the name its RunStarted gives."""
+def store_context(directory: str | os.PathLike[str], name: str, context: Any,
+                  data: bytes | None = None) -> None:
+    """Write the context beside the trajectories under the name its RunStarted gives.
+
+    data is the file's content when the caller has it already.
+    """
     # Text is kept as UTF-8, not JSON: several times faster to write and to read back.
-    data = (context.encode("utf-8", errors="surrogatepass") if name.endswith(".txt")
-            else msgspec.json.encode(context))
+    if data is None:
+        data = (context.encode("utf-8", errors="surrogatepass") if name.endswith(".txt")
+                else msgspec.json.encode(context))
     path = run_dir(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written aside and renamed: a crash mid-write never leaves a short copy under the name.
@@ -68,25 +74,52 @@ class ContextCopy:
     """A root run's stored context: written beside the run, dropped once no resume can use it."""
 
     def __init__(self, directory: str | os.PathLike[str], run_id: str, *, context: Any = None,
-                 stored: str = "") -> None:
-        """A new run's copy of `context`, or the copy `stored` names of a resumed run."""
+                 stored: str = "", body: asyncio.Future[ContextBody] | None = None) -> None:
+        """A new run's copy of `context`, or the copy `stored` names of a resumed run.
+
+        body: the context's bytes as its session gets them, made once for both.
+        """
         self.directory, self.run_id = directory, run_id
         self.name = stored or context_name(run_id, context)
-        # Written while the run starts, not before it: a large context's copy costs the run
-        # no time (a crash before it is written leaves a run that cannot be resumed).
-        self._writing = None if stored else asyncio.ensure_future(
-            asyncio.to_thread(store_context, directory, self.name, context))
+        self.body = body
+        # Written once the run's first iteration has finished (write_now), or when it stops
+        # resumable: a large context's copy then neither delays the run nor competes with
+        # the session's opening for the CPU, and a run answered in one iteration writes
+        # none. A crash before it is written leaves a run that cannot be resumed.
+        self._go = asyncio.Event()
+        self._writing = None if stored else asyncio.ensure_future(self._store(context, body))
+
+    def write_now(self) -> None:
+        """Let the copy be written."""
+        self._go.set()
+
+    async def _store(self, context: Any, body: asyncio.Future[ContextBody] | None) -> None:
+        await self._go.wait()
+        data = None
+        if body is not None:
+            made = await asyncio.shield(body)
+            # The same bytes when the session's body is what the file holds: text as text.
+            if (made.format == "text") == self.name.endswith(".txt") and made.format != "none":
+                data = made.data
+        await asyncio.to_thread(store_context, self.directory, self.name, context, data)
 
     async def settle(self, result: RlmResult | None, *, suspended: bool) -> None:
         """Once the run has stopped: wait for the copy, and drop it unless it can resume."""
+        # Only a run stopped at its iteration limit, or by its controller stopping, resumes.
+        resumable = result.stop_reason == "max_iterations" if result is not None else suspended
+        if self._writing is not None and not (resumable or self._go.is_set()):
+            # Never begun (the run ended within its first iteration), and not needed.
+            self._writing.cancel()
+            await asyncio.wait({self._writing})
+            return
         if self._writing is not None:
+            self.write_now()
             try:
                 await asyncio.shield(self._writing)
             except OSError as exc:
                 log.warning("run %s: its context could not be stored (%s); it cannot be "
                             "resumed", self.run_id, exc.strerror or exc)
-        # Only a run stopped at its iteration limit, or by its controller stopping, resumes.
-        if not (result.stop_reason == "max_iterations" if result is not None else suspended):
+        if not resumable:
             await asyncio.to_thread(drop_context, self.directory, self.name)
 
 

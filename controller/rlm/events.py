@@ -152,6 +152,17 @@ class IterationStarted(RlmEvent, frozen=True, tag="iteration_started"):
     started_at: float
 
 
+class SessionOpened(RlmEvent, frozen=True, tag="session_opened"):
+    """The run's session holds the context; opened beside the first model call."""
+
+    # The iteration under way when it was ready (its code waits for it).
+    iteration: int
+    device_id: str
+    # When the opening began, and how long it took (the context's trip included).
+    started_at: float
+    open_ms: float
+
+
 class ContextFolded(RlmEvent, frozen=True, tag="context_folded"):
     iteration: int
     method: str
@@ -274,9 +285,9 @@ class RunFinished(RlmEvent, frozen=True, tag="run_finished"):
     finished_at: float
 
 
-AnyRlmEvent = (RunStarted | IterationStarted | ContextFolded | ReplyDelta | ModelReplied
-               | CellOutput | CodeSkipped | CodeExecuted | SubCallAnswered | IterationFinished
-               | RunResumed | RunFinished)
+AnyRlmEvent = (RunStarted | IterationStarted | SessionOpened | ContextFolded | ReplyDelta
+               | ModelReplied | CellOutput | CodeSkipped | CodeExecuted | SubCallAnswered
+               | IterationFinished | RunResumed | RunFinished)
 # Events sent to observers only: the trajectory keeps what they add up to.
 LIVE_ONLY = (ReplyDelta, CellOutput)
 # Sub-call prompts and answers are stored cut to this many characters.

@@ -35,7 +35,6 @@ from kowalski.controller.rlm import final, prompts
 from kowalski.controller.rlm.blocks import BlockRunner
 from kowalski.controller.rlm.events import (
     LIVE_ONLY,
-    CodeSession,
     ContextFolded,
     IterationFinished,
     IterationStarted,
@@ -55,6 +54,7 @@ from kowalski.controller.rlm.events import (
 )
 from kowalski.controller.rlm.folding import estimate_tokens, fold, names_in, needs_fold
 from kowalski.controller.rlm.ledger import RunLedger
+from kowalski.controller.rlm.opening import SessionOpening
 from kowalski.controller.rlm.resume import RecordedAnswers, ResumePlan, replay
 from kowalski.controller.rlm.streaming import ask_streamed, reply_sink
 from kowalski.controller.rlm.subcalls import Cell, SubCalls, max_prompt_chars
@@ -116,9 +116,10 @@ class RlmRun:
         # The last iteration whose model call came back: a run that never reached the
         # model reports 0 iterations.
         self._replied = 0
-        self._session: CodeSession | None = None
         self._started = False
         self._ledger = RunLedger()
+        self._opening = SessionOpening(factory=session_factory, context=context, run=self,
+                                       ledger=self._ledger, emit=self._emit)
         self._subs = SubCalls(
             run_id=self.run_id, depth=depth, config=self.config, backend=backend,
             ledger=self._ledger, emit=self._emit, run_child=self._run_child,
@@ -220,12 +221,11 @@ class RlmRun:
             async with timeout:
                 if self.depth >= self.config.max_depth:
                     return await self._direct()
-                self._session = await self._factory(self.context, self)
-                self._ledger.note_agent(self._session.device_id)
                 if self._plan is None:
+                    # The session opens beside the first model call (see _turn).
                     return await self._loop(1)
                 self._recorded = RecordedAnswers(self._plan.sub_calls)
-                diverged = await replay(self._session, self._plan, self._recorded,
+                diverged = await replay(await self._opening.get(), self._plan, self._recorded,
                                         self._ledger, timeout_ms=self._cell_timeout_ms)
                 self._recorded = None
                 if diverged:
@@ -312,18 +312,20 @@ class RlmRun:
         await self._emit(IterationStarted(run_id=self.run_id, depth=self.depth,
                                           iteration=iteration, phase=phase,
                                           started_at=time.time()))
+        self._opening.start()
         await self._maybe_fold()
         result, model_ms = await self._ask(phase)
         blocks = extract_code_blocks(result.text)
+        # Code time includes waiting for a session still opening (the first turn's).
         code_started = time.monotonic()
+        session = await self._opening.get()
         # The extra request at the limit asks for an answer only: its code is not run.
-        assert self._session is not None
-        feedback = (await self._blocks.run(self._session, blocks) if phase == "turn"
+        feedback = (await self._blocks.run(session, blocks) if phase == "turn"
                     or self.config.final_protocol == "answer_dict" else [])
         marker = final.find_final(result.text, blocks)
         stop, note = None, ""
         if marker is not None:
-            stop, note = await final.resolve(marker, self._session)
+            stop, note = await final.resolve(marker, session)
         stop = stop or self._blocks.answered
         code_ms = (time.monotonic() - code_started) * 1000
         message = ""
@@ -359,12 +361,7 @@ class RlmRun:
     async def _finish(self, stop: Stop, started: float) -> RlmResult:
         ledger = self._ledger
         ledger.finished = True
-        session, self._session = self._session, None
-        if session is not None:
-            try:
-                await asyncio.shield(session.close())
-            except KowalskiError as exc:
-                log.info("run %s: closing its session: %s", self.run_id, exc)
+        await asyncio.shield(self._opening.close(cancel=stop.reason in ("cancelled", "timeout")))
         result = RlmResult(
             run_id=self.run_id, answer=stop.answer, stop_reason=stop.reason, detail=stop.detail,
             iterations=min(self._replied, self.config.max_iterations),

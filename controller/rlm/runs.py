@@ -28,6 +28,7 @@ from kowalski.common.errors import (
     RunNotResumableError,
 )
 from kowalski.common.messages import Language, LlmCallback, WireError
+from kowalski.controller.fleet.context_body import ContextBody
 from kowalski.controller.fleet.dispatch import Dispatcher
 from kowalski.controller.fleet.sessions import RemoteSession
 from kowalski.controller.models.chat_types import ChatBackend
@@ -42,6 +43,7 @@ from kowalski.controller.rlm.durable import (
 )
 from kowalski.controller.rlm.events import (
     AnyRlmEvent,
+    IterationFinished,
     RlmEvent,
     RlmResult,
     RunHandle,
@@ -109,6 +111,8 @@ class RunRegistry:
         self._cell_timeout_s = cell_timeout_s
         # Token -> run, for sub-calls; tokens die with their run.
         self._tokens: dict[str, RunHandle] = {}
+        # Root runs' stored contexts, with the bytes their sessions are opened with.
+        self._copies: dict[str, ContextCopy] = {}
         self._live: OrderedDict[str, LiveRun] = OrderedDict()
         self._listeners: list[EventListener] = []
         # Runs going on, and the task awaiting each.
@@ -131,11 +135,13 @@ class RunRegistry:
     async def _session(self, context: Any, run: RunHandle) -> RemoteSession:
         token = secrets.token_urlsafe(24)
         self._tokens[token] = run
+        copy = self._copies.get(run.run_id)
         session = RemoteSession(
             dispatcher=self._dispatcher, session_id=f"{run.run_id}-{secrets.token_hex(3)}",
             context=context,
             llm_callback=LlmCallback(url=self._callback_url, token=token, depth=run.depth + 1),
-            timeout_s=self._cell_timeout_s, on_close=lambda: self._forget(token))
+            timeout_s=self._cell_timeout_s, on_close=lambda: self._forget(token),
+            body=None if copy is None else copy.body)
         try:
             await session.open()
         except BaseException:
@@ -177,7 +183,11 @@ class RunRegistry:
         run_id, directory = new_run_id(), self.config.trajectory_dir
         lock = await asyncio.to_thread(RunLock.take, directory, run_id)
         assert lock is not None  # a fresh id
-        copy = ContextCopy(directory, run_id, context=request.context)
+        # Made while the run starts (in a thread for a large context), for its session and
+        # its stored copy alike.
+        body = asyncio.ensure_future(ContextBody.of(request.context))
+        copy = self._copies[run_id] = ContextCopy(directory, run_id, context=request.context,
+                                                  body=body)
         run = RlmRun(request.query, request.context, backend=self._backend,
                      session_factory=self._session, config=self._overrides(request),
                      model=request.model, run_id=run_id, context_file=copy.name,
@@ -188,6 +198,7 @@ class RunRegistry:
             result = await self._going(run, run.run())
             return result
         finally:
+            self._copies.pop(run_id, None)
             try:
                 await copy.settle(result, suspended=run.suspended)
             finally:
@@ -310,6 +321,11 @@ class RunRegistry:
 
         def observe(event: RlmEvent) -> None:
             live.update(event)
+            if isinstance(event, IterationFinished) and event.run_id == run_id:
+                # Once there is something to resume from: see ContextCopy.
+                copy = self._copies.get(run_id)
+                if copy is not None:
+                    copy.write_now()
             for listener in [*self._listeners, *([observer] if observer else [])]:
                 try:
                     listener(event)
