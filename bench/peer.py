@@ -354,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__)
     parser.add_argument("--port-file", type=Path, required=True)
     args = parser.parse_args(argv)
-    app = scripted_model.make_app(DEFAULT_MODEL, reply)
-    return serving.run(lambda: serving.serve_sites(app, 1, args.port_file))
+    return serving.run(lambda: scripted_model.serve(DEFAULT_MODEL, reply, args.port_file))
 
 
 if __name__ == "__main__":
