@@ -102,14 +102,20 @@ class LlmRouter:
 
     async def first_probes(self) -> None:
         """Wait until an endpoint is up or none is on its first probe (at most one probe)."""
+        if self._probes_done():
+            # Every call after the first probes: no timer to arm.
+            return
         # Bounded: a router whose probes never run answers with its error, not a hang.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._config.probe_timeout_s + _PROBE_MARGIN_S):
-                # `state` changes when a probe is over; `healthy` is set half-way through it,
-                # before the endpoint's models are known.
-                while not any(e.state == "up" for e in self.endpoints) and any(
-                        e.state == "probing" for e in self.endpoints):
+                while not self._probes_done():
                     await self._probed.wait()
+
+    def _probes_done(self) -> bool:
+        # `state` changes when a probe is over; `healthy` is set half-way through it,
+        # before the endpoint's models are known.
+        return any(e.state == "up" for e in self.endpoints) or not any(
+            e.state == "probing" for e in self.endpoints)
 
     async def _refresh(self, endpoint: Endpoint) -> None:
         health = await endpoint.client.health()
@@ -243,7 +249,8 @@ class LlmRouter:
         """One completion, retried on another endpoint when one fails."""
         await self.first_probes()
         model = self.resolve_model(request.model)
-        request = msgspec.structs.replace(request, model=model)
+        if model != request.model:
+            request = msgspec.structs.replace(request, model=model)
         await self._ensure_model(model)
         op: Operation = "context_compression" if operation == "context_compression" \
             else "llm_inference"
