@@ -202,6 +202,9 @@ class LlmRouter:
             # (already, when one is half-open with its probe out).
             wait_s = min(max(c.opened_at + policy.reset_s - now, 0.0) for c in shut)
             raise ModelNotYetAvailableError(reason, wait_s=wait_s, probe_pending=wait_s <= 0)
+        if len(open_ok) == 1:
+            # Nothing to weigh: every call of a one-endpoint setup comes this way.
+            return open_ok[0]
         # Endpoints of one cluster share its machines, so they share its load and capacity.
         # One without a limit of its own counts as able to take exo.max_concurrency calls.
         load = {e.cluster: 0 for e in self.endpoints}
