@@ -112,7 +112,11 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
         f"cores, client {fmt(p50(bare_cpu.harness))}; during the cold batch: stand-in "
         f"{fmt(p50(cold_cpu.standin))}, controller {fmt(p50(cold_cpu.harness))} "
         f"(p50; this machine has {psutil.cpu_count()} cores). The stand-in spends "
-        f"{fmt(serial_ms, 3)} ms of CPU per answer."]
+        f"{fmt(serial_ms, 3)} ms of CPU per answer.",
+        f"The server's own floor, the plain aiohttp client sending the same number of prompts "
+        f"{CONCURRENCY} at a time in the same rounds: {fmt(p50(bare), 3)} s "
+        f"({fmt(p50(bare) / ideal_s)}x ideal), so the batch takes "
+        f"{fmt(p50(cold) / p50(bare))}x what this server allows."]
     if ratio > TARGET_RATIO:
         excess_s, plain_excess_s = p50(cold) - ideal_s, p50(bare) - ideal_s
         notes.append(
@@ -146,8 +150,10 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
         key="batch", title="Batch of prompts against a 50 ms endpoint",
         method=(
             f"{count} distinct prompts through `run_batch` at concurrency {CONCURRENCY}, with "
-            "the controller's `CachedBackend` over its `LlmRouter`, against the exo stand-in "
-            f"running as a separate process that answers each chat after {LATENCY_MS:g} ms. "
+            "the controller's `CachedBackend` over its `LlmRouter`, against a scripted "
+            "OpenAI-compatible model server in a process of its own (`bench/standin.py`: the "
+            "lean serving of `bench/scripted_model.py`, aiohttp's low-level server on uvloop) "
+            f"that answers each chat after {LATENCY_MS:g} ms. "
             f"Ideal wall time: {count} / {CONCURRENCY} x {LATENCY_MS:g} ms = "
             f"{ideal_s * 1000:.1f} ms (whole waves would take "
             f"{-(-count // CONCURRENCY) * LATENCY_MS:g} ms). Then the same items again, all "

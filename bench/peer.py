@@ -312,14 +312,18 @@ def _section(times: dict[tuple[str, str], list[float]], fan_out_cells: list[floa
                    CONTEXT_LIMIT, "x"),
         ]
     floor_s = median.get(("fanout", "floor"), 0.0)
+    whole_s = -(-FAN_OUT // SUB_CALL_CONCURRENCY) * SUB_CALL_MS / 1000
     notes = [f"The fan-out cell alone (Kowalski, the `CodeExecuted` wall time): "
              f"{fmt(fan_out_s, 3)} s against the ideal {FAN_OUT} / {SUB_CALL_CONCURRENCY} x "
              f"{SUB_CALL_MS:g} ms = {fmt(ideal_s, 3)} s. The model server's own floor, a bare "
              f"aiohttp client sending the same number of prompts {SUB_CALL_CONCURRENCY} at a "
              f"time to it in the same rounds: {fmt(floor_s, 3)} s, so Kowalski's cell takes "
-             f"{fmt(fan_out_s / floor_s if floor_s else 0.0, 2)}x what this server allows; "
-             "on 2 cores the client's and the server's HTTP handling alone add some 10% to "
-             "the ideal.",
+             f"{fmt(fan_out_s / floor_s if floor_s else 0.0, 2)}x what this server allows. "
+             f"Whole calls cannot do better than {-(-FAN_OUT // SUB_CALL_CONCURRENCY)} "
+             f"one after another in a slot ({fmt(whole_s, 3)} s, "
+             f"{fmt(whole_s / ideal_s, 2)}x); the rest of the floor is the per-request "
+             "work of aiohttp's client and server, done one answer after another for each "
+             f"wave of {SUB_CALL_CONCURRENCY} that arrives together.",
              "Opening the session is the time from the call to the run's `session_opened` "
              "event: the context's trip to the agent (a str as its UTF-8 bytes, signed, "
              "written on the agent while it arrives, checked) and into the sandboxed "
@@ -330,7 +334,8 @@ def _section(times: dict[tuple[str, str], list[float]], fan_out_cells: list[floa
         key="peer", title="Side by side with the reference rlm",
         method=(
             f"The same scripted OpenAI-compatible model (`bench/scripted_model.py` in its own "
-            f"process; root replies at once, sub-calls after {SUB_CALL_MS:g} ms) "
+            "process, aiohttp's low-level server on uvloop; root replies at once, sub-calls "
+            f"after {SUB_CALL_MS:g} ms) "
             f"drives both. The reference is `{REFERENCE}` from PyPI in its own venv, one "
             "driver process calling `RLM(backend='openai', environment='local')."
             "completion(context, root_prompt=query)` (the in-process REPL, no sandbox; 16 "
@@ -356,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__)
     parser.add_argument("--port-file", type=Path, required=True)
     args = parser.parse_args(argv)
-    app = scripted_model.make_app(DEFAULT_MODEL, reply)
-    return serving.run(lambda: serving.serve_sites(app, 1, args.port_file))
+    return serving.run(lambda: scripted_model.serve(DEFAULT_MODEL, reply, args.port_file))
 
 
 if __name__ == "__main__":

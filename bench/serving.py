@@ -22,13 +22,15 @@ def write_ports(path: Path, ports: list[int]) -> None:
     os.replace(partial, path)
 
 
-async def serve_sites(app: web.Application, count: int, port_file: Path) -> None:
-    """Serve app on `count` ports of 127.0.0.1 until SIGTERM or SIGINT."""
+async def serve_sites(app: web.Application | web.Server, count: int, port_file: Path) -> None:
+    """Serve app (or a low-level server) on `count` ports of 127.0.0.1 until SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner: web.BaseRunner = (web.AppRunner(app, handle_signals=False, access_log=None)
+                              if isinstance(app, web.Application) else
+                              web.ServerRunner(app, handle_signals=False))
     await runner.setup()
     try:
         ports = []

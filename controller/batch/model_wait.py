@@ -28,18 +28,20 @@ class ModelWait:
         self._policy = policy
         self._on_wait = on_wait
         self._clock = clock
-        self._rng = random.Random()
+        # Made at the first wait: seeding one costs a system call, and most items never wait.
+        self._rng: random.Random | None = None
         self._polls = 0
         self._waited_s = 0.0
         self._longest_s = policy.max_delay_ms / 1000
         self.gave_up = False
 
     async def call(self, ask: Callable[[], Awaitable[T]]) -> T:
-        policy, rng = self._policy, self._rng
+        policy = self._policy
         while True:
             try:
                 return await ask()
             except ModelNotYetAvailableError as error:
+                rng = self._rng = self._rng or random.Random()
                 self._longest_s = max(self._longest_s, error.wait_s)
                 if error.probe_pending:
                     # The probe settles soon once the server is back; poll slower the longer

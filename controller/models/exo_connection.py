@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ T = TypeVar("T")
 
 CHAT_PATH = "/v1/chat/completions"
 _JSON_HEADERS = {"Content-Type": "application/json"}
+# Bodies past this go as a stream: aiohttp warns that sending a large bytes body at once
+# blocks the event loop.
+_STREAM_FROM_BYTES = 512 * 1024
 # A cheap GET per flavour that answers whenever the server is up; an OpenAI-compatible
 # server may have no /health (it is not part of the OpenAI API): /v1/models then.
 # The sub-trees of exo v1's /state a poll reads: the rest (most of it `downloads`) is
@@ -147,12 +151,13 @@ class EndpointConnection:
     ) -> aiohttp.ClientResponse:
         """Send a request and wait for the answer's head, within the first-byte timeout."""
         headers = {**_JSON_HEADERS, **self._auth} if body is not None else self._auth
+        data = io.BytesIO(body) if body is not None and len(body) > _STREAM_FROM_BYTES else body
         limit = self._first_byte_s if first_byte else None
         deadline = asyncio.timeout(limit)
         try:
             async with deadline:
                 return await stack.enter_async_context(self._http().request(
-                    method, url, data=body, headers=headers or None, timeout=self._timeout,
+                    method, url, data=data, headers=headers or None, timeout=self._timeout,
                 ))
         except TimeoutError:
             if limit is not None and deadline.expired():

@@ -102,14 +102,20 @@ class LlmRouter:
 
     async def first_probes(self) -> None:
         """Wait until an endpoint is up or none is on its first probe (at most one probe)."""
+        if self._probes_done():
+            # Every call after the first probes: no timer to arm.
+            return
         # Bounded: a router whose probes never run answers with its error, not a hang.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._config.probe_timeout_s + _PROBE_MARGIN_S):
-                # `state` changes when a probe is over; `healthy` is set half-way through it,
-                # before the endpoint's models are known.
-                while not any(e.state == "up" for e in self.endpoints) and any(
-                        e.state == "probing" for e in self.endpoints):
+                while not self._probes_done():
                     await self._probed.wait()
+
+    def _probes_done(self) -> bool:
+        # `state` changes when a probe is over; `healthy` is set half-way through it,
+        # before the endpoint's models are known.
+        return any(e.state == "up" for e in self.endpoints) or not any(
+            e.state == "probing" for e in self.endpoints)
 
     async def _refresh(self, endpoint: Endpoint) -> None:
         health = await endpoint.client.health()
@@ -196,6 +202,9 @@ class LlmRouter:
             # (already, when one is half-open with its probe out).
             wait_s = min(max(c.opened_at + policy.reset_s - now, 0.0) for c in shut)
             raise ModelNotYetAvailableError(reason, wait_s=wait_s, probe_pending=wait_s <= 0)
+        if len(open_ok) == 1:
+            # Nothing to weigh: every call of a one-endpoint setup comes this way.
+            return open_ok[0]
         # Endpoints of one cluster share its machines, so they share its load and capacity.
         # One without a limit of its own counts as able to take exo.max_concurrency calls.
         load = {e.cluster: 0 for e in self.endpoints}
@@ -243,7 +252,8 @@ class LlmRouter:
         """One completion, retried on another endpoint when one fails."""
         await self.first_probes()
         model = self.resolve_model(request.model)
-        request = msgspec.structs.replace(request, model=model)
+        if model != request.model:
+            request = msgspec.structs.replace(request, model=model)
         await self._ensure_model(model)
         op: Operation = "context_compression" if operation == "context_compression" \
             else "llm_inference"

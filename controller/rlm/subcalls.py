@@ -137,14 +137,25 @@ class SubCalls:
         # A child run loops with the root model; a leaf is one call to the sub model.
         chosen = model or (root_model if recursive else config.sub_model or root_model)
 
+        answers = [""] * len(prompts)
+        pending = iter(enumerate(prompts))
+
+        async def work() -> None:
+            # The workers share one iterator: each takes the next prompt when it is free.
+            for index, prompt in pending:
+                answers[index] = await self._sub_call(prompt, chosen, cell)
+
+        # A worker per slot, and as many more to take a slot while the first record answers:
+        # a batch of hundreds costs a few dozen tasks, not one task and one wait each.
+        workers = min(len(prompts), 2 * config.sub_call_concurrency)
         try:
             async with asyncio.timeout_at(ledger.deadline), asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._sub_call(prompt, chosen, cell))
-                         for prompt in prompts]
+                for _ in range(workers):
+                    group.create_task(work())
         except TimeoutError:
             raise BudgetExceededError(f"run {self._run_id} passed its time limit of "
                                       f"{config.run_timeout_s:g} s") from None
-        return [task.result() for task in tasks]
+        return answers
 
     async def _sub_call(self, prompt: str, model: str, cell: Cell) -> str:
         limit = max_prompt_chars(self._config)
