@@ -150,10 +150,8 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
         key="batch", title="Batch of prompts against a 50 ms endpoint",
         method=(
             f"{count} distinct prompts through `run_batch` at concurrency {CONCURRENCY}, with "
-            "the controller's `CachedBackend` over its `LlmRouter`, against a scripted "
-            "OpenAI-compatible model server in a process of its own (`bench/standin.py`: the "
-            "lean serving of `bench/scripted_model.py`, aiohttp's low-level server on uvloop) "
-            f"that answers each chat after {LATENCY_MS:g} ms. "
+            "the controller's `CachedBackend` over its `LlmRouter`, against the exo stand-in "
+            f"running as a separate process that answers each chat after {LATENCY_MS:g} ms. "
             f"Ideal wall time: {count} / {CONCURRENCY} x {LATENCY_MS:g} ms = "
             f"{ideal_s * 1000:.1f} ms (whole waves would take "
             f"{-(-count // CONCURRENCY) * LATENCY_MS:g} ms). Then the same items again, all "

@@ -150,7 +150,7 @@ class ServerProcess:
 
 
 async def start_standin(tmp: Path, *, latency_ms: float = 0.0) -> tuple[ServerProcess, str]:
-    """The batch benchmark's model server in its own process; returns it and its base URL."""
+    """The exo stand-in in its own process; returns it and its base URL."""
     standin = ServerProcess(tmp, "standin")
     ports = await standin.start(["-m", "bench.standin", "--port-file", str(standin.port_file),
                                  "--latency-ms", str(latency_ms)])

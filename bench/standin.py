@@ -1,20 +1,15 @@
-"""The batch benchmark's model server as a process of its own: `python -m bench.standin`.
-
-The scripted model's lean serving (bench/scripted_model.py): an OpenAI-compatible server
-answering each chat after `--latency-ms` with a short answer naming its prompt.
-"""
+"""The exo stand-in as a process of its own: `python -m bench.standin --port-file F`."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
 
-from exo_standin import DEFAULT_MODEL
+from exo_standin import DEFAULT_MODEL, make_exo_app
 
-from bench import scripted_model, serving
+from bench import serving
 
 MODEL = DEFAULT_MODEL
 
@@ -31,13 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="delay before each chat answer")
     args = parser.parse_args(argv)
-    latency_s = args.latency_ms / 1000
-
-    async def script(body: dict[str, Any]) -> str:
-        await asyncio.sleep(latency_s)
-        return reply(body)
-
-    return serving.run(lambda: scripted_model.serve(MODEL, script, args.port_file))
+    app = make_exo_app(flavour="v1", models=(MODEL,), reply=reply,
+                       latency_s=args.latency_ms / 1000)
+    return serving.run(lambda: serving.serve_sites(app, 1, args.port_file))
 
 
 if __name__ == "__main__":
