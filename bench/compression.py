@@ -20,8 +20,9 @@ from bench.cluster import agent_sandbox
 from bench.report import Section, Table, fmt, p50, spread
 from kowalski.common import compression
 from kowalski.common.client import SignedClient
-from kowalski.common.messages import SessionCreate, SessionId, encode
+from kowalski.common.messages import SessionId
 from kowalski.controller.fleet.agent_client import AgentClient
+from kowalski.controller.fleet.context_body import ContextBody
 
 CONTEXT_BYTES = 33 * 1024 * 1024
 RATE_MBIT = 100
@@ -113,8 +114,8 @@ async def _send_times(agent: AgentProcess, context: str, repeats: int
             for name, client in clients.items():
                 session_id = SessionId(f"bench-{name}-{round_number}")
                 started = time.perf_counter()
-                await client.create_session(agent.url, SessionCreate(
-                    session_id=session_id, context=context), timeout_s=300)
+                body = await ContextBody.of(context)
+                await client.open_session(agent.url, session_id, body, None, timeout_s=300)
                 elapsed = time.perf_counter() - started
                 await client.delete_session(agent.url, session_id, timeout_s=30)
                 if round_number:  # the first round warms the agent's interpreters up
@@ -126,7 +127,7 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
     size = 2 * 1024 * 1024 if quick else CONTEXT_BYTES
     repeats = 1 if quick else 5
     context = make_context(size)
-    body = encode(SessionCreate(session_id=SessionId("bench"), context=context))
+    body = context.encode()
     sizes: dict[str, int] = {"plain": len(body)}
     encode_ms: dict[str, float] = {}
     for name in compression.SUPPORTED:
@@ -164,9 +165,11 @@ async def measure(tmp: Path, quick: bool) -> list[Section]:
         key="compression", title="A large context's time to the agent, plain and compressed",
         method=(
             f"A {size / 2**20:.0f} MiB prose-like context (common words, names and numbers, "
-            "seeded) sent to one real agent process by `AgentClient.create_session`, timed "
-            "from the call to the agent's answer (the agent decodes the body, checks its "
-            "signature, starts the session's interpreter and hands it the context), once per "
+            "seeded) sent to one real agent process as a session's body, the way the "
+            "controller opens sessions (`ContextBody.of`, then `AgentClient.open_session`: "
+            "the str's UTF-8 bytes), timed from the call to the agent's answer (the agent "
+            "writes the body as it arrives, checks its signature, decodes it when compressed, "
+            "starts the session's interpreter and hands it the context), once per "
             "encoding in turn, after one warm-up round. The client's encodings are chosen "
             "with `SignedClient(encodings=..., compress_loopback=True)` (by default the "
             "client sends plain bodies to this host, for the reason the loopback rows show). "
