@@ -33,6 +33,7 @@ from kowalski.common.http import (
 )
 from kowalski.common.job_stream import TextListener, stream_job, text_listener
 from kowalski.common.messages import (
+    FEATURES,
     CancelRequest,
     CellRequest,
     CellResult,
@@ -106,6 +107,7 @@ def heartbeat(state: AgentState) -> Heartbeat:
         running_job_ids=state.jobs.running_ids,
         pool_size=0 if state.sandbox.pool is None else state.sandbox.pool.size,
         pool_ready=0 if state.sandbox.pool is None else state.sandbox.pool.ready,
+        features=list(FEATURES),
     )
 
 

@@ -240,7 +240,16 @@ class Metrics(Message, frozen=True):
     load_15m: float
 
 
-class Heartbeat(Message, frozen=True):
+# What an agent can do beyond the first protocol, listed in its heartbeat; a controller
+# uses a newer request only with agents that list it.
+# PUT /v1/sessions/{id}: the session's context as the request body.
+FEATURE_CONTEXT_BODY = "context_body"
+FEATURES = (FEATURE_CONTEXT_BODY,)
+
+
+class Heartbeat(Message, frozen=True, forbid_unknown_fields=False):
+    """What an agent says of itself; fields a newer agent adds are ignored, not refused."""
+
     agent_id: str
     name: str
     version: str
@@ -261,6 +270,8 @@ class Heartbeat(Message, frozen=True):
     # how many are ready now; a job finding none starts its own.
     pool_size: int = 0
     pool_ready: int = 0
+    # FEATURES this agent serves; an older agent lists none.
+    features: list[str] = msgspec.field(default_factory=list)
 
 
 # --- llm sub-calls from a session to the controller ---------------------------------------

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from procs import SECRET, AgentProcess
 
 from kowalski.common.client import SignedClient
 from kowalski.common.errors import RemoteError
 from kowalski.common.messages import (
+    FEATURE_CONTEXT_BODY,
     CellRequest,
     Heartbeat,
     JobId,
@@ -218,3 +220,15 @@ async def test_a_text_context_that_is_not_utf8_is_refused_and_no_session_is_left
     beat = await client.heartbeat(agent.url, timeout_s=10)
     assert beat.sessions == 0
     assert incoming(agent) == []
+
+
+async def test_a_heartbeat_lists_the_body_feature_and_a_newer_ones_fields_are_ignored(
+    start_agent: Callable[..., Any], client: AgentClient,
+) -> None:
+    agent = await start_agent()
+    beat = await client.heartbeat(agent.url, timeout_s=10)
+    assert FEATURE_CONTEXT_BODY in beat.features
+    # A controller reads the heartbeat of an agent newer than itself.
+    newer = json.loads(encode(beat))
+    newer["field_from_a_later_version"] = {"any": [1, 2]}
+    assert msgspec.json.decode(json.dumps(newer).encode(), type=Heartbeat) == beat

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from controller_env import controller_config, healthy_ids, running_controller
 from exo_standin import DEFAULT_MODEL, STANDIN
 from procs import AgentProcess
 
 from kowalski.common.errors import NoDevicesAvailableError
-from kowalski.common.messages import JobRequest
+from kowalski.common.messages import FEATURE_CONTEXT_BODY, JobRequest
 from kowalski.controller.fleet.sessions import RemoteSession
 from kowalski.controller.models.chat_types import ChatMessage, ChatRequest
 from kowalski.controller.service import Controller
@@ -214,3 +215,26 @@ async def test_a_busy_agent_gets_work_elsewhere_without_opening_its_circuit(
     row = controller.cluster.table.devices[busy]
     assert row.circuit.state == "closed"
     assert not row.in_flight
+
+
+async def test_an_agent_without_the_body_feature_gets_the_context_as_json(
+    controller: Controller, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    row = next(iter(controller.cluster.table.devices.values()))
+    assert FEATURE_CONTEXT_BODY in row.features
+    # As an agent from before PUT /v1/sessions/{id} reports itself: no features.
+    older = msgspec.structs.replace(row, features=())
+
+    async def refused(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the body path was tried on an agent that does not serve it")
+
+    monkeypatch.setattr(controller.dispatcher.agents, "open_session", refused)
+    session = RemoteSession(dispatcher=controller.dispatcher, session_id="older-agent",
+                            context="héllo\nwörld", llm_callback=None)
+    await session._open_on(older)
+    try:
+        result = await session.execute("print(context)")
+        assert (result.status, result.stdout) == ("ok", "héllo\nwörld\n")
+        assert session.device_id == row.device_id
+    finally:
+        await session.close()

@@ -84,6 +84,8 @@ class DeviceRow(msgspec.Struct, frozen=True, kw_only=True):
     # From the last metrics; kept apart because every selection reads it.
     memory_free_fraction: float = 0.0
     languages: tuple[str, ...] = ()
+    # The protocol features the agent serves (common.messages.FEATURES).
+    features: tuple[str, ...] = ()
     sandbox_mode: str = ""
     latency_ms: float | None = None  # moving average of heartbeat RTT
     rtt_samples_ms: tuple[float, ...] = ()
@@ -279,6 +281,7 @@ def _heartbeat(settings: TableSettings, row: DeviceRow, event: HeartbeatReceived
         metrics=beat.metrics,
         memory_free_fraction=free,
         languages=tuple(sorted(beat.languages)),
+        features=tuple(beat.features),
         sandbox_mode=beat.sandbox_mode,
         latency_ms=latency_ms,
         rtt_samples_ms=samples,

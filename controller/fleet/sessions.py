@@ -16,6 +16,7 @@ import msgspec
 from kowalski.common.errors import KowalskiError, NetworkError, RemoteError, SessionLostError
 from kowalski.common.job_stream import TextListener
 from kowalski.common.messages import (
+    FEATURE_CONTEXT_BODY,
     CellRequest,
     CellResult,
     DeviceId,
@@ -24,6 +25,7 @@ from kowalski.common.messages import (
     JobResult,
     Language,
     LlmCallback,
+    SessionCreate,
     SessionId,
     VariableValue,
 )
@@ -70,10 +72,16 @@ class RemoteSession:
         self._on_close = on_close
 
     async def _open_on(self, row: DeviceRow) -> None:
-        if self._body is None:
-            self._body = asyncio.ensure_future(ContextBody.of(self._context))
-        info = await self._agents.open_session(row.url, self.session_id, await self._body,
-                                               self._callback, timeout_s=self._timeout_s)
+        if FEATURE_CONTEXT_BODY in row.features:
+            if self._body is None:
+                self._body = asyncio.ensure_future(ContextBody.of(self._context))
+            info = await self._agents.open_session(row.url, self.session_id, await self._body,
+                                                   self._callback, timeout_s=self._timeout_s)
+        else:
+            # An agent from before the context went as the body: the JSON request it knows.
+            info = await self._agents.create_session(row.url, SessionCreate(
+                session_id=self.session_id, context=self._context,
+                llm_callback=self._callback), timeout_s=self._timeout_s)
         self.warm = info.warm
         for cell, status in zip(self._cells, self._statuses, strict=True):
             if status in _REPLAYABLE:
