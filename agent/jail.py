@@ -18,6 +18,7 @@ from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager, JobCgroup
 from kowalski.agent.languages import SYSTEM_PATH, SYSTEM_ROOTS, TOOLCHAIN_MOUNT, Toolchain
 from kowalski.agent.launcher import join, launcher_args, python_launcher
+from kowalski.agent.teardown import finish
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import ExecutionError
 
@@ -228,7 +229,8 @@ class Jail:
                 try:
                     transport, protocol = await asyncio.shield(starting)
                 except asyncio.CancelledError:
-                    await asyncio.shield(self._abandon(starting, workdir, cgroup))
+                    await finish(self._abandon(starting, workdir, cgroup),
+                                 "stopping a sandbox whose start was cancelled")
                     raise
             finally:
                 for fd in (filter_fd, gate_read):
@@ -237,12 +239,13 @@ class Jail:
         except BaseException as exc:
             if gate_write >= 0:
                 os.close(gate_write)
+            # Each step to its end even if cancelled again (pool refill, then shutdown).
             if primer is not None:
-                await asyncio.shield(primer)
+                await finish(primer)
             if prepared is not None:
                 # Cancelling the wait leaves the thread writing: remove the dir after it.
-                await asyncio.wait([prepared])
-            await asyncio.shield(self._discard(workdir, cgroup))
+                await finish(prepared)
+            await finish(self._discard(workdir, cgroup), "removing a sandbox that did not start")
             if isinstance(exc, OSError):
                 raise ExecutionError(f"cannot start the sandbox: {exc}") from exc
             raise
@@ -260,11 +263,8 @@ class Jail:
     async def _abandon(self, starting: asyncio.Future[tuple[asyncio.SubprocessTransport,
                                                              _Protocol]],
                        workdir: Path, cgroup: JobCgroup | None) -> None:
-        """Stop what a cancelled start started, once started.
-
-        asyncio's own clean-up of a start cancelled while it connects the pipes can wait
-        forever (Python 3.11), so the start itself is never cancelled.
-        """
+        """Stop what a cancelled start started, once started: the start is never cancelled,
+        as asyncio's clean-up of one cut off while it connects the pipes can hang (3.11)."""
         try:
             transport, protocol = await starting
         except Exception:

@@ -14,6 +14,7 @@ from kowalski.agent.incoming_context import ReceivedSession
 from kowalski.agent.job_result import OUTPUT_LIMIT
 from kowalski.agent.repl_client import LlmHandler, OutputListener, ReplSession
 from kowalski.agent.sandbox import Sandbox
+from kowalski.agent.teardown import finish
 from kowalski.agent.warm_pool import WarmPool
 from kowalski.common.errors import (
     BusyError,
@@ -106,7 +107,7 @@ class SessionManager:
         try:
             await session.start(self._sandbox, None, self._start_timeout_s)
         except BaseException:
-            await asyncio.shield(session.kill("it could not start"))
+            await finish(session.kill("it could not start"), "killing a session")
             raise
         session.ready.set()
         return session
@@ -171,7 +172,7 @@ class SessionManager:
         except BaseException:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
-            await asyncio.shield(session.kill("it could not start"))
+            await finish(session.kill("it could not start"), "killing a session")
             raise
         finally:
             session.ready.set()
@@ -194,7 +195,7 @@ class SessionManager:
         except BaseException:
             if self._sessions.get(request.session_id) is session:
                 del self._sessions[request.session_id]
-            await asyncio.shield(session.kill("it could not load its context"))
+            await finish(session.kill("it could not load its context"), "killing a session")
             raise
         finally:
             session.ready.set()

@@ -317,7 +317,9 @@ async def test_delete_kills_the_session_and_everything_it_started(
         manager: SessionManager, sandbox: Sandbox) -> None:
     await manager.create(SessionCreate(session_id="d"))
     tag = marker()
-    await run(manager, "d", f"import subprocess\nchild = subprocess.Popen(['sleep', '{tag}'])")
+    started = await run(manager, "d",
+                        f"import subprocess\nchild = subprocess.Popen(['sleep', '{tag}'])")
+    assert started.status == "ok", started
     assert len(leftovers.processes_with(tag)) == 1
     assert len(job_cgroups(sandbox)) == 1
     assert await manager.delete("d")
