@@ -342,15 +342,20 @@ async def test_close_kills_every_session_and_is_idempotent(
     assert job_cgroups(sandbox) == []
 
 
+async def warm_session_ready(manager: SessionManager) -> None:
+    """Wait until the manager's pool holds a warm session."""
+    deadline = time.monotonic() + 20
+    while len(manager.pool) < 1:
+        assert time.monotonic() < deadline, "no warm session was started"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_warm_session_takes_a_large_context_and_close_ends_the_pool_too(
         make_manager: Factory, sandbox: Sandbox) -> None:
     manager = await make_manager(warm_sessions=1)
     pool = asyncio.create_task(manager.run())
     try:
-        deadline = time.monotonic() + 20
-        while len(manager.pool) < 1:
-            assert time.monotonic() < deadline, "no warm session was started"
-            await asyncio.sleep(0.01)
+        await warm_session_ready(manager)
         # A warm session is a process and a cgroup of its own, but not a live session.
         assert (len(manager), len(job_cgroups(sandbox))) == (0, 1)
         context = "\n".join(f"line {index}" for index in range(1_000_000))
@@ -360,9 +365,7 @@ async def test_a_warm_session_takes_a_large_context_and_close_ends_the_pool_too(
         result = await run(manager, "big", "lines = context.splitlines()\n"
                                            "(len(lines), lines[-1], llm_query('q'))")
         assert result.stdout == "(1000000, 'line 999999', 'answer to q')\n"
-        while len(manager.pool) < 1:
-            assert time.monotonic() < deadline, "the warm session was not replaced"
-            await asyncio.sleep(0.01)
+        await warm_session_ready(manager)  # the adopted one's replacement
         assert len(job_cgroups(sandbox)) == 2
     finally:
         pool.cancel()
@@ -379,10 +382,7 @@ async def test_a_warm_session_lost_on_its_way_to_a_caller_gives_way_to_a_new_one
     manager = await make_manager(warm_sessions=1)
     pool = asyncio.create_task(manager.run())
     try:
-        deadline = time.monotonic() + 20
-        while len(manager.pool) < 1:
-            assert time.monotonic() < deadline, "no warm session was started"
-            await asyncio.sleep(0.01)
+        await warm_session_ready(manager)
         take = manager.pool.take
 
         async def take_one_that_dies() -> Any:

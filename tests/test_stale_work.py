@@ -16,6 +16,7 @@ from controller_env import controller_config, running_controller
 from procs import SECRET, AgentProcess
 
 from kowalski.common.client import SignedClient
+from kowalski.common.config import Config
 from kowalski.common.errors import NetworkError, RemoteError
 from kowalski.common.messages import CellRequest, DeviceId, JobRequest, SessionCreate
 from kowalski.controller.fleet.agent_client import AgentClient
@@ -156,15 +157,22 @@ async def test_cell_cancelled_or_expired_while_queued_in_its_session_never_runs(
     await agents.delete_session(agent.url, session.session_id, timeout_s=10)
 
 
-async def test_resumed_agent_starts_no_job_given_elsewhere_and_answers_fresh_work_at_once(
-        tmp_path: Path) -> None:
-    victim = AgentProcess(tmp_path, name="victim", log_level="DEBUG",
-                          agent={"max_concurrent_jobs": 1, "max_queued_jobs": QUEUED + 8})
+async def victim_and_other(tmp_path: Path, max_queued_jobs: int, log_level: str = "INFO"
+                           ) -> tuple[AgentProcess, AgentProcess, Config]:
+    """Two started agents, the victim running one job at a time, and a controller's config."""
+    victim = AgentProcess(tmp_path, name="victim", log_level=log_level,
+                          agent={"max_concurrent_jobs": 1, "max_queued_jobs": max_queued_jobs})
     other = AgentProcess(tmp_path, name="other")
     for agent in (victim, other):
         await agent.start()
-    config = controller_config([victim, other], [], tmp_path, exo={"embedded": False},
-                               controller={"retry_max_attempts": 6})
+    return victim, other, controller_config([victim, other], [], tmp_path,
+                                            exo={"embedded": False},
+                                            controller={"retry_max_attempts": 6})
+
+
+async def test_resumed_agent_starts_no_job_given_elsewhere_and_answers_fresh_work_at_once(
+        tmp_path: Path) -> None:
+    victim, other, config = await victim_and_other(tmp_path, QUEUED + 8, log_level="DEBUG")
     try:
         async with running_controller(config) as controller:
             cluster = controller.cluster
@@ -220,13 +228,7 @@ async def test_resumed_agent_starts_no_job_given_elsewhere_and_answers_fresh_wor
 async def test_an_agent_that_died_with_moved_attempts_is_warned_about_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    victim = AgentProcess(tmp_path, name="victim", agent={"max_concurrent_jobs": 1,
-                                                          "max_queued_jobs": 20})
-    other = AgentProcess(tmp_path, name="other")
-    for agent in (victim, other):
-        await agent.start()
-    config = controller_config([victim, other], [], tmp_path, exo={"embedded": False},
-                               controller={"retry_max_attempts": 6})
+    victim, other, config = await victim_and_other(tmp_path, 20)
     try:
         async with running_controller(config) as controller:
             cluster = controller.cluster
