@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from kowalski.common.messages import LlmCallback, SessionCreate
 from kowalski.controller.cli.exit_codes import EXIT_FAILED, EXIT_OK
 from kowalski.controller.models.chat_types import ChatRequest, ChatResult
 from kowalski.controller.models.exo_client import ExoClient
+from kowalski.controller.rlm import durable
 from kowalski.controller.rlm.durable import (
     ContextCopy,
     context_name,
@@ -444,3 +446,22 @@ async def test_a_stored_context_reads_back_as_it_was_given(tmp_path: Path, conte
     done = ContextCopy(tmp_path, "rlm-copy", stored=copy.name)
     await done.settle(None, suspended=False)
     assert not (tmp_path / copy.name).exists()
+
+
+async def test_a_copy_is_stored_once_a_run_goes_on_a_while_and_never_for_a_quick_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(durable, "WRITE_AFTER_S", 0.2)
+    quick = ContextCopy(tmp_path, "rlm-quick", context="abc")
+    await quick.settle(None, suspended=False)
+    # A long first iteration: nothing says the first iteration is over, time does.
+    slow = ContextCopy(tmp_path, "rlm-slow", context="abc")
+    stored = tmp_path / slow.name
+    deadline = time.monotonic() + 10
+    while not stored.exists():
+        assert time.monotonic() < deadline, "the copy was never stored"
+        await asyncio.sleep(0.02)
+    assert load_context(tmp_path / "rlm-slow.jsonl", slow.name) == "abc"
+    await slow.settle(None, suspended=False)
+    assert sorted(path.name for path in (tmp_path / "contexts").iterdir()) == []
+    assert not (tmp_path / quick.name).exists()

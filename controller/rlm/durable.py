@@ -1,10 +1,11 @@
 """What lets a run outlast its controller: a stored copy of its context, and an owner's lock.
 
 The context of a root run is written under `<trajectory_dir>/contexts/<run_id>.json` once
-its first iteration has finished, and the run's `RunStarted` names that file; it is
-removed when the run ends in a way no resume can go on from. While a controller runs a run it holds
-an flock on `<trajectory_dir>/<run_id>.lock`; the kernel drops the lock when the process
-dies, so a run whose file has no end and whose lock can be taken has lost its controller.
+its first iteration has finished or it has run a second, and the run's `RunStarted` names
+that file; it is removed when the run ends in a way no resume can go on from. While a
+controller runs a run it holds an flock on `<trajectory_dir>/<run_id>.lock`; the kernel
+drops the lock when the process dies, so a run whose file has no end and whose lock can be
+taken has lost its controller.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ __all__ = ["CONTEXTS", "ContextCopy", "RunLock", "close_run", "context_name", "d
 log = logging.getLogger(__name__)
 CONTEXTS = "contexts"
 LOCK_SUFFIX = ".lock"
+# A run still in its first iteration after this long gets its context stored anyway.
+WRITE_AFTER_S = 1.0
 
 
 def context_name(run_id: str, context: Any) -> str:
@@ -82,12 +85,15 @@ class ContextCopy:
         self.directory, self.run_id = directory, run_id
         self.name = stored or context_name(run_id, context)
         self.body = body
-        # Written once the run's first iteration has finished (write_now), or when it stops
-        # resumable: a large context's copy then neither delays the run nor competes with
-        # the session's opening for the CPU, and a run answered in one iteration writes
-        # none. A crash before it is written leaves a run that cannot be resumed.
+        # Written once the run's first iteration has finished (write_now), once it has run
+        # WRITE_AFTER_S (a long first iteration is worth resuming too), or when it stops
+        # resumable: a large context's copy then neither delays a quick run nor competes
+        # with the session's opening for the CPU, and a run answered within that time
+        # writes none. A crash before it is written leaves a run that cannot be resumed.
         self._go = asyncio.Event()
         self._writing = None if stored else asyncio.ensure_future(self._store(context, body))
+        self._timer = None if stored else asyncio.get_running_loop().call_later(
+            WRITE_AFTER_S, self._go.set)
 
     def write_now(self) -> None:
         """Let the copy be written."""
@@ -107,6 +113,8 @@ class ContextCopy:
         """Once the run has stopped: wait for the copy, and drop it unless it can resume."""
         # Only a run stopped at its iteration limit, or by its controller stopping, resumes.
         resumable = result.stop_reason == "max_iterations" if result is not None else suspended
+        if self._timer is not None:
+            self._timer.cancel()
         if self._writing is not None and not (resumable or self._go.is_set()):
             # Never begun (the run ended within its first iteration), and not needed.
             self._writing.cancel()
