@@ -16,7 +16,8 @@ from procs import AgentProcess
 
 from kowalski.common.config import RlmConfig
 from kowalski.controller.rlm.events import RunStarted
-from kowalski.controller.rlm.trajectory import TrajectoryWriter, read_trajectory
+from kowalski.controller.rlm.trajectory import read_trajectory
+from kowalski.controller.rlm.trajectory_writer import TrajectoryWriter
 
 pytestmark = pytest.mark.timeout(120)
 

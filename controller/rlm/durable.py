@@ -29,10 +29,10 @@ from kowalski.controller.rlm.events import ModelReplied, RlmResult, RunFinished,
 from kowalski.controller.rlm.trajectory import (
     SUFFIX,
     Trajectory,
-    TrajectoryWriter,
     list_runs,
     run_dir,
 )
+from kowalski.controller.rlm.trajectory_writer import TrajectoryWriter
 
 __all__ = ["CONTEXTS", "ContextCopy", "RunLock", "close_run", "context_name", "drop_context",
            "highest_child", "is_held", "load_context", "store_context", "unfinished_run_ids"]

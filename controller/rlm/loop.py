@@ -34,7 +34,6 @@ from kowalski.controller.models.chat_types import (
 from kowalski.controller.rlm import final, prompts
 from kowalski.controller.rlm.blocks import BlockRunner
 from kowalski.controller.rlm.events import (
-    LIVE_ONLY,
     ContextFolded,
     IterationFinished,
     IterationStarted,
@@ -58,7 +57,7 @@ from kowalski.controller.rlm.opening import SessionOpening
 from kowalski.controller.rlm.resume import RecordedAnswers, ResumePlan, replay
 from kowalski.controller.rlm.streaming import ask_streamed, reply_sink
 from kowalski.controller.rlm.subcalls import Cell, SubCalls, max_prompt_chars
-from kowalski.controller.rlm.trajectory import TrajectoryWriter
+from kowalski.controller.rlm.trajectory_writer import TrajectoryWriter
 
 __all__ = ["RlmRun", "new_run_id"]
 
@@ -137,10 +136,7 @@ class RlmRun:
 
     async def _emit(self, event: RlmEvent) -> None:
         """Store the event in the trajectory, then tell the observer."""
-        # The file must hold the run's end even when the run is being cancelled. Streamed
-        # pieces are live only: the ModelReplied or CodeExecuted after them stores the whole.
-        if not isinstance(event, LIVE_ONLY):
-            await asyncio.shield(self._writer.write(event))
+        await self._writer.record(event)
         if self._observer is None:
             return
         try:
@@ -375,6 +371,8 @@ class RlmRun:
         if not (self.suspended and stop.reason == "cancelled"):
             await self._emit(RunFinished(run_id=self.run_id, depth=self.depth, result=result,
                                          finished_at=time.time()))
+        # A suspended run writes no end, but what it queued goes to its file.
+        await asyncio.shield(self._writer.flush())
         return result
 
     # --- sub-calls ------------------------------------------------------------------------

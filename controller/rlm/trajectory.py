@@ -7,7 +7,6 @@ format (meta / iteration / final lines) are read as events too (trajectory_v1.py
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import datetime
 import glob
@@ -27,7 +26,6 @@ from kowalski.controller.rlm.events import (
     IterationFinished,
     IterationStarted,
     ModelReplied,
-    RlmEvent,
     RunFinished,
     RunResumed,
     RunStarted,
@@ -44,7 +42,7 @@ from kowalski.controller.rlm.trajectory_v1 import (
     to_events,
 )
 
-__all__ = ["SUFFIX", "StoredRunSummary", "Trajectory", "TrajectoryWriter", "list_runs",
+__all__ = ["SUFFIX", "StoredRunSummary", "Trajectory", "list_runs",
            "read_trajectory", "render_trajectory", "resolve", "resumed_line", "run_dir"]
 
 SUFFIX = ".jsonl"
@@ -54,7 +52,6 @@ _decoder = msgspec.json.Decoder(AnyRlmEvent | V1Record)
 # What follows a run's id in the ids of the runs below it: `-s1`, `-s1-s3`, ...
 _DESCENDANT = re.compile(r"(?:-s\d+)+")
 _TRAILING_DESCENDANT = re.compile(r"(?:-s\d+)+$")
-_encoder = msgspec.json.Encoder()
 
 
 class Trajectory(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,31 +94,6 @@ class StoredRunSummary(msgspec.Struct, frozen=True, kw_only=True):
 def run_dir(directory: str | os.PathLike[str]) -> Path:
     """The trajectory directory with ~ expanded."""
     return Path(directory).expanduser()
-
-
-class TrajectoryWriter:
-    """Appends a run's events to its file, one JSON line each, off the event loop."""
-
-    def __init__(self, directory: str | os.PathLike[str], run_id: str) -> None:
-        self.path = run_dir(directory) / f"{run_id}{SUFFIX}"
-        self._lock = asyncio.Lock()
-        # Lines waiting for the writer; whoever holds the lock writes all of them at once.
-        self._pending: list[bytes] = []
-
-    def _append(self, lines: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as file:
-            file.write(lines)
-
-    async def write(self, event: RlmEvent) -> None:
-        """Append the event; returns once it is in the file, in the order written."""
-        self._pending.append(_encoder.encode(event) + b"\n")
-        async with self._lock:
-            # Many events at once (a batch of sub-calls ending together) make one write,
-            # not one thread hop and file open each; a line already written returns at once.
-            lines, self._pending = self._pending, []
-            if lines:
-                await asyncio.to_thread(self._append, b"".join(lines))
 
 
 def resolve(path_or_run_id: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,73 @@
+"""The trajectory writer: posted lines are written soon, in order, and never lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from kowalski.controller.rlm.events import SubCallAnswered, TokenCount
+from kowalski.controller.rlm.trajectory_writer import LINGER_S, TrajectoryWriter
+
+
+def sub_call(number: int) -> SubCallAnswered:
+    return SubCallAnswered(
+        run_id="run", depth=0, iteration=1, block=1, prompt_chars=1, answer_chars=1,
+        latency_ms=1.0, tokens=TokenCount(), prompt=f"prompt {number}", answer=f"answer {number}")
+
+
+def prompts(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_bytes().splitlines()]
+
+
+async def test_posted_lines_reach_the_file_without_a_write(tmp_path: Path) -> None:
+    writer = TrajectoryWriter(tmp_path, "run")
+    for number in range(3):
+        writer.post(sub_call(number))
+    # post() never waits for the disk: nothing is written yet.
+    assert not writer.path.exists()
+    # The linger's timer has fired by then (timers fire in order); its flush may still run.
+    await asyncio.sleep(2 * LINGER_S)
+    await asyncio.gather(*writer._flushes)
+    assert prompts(writer.path) == ["prompt 0", "prompt 1", "prompt 2"]
+
+
+async def test_a_write_lands_after_the_lines_posted_before_it(tmp_path: Path) -> None:
+    writer = TrajectoryWriter(tmp_path, "run")
+    writer.post(sub_call(0))
+    writer.post(sub_call(1))
+    await writer.write(sub_call(2))
+    # On return, without waiting out the linger: the posted lines first, in order.
+    assert prompts(writer.path) == ["prompt 0", "prompt 1", "prompt 2"]
+    await asyncio.sleep(2 * LINGER_S)
+    assert len(prompts(writer.path)) == 3
+
+
+async def test_lines_that_could_not_be_written_wait_for_the_next_write(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The run directory cannot be made: a file stands where its parent should be.
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a directory")
+    writer = TrajectoryWriter(blocker / "deeper", "run")
+    with caplog.at_level(logging.WARNING):
+        writer.post(sub_call(0))
+        await asyncio.sleep(4 * LINGER_S)
+    assert "could not write to the trajectory" in caplog.text
+    with pytest.raises(NotADirectoryError):
+        await writer.write(sub_call(1))
+    blocker.unlink()
+    await writer.write(sub_call(2))
+    assert prompts(writer.path) == ["prompt 0", "prompt 1", "prompt 2"]
+
+
+async def test_flush_writes_what_was_posted_at_once(tmp_path: Path) -> None:
+    writer = TrajectoryWriter(tmp_path, "run")
+    writer.post(sub_call(0))
+    await writer.flush()
+    assert prompts(writer.path) == ["prompt 0"]
+    # Nothing left for the linger to write twice.
+    await asyncio.sleep(2 * LINGER_S)
+    assert prompts(writer.path) == ["prompt 0"]
