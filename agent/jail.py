@@ -18,6 +18,7 @@ from kowalski.agent import seccomp
 from kowalski.agent.cgroups import CgroupManager, JobCgroup
 from kowalski.agent.languages import SYSTEM_PATH, SYSTEM_ROOTS, TOOLCHAIN_MOUNT, Toolchain
 from kowalski.agent.launcher import join, launcher_args, python_launcher
+from kowalski.agent.proc_tree import boot_ticks, descendants, group_outlived
 from kowalski.agent.teardown import finish
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import ExecutionError
@@ -31,28 +32,6 @@ INNER_CGROUP = "/sys/fs/cgroup"
 # After the last process dies its pipes close at once; this bounds orphans outside a cgroup.
 _PIPE_CLOSE_TIMEOUT_S = 2.0
 _STREAM_LIMIT = 1 << 16
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of pid, from the parent links in /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: the fields follow the last ")".
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found: list[int] = []
-    pending = [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            found.append(child)
-            pending.append(child)
-    return found
-
 
 def read_back(path: Path, size: int) -> bytes:
     """A file the agent wrote into a work dir, read back: the job owns that directory.
@@ -74,8 +53,11 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
     def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(limit=limit, loop=loop)
         self.exited = asyncio.Event()
+        # When the process was reaped, in the clock ticks since boot of /proc/PID/stat.
+        self.exited_ticks = 0
 
     def process_exited(self) -> None:
+        self.exited_ticks = boot_ticks()
         super().process_exited()
         self.exited.set()
 
@@ -125,13 +107,20 @@ class SandboxedProcess:
     async def stop(self) -> None:
         """SIGKILL the process group and every process in the cgroup, then reap."""
         pid = self.process.pid
-        # Without a cgroup, descendants that left the group are only found through the tree.
-        stray = descendants(pid) if self.cgroup is None else []
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        for child in stray:
+        # Until the first process is reaped its pid, and the group it leads, are this job's.
+        # After, the number is free: signalling it could hit whoever has it now (the kernel
+        # hands pids out in a cycle, within seconds on a busy host with a small pid_max).
+        # Then the cgroup holds what is left; without one, the group only while a member
+        # from before the reap keeps its number in use.
+        if self.process.returncode is None or (
+                self.cgroup is None and group_outlived(pid, self._protocol.exited_ticks)):
+            # Without a cgroup, descendants that left the group are only found through the tree.
+            stray = descendants(pid) if self.cgroup is None else []
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(child, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
+            for child in stray:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(child, signal.SIGKILL)
         if self.cgroup is not None:
             await self.cgroup.kill_all()
         await self._protocol.exited.wait()

@@ -6,7 +6,9 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -15,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import leftovers
+import psutil
 import pytest
 
 from kowalski.agent.cgroup_mounts import locate, parse_mountinfo, parse_proc_cgroup
 from kowalski.agent.job_result import MEMORY_LIMIT, OUTPUT_LIMIT
+from kowalski.agent.proc_tree import boot_ticks, group_outlived
 from kowalski.agent.sandbox import Sandbox
 from kowalski.common.config import SandboxConfig
 from kowalski.common.errors import ConfigError, UnsupportedLanguageError
@@ -498,6 +502,58 @@ async def test_rlimit_mode_contains_a_detached_child_and_a_timeout(reachable_dir
                 process.kill()
     finally:
         await box.close()
+
+
+def take_pid(pid: int, argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start argv as a session leader that gets the freed number pid, as a recycled pid would."""
+    for _ in range(50):
+        # The kernel hands out the number after the last one it gave (root only).
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        process = subprocess.Popen(argv, start_new_session=True)
+        if process.pid == pid:
+            return process
+        process.kill()
+        process.wait()
+    pytest.skip(f"other processes kept taking pid {pid}")
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["bwrap", "rlimit"])
+async def test_stopping_a_reaped_job_spares_whoever_has_its_pid_now(
+        mode: str, reachable_dir: Path) -> None:
+    box = Sandbox(small_config(mode=mode), work_root=reachable_dir)
+    await box.start()
+    try:
+        toolchain = box.toolchain("python")
+        pipe = asyncio.subprocess.PIPE
+        handle = await box.spawn("reaped", toolchain, [toolchain.inner_executable, "-c", "pass"],
+                                 files={}, stdin=pipe, stdout=pipe, stderr=pipe)
+        await handle.wait_exit()
+        # Reaped: its number is free, and a stranger gets it, leading a group of its own.
+        stranger = take_pid(handle.process.pid, ["sleep", marker()])
+        try:
+            await handle.release()
+            assert stranger.poll() is None, "stopping the job killed the pid's next owner"
+        finally:
+            stranger.kill()
+            stranger.wait()
+    finally:
+        await box.close()
+
+
+def test_a_group_outlives_its_leader_only_through_a_member_from_before_the_reap() -> None:
+    tag = marker()
+    leader = subprocess.Popen(["sh", "-c", f"sleep {tag} & exit 0"], start_new_session=True)
+    try:
+        leader.wait()
+        # The sleep, started before the reap, keeps the group and its number.
+        assert group_outlived(leader.pid, boot_ticks())
+        # Seen from a moment before it started, the group has no member from then.
+        assert not group_outlived(leader.pid, 0)
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)
+    _, alive = psutil.wait_procs(leftovers.processes_with(tag), timeout=5)
+    assert alive == []
 
 
 @needs_root
