@@ -193,6 +193,9 @@ class RlmConfig(_Section, frozen=True):
     # When the controller starts, runs left unfinished by a controller that stopped or died
     # go on by themselves (replayed from their trajectories).
     resume_on_start: bool = True
+    # The stored context of a run stopped at its iteration limit waits this long (since the
+    # run's file last changed) for `kowalski-ctl runs resume`; 0 keeps it for good.
+    keep_contexts_days: Annotated[float, Meta(ge=0)] = 14.0
     # Languages whose blocks run: Python in the session, the rest as jobs beside it.
     languages: list[Language] = msgspec.field(default_factory=lambda: list(LANGUAGES))
 

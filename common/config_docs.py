@@ -125,6 +125,8 @@ KEYS: dict[str, str] = {
                            "or \"answer_dict\" (the REPL's answer dict); both are accepted."),
     "rlm.resume_on_start": ("At start, runs a stopped or dead controller left unfinished go on "
                             "by themselves (docs/RLM.md, Durable runs)."),
+    "rlm.keep_contexts_days": ("Days the stored context of a run stopped at its iteration limit "
+                               "is kept for `runs resume`; 0: for good."),
     "rlm.languages": ("Languages whose code blocks run: Python in the run's session, the others "
                       "as one-shot jobs on its agent; blocks in the rest get a note."),
     "security.secret_file": "Shared HMAC secret (chmod 600); KOWALSKI_SECRET(_FILE) win.",

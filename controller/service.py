@@ -192,7 +192,8 @@ class Controller:
             async with asyncio.TaskGroup() as group:
                 loops = [group.create_task(cluster.run(), name="cluster"),
                          group.create_task(dispatcher.run(), name="cancel-moved"),
-                         group.create_task(router.run(), name="exo-router")]
+                         group.create_task(router.run(), name="exo-router"),
+                         group.create_task(runs.expire_contexts(), name="expire-contexts")]
                 if config.rlm.resume_on_start:
                     loops.append(group.create_task(
                         _resume_unfinished(cluster, router, runs, settings.failure_timeout_s),

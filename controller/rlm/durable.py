@@ -35,7 +35,8 @@ from kowalski.controller.rlm.trajectory import (
 from kowalski.controller.rlm.trajectory_writer import TrajectoryWriter
 
 __all__ = ["CONTEXTS", "ContextCopy", "RunLock", "close_run", "context_name", "drop_context",
-           "highest_child", "is_held", "load_context", "store_context", "unfinished_run_ids"]
+           "expire_contexts", "highest_child", "is_held", "load_context", "store_context",
+           "unfinished_run_ids"]
 
 log = logging.getLogger(__name__)
 CONTEXTS = "contexts"
@@ -71,6 +72,41 @@ def drop_context(directory: str | os.PathLike[str], name: str) -> None:
     """Remove a run's stored context once nothing can resume the run."""
     with contextlib.suppress(FileNotFoundError):
         (run_dir(directory) / name).unlink()
+
+
+def expire_contexts(directory: str | os.PathLike[str], keep_s: float,
+                    now: float | None = None) -> list[str]:
+    """Remove the stored contexts that have waited keep_s for a resume; their file names.
+
+    Only those of runs that have an end (stopped at their iteration limit: `runs resume`
+    could still take them) or no file any more, idle for keep_s since their file (else the
+    copy) last changed, and held by no controller. Runs without an end are left to the
+    controller that resumes them.
+    """
+    base = run_dir(directory)
+    try:
+        copies = list((base / CONTEXTS).iterdir())
+    except FileNotFoundError:
+        return []
+    ended = {summary.run_id for summary in list_runs(directory)
+             if summary.stop_reason is not None}
+    cutoff = (time.time() if now is None else now) - keep_s
+    removed = []
+    for path in copies:
+        # `<run id>.txt`, `.json`, or a copy cut off mid-write, `<run id>.<ext>.<pid>.part`.
+        run_id = path.name.split(".", 1)[0]
+        trajectory = base / f"{run_id}{SUFFIX}"
+        try:
+            changed = trajectory.stat().st_mtime if trajectory.exists() else path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if changed > cutoff or (trajectory.exists() and run_id not in ended) or is_held(
+                directory, run_id):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 class ContextCopy:
@@ -137,8 +173,10 @@ def load_context(trajectory_path: str | os.PathLike[str], name: str) -> Any:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise NotFoundError(f"the run's stored context {path} is gone",
-                            next_step="Start the run again with its context") from None
+        raise NotFoundError(
+            f"the run's stored context {path} is gone (the contexts of runs stopped at their "
+            "iteration limit are removed after rlm.keep_contexts_days)",
+            next_step="Start the run again with its context") from None
     if name.endswith(".txt"):
         return data.decode("utf-8", errors="surrogatepass")
     return msgspec.json.decode(data)

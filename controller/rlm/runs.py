@@ -36,6 +36,7 @@ from kowalski.controller.rlm.durable import (
     ContextCopy,
     RunLock,
     close_run,
+    expire_contexts,
     highest_child,
     is_held,
     load_context,
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 EventListener = Callable[[RlmEvent], None]
 # Summaries of finished runs kept for the status page.
 _KEEP_FINISHED = 50
+# How often stored contexts are looked at for expiry.
+_EXPIRE_EVERY_S = 3600.0
 
 
 class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -256,6 +259,22 @@ class RunRegistry:
                       config=config, model=plan.model, run_id=plan.run_id,
                       context_file=plan.context_file, grammar=self._reply_grammar,
                       observer=self._observer(plan.run_id, plan.query, observer))
+
+    async def expire_contexts(self) -> None:
+        """Now and every hour, drop the stored contexts that waited out keep_contexts_days."""
+        directory, days = self.config.trajectory_dir, self.config.keep_contexts_days
+        while days:
+            try:
+                removed = await asyncio.to_thread(expire_contexts, directory, days * 86400)
+            except OSError as exc:
+                log.warning("cannot look for stored contexts to expire in %s: %s",
+                            directory, exc)
+            else:
+                if removed:
+                    log.info("removed %d stored context(s) of runs idle for %g days "
+                             "(rlm.keep_contexts_days): %s", len(removed), days,
+                             ", ".join(removed))
+            await asyncio.sleep(_EXPIRE_EVERY_S)
 
     async def resume_unfinished(self) -> None:
         """Resume, side by side, every run whose controller is gone; log what happens."""
