@@ -168,6 +168,9 @@ async def test_a_run_cannot_enable_a_language_the_controller_leaves_off(
     assert "languages bash are not enabled on this controller" in message
     assert "rlm.languages" in message
     assert exo.app[STANDIN].counts["/v1/chat/completions"] == 0
+    # Refused before the run took its lock or began its context's copy.
+    runs = tmp_path / "runs"
+    assert not runs.exists() or [path.name for path in runs.rglob("*")] == []
 
 
 async def test_ctl_run_prints_a_cells_output_while_it_runs(controller: Controller) -> None:
@@ -204,7 +207,7 @@ async def test_the_controller_refuses_jobs_that_name_a_session(controller: Contr
     assert "session_id is for jobs of the controller's own RLM runs" in message
 
 
-async def test_a_block_in_a_language_the_agent_lacks_is_feedback_not_the_end(
+async def test_a_language_the_agent_lacks_is_not_offered_and_its_block_is_a_note(
     exo: Any, tmp_path: Path,
 ) -> None:
     # A java that fails its probe: the agent starts and does not offer Java.
@@ -225,7 +228,12 @@ async def test_a_block_in_a_language_the_agent_lacks_is_feedback_not_the_end(
     finally:
         await agent.stop()
     assert lines[-1]["result"]["answer"] == f"py={LINES}"
-    [java] = [line for line in lines if line["kind"] == "code_executed"
-              and line["ran_as"] == "java"]
-    assert java["status"] == "failed"
-    assert "language 'java' is not supported here" in java["output"]
+    # The model was never told of Java, and a Java block anyway is skipped with a note.
+    assert "java" not in lines[0]["config"]["languages"]
+    assert not re.search(r"```java\b|Java", lines[0]["system_prompt"])
+    assert "```bash" in lines[0]["system_prompt"]
+    [skipped] = [line for line in lines if line["kind"] == "code_skipped"]
+    assert skipped["language"] == "java"
+    feedback = next(line for line in lines if line["kind"] == "iteration_finished")["feedback"]
+    assert "the languages that run here are" in feedback
+    assert not re.search(r"```java\b", feedback.split("the languages that run here are")[1])

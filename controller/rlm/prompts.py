@@ -145,12 +145,13 @@ def languages_note(languages: Sequence[str], context_type: str) -> str:
     tags = ", ".join(f"```{language}" for language in others)
     file = "context.txt" if context_type == "str" else "context.json"
     how = "as text" if context_type == "str" else "as JSON"
+    compiled = " or ".join(name.capitalize() for name in ("rust", "java") if name in others)
+    wrapped = f"{compiled} statements without a main are wrapped in one. " if compiled else ""
     return (f"{python}. Blocks tagged {tags} also run, each as a fresh one-shot program on "
             f"the same machine: nothing persists between them and they cannot call llm_query, "
             f"but the context is in their working directory as the file `{file}` ({how}). "
             "Their output comes back labelled with the language; a compile error comes back "
-            "as an error to fix. Rust or Java statements without a main are wrapped in one. "
-            "Blocks without a language are not run. ")
+            f"as an error to fix. {wrapped}Blocks without a language are not run. ")
 
 
 def system_prompt(info: ContextInfo, *, output_chars: int, sub_chars: int,

@@ -174,6 +174,23 @@ class RunRegistry:
             changes["languages"] = list(dict.fromkeys(request.languages))
         return msgspec.structs.replace(self.config, **changes) if changes else self.config
 
+    def _offered(self, config: RlmConfig) -> RlmConfig:
+        """The run's languages less those a healthy agent lacks: its session may land on any.
+
+        Blocks in another language run on the session's agent, so the model is offered
+        only what every agent that can hold a session has; with none known yet, all.
+        """
+        rows = [row for row in self._dispatcher.cluster.table.devices.values()
+                if row.health == "healthy" and "python" in row.languages]
+        offered = [name for name in config.languages
+                   if all(name in row.languages for row in rows)]
+        if offered == list(config.languages):
+            return config
+        log.debug("the run's languages %s are not offered by every healthy agent; it is "
+                 "offered %s", ", ".join(sorted(set(config.languages) - set(offered))),
+                 ", ".join(offered))
+        return msgspec.structs.replace(config, languages=offered)
+
     def _check_context(self, context: Any) -> None:
         size = len(context) if isinstance(context, str) else len(msgspec.json.encode(context))
         if size > self.config.max_context_length:
@@ -183,6 +200,8 @@ class RunRegistry:
                   ) -> RlmResult:
         """Run one RLM job to its end; events go to observer and to subscribers."""
         self._check_context(request.context)
+        # Refused before anything is taken or stored for the run.
+        config = self._offered(self._overrides(request))
         run_id, directory = new_run_id(), self.config.trajectory_dir
         lock = await asyncio.to_thread(RunLock.take, directory, run_id)
         assert lock is not None  # a fresh id
@@ -192,7 +211,7 @@ class RunRegistry:
         copy = self._copies[run_id] = ContextCopy(directory, run_id, context=request.context,
                                                   body=body)
         run = RlmRun(request.query, request.context, backend=self._backend,
-                     session_factory=self._session, config=self._overrides(request),
+                     session_factory=self._session, config=config,
                      model=request.model, run_id=run_id, context_file=copy.name,
                      observer=self._observer(run_id, request.query, observer),
                      grammar=self._reply_grammar)
