@@ -177,6 +177,37 @@ async def test_session_on_a_killed_agent_is_rebuilt_by_replaying_its_cells(
     await victim.start()
 
 
+async def test_a_streamed_cell_rerun_on_another_agent_says_so_before_its_output_repeats(
+    controller: Controller, agents: list[AgentProcess],
+) -> None:
+    session = RemoteSession(dispatcher=controller.dispatcher, session_id="restreamed",
+                            context="c", llm_callback=None, timeout_s=30)
+    await session.open()
+    original = session.device_id
+    victim = next(a for a in agents if a.agent_id == original)
+    pieces: list[tuple[str, str]] = []
+    first_line = asyncio.Event()
+
+    def heard(stream: str, text: str) -> None:
+        pieces.append((stream, text))
+        first_line.set()
+
+    running = asyncio.create_task(session.execute(
+        "import time\nprint('first', flush=True)\ntime.sleep(1)\nprint('last')",
+        on_output=heard))
+    await asyncio.wait_for(first_line.wait(), 20)
+    await victim.kill()
+    result = await running
+    assert (result.status, result.stdout) == ("ok", "first\nlast\n")
+    assert session.device_id != original
+    text = "".join(piece for _, piece in pieces)
+    notice = f"[the agent running this was lost; it runs again from the start on " \
+             f"{session.device_id}]"
+    assert text.replace("\n", " ").split() == ["first", *notice.split(), "first", "last"]
+    await session.close()
+    await victim.start()
+
+
 async def test_no_agents_gives_a_clear_error(exo: Any, tmp_path: Path) -> None:
     config = controller_config([], [str(exo.make_url("")).rstrip("/")], tmp_path,
                                controller={"retry_max_attempts": 2})

@@ -131,14 +131,16 @@ class RemoteSession:
         """Run a cell; with on_output its output is passed on while it runs."""
         cell = CellRequest(cell_id=f"{self.session_id}-{len(self._cells)}", code=code,
                            timeout_ms=timeout_ms)
+        relay = None if on_output is None else _Relay(on_output)
 
         async def run(row: DeviceRow) -> CellResult:
             attempt = msgspec.structs.replace(cell, attempt_id=self._dispatcher.new_attempt(),
                                               deadline=time.time() + self._timeout_s)
             try:
-                if on_output is not None:
+                if relay is not None:
+                    relay.starting(row.device_id)
                     return await self._agents.execute_streamed(
-                        row.url, self.session_id, attempt, on_output=on_output,
+                        row.url, self.session_id, attempt, on_output=relay,
                         timeout_s=self._timeout_s)
                 return await self._agents.execute(row.url, self.session_id, attempt,
                                                   timeout_s=self._timeout_s)
@@ -159,14 +161,16 @@ class RemoteSession:
                          code=code, timeout_ms=timeout_ms, session_id=self.session_id)
         call_timeout_s = ((timeout_ms / 1000 if timeout_ms else DEFAULT_JOB_TIMEOUT_S)
                           + COMPILE_MARGIN_S.get(language, 0.0) + CALL_MARGIN_S)
+        relay = None if on_output is None else _Relay(on_output)
 
         async def run(row: DeviceRow) -> JobResult:
             attempt = msgspec.structs.replace(job, attempt_id=self._dispatcher.new_attempt(),
                                               deadline=time.time() + call_timeout_s)
             try:
-                if on_output is not None:
+                if relay is not None:
+                    relay.starting(row.device_id)
                     return await self._agents.run_job_streamed(
-                        row.url, attempt, on_output=on_output, timeout_s=call_timeout_s)
+                        row.url, attempt, on_output=relay, timeout_s=call_timeout_s)
                 return await self._agents.run_job(row.url, attempt, timeout_s=call_timeout_s)
             except (asyncio.CancelledError, NetworkError):
                 self._dispatcher.moved(row.device_id, str(attempt.attempt_id))
@@ -200,3 +204,25 @@ class RemoteSession:
 
 async def _noop() -> None:
     return None
+
+
+class _Relay:
+    """Passes streamed output on; when the code starts over on another agent, says so first.
+
+    The output heard from the lost agent stays with the listener: without the note, the
+    same lines would seem to come twice. The result holds only the last run's output.
+    """
+
+    def __init__(self, listener: TextListener) -> None:
+        self._listener = listener
+        self._heard = False
+
+    def __call__(self, stream: str, text: str) -> None:
+        self._heard = True
+        self._listener(stream, text)
+
+    def starting(self, device_id: str) -> None:
+        if self._heard:
+            self._heard = False
+            self._listener("stderr", f"\n[the agent running this was lost; it runs again from "
+                                     f"the start on {device_id}]\n")
