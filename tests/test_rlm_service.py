@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -205,6 +206,7 @@ async def test_cli_run_streams_iterations_and_runs_show_prints_the_trajectory(
                                 "--url", controller.base_url)
     assert code == 0, err
     assert "── iteration 1" in out
+    assert re.search(r"^  session on agent0-\S+ \(\d+ ms\)$", out, flags=re.MULTILINE), out
     assert "▶ block 1 on agent0-" in out
     assert f"=== answer (final_var) ===\n{EXPECTED}\n" in out
     run_id = next(line.split("/")[-1].removesuffix(".jsonl") for line in out.splitlines()
@@ -212,6 +214,7 @@ async def test_cli_run_streams_iterations_and_runs_show_prints_the_trajectory(
     code, out, err = await _ctl("runs", "--dir", str(tmp_path / "runs"), "show", run_id)
     assert code == 0, err
     assert "count letters" in out
+    assert re.search(r"^\[session opened on agent0-\S+ in \d+ ms\]$", out, flags=re.MULTILINE)
     assert EXPECTED in out
     code, out, _ = await _ctl("runs", "--dir", str(tmp_path / "runs"), "list")
     assert run_id in out

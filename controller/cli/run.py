@@ -38,6 +38,7 @@ from kowalski.controller.rlm.events import (
     RunFinished,
     RunResumed,
     RunStarted,
+    SessionOpened,
     SubCallAnswered,
     TokenCount,
 )
@@ -98,6 +99,8 @@ def print_event(event: RlmEvent, out: TextIO, echo: CellEcho | None = None) -> N
                   "\n")
     elif isinstance(event, RunResumed):
         out.write(f"{indent}{resumed_line(event)}\n")
+    elif isinstance(event, SessionOpened):
+        out.write(f"{indent}  session on {event.device_id} ({event.open_ms:.0f} ms)\n")
     elif isinstance(event, ContextFolded):
         out.write(f"{indent}  folded {event.folded_turns} turns ({event.method}): "
                   f"{event.tokens_before} → {event.tokens_after} tokens\n")

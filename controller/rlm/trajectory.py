@@ -29,6 +29,7 @@ from kowalski.controller.rlm.events import (
     RunFinished,
     RunResumed,
     RunStarted,
+    SessionOpened,
     StopReason,
     SubCallAnswered,
     TokenCount,
@@ -274,6 +275,8 @@ def _iteration(events: list[AnyRlmEvent], limit: int) -> list[str]:
              f"code {finished.code_ms:.0f} ms" if finished else "",
              _tokens(reply.tokens) if reply else "", reply.endpoint if reply else ""]
     lines = [f"── {title} ── " + ", ".join(fact for fact in facts if fact)]
+    for opened in (e for e in events if isinstance(e, SessionOpened)):
+        lines.append(f"[session opened on {opened.device_id} in {opened.open_ms:.0f} ms]")
     for fold in (e for e in events if isinstance(e, ContextFolded)):
         lines.append(f"[context folded by {fold.method}: {fold.folded_turns} turns, "
                      f"~{fold.tokens_before} -> ~{fold.tokens_after} tokens"
