@@ -323,7 +323,12 @@ def _section(times: dict[tuple[str, str], list[float]], fan_out_cells: list[floa
              f"one after another in a slot ({fmt(whole_s, 3)} s, "
              f"{fmt(whole_s / ideal_s, 2)}x); the rest of the floor is the per-request "
              "work of aiohttp's client and server, done one answer after another for each "
-             f"wave of {SUB_CALL_CONCURRENCY} that arrives together.",
+             f"wave of {SUB_CALL_CONCURRENCY} that arrives together. The floor is itself "
+             f"{fmt(floor_s / ideal_s, 2)}x the ideal: the target of "
+             f"{FAN_OUT_LIMIT:g}x leaves a run {fmt(ideal_s * FAN_OUT_LIMIT - floor_s, 3)} s "
+             "over a bare client for the rest of its path: the prompts' trip from the "
+             "sandbox through the agent to the controller and back (about 2 to 3 ms), the "
+             "router, and the records of each sub-call.",
              "Opening the session is the time from the call to the run's `session_opened` "
              "event: the context's trip to the agent (a str as its UTF-8 bytes, signed, "
              "written on the agent while it arrives, checked) and into the sandboxed "
