@@ -320,7 +320,11 @@ async def test_delete_kills_the_session_and_everything_it_started(
     started = await run(manager, "d",
                         f"import subprocess\nchild = subprocess.Popen(['sleep', '{tag}'])")
     assert started.status == "ok", started
-    assert len(leftovers.processes_with(tag)) == 1
+    # Popen returns once the child's exec has begun; its command line shows a moment later.
+    deadline = time.monotonic() + 10
+    while len(leftovers.processes_with(tag)) != 1:
+        assert time.monotonic() < deadline, "the session's child never showed up"
+        await asyncio.sleep(0.01)
     assert len(job_cgroups(sandbox)) == 1
     assert await manager.delete("d")
     assert leftovers.processes_with(tag) == []
