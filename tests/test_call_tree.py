@@ -144,6 +144,28 @@ async def check_old_and_large_trees(page: Any) -> None:
     assert drawn["ms"] < 500, drawn
     # Without a block, a sub-call and a child run hang under their iteration.
     assert drawn["underIteration"] == ["cell", "run", "sub_call"], drawn
+    # A resumed run: the iteration cut off by the stop stays, the seam follows, and the
+    # iteration done again after it is a row of its own.
+    rows = await page.evaluate("""async () => {
+        const {CallTree, buildTree} = await import("/static/calltree.js");
+        const base = {run_id: "back", depth: 0};
+        const turn = (n) => [
+            {...base, kind: "iteration_started", iteration: n, phase: "turn"},
+            {...base, kind: "code_executed", iteration: n, block: 1, device_id: "a1",
+             wall_time_ms: 3, status: "ok", language: "repl"}];
+        const events = [
+            {...base, kind: "run_started", parent_run_id: ""}, ...turn(1),
+            {...base, kind: "iteration_finished", iteration: 1, code_ms: 3}, ...turn(2),
+            {...base, kind: "resumed", iteration: 2, reason: "controller restart",
+             replayed_cells: 1, replayed_sub_calls: 0}, ...turn(2)];
+        const tree = new CallTree().render(buildTree({events}));
+        return [...tree.querySelector('[data-key="back"]').querySelectorAll(
+            ":scope > details > ul > li")].map((li) => [li.dataset.kind, li.dataset.key,
+                                                        li.dataset.status]);
+    }""")
+    assert rows == [["iteration", "back/i1", "ok"], ["iteration", "back/i2", "running"],
+                    ["resumed", "back/r1", "controller restart"],
+                    ["iteration", "back/r1/i2", "running"]], rows
 
 
 async def test_run_view_draws_the_call_tree_live_and_from_the_stored_events(

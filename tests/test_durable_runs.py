@@ -404,6 +404,16 @@ async def test_runs_resume_goes_past_an_iteration_limit_and_says_what_is_wrong(
     assert "── Resumed at iteration 4 (by hand," in out
     assert "replayed 3 cell(s) and 3 sub-call answer(s) from the record; limit 10" in out
     assert "── Finished: final_var ── after 10 iterations" in out
+    # The call tree marks the seam between the iterations before and after it.
+    code, out, err = await _ctl("runs", "--dir", str(tmp_path / "runs"), "show", run_id,
+                                "--tree")
+    assert code == EXIT_OK, err
+    rows = [line.lstrip("├└─│ ").split(" · ")[0] for line in out.splitlines()[1:]
+            if not line.startswith(("│  ", "   "))]
+    # The final request at the old limit stays where it was; the resume goes on after it.
+    assert rows == [*(f"Iteration {n}" for n in range(1, 4)), "Final request",
+                    "Resumed at iteration 4", *(f"Iteration {n}" for n in range(4, 11))], out
+    assert "Resumed at iteration 4 · by hand · replayed 3 cell(s) and 3 sub-call answer(s)" in out
 
 
 async def test_a_run_that_cannot_be_resumed_is_closed_with_the_reason(

@@ -14,6 +14,7 @@ from kowalski.controller.rlm.events import (
     IterationFinished,
     IterationStarted,
     ModelReplied,
+    RunResumed,
     SubCallAnswered,
 )
 from kowalski.controller.rlm.trajectory import Trajectory
@@ -30,7 +31,7 @@ _UNFINISHED = "unfinished"
 
 @dataclass
 class TreeNode:
-    """One node: a run, an iteration, a code cell or a sub-call."""
+    """One node: a run, an iteration, a code cell, a sub-call, or where a run resumed."""
 
     kind: str
     title: str
@@ -62,12 +63,22 @@ class _RunBuilder:
     def __init__(self) -> None:
         self.iterations: dict[int, TreeNode] = {}
         self.cells: dict[tuple[int, int], TreeNode] = {}
+        # The run's own children in order: its iterations, and the seams where it resumed.
+        self.top: list[TreeNode] = []
 
     def iteration(self, number: int) -> TreeNode:
         if number not in self.iterations:
             self.iterations[number] = TreeNode(kind="iteration", title=f"Iteration {number}",
                                                status=_UNFINISHED)
+            self.top.append(self.iterations[number])
         return self.iterations[number]
+
+    def resumed_at(self, number: int) -> None:
+        """Iterations from number on start afresh: those recorded before are cut-off tries."""
+        for done in [n for n in self.iterations if n >= number]:
+            del self.iterations[done]
+        for key in [key for key in self.cells if key[0] >= number]:
+            del self.cells[key]
 
     def cell(self, number: int, block: int) -> TreeNode:
         if (number, block) not in self.cells:
@@ -118,6 +129,12 @@ def _run_node(run_id: str, runs: dict[str, Trajectory], call: SubCallAnswered | 
             node.duration = ", ".join(
                 part for part in (f"model {_ms(model)}" if model is not None else "",
                                   f"code {_ms(event.code_ms)}") if part)
+        elif isinstance(event, RunResumed):
+            tree.resumed_at(event.iteration)
+            tree.top.append(TreeNode(
+                kind="resumed", title=f"Resumed at iteration {event.iteration}",
+                status=event.reason, where=f"replayed {event.replayed_cells} cell(s) and "
+                f"{event.replayed_sub_calls} sub-call answer(s)"))
         elif isinstance(event, SubCallAnswered) and event.child_run_id:
             answered[event.child_run_id] = event
         elif isinstance(event, SubCallAnswered):
@@ -148,13 +165,13 @@ def _run_node(run_id: str, runs: dict[str, Trajectory], call: SubCallAnswered | 
     if finished is None:
         return TreeNode(kind="run", title=title, status=_UNFINISHED,
                         duration=_ms(call.latency_ms) if call else "",
-                        children=list(tree.iterations.values()))
+                        children=tree.top)
     result = finished.result
     return TreeNode(kind="run", title=title, status=result.stop_reason,
                     where=f"{result.iterations} iterations, {result.sub_calls} sub-calls",
                     duration=_ms(result.latency_ms),
                     error=result.error.message if result.error else "",
-                    children=list(tree.iterations.values()))
+                    children=tree.top)
 
 
 def build_tree(trajectory: Trajectory) -> TreeNode:

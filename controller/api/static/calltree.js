@@ -13,23 +13,31 @@ function runNode(runId, runs, ms) {
   const end = events[events.length - 1];
   const result = end.kind === "run_finished" ? end.result : null;
   const iterations = [];
+  // The run's own rows in order: its iterations, and the seams where it was resumed.
+  const top = [];
+  // Cells by "iteration/block".
   const cells = new Map();
+  // Resumes so far: an iteration done again after one gets a key of its own.
+  let resumes = 0;
   const iterationOf = (number) => {
     let node = iterations.find((candidate) => candidate.number === number);
     if (!node) {
-      node = {key: `${runId}/i${number}`, kind: "iteration", number, title: `Iteration ${number}`,
-        status: "running", children: []};
+      const era = resumes ? `/r${resumes}` : "";
+      node = {key: `${runId}${era}/i${number}`, kind: "iteration", number,
+        title: `Iteration ${number}`, status: "running", children: []};
       iterations.push(node);
+      top.push(node);
     }
     return node;
   };
   const cellOf = (number, block) => {
-    const key = `${runId}/i${number}/b${block}`;
-    let node = cells.get(key);
+    let node = cells.get(`${number}/${block}`);
     if (!node) {
-      node = {key, kind: "cell", title: `Cell ${block}`, status: "running", children: []};
-      cells.set(key, node);
-      iterationOf(number).children.push(node);
+      const iteration = iterationOf(number);
+      node = {key: `${iteration.key}/b${block}`, kind: "cell", title: `Cell ${block}`,
+        status: "running", children: []};
+      cells.set(`${number}/${block}`, node);
+      iteration.children.push(node);
     }
     return node;
   };
@@ -50,6 +58,18 @@ function runNode(runId, runs, ms) {
         ms: event.wall_time_ms, status: event.status === "ok" ? "ok" : event.status || "unknown"});
     } else if (event.kind === "iteration_finished") {
       Object.assign(iterationOf(event.iteration), {status: "ok", codeMs: event.code_ms});
+    } else if (event.kind === "resumed") {
+      // Iterations from here on start afresh: those recorded before were cut off.
+      iterations.splice(0, iterations.length,
+        ...iterations.filter((node) => node.number < event.iteration));
+      for (const key of [...cells.keys()]) {
+        if (Number(key.split("/")[0]) >= event.iteration) cells.delete(key);
+      }
+      resumes += 1;
+      top.push({key: `${runId}/r${resumes}`, kind: "resumed",
+        title: `Resumed at iteration ${event.iteration}`, status: event.reason,
+        where: `replayed ${event.replayed_cells} cell(s) and ${event.replayed_sub_calls} ` +
+          "sub-call answer(s)", children: []});
     } else if (event.kind === "sub_call" && event.child_run_id) {
       answered.set(event.child_run_id, event);
     } else if (event.kind === "sub_call") {
@@ -82,7 +102,7 @@ function runNode(runId, runs, ms) {
   return {key: runId, kind: "run", runId, depth: start.depth,
     title: start.depth ? `Child run ${runId}` : `Run ${runId}`,
     where: result ? `${result.iterations} iterations, ${result.sub_calls} sub-calls` : "",
-    ms: result ? result.latency_ms : ms, status, children: iterations};
+    ms: result ? result.latency_ms : ms, status, children: top};
 }
 
 /** The tree of a trajectory read with its descendants. */
