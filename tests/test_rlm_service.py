@@ -127,12 +127,16 @@ async def test_context_over_the_limit_is_refused_before_anything_runs(
 ) -> None:
     config = controller_config(agents, [str(exo.make_url("")).rstrip("/")], tmp_path,
                                rlm={"max_context_length": 10})
-    async with running_controller(config) as running, aiohttp.ClientSession() as session, \
-            session.post(running.base_url + "/v1/runs",
-                         json={"query": "q", "context": "x" * 11}) as response:
-        assert response.status == 413
-        assert "11 characters, over the limit of 10" in await response.text()
+    async with running_controller(config) as running, aiohttp.ClientSession() as session:
+        # A str by its characters; anything else by its JSON (here ["abcdef","ghi"]).
+        for context, size in (("x" * 11, 11), (["abcdef", "ghi"], 16)):
+            async with session.post(running.base_url + "/v1/runs",
+                                    json={"query": "q", "context": context}) as response:
+                assert response.status == 413
+                assert f"{size} characters, over the limit of 10" in await response.text()
     assert exo.app[STANDIN].counts["/v1/chat/completions"] == 0
+    runs = tmp_path / "runs"
+    assert not runs.exists() or [path.name for path in runs.rglob("*")] == []
 
 
 async def test_openai_client_runs_rlm_and_plain_models(controller: Controller) -> None:

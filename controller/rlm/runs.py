@@ -191,23 +191,25 @@ class RunRegistry:
                  ", ".join(offered))
         return msgspec.structs.replace(config, languages=offered)
 
-    def _check_context(self, context: Any) -> None:
-        size = len(context) if isinstance(context, str) else len(msgspec.json.encode(context))
+    def _check_size(self, size: int) -> None:
         if size > self.config.max_context_length:
             raise ContextSizeExceededError(size, self.config.max_context_length)
 
     async def run(self, request: RunRequest, *, observer: EventListener | None = None
                   ) -> RlmResult:
         """Run one RLM job to its end; events go to observer and to subscribers."""
-        self._check_context(request.context)
         # Refused before anything is taken or stored for the run.
+        if isinstance(request.context, str):
+            self._check_size(len(request.context))
         config = self._offered(self._overrides(request))
+        # Made while the run starts (in a thread for a large context), for its session and
+        # its stored copy alike. Anything but a str is measured as this JSON, made once.
+        body = asyncio.ensure_future(ContextBody.of(request.context))
+        if not isinstance(request.context, str):
+            self._check_size(len((await body).data))
         run_id, directory = new_run_id(), self.config.trajectory_dir
         lock = await asyncio.to_thread(RunLock.take, directory, run_id)
         assert lock is not None  # a fresh id
-        # Made while the run starts (in a thread for a large context), for its session and
-        # its stored copy alike.
-        body = asyncio.ensure_future(ContextBody.of(request.context))
         copy = self._copies[run_id] = ContextCopy(directory, run_id, context=request.context,
                                                   body=body)
         run = RlmRun(request.query, request.context, backend=self._backend,
