@@ -111,7 +111,8 @@ class SandboxedProcess:
         # After, the number is free: signalling it could hit whoever has it now (the kernel
         # hands pids out in a cycle, within seconds on a busy host with a small pid_max).
         # Then the cgroup holds what is left; without one, the group only while a member
-        # from before the reap keeps its number in use.
+        # from before the reap keeps its number in use. (Python's child watcher sets
+        # returncode a moment after its waitpid; a number is not handed out again that soon.)
         if self.process.returncode is None or (
                 self.cgroup is None and group_outlived(pid, self._protocol.exited_ticks)):
             # Without a cgroup, descendants that left the group are only found through the tree.

@@ -32,18 +32,25 @@ def _stat_fields(entry: Path) -> list[str]:
 
 
 def group_outlived(pgid: int, reaped_ticks: int) -> bool:
-    """Whether a process of group pgid started before its leader was reaped.
+    """Whether the group pgid is still the one its leader, reaped at reaped_ticks, led.
 
-    Such a process kept the group, and with it the number, in use since: the group with
-    that id now is still the job's.
+    It is while a member that started before the reap lives: that member has kept the
+    group, and with it the number, in use since (the kernel gives no new process a number
+    still in use as a group id). A live process whose pid is the number means the number
+    went to someone else. Start times count in ticks of 10 ms or so, so only a member from
+    a tick before the reap's counts.
     """
+    kept = False
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             fields = _stat_fields(entry)
+            if not fields:
+                continue
+            if int(entry.name) == pgid:
+                return False
             # Fields 5 (pgrp) and 22 (starttime) of proc(5), counted from the state (3).
-            if fields and int(fields[2]) == pgid and int(fields[19]) <= reaped_ticks:
-                return True
-    return False
+            kept = kept or (int(fields[2]) == pgid and int(fields[19]) < reaped_ticks)
+    return kept
 
 
 def descendants(pid: int) -> list[int]:
