@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kowalski.controller.rlm import trajectory_writer
 from kowalski.controller.rlm.events import SubCallAnswered, TokenCount
 from kowalski.controller.rlm.trajectory_writer import LINGER_S, TrajectoryWriter
 
@@ -54,7 +58,8 @@ async def test_lines_that_could_not_be_written_wait_for_the_next_write(
     writer = TrajectoryWriter(blocker / "deeper", "run")
     with caplog.at_level(logging.WARNING):
         writer.post(sub_call(0))
-        await asyncio.sleep(4 * LINGER_S)
+        await asyncio.sleep(2 * LINGER_S)
+        await asyncio.gather(*writer._flushes)
     assert "could not write to the trajectory" in caplog.text
     with pytest.raises(NotADirectoryError):
         await writer.write(sub_call(1))
@@ -71,3 +76,27 @@ async def test_flush_writes_what_was_posted_at_once(tmp_path: Path) -> None:
     # Nothing left for the linger to write twice.
     await asyncio.sleep(2 * LINGER_S)
     assert prompts(writer.path) == ["prompt 0"]
+
+
+async def test_a_write_cut_short_leaves_no_part_line_and_the_retry_is_exact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = TrajectoryWriter(tmp_path, "run")
+    await writer.write(sub_call(0))
+    real_write = os.write
+    failures = [True]
+
+    def disk_fills_up(fd: int, data: Any) -> int:
+        # Half of the first batch lands, then the disk is full.
+        if failures and os.readlink(f"/proc/self/fd/{fd}") == str(writer.path):
+            failures.clear()
+            real_write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(trajectory_writer.os, "write", disk_fills_up)
+    writer.post(sub_call(1))
+    with pytest.raises(OSError, match="No space left"):
+        await writer.write(sub_call(2))
+    assert prompts(writer.path) == ["prompt 0"]
+    await writer.write(sub_call(3))
+    assert prompts(writer.path) == ["prompt 0", "prompt 1", "prompt 2", "prompt 3"]

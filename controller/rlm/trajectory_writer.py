@@ -13,6 +13,7 @@ since it replays whole iterations only and the unfinished one is asked again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 
@@ -42,9 +43,22 @@ class TrajectoryWriter:
         self._flushes: set[asyncio.Task[None]] = set()
 
     def _append(self, lines: bytes) -> None:
+        """Append lines whole or not at all: a failed write is cut off again."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as file:
-            file.write(lines)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(lines)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError:
+                # A disk that filled up mid-way keeps no part line to glue the retry to.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
     async def write(self, event: RlmEvent) -> None:
         """Append the event; returns once it, and every line before it, is in the file."""
