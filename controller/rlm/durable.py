@@ -100,12 +100,18 @@ def expire_contexts(directory: str | os.PathLike[str], keep_s: float,
             changed = trajectory.stat().st_mtime if trajectory.exists() else path.stat().st_mtime
         except FileNotFoundError:
             continue
-        if changed > cutoff or (trajectory.exists() and run_id not in ended) or is_held(
-                directory, run_id):
+        if changed > cutoff or (trajectory.exists() and run_id not in ended):
             continue
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path.name)
+        # Held while it goes: never from under a resume, and a resume meanwhile is refused.
+        lock = RunLock.take(directory, run_id)
+        if lock is None:
+            continue
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path.name)
+        finally:
+            lock.release()
     return removed
 
 
