@@ -15,8 +15,15 @@ from controller_env import controller_config, healthy_ids, running_controller
 from procs import AgentProcess
 
 from kowalski.common.config import RlmConfig
-from kowalski.controller.rlm.events import RunStarted
-from kowalski.controller.rlm.trajectory import read_trajectory
+from kowalski.controller.rlm.call_tree import build_tree, render_call_tree
+from kowalski.controller.rlm.events import (
+    AnyRlmEvent,
+    CodeExecuted,
+    IterationStarted,
+    RunResumed,
+    RunStarted,
+)
+from kowalski.controller.rlm.trajectory import Trajectory, read_trajectory
 from kowalski.controller.rlm.trajectory_writer import TrajectoryWriter
 
 pytestmark = pytest.mark.timeout(120)
@@ -157,15 +164,23 @@ async def check_old_and_large_trees(page: Any) -> None:
             {...base, kind: "run_started", parent_run_id: ""}, ...turn(1),
             {...base, kind: "iteration_finished", iteration: 1, code_ms: 3}, ...turn(2),
             {...base, kind: "resumed", iteration: 2, reason: "controller restart",
-             replayed_cells: 1, replayed_sub_calls: 0}, ...turn(2)];
-        const tree = new CallTree().render(buildTree({events}));
-        return [...tree.querySelector('[data-key="back"]').querySelectorAll(
+             replayed_cells: 1, replayed_sub_calls: 0, resumed_at: 10}, ...turn(2)];
+        // Each go's cell 2.1 started a child run: before the stop, and after the resume.
+        const child = (id, at) => ({events: [{run_id: id, depth: 1, kind: "run_started",
+            parent_run_id: "back", parent_iteration: 2, parent_block: 1, started_at: at}]});
+        const tree = new CallTree().render(buildTree(
+            {events, descendants: [child("back-s1", 5), child("back-s2", 11)]}));
+        const rows = [...tree.querySelector('[data-key="back"]').querySelectorAll(
             ":scope > details > ul > li")].map((li) => [li.dataset.kind, li.dataset.key,
                                                         li.dataset.status]);
+        const under = (run) => tree.querySelector(`[data-run="${run}"]`)
+            .parentElement.closest("li").dataset.key;
+        return {rows, children: [under("back-s1"), under("back-s2")]};
     }""")
-    assert rows == [["iteration", "back/i1", "ok"], ["iteration", "back/i2", "running"],
-                    ["resumed", "back/r1", "controller restart"],
-                    ["iteration", "back/r1/i2", "running"]], rows
+    assert rows["rows"] == [["iteration", "back/i1", "ok"], ["iteration", "back/i2", "running"],
+                            ["resumed", "back/r1", "controller restart"],
+                            ["iteration", "back/r1/i2", "running"]], rows
+    assert rows["children"] == ["back/i2/b1", "back/r1/i2/b1"], rows
 
 
 async def test_run_view_draws_the_call_tree_live_and_from_the_stored_events(
@@ -237,3 +252,42 @@ def test_descendants_are_read_parents_first_and_only_below_the_run(tmp_path: Pat
     assert [below.started.run_id for below in tree.descendants] == [
         "run-a-s2", "run-a-s2-s1", "run-a-s10"]
     assert read_trajectory("run-a", tmp_path).descendants == []
+
+
+def _started(run_id: str, at: float, *, parent: str = "", cell: tuple[int, int] = (0, 0)
+             ) -> RunStarted:
+    return RunStarted(run_id=run_id, depth=1 if parent else 0, query="q", model="m",
+                      context_type="str", context_chars=1, trajectory_path="",
+                      context_chunks=1, started_at=at, config=RlmConfig(),
+                      parent_run_id=parent, parent_iteration=cell[0], parent_block=cell[1])
+
+
+def _turn(run_id: str, iteration: int) -> list[AnyRlmEvent]:
+    return [IterationStarted(run_id=run_id, depth=0, iteration=iteration, phase="turn",
+                             started_at=0.0),
+            CodeExecuted(run_id=run_id, depth=0, iteration=iteration, block=1, code="",
+                         status="ok", output="", wall_time_ms=1.0, device_id="a1",
+                         language="repl")]
+
+
+def test_a_child_run_hangs_under_the_go_of_its_run_that_started_it() -> None:
+    # Iteration 2's cell started a child, the controller stopped, and the resumed run did
+    # iteration 2 again, whose cell started another child.
+    events = [_started("r", 1.0), *_turn("r", 1), *_turn("r", 2)[:1],
+              RunResumed(run_id="r", depth=0, iteration=2, reason="controller restart",
+                         replayed_cells=1, replayed_sub_calls=0, resumed_at=10.0,
+                         max_iterations=20),
+              *_turn("r", 2)]
+    before = Trajectory(path="r-s1", events=[_started("r-s1", 5.0, parent="r", cell=(2, 1))])
+    after = Trajectory(path="r-s2", events=[_started("r-s2", 11.0, parent="r", cell=(2, 1))])
+    tree = build_tree(Trajectory(path="r", events=events, descendants=[before, after]))
+    rows = [(node.title, [child.title for child in node.children]) for node in tree.children]
+    assert rows == [("Iteration 1", ["Cell 1 (repl)"]), ("Iteration 2", ["Cell 1"]),
+                    ("Resumed at iteration 2", []), ("Iteration 2", ["Cell 1 (repl)"])]
+    cut_off, redone = tree.children[1].children[0], tree.children[3].children[0]
+    assert [child.title for child in cut_off.children] == ["Child run r-s1"]
+    assert [child.title for child in redone.children] == ["Child run r-s2"]
+    # The same in text, the cut-off try's child above the seam.
+    text = render_call_tree(Trajectory(path="r", events=events, descendants=[before, after]))
+    assert text.index("Child run r-s1") < text.index("Resumed at iteration 2") \
+        < text.index("Child run r-s2")

@@ -57,41 +57,56 @@ def _one_line(text: str, limit: int) -> str:
     return flat if len(flat) <= limit else flat[:limit - 1] + "…"
 
 
+class _Era:
+    """The iterations and cells one go of a run names: a resume starts the next go."""
+
+    def __init__(self, iterations: dict[int, TreeNode] | None = None,
+                 cells: dict[tuple[int, int], TreeNode] | None = None) -> None:
+        self.iterations = iterations or {}
+        self.cells = cells or {}
+
+
 class _RunBuilder:
     """The nodes of one run's iterations and cells, created as events name them."""
 
     def __init__(self) -> None:
-        self.iterations: dict[int, TreeNode] = {}
-        self.cells: dict[tuple[int, int], TreeNode] = {}
+        self.eras = [_Era()]
+        # When each resume happened: a child run belongs to the go it started in.
+        self.resumes: list[float] = []
         # The run's own children in order: its iterations, and the seams where it resumed.
         self.top: list[TreeNode] = []
 
-    def iteration(self, number: int) -> TreeNode:
-        if number not in self.iterations:
-            self.iterations[number] = TreeNode(kind="iteration", title=f"Iteration {number}",
-                                               status=_UNFINISHED)
-            self.top.append(self.iterations[number])
-        return self.iterations[number]
+    def era_at(self, when: float) -> int:
+        return sum(resumed <= when for resumed in self.resumes)
 
-    def resumed_at(self, number: int) -> None:
+    def iteration(self, number: int, era: int = -1) -> TreeNode:
+        iterations = self.eras[era].iterations
+        if number not in iterations:
+            iterations[number] = TreeNode(kind="iteration", title=f"Iteration {number}",
+                                          status=_UNFINISHED)
+            self.top.append(iterations[number])
+        return iterations[number]
+
+    def resumed_at(self, number: int, when: float) -> None:
         """Iterations from number on start afresh: those recorded before are cut-off tries."""
-        for done in [n for n in self.iterations if n >= number]:
-            del self.iterations[done]
-        for key in [key for key in self.cells if key[0] >= number]:
-            del self.cells[key]
+        last = self.eras[-1]
+        self.eras.append(_Era({n: node for n, node in last.iterations.items() if n < number},
+                              {key: node for key, node in last.cells.items() if key[0] < number}))
+        self.resumes.append(when)
 
-    def cell(self, number: int, block: int) -> TreeNode:
-        if (number, block) not in self.cells:
+    def cell(self, number: int, block: int, era: int = -1) -> TreeNode:
+        cells = self.eras[era].cells
+        if (number, block) not in cells:
             node = TreeNode(kind="cell", title=f"Cell {block}", status=_UNFINISHED)
-            self.cells[number, block] = node
-            self.iteration(number).children.append(node)
-        return self.cells[number, block]
+            cells[number, block] = node
+            self.iteration(number, era).children.append(node)
+        return cells[number, block]
 
-    def parent(self, iteration: int, block: int) -> TreeNode:
+    def parent(self, iteration: int, block: int, era: int = -1) -> TreeNode:
         """Where a sub-call or child run hangs: its cell, else its iteration (older files)."""
         if not iteration:
-            return self.iteration(max(self.iterations, default=1))
-        return self.cell(iteration, block) if block else self.iteration(iteration)
+            return self.iteration(max(self.eras[era].iterations, default=1), era)
+        return self.cell(iteration, block, era) if block else self.iteration(iteration, era)
 
 
 def _run_node(run_id: str, runs: dict[str, Trajectory], call: SubCallAnswered | None
@@ -99,7 +114,8 @@ def _run_node(run_id: str, runs: dict[str, Trajectory], call: SubCallAnswered | 
     trajectory = runs[run_id]
     finished = trajectory.finished
     tree = _RunBuilder()
-    answered: dict[str, SubCallAnswered] = {}
+    # Child runs' answers, and the go of the run that got each.
+    answered: dict[str, tuple[SubCallAnswered, int]] = {}
     model_ms: dict[int, float] = {}
     for event in trajectory.events:
         if isinstance(event, IterationStarted):
@@ -130,13 +146,13 @@ def _run_node(run_id: str, runs: dict[str, Trajectory], call: SubCallAnswered | 
                 part for part in (f"model {_ms(model)}" if model is not None else "",
                                   f"code {_ms(event.code_ms)}") if part)
         elif isinstance(event, RunResumed):
-            tree.resumed_at(event.iteration)
+            tree.resumed_at(event.iteration, event.resumed_at)
             tree.top.append(TreeNode(
                 kind="resumed", title=f"Resumed at iteration {event.iteration}",
                 status=event.reason, where=f"replayed {event.replayed_cells} cell(s) and "
                 f"{event.replayed_sub_calls} sub-call answer(s)"))
         elif isinstance(event, SubCallAnswered) and event.child_run_id:
-            answered[event.child_run_id] = event
+            answered[event.child_run_id] = (event, len(tree.eras) - 1)
         elif isinstance(event, SubCallAnswered):
             tree.parent(event.iteration, event.block).children.append(TreeNode(
                 kind="sub_call", title=f"llm_query {_one_line(event.prompt, _PROMPT_CHARS)!r}",
@@ -147,16 +163,18 @@ def _run_node(run_id: str, runs: dict[str, Trajectory], call: SubCallAnswered | 
         start = child.started
         if start.parent_run_id != run_id:
             continue
-        asked = answered.get(child_id)
+        asked, era = answered.get(child_id, (None, -1))
         # A child run names its cell from its first line; older files only by the answer.
         if start.parent_iteration:
-            parent = tree.parent(start.parent_iteration, start.parent_block)
+            parent = tree.parent(start.parent_iteration, start.parent_block,
+                                 tree.era_at(start.started_at))
         else:
-            parent = tree.parent(asked.iteration if asked else 0, asked.block if asked else 0)
+            parent = tree.parent(asked.iteration if asked else 0, asked.block if asked else 0,
+                                 era)
         parent.children.append(_run_node(child_id, runs, asked))
-    for child_id, asked in answered.items():
+    for child_id, (asked, era) in answered.items():
         if child_id not in runs:
-            tree.parent(asked.iteration, asked.block).children.append(TreeNode(
+            tree.parent(asked.iteration, asked.block, era).children.append(TreeNode(
                 kind="run", title=f"Child run {child_id} (no file)",
                 status="error" if asked.error else "unknown", duration=_ms(asked.latency_ms),
                 error=asked.error))

@@ -12,28 +12,32 @@ function runNode(runId, runs, ms) {
   const start = events[0];
   const end = events[events.length - 1];
   const result = end.kind === "run_finished" ? end.result : null;
-  const iterations = [];
   // The run's own rows in order: its iterations, and the seams where it was resumed.
   const top = [];
-  // Cells by "iteration/block".
-  const cells = new Map();
-  // Resumes so far: an iteration done again after one gets a key of its own.
-  let resumes = 0;
-  const iterationOf = (number) => {
+  // One go of the run after another (a resume starts the next): the iterations and the
+  // cells (by "iteration/block") each go names. An iteration done again after a resume is
+  // a node, and a key, of its own.
+  const eras = [{iterations: [], cells: new Map()}];
+  // When each resume happened: a child run belongs to the go it started in.
+  const resumedAt = [];
+  const last = () => eras.length - 1;
+  const eraAt = (when) => resumedAt.filter((at) => at <= when).length;
+  const iterationOf = (number, era = last()) => {
+    const {iterations} = eras[era];
     let node = iterations.find((candidate) => candidate.number === number);
     if (!node) {
-      const era = resumes ? `/r${resumes}` : "";
-      node = {key: `${runId}${era}/i${number}`, kind: "iteration", number,
+      node = {key: `${runId}${era ? `/r${era}` : ""}/i${number}`, kind: "iteration", number,
         title: `Iteration ${number}`, status: "running", children: []};
       iterations.push(node);
       top.push(node);
     }
     return node;
   };
-  const cellOf = (number, block) => {
+  const cellOf = (number, block, era = last()) => {
+    const {cells} = eras[era];
     let node = cells.get(`${number}/${block}`);
     if (!node) {
-      const iteration = iterationOf(number);
+      const iteration = iterationOf(number, era);
       node = {key: `${iteration.key}/b${block}`, kind: "cell", title: `Cell ${block}`,
         status: "running", children: []};
       cells.set(`${number}/${block}`, node);
@@ -60,18 +64,17 @@ function runNode(runId, runs, ms) {
       Object.assign(iterationOf(event.iteration), {status: "ok", codeMs: event.code_ms});
     } else if (event.kind === "resumed") {
       // Iterations from here on start afresh: those recorded before were cut off.
-      iterations.splice(0, iterations.length,
-        ...iterations.filter((node) => node.number < event.iteration));
-      for (const key of [...cells.keys()]) {
-        if (Number(key.split("/")[0]) >= event.iteration) cells.delete(key);
-      }
-      resumes += 1;
-      top.push({key: `${runId}/r${resumes}`, kind: "resumed",
+      const before = eras[last()];
+      eras.push({iterations: before.iterations.filter((node) => node.number < event.iteration),
+        cells: new Map([...before.cells].filter(([key]) =>
+          Number(key.split("/")[0]) < event.iteration))});
+      resumedAt.push(event.resumed_at);
+      top.push({key: `${runId}/r${last()}`, kind: "resumed",
         title: `Resumed at iteration ${event.iteration}`, status: event.reason,
         where: `replayed ${event.replayed_cells} cell(s) and ${event.replayed_sub_calls} ` +
           "sub-call answer(s)", children: []});
     } else if (event.kind === "sub_call" && event.child_run_id) {
-      answered.set(event.child_run_id, event);
+      answered.set(event.child_run_id, {call: event, era: last()});
     } else if (event.kind === "sub_call") {
       const parent = event.block ? cellOf(event.iteration, event.block) : iterationOf(event.iteration);
       parent.children.push({key: `${parent.key}/q${parent.children.length}`, kind: "sub_call",
@@ -81,20 +84,22 @@ function runNode(runId, runs, ms) {
   }
   // A child run shows under its cell from its first line, long before its answer; files
   // older than that link show it where its sub-call was answered.
-  const parentOf = (iteration, block) => {
-    if (!iteration) return iterations[iterations.length - 1] ?? iterationOf(1);
-    return block ? cellOf(iteration, block) : iterationOf(iteration);
+  const parentOf = (iteration, block, era = last()) => {
+    const {iterations} = eras[era];
+    if (!iteration) return iterations[iterations.length - 1] ?? iterationOf(1, era);
+    return block ? cellOf(iteration, block, era) : iterationOf(iteration, era);
   };
   for (const childId of children) {
     const start = runs.get(childId)[0];
-    const call = answered.get(childId);
-    const parent = start.parent_iteration ? parentOf(start.parent_iteration, start.parent_block)
-      : parentOf(call?.iteration, call?.block);
+    const {call, era} = answered.get(childId) ?? {};
+    const parent = start.parent_iteration
+      ? parentOf(start.parent_iteration, start.parent_block, eraAt(start.started_at))
+      : parentOf(call?.iteration, call?.block, era);
     parent.children.push(runNode(childId, runs, call?.latency_ms));
   }
-  for (const [childId, call] of answered) {
+  for (const [childId, {call, era}] of answered) {
     if (runs.has(childId)) continue;
-    parentOf(call.iteration, call.block).children.push({key: `${runId}/${childId}`, kind: "run",
+    parentOf(call.iteration, call.block, era).children.push({key: `${runId}/${childId}`, kind: "run",
       title: `Child run ${childId}`, status: call.error ? "error" : "unknown",
       ms: call.latency_ms, children: []});
   }
