@@ -10,10 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from controller_env import controller_config, running_controller
 
+from kowalski.common.config import RlmConfig
 from kowalski.controller.rlm import trajectory_writer
-from kowalski.controller.rlm.events import SubCallAnswered, TokenCount
+from kowalski.controller.rlm.events import RunStarted, SubCallAnswered, TokenCount
 from kowalski.controller.rlm.trajectory_writer import LINGER_S, TrajectoryWriter
 
 
@@ -100,3 +103,32 @@ async def test_a_write_cut_short_leaves_no_part_line_and_the_retry_is_exact(
     assert prompts(writer.path) == ["prompt 0"]
     await writer.write(sub_call(3))
     assert prompts(writer.path) == ["prompt 0", "prompt 1", "prompt 2", "prompt 3"]
+
+
+def started(run_id: str, runs: Path) -> RunStarted:
+    return RunStarted(run_id=run_id, depth=0, query="q", model="m", context_type="str",
+                      context_chars=1, trajectory_path=str(runs / f"{run_id}.jsonl"),
+                      context_chunks=1, started_at=0.0, config=RlmConfig())
+
+
+async def test_a_read_of_a_running_run_sees_every_sub_call_already_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Posted lines wait far longer than the read takes: only the read's flush writes them.
+    monkeypatch.setattr(trajectory_writer, "LINGER_S", 60.0)
+    runs = tmp_path / "runs"
+    async with running_controller(controller_config([], [], tmp_path)) as running:
+        root, child = TrajectoryWriter(runs, "rlm-live"), TrajectoryWriter(runs, "rlm-live-s1")
+        other = TrajectoryWriter(runs, "rlm-livelier")
+        for writer in (root, child, other):
+            await writer.write(started(writer.path.stem, runs))
+            writer.post(sub_call(1))
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{running.base_url}/v1/runs/rlm-live?descendants=1") as response:
+            assert response.status == 200, await response.text()
+            body = await response.json()
+        assert [event["kind"] for event in body["events"]] == ["run_started", "sub_call"]
+        [below] = body["descendants"]
+        assert [event["kind"] for event in below["events"]] == ["run_started", "sub_call"]
+        # Another run's queue is left to its own linger.
+        assert len(other.path.read_bytes().splitlines()) == 1
+        await other.flush()

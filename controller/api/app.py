@@ -37,6 +37,7 @@ from kowalski.controller.rlm.runs import (
     RunStreamResult,
 )
 from kowalski.controller.rlm.trajectory import list_runs, read_trajectory, run_dir
+from kowalski.controller.rlm.trajectory_writer import flush_queued
 
 log = logging.getLogger(__name__)
 # How often a streamed run with nothing to send checks that its caller is still there.
@@ -187,6 +188,8 @@ async def get_run(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text=f"no run {run_id} in {directory}")
     # ?descendants=1: the child runs its sub-calls started too (the dashboard's call tree).
     below = request.query.get("descendants", "") in ("1", "true")
+    # Sub-call records a running run has queued, so the read misses none it was told of.
+    await flush_queued(directory, run_id)
     return json_response(await asyncio.to_thread(read_trajectory, run_id, directory,
                                                  descendants=below))
 

@@ -16,19 +16,31 @@ import asyncio
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 import msgspec
 
 from kowalski.controller.rlm.events import LIVE_ONLY, RlmEvent, SubCallAnswered
 from kowalski.controller.rlm.trajectory import SUFFIX, run_dir
 
-__all__ = ["LINGER_S", "TrajectoryWriter"]
+__all__ = ["LINGER_S", "TrajectoryWriter", "flush_queued"]
 
 log = logging.getLogger(__name__)
 
 # How long a posted line may wait before it is written.
 LINGER_S = 0.05
 _encoder = msgspec.json.Encoder()
+# Writers with posted lines not yet written, by file: a reader flushes them first.
+_queued: dict[Path, TrajectoryWriter] = {}
+
+
+async def flush_queued(directory: str | os.PathLike[str], run_id: str) -> None:
+    """Write what the files of a run and of the runs below it have queued, before a read."""
+    base = run_dir(directory)
+    for path, writer in list(_queued.items()):
+        if path.parent == base and (path.name == f"{run_id}{SUFFIX}"
+                                    or path.name.startswith(f"{run_id}-s")):
+            await writer.flush()
 
 
 class TrajectoryWriter:
@@ -80,6 +92,7 @@ class TrajectoryWriter:
     def post(self, event: RlmEvent) -> None:
         """Queue the event's line and return at once; it is written within LINGER_S."""
         self._pending.append(_encoder.encode(event) + b"\n")
+        _queued[self.path] = self
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(LINGER_S, self._linger_over)
 
@@ -92,6 +105,7 @@ class TrajectoryWriter:
             # Many events at once (a batch of sub-calls ending together) make one write,
             # not one thread hop and file open each; a line already written returns at once.
             lines, self._pending = self._pending, []
+            _queued.pop(self.path, None)
             if lines:
                 try:
                     await asyncio.to_thread(self._append, b"".join(lines))
@@ -99,6 +113,7 @@ class TrajectoryWriter:
                     # Not written: they go first in the next try, so no line is lost or
                     # written out of order. (Callers shield a write from cancellation.)
                     self._pending[:0] = lines
+                    _queued[self.path] = self
                     raise
 
     def _linger_over(self) -> None:
