@@ -57,13 +57,12 @@ def _one_line(text: str, limit: int) -> str:
     return flat if len(flat) <= limit else flat[:limit - 1] + "…"
 
 
+@dataclass
 class _Era:
     """The iterations and cells one go of a run names: a resume starts the next go."""
 
-    def __init__(self, iterations: dict[int, TreeNode] | None = None,
-                 cells: dict[tuple[int, int], TreeNode] | None = None) -> None:
-        self.iterations = iterations or {}
-        self.cells = cells or {}
+    iterations: dict[int, TreeNode] = field(default_factory=dict)
+    cells: dict[tuple[int, int], TreeNode] = field(default_factory=dict)
 
 
 class _RunBuilder:

@@ -88,19 +88,26 @@ def expire_contexts(directory: str | os.PathLike[str], keep_s: float,
         copies = list((base / CONTEXTS).iterdir())
     except FileNotFoundError:
         return []
-    ended = {summary.run_id for summary in list_runs(directory)
-             if summary.stop_reason is not None}
     cutoff = (time.time() if now is None else now) - keep_s
-    removed = []
+    # The old enough first: the runs' ends are read only when one is (a look at each file).
+    old: list[tuple[Path, str, bool]] = []
     for path in copies:
         # `<run id>.txt`, `.json`, or a copy cut off mid-write, `<run id>.<ext>.<pid>.part`.
         run_id = path.name.split(".", 1)[0]
-        trajectory = base / f"{run_id}{SUFFIX}"
         try:
-            changed = trajectory.stat().st_mtime if trajectory.exists() else path.stat().st_mtime
+            changed, has_file = (base / f"{run_id}{SUFFIX}").stat().st_mtime, True
         except FileNotFoundError:
-            continue
-        if changed > cutoff or (trajectory.exists() and run_id not in ended):
+            try:
+                changed, has_file = path.stat().st_mtime, False
+            except FileNotFoundError:
+                continue
+        if changed <= cutoff:
+            old.append((path, run_id, has_file))
+    ended = {summary.run_id for summary in list_runs(directory)
+             if summary.stop_reason is not None} if any(has for *_, has in old) else set()
+    removed = []
+    for path, run_id, has_file in old:
+        if has_file and run_id not in ended:
             continue
         # Held while it goes: never from under a resume, and a resume meanwhile is refused.
         lock = RunLock.take(directory, run_id)

@@ -187,8 +187,8 @@ class RunRegistry:
         if offered == list(config.languages):
             return config
         log.debug("the run's languages %s are not offered by every healthy agent; it is "
-                 "offered %s", ", ".join(sorted(set(config.languages) - set(offered))),
-                 ", ".join(offered))
+                  "offered %s", ", ".join(sorted(set(config.languages) - set(offered))),
+                  ", ".join(offered))
         return msgspec.structs.replace(config, languages=offered)
 
     def _check_size(self, size: int) -> None:
